@@ -1,0 +1,22 @@
+"""``nn.Module`` layers: parameters and projections around the ops.
+
+Every sequence-mixing layer ("mixer") follows one contract:
+
+* ``forward(x, state=None, return_state=False, cu_seqlens=None, mask=None)`` on
+  ``x: (batch, seqlen, d_model)``; returns ``y`` or ``(y, new_state)``. ``state`` is a state object
+  from a previous call (or ``allocate_state``); it is not modified. ``mask: (batch, seqlen)``
+  (1 = token, 0 = padding) keeps padded positions out of every state (left padding for batched
+  generation).
+* ``step(x_t, state) -> y_t`` for decoding, ``x_t: (batch, d_model)``; updates ``state`` in place.
+* ``allocate_state(batch_size, device=None, dtype=None) -> LayerState`` (zeros; SSM parts float32).
+"""
+
+from ssmkit.layers.state import LayerState  # noqa: F401
+
+# --- S4 / S4D ---
+
+# --- Mamba ---
+
+# --- Mamba-2, DeltaNet, Gated DeltaNet ---
+
+# --- Attention, MLP, MoE, norms ---

@@ -1,0 +1,49 @@
+"""Recurrent state objects shared by every mixer layer.
+
+A layer's state is a dataclass of tensors (conv state, SSM state, KV cache, ...), allocated once
+by ``layer.allocate_state(batch_size)`` and updated in place by ``layer.step``; ``forward(...,
+return_state=True)`` returns a fresh one. SSM states are float32 even in bf16/fp16 models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class LayerState:
+    """Base class: subclasses are dataclasses whose fields are tensors (or None)."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def clone(self):
+        return dataclasses.replace(self, **{k: v.clone() for k, v in self.tensors().items()})
+
+    def copy_(self, other: LayerState):
+        """Copy ``other`` into this state's buffers in place (keeps addresses, e.g. for CUDA graphs)."""
+        for k, v in self.tensors().items():
+            v.copy_(getattr(other, k))
+        return self
+
+    def zero_(self):
+        for v in self.tensors().values():
+            v.zero_()
+        return self
+
+    def index_select(self, index: torch.Tensor):
+        """A new state keeping the batch rows in ``index`` (batch is dim 0 of every tensor)."""
+        return dataclasses.replace(self, **{k: v.index_select(0, index) for k, v in self.tensors().items()})
+
+    def to(self, device: torch.device | str):
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})

@@ -1,0 +1,104 @@
+"""Backend dispatch: every op exposes ``backend="auto" | "reference" | "chunked" | "triton"``.
+
+Each op registers its forms under one name::
+
+    @register("selective_scan", "reference")
+    def selective_scan_reference(...): ...
+
+and its public entry point calls ``get(op, backend, *tensors)`` to pick one.
+
+``"auto"`` picks the fastest form available for the tensors' device: Triton on CUDA when Triton
+is installed and the op has a Triton form, else ``"chunked"``, else ``"reference"``. Tests and
+users can override what ``"auto"`` means with :func:`force_backend` (a context manager) or the
+environment variable ``SSMKIT_BACKEND``; an explicit ``backend=`` argument always wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "reference", "chunked", "triton")
+# Forms that are not in BACKENDS but that an op may register for tests (e.g. SSD's "quadratic").
+_registry: dict[str, dict[str, Callable]] = {}
+_local = threading.local()
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` as the ``backend`` form of ``op``."""
+    if backend == "auto":
+        raise ValueError("backend 'auto' is chosen at call time and cannot be registered")
+
+    def deco(fn: Callable) -> Callable:
+        _registry.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def available(op: str) -> list[str]:
+    """Names of the registered forms of ``op``."""
+    return sorted(_registry.get(op, {}))
+
+
+@functools.lru_cache(maxsize=1)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def force_backend(backend: str | None) -> Iterator[None]:
+    """Make ``backend="auto"`` resolve to ``backend`` inside the block (``None`` restores auto)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    prev = getattr(_local, "forced", None)
+    _local.forced = backend
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def _auto(op: str, forms: dict[str, Callable], device: torch.device | None) -> str:
+    forced = getattr(_local, "forced", None) or os.environ.get("SSMKIT_BACKEND") or None
+    if forced and forced != "auto":
+        if forced in forms:
+            return forced
+        # A forced form this op lacks falls back to the usual choice (e.g. "triton" for an op
+        # that has only CPU forms), so one switch can cover a whole model.
+    if device is not None and device.type == "cuda" and triton_installed() and "triton" in forms:
+        return "triton"
+    if "chunked" in forms:
+        return "chunked"
+    return "reference"
+
+
+def get(op: str, backend: str = "auto", *tensors: torch.Tensor | None) -> Callable:
+    """Return the ``backend`` form of ``op``, resolving ``"auto"`` from the tensors' device."""
+    forms = _registry.get(op)
+    if not forms:
+        raise KeyError(f"no op named {op!r} is registered (known: {sorted(_registry)})")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+        backend = _auto(op, forms, device)
+    if backend not in forms:
+        raise ValueError(
+            f"backend={backend!r} is not available for {op}: choose one of "
+            f"{['auto', *sorted(forms)]}"
+        )
+    if backend == "triton" and not triton_installed():
+        raise ValueError(f"backend='triton' for {op} needs triton: pip install 'ssmkit[gpu]'")
+    return forms[backend]

@@ -1,0 +1,72 @@
+"""Helpers shared by the tests and the benchmarks: seeding and error reports."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def seed_all(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Relative error ||out - ref|| / ||ref|| (Frobenius), computed in float64."""
+    ref64 = ref.detach().to(torch.float64 if not ref.is_complex() else torch.complex128)
+    out64 = out.detach().to(ref64.dtype).to(ref64.device)
+    num = torch.linalg.vector_norm(out64 - ref64).item()
+    den = torch.linalg.vector_norm(ref64).item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def assert_close(
+    name: str,
+    ref: torch.Tensor | None,
+    out: torch.Tensor | None,
+    rel: float = 1e-5,
+    atol: float = 0.0,
+) -> float:
+    """Assert ``out`` matches ``ref``: relative (Frobenius) error <= ``rel`` or max abs <= ``atol``.
+
+    Returns the relative error; the failure message names the tensor and reports both errors.
+    """
+    if ref is None or out is None:
+        if ref is None and out is None:
+            return 0.0
+        raise AssertionError(f"{name}: one side is None (ref={ref is None}, out={out is None})")
+    if tuple(ref.shape) != tuple(out.shape):
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{name}: output has non-finite values")
+    err = rel_err(ref, out)
+    max_abs = (out.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item() if ref.numel() else 0.0
+    if err > rel and not (atol > 0 and max_abs <= atol):
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {rel:.1e} (max abs error {max_abs:.3e}, "
+            f"|ref| max {ref.detach().abs().max().item():.3e})"
+        )
+    return err
+
+
+def use_triton_interpreter() -> bool:
+    """Turn on Triton's CPU interpreter when no CUDA device is present.
+
+    Must run before any module defining ``@triton.jit`` kernels is imported (the test suite's
+    ``conftest.py`` calls it first). Returns True when kernels will be interpreted.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_device() -> torch.device:
+    """Where Triton kernels run in tests: CUDA if present, else CPU under the interpreter."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

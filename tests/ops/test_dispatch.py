@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from ssmkit.ops import dispatch
+
+
+@dispatch.register("_toy", "reference")
+def _toy_ref(x):
+    return "reference"
+
+
+@dispatch.register("_toy", "chunked")
+def _toy_chunked(x):
+    return "chunked"
+
+
+def test_auto_picks_chunked_on_cpu():
+    x = torch.zeros(1)
+    assert dispatch.get("_toy", "auto", x)(x) == "chunked"
+
+
+def test_force_backend():
+    x = torch.zeros(1)
+    with dispatch.force_backend("reference"):
+        assert dispatch.get("_toy", "auto", x)(x) == "reference"
+    assert dispatch.get("_toy", "auto", x)(x) == "chunked"
+
+
+def test_explicit_backend_and_errors():
+    x = torch.zeros(1)
+    assert dispatch.get("_toy", "reference", x)(x) == "reference"
+    with pytest.raises(ValueError, match="backend='triton' is not available"):
+        dispatch.get("_toy", "triton", x)
+    with pytest.raises(KeyError):
+        dispatch.get("_nope", "auto", x)
+    with pytest.raises(ValueError):
+        with dispatch.force_backend("bogus"):
+            pass
