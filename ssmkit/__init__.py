@@ -48,3 +48,5 @@ References: HiPPO (Gu et al., 2020), S4 (Gu, Goel & Ré, 2022), S4D (Gu et al., 
 __version__ = "0.1.0"
 
 from ssmkit import ops, theory  # noqa: E402,F401
+
+# --- public API: models, generation, checkpoints (filled in as they land) ---

@@ -1,1 +1,1 @@
-"""ssmkit.inference."""
+"""Caches, sampling and generation (prefill, decode_one_token, generate)."""

@@ -20,3 +20,4 @@ from ssmkit.layers.state import LayerState  # noqa: F401
 # --- Mamba-2, DeltaNet, Gated DeltaNet ---
 
 # --- Attention, MLP, MoE, norms ---
+from ssmkit.layers.norm import RMSNorm, RMSNormGated  # noqa: E402,F401

@@ -1,1 +1,1 @@
-"""ssmkit.models."""
+"""Model configs, blocks, the language model and checkpoint formats."""
