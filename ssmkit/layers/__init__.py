@@ -11,13 +11,9 @@ Every sequence-mixing layer ("mixer") follows one contract:
 * ``allocate_state(batch_size, device=None, dtype=None) -> LayerState`` (zeros; SSM parts float32).
 """
 
-from ssmkit.layers.state import LayerState  # noqa: F401
-
 # --- S4 / S4D ---
-
 # --- Mamba ---
-
 # --- Mamba-2, DeltaNet, Gated DeltaNet ---
-
 # --- Attention, MLP, MoE, norms ---
 from ssmkit.layers.norm import RMSNorm, RMSNormGated  # noqa: E402,F401
+from ssmkit.layers.state import LayerState  # noqa: F401
