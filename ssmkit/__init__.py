@@ -50,3 +50,7 @@ __version__ = "0.1.0"
 from ssmkit import ops, theory  # noqa: E402,F401
 
 # --- public API: models, generation, checkpoints (filled in as they land) ---
+from ssmkit.inference.generate import generate  # noqa: E402,F401
+from ssmkit.models.checkpoint import from_pretrained  # noqa: E402,F401
+from ssmkit.models.config import ModelConfig  # noqa: E402,F401
+from ssmkit.models.lm import LanguageModel  # noqa: E402,F401

@@ -13,6 +13,12 @@ import sys
 # Command modules, in the order ``ssmkit --help`` lists them.
 COMMAND_MODULES = [
     "ssmkit.cli.info",
+    "ssmkit.cli.generate",
+    "ssmkit.cli.convert",
+    # --- training (issue 5) ---
+    "ssmkit.cli.train",
+    "ssmkit.cli.eval",
+    "ssmkit.cli.reproduce",
 ]
 
 

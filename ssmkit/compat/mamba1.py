@@ -1,0 +1,126 @@
+"""``mamba_ssm``-style entry points for the Mamba-1 selective scan, running through ssmkit.
+
+Layouts follow ``mamba_ssm`` (channels before time), so code written against
+``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` and
+``mamba_ssm.ops.triton.selective_state_update.selective_state_update`` runs unchanged on any
+device, including CPUs. Internally everything is transposed to ssmkit's ``(batch, seqlen, ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssmkit._checks import check_tensor
+from ssmkit.ops.selective_scan import selective_scan
+from ssmkit.ops.selective_scan import selective_state_update as _state_update
+
+__all__ = ["selective_scan_fn", "selective_state_update"]
+
+
+def _bc_to_ssmkit(name: str, M: torch.Tensor, bsz: int, dim: int, L: int) -> torch.Tensor:
+    """mamba_ssm B/C -> ssmkit (batch, L, G, N).
+
+    Accepts ``(batch, N, L)`` (shared by all channels), ``(batch, G, N, L)`` (groups) and the
+    non-selective ``(dim, N)`` (one fixed row per channel: G = dim groups, broadcast over time).
+    """
+    check_tensor(name, M, (2, 3, 4), desc="(batch, N, seqlen), (batch, G, N, seqlen) or (dim, N)")
+    if M.is_complex():
+        raise TypeError(f"{name}: complex B/C are not supported by ssmkit's selective scan")
+    if M.dim() == 2:
+        if M.shape[0] != dim:
+            raise ValueError(f"{name} of shape (dim, N) must have dim={dim}, got {tuple(M.shape)}")
+        return M.view(1, 1, dim, M.shape[1]).expand(bsz, L, dim, M.shape[1])
+    if M.dim() == 3:
+        return M.permute(0, 2, 1).unsqueeze(2)
+    return M.permute(0, 3, 1, 2)
+
+
+def selective_scan_fn(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "auto",
+):
+    """``mamba_ssm``'s ``selective_scan_fn``: u, delta, z ``(batch, dim, seqlen)``; A ``(dim, N)``;
+    B, C ``(batch, N, seqlen)`` or ``(batch, G, N, seqlen)`` (or ``(dim, N)``, not selective);
+    D, delta_bias ``(dim,)``. Returns ``out (batch, dim, seqlen)`` and, with
+    ``return_last_state``, the last state ``(batch, dim, N)`` (float32)."""
+    check_tensor("u", u, 3, desc="(batch, dim, seqlen)")
+    bsz, dim, L = u.shape
+    check_tensor("delta", delta, shape=(bsz, dim, L), desc=f"(batch={bsz}, dim={dim}, seqlen={L})")
+    check_tensor("z", z, shape=(bsz, dim, L), desc=f"(batch={bsz}, dim={dim}, seqlen={L})", allow_none=True)
+    if A.is_complex():
+        raise TypeError("A: complex A is not supported by ssmkit's selective scan (use a real, negative A)")
+    Bt = _bc_to_ssmkit("B", B, bsz, dim, L)
+    Ct = _bc_to_ssmkit("C", C, bsz, dim, L)
+    if Bt.shape[2] != Ct.shape[2]:  # e.g. selective B with a fixed (dim, N) C: one group per channel
+        Bt = Bt.expand(bsz, L, -1, -1).repeat_interleave(dim // Bt.shape[2], dim=2)
+        Ct = Ct.expand(bsz, L, -1, -1).repeat_interleave(dim // Ct.shape[2], dim=2)
+    out = selective_scan(
+        u.transpose(1, 2), delta.transpose(1, 2), A, Bt, Ct, D=D,
+        z=None if z is None else z.transpose(1, 2), dt_bias=delta_bias, dt_softplus=bool(delta_softplus),
+        return_final_state=return_last_state, backend=backend,
+    )
+    if return_last_state:
+        y, last = out
+        return y.transpose(1, 2), last
+    return out.transpose(1, 2)
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``mamba_ssm``'s ``selective_state_update`` (one decode token, ``state`` updated in place).
+
+    Mamba-1 layout: state ``(batch, dim, N)``, x/dt/z ``(batch, dim)``, A ``(dim, N)``, B/C
+    ``(batch, N)``, D/dt_bias ``(dim,)``. Multi-head layout: state ``(batch, H, P, N)``,
+    x/dt/z ``(batch, H, P)``, A ``(H, P, N)``, B/C ``(batch, G, N)``, D/dt_bias ``(H, P)``.
+    """
+    check_tensor("state", state, (3, 4), desc="(batch, dim, N) or (batch, nheads, headdim, N)")
+    heads = state.dim() == 4
+    bsz, N = state.shape[0], state.shape[-1]
+    dim = state.shape[1] * state.shape[2] if heads else state.shape[1]
+    xshape = tuple(state.shape[:-1])
+
+    def flat(name, t, shape, allow_none=True):
+        check_tensor(name, t, shape=shape, desc=str(shape), allow_none=allow_none)
+        if t is None:
+            return None
+        return t.reshape(bsz, dim)
+
+    xf = flat("x", x, xshape, allow_none=False)
+    dtf = flat("dt", dt, xshape, allow_none=False)
+    zf = flat("z", z, xshape)
+    check_tensor("A", A, shape=(*xshape[1:], N), desc=str((*xshape[1:], N)))
+    Af = A.reshape(dim, N)
+    pshape = tuple(xshape[1:])
+    check_tensor("D", D, shape=pshape, desc=str(pshape), allow_none=True)
+    check_tensor("dt_bias", dt_bias, shape=pshape, desc=str(pshape), allow_none=True)
+    Df = None if D is None else D.reshape(dim)
+    bf = None if dt_bias is None else dt_bias.reshape(dim)
+    work = state.view(bsz, dim, N) if state.is_contiguous() else state.reshape(bsz, dim, N).clone()
+    in_place = work.data_ptr() == state.data_ptr() and state.is_contiguous()
+    if work.dtype not in (torch.float32, torch.float64):
+        work, in_place = work.float(), False
+    y = _state_update(work, xf, dtf, Af, B, C, D=Df, z=zf, dt_bias=bf, dt_softplus=bool(dt_softplus),
+                      backend=backend)
+    if not in_place:
+        state.copy_(work.view(state.shape).to(state.dtype))
+    return y.reshape(xshape)

@@ -1,0 +1,11 @@
+"""Drop-in replacements for ``mamba_ssm``'s functional API, running on any device through ssmkit.
+
+``from ssmkit.compat.mamba_ssm import selective_scan_fn`` takes the same arguments and the same
+``(batch, dim, seqlen)`` layout as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``;
+``mamba_chunk_scan_combined`` matches ``mamba_ssm.ops.triton.ssd_combined``.
+"""
+
+from ssmkit.compat.mamba1 import selective_scan_fn, selective_state_update
+from ssmkit.compat.mamba2 import mamba_chunk_scan_combined
+
+__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined"]

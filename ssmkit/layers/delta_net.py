@@ -1,0 +1,199 @@
+"""DeltaNet and Gated DeltaNet mixers (Yang et al. 2024; Yang, Kautz & Hatamizadeh 2024).
+
+Data flow for ``x: (batch, seqlen, d_model)`` with H heads of key size K and value size V::
+
+    q, k, v = q_proj(x), k_proj(x), v_proj(x)
+    [q | k | v] -> causal depthwise conv (short convolution) -> SiLU
+    q, k -> L2-normalised per head; q scaled by K^-1/2
+    β = sigmoid(b_proj(x))                                       write strength in (0, 1)
+    gated only: g = -exp(A_log) * softplus(a_proj(x) + dt_bias)  log decay, Mamba-2 style
+    o = delta_rule(q, k, v, β, g)                                 ssmkit.ops.delta_rule
+    o = RMSNorm(o) * silu(g_proj(x))   per head                   output norm and gate
+    o_proj(o)
+
+The L2 normalisation keeps each erase-write step I - β k kᵀ a contraction, so the state stays
+bounded without any decay (DeltaNet); the gate adds Mamba-2's data-dependent forgetting on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit._checks import check_positive_int
+from ssmkit.layers.mamba2 import check_mixer_inputs
+from ssmkit.layers.norm import RMSNormGated
+from ssmkit.layers.state import LayerState
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d, causal_conv1d_update
+from ssmkit.ops.delta_rule import delta_rule
+from ssmkit.ops.delta_rule.step import delta_step
+from ssmkit.theory.init import inverse_softplus
+
+__all__ = ["DeltaNet", "DeltaNetState", "GatedDeltaNet"]
+
+
+@dataclasses.dataclass
+class DeltaNetState(LayerState):
+    """``conv_state: (batch, 2 H K + H V, conv_size - 1)`` (model dtype) and
+    ``ssm_state: (batch, H, K, V)`` (float32; the transpose of S in the papers)."""
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+class DeltaNet(nn.Module):
+    """DeltaNet mixer (``gated=False``) or Gated DeltaNet (``gated=True``, see :class:`GatedDeltaNet`).
+
+    ``head_dim`` is the key size K (default ``d_model // num_heads``); the value size is
+    ``V = expand_v * K``. Same contract as every mixer in :mod:`ssmkit.layers`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int = 4,
+        head_dim: int | None = None,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        use_output_gate: bool = True,
+        norm_eps: float = 1e-5,
+        chunk_size: int = 64,
+        gated: bool = False,
+        A_init_range: tuple[float, float] = (1, 16),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("conv_size", conv_size)
+        check_positive_int("chunk_size", chunk_size)
+        head_dim = head_dim if head_dim is not None else d_model // num_heads
+        check_positive_int("head_dim", head_dim)
+        head_v_dim = int(head_dim * expand_v)
+        if head_v_dim <= 0 or head_v_dim != head_dim * expand_v:
+            raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.num_heads, self.head_k_dim, self.head_v_dim = d_model, num_heads, head_dim, head_v_dim
+        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim
+        self.conv_size, self.chunk_size, self.gated, self.layer_idx = conv_size, chunk_size, gated, layer_idx
+        self.use_output_gate = use_output_gate
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.scale = head_dim ** -0.5
+
+        self.q_proj = nn.Linear(d_model, self.key_dim, bias=False, **fk)
+        self.k_proj = nn.Linear(d_model, self.key_dim, bias=False, **fk)
+        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False, **fk)
+        self.b_proj = nn.Linear(d_model, num_heads, bias=False, **fk)
+        # one short convolution over [q | k | v] (three depthwise convs, computed in one call)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_size, groups=self.conv_dim,
+                                padding=conv_size - 1, bias=conv_bias, **fk)
+        if gated:
+            self.a_proj = nn.Linear(d_model, num_heads, bias=False, **fk)
+            A = torch.empty(num_heads).uniform_(*A_init_range)
+            self.A_log = nn.Parameter(torch.log(A).to(device=device, dtype=dtype or torch.float32))
+            self.A_log._no_weight_decay = True
+            dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_bias = nn.Parameter(inverse_softplus(dt).to(device=device, dtype=dtype or torch.float32))
+            self.dt_bias._no_weight_decay = True
+        if use_output_gate:
+            self.g_proj = nn.Linear(d_model, self.value_dim, bias=False, **fk)
+        self.o_norm = RMSNormGated(head_v_dim, eps=norm_eps, norm_before_gate=True, **fk)
+        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False, **fk)
+
+    def _ssm_dtype(self, dtype=None) -> torch.dtype:
+        dtype = dtype or self.q_proj.weight.dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> DeltaNetState:
+        device = device or self.q_proj.weight.device
+        dtype = dtype or self.q_proj.weight.dtype
+        return DeltaNetState(
+            conv_state=torch.zeros(batch_size, self.conv_dim, self.conv_size - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device,
+                                  dtype=self._ssm_dtype(dtype)),
+        )
+
+    def _beta_g(self, x: torch.Tensor):
+        cdt = self._ssm_dtype(x.dtype)
+        beta = torch.sigmoid(self.b_proj(x).to(cdt))
+        g = None
+        if self.gated:
+            g = -torch.exp(self.A_log.to(cdt)) * F.softplus(self.a_proj(x).to(cdt) + self.dt_bias.to(cdt))
+        return beta, g
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o: (..., H, V) -> (..., d_model): per-head RMSNorm, output gate, o_proj."""
+        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)) if self.use_output_gate else None
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.flatten(-2))
+
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, return_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """``x: (batch, seqlen, d_model) -> y`` (same shape), and the new state if ``return_state``."""
+        check_mixer_inputs(self, x, state, cu_seqlens, mask, DeltaNetState)
+        b, l, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if mask is not None:
+            qkv = qkv * mask.to(qkv.dtype)[..., None]
+        qkv, conv_state = causal_conv1d(
+            qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+            initial_state=None if state is None else state.conv_state, return_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._beta_g(x)
+        if mask is not None:  # β = 0, g = 0 at padding: the state is left untouched
+            m = mask.to(beta.dtype)
+            beta = beta * m[..., None]
+            g = None if g is None else g * m[..., None]
+        o, ssm_state = delta_rule(
+            q.reshape(b, l, H, K), k.reshape(b, l, H, K), v.reshape(b, l, H, V), beta, g,
+            scale=self.scale, use_qk_l2norm=True, chunk_size=self.chunk_size,
+            initial_state=None if state is None else state.ssm_state, return_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        out = self._output(o.to(x.dtype), x)
+        if return_state:
+            return out, DeltaNetState(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=ssm_state)
+        return out
+
+    def step(self, x_t: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """One token ``x_t: (batch, d_model) -> (batch, d_model)``; updates ``state`` in place."""
+        b = x_t.shape[0]
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
+        qkv = causal_conv1d_update(qkv, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   activation="silu")
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._beta_g(x_t)
+        o = delta_step(state.ssm_state, q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, H, V), beta, g,
+                       scale=self.scale, use_qk_l2norm=True)
+        return self._output(o.to(x_t.dtype), x_t)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
+                f"head_v_dim={self.head_v_dim}, gated={self.gated}")
+
+
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: DeltaNet with a Mamba-2-style data-dependent decay α = exp(g) per head.
+
+    Defaults follow the paper's layer (two-times wider values, ``expand_v=2``).
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 4, head_dim: int | None = None, expand_v: float = 2.0,
+                 **kwargs):
+        kwargs.pop("gated", None)
+        super().__init__(d_model, num_heads=num_heads, head_dim=head_dim, expand_v=expand_v, gated=True, **kwargs)

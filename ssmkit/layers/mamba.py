@@ -1,0 +1,230 @@
+"""The Mamba block's mixer (Gu & Dao 2023, Sec. 3.4 / Fig. 3), with ``mamba_ssm``'s parameter names.
+
+Data flow for ``x: (batch, seqlen, d_model)``::
+
+    in_proj(x) -> [x | z]                        widths d_inner, d_inner (no z when use_gate=False)
+    x -> causal depthwise conv1d -> SiLU
+    x_proj(x) -> [dt | B | C]                     widths dt_rank, N, N (input-dependent: "selective")
+    Δ = softplus(dt_proj.weight @ dt + dt_proj.bias),  A = -exp(A_log)
+    y = selective_scan(x, Δ, A, B, C, D, z)       = (C·h + D x) * silu(z)
+    out_proj(y)
+
+Initialisation (Sec. 3.6 and the reference code): S4D-real A_n = n + 1 (A_log = log A), Δ drawn
+log-uniformly in [dt_min, dt_max] and stored as its softplus preimage in ``dt_proj.bias``,
+``dt_proj.weight`` uniform in ±dt_rank^-1/2·dt_scale, D = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit.layers.state import LayerState
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d, conv_update_unchecked
+from ssmkit.ops.dispatch import get
+from ssmkit.ops.selective_scan import selective_scan
+from ssmkit.theory.init import inverse_softplus, log_uniform_dt
+
+__all__ = ["Mamba", "MambaState"]
+
+
+@dataclasses.dataclass
+class MambaState(LayerState):
+    """``conv_state: (batch, d_inner, d_conv - 1)`` (the last conv inputs, model dtype) and
+    ``ssm_state: (batch, d_inner, N)`` (float32; float64 for a float64 model)."""
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+class Mamba(nn.Module):
+    """Mamba (S6) mixer following the contract of :mod:`ssmkit.layers`.
+
+    Parameters (names and shapes as ``mamba_ssm.modules.mamba_simple.Mamba`` and Hugging Face's
+    ``MambaMixer``, so state dicts map one to one):
+
+    * ``in_proj``: Linear(d_model -> 2·d_inner) [x, z] (d_inner only with ``use_gate=False``)
+    * ``conv1d``: depthwise Conv1d, weight ``(d_inner, 1, d_conv)``, bias ``(d_inner,)``
+    * ``x_proj``: Linear(d_inner -> dt_rank + 2·d_state) [dt, B, C], no bias
+    * ``dt_proj``: Linear(dt_rank -> d_inner) with bias (the Δ bias)
+    * ``A_log``: ``(d_inner, d_state)``; ``D``: ``(d_inner,)``; ``out_proj``: Linear(d_inner -> d_model)
+
+    ``use_gate=False`` removes the z branch (the "S6 without gating" ablation of the paper).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_gate: bool = True,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            check_positive_int(name, v)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        check_positive_int("dt_rank", dt_rank)
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not (0 < dt_min <= dt_max):
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = d_inner = expand * d_model
+        self.dt_rank, self.use_gate, self.layer_idx = dt_rank, use_gate, layer_idx
+
+        self.in_proj = nn.Linear(d_model, d_inner * (2 if use_gate else 1), bias=bias, **fk)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **fk)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
+        # dt_proj.weight keeps the variance of Δ's pre-activation independent of dt_rank.
+        dt_init_std = dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(dt_init_std)
+            else:
+                self.dt_proj.weight.uniform_(-dt_init_std, dt_init_std)
+            # softplus(bias) = Δ ~ log-uniform[dt_min, dt_max] (Mamba Sec. 3.6), floored.
+            dt = log_uniform_dt(d_inner, dt_min, dt_max, floor=dt_init_floor)
+            self.dt_proj.bias.copy_(inverse_softplus(dt))
+        self.dt_proj.bias._no_reinit = True
+        # S4D-real: A_n = -(n + 1) for every channel, stored as log(-A) so A stays negative.
+        # A_log and D stay float32 in half-precision models (as mamba_ssm keeps them).
+        pdt = torch.float64 if dtype == torch.float64 else torch.float32
+        A = torch.arange(1, d_state + 1, dtype=pdt).repeat(d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A).to(device=device))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(d_inner, device=device, dtype=pdt))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _A(self) -> torch.Tensor:
+        """A = -exp(A_log) in float32 (float64 for a float64 model).
+
+        Without autograd (decoding) the result is cached until A_log changes (its version counter
+        moves on every in-place update, e.g. an optimizer step), saving an exp per layer per token.
+        """
+        A_log = self.A_log
+        if torch.is_grad_enabled() and A_log.requires_grad:
+            return -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
+        key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, torch.is_inference_mode_enabled())
+        cache = self.__dict__.get("_A_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                A = -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
+            cache = (key, A)
+            self.__dict__["_A_cache"] = cache
+        return cache[1]
+
+    def _ssm_dtype(self, dtype=None) -> torch.dtype:
+        dtype = dtype or self.in_proj.weight.dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def _split_in(self, xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.use_gate:
+            x, z = xz.chunk(2, dim=-1)
+            return x, z
+        return xz, None
+
+    def _x_proj(self, x: torch.Tensor):
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C  # dt_proj's bias is added inside the scan
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        """Zero state for ``batch_size`` sequences (conv part in ``dtype``, SSM part float32)."""
+        check_positive_int("batch_size", batch_size)
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return MambaState(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                  dtype=self._ssm_dtype(dtype)),
+        )
+
+    def _check(self, x, state, cu_seqlens, mask) -> None:
+        check_tensor("x", x, 3, desc=f"(batch, seqlen, d_model={self.d_model})")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (batch, seqlen, d_model={self.d_model}), got {tuple(x.shape)}")
+        if state is not None and not isinstance(state, MambaState):
+            raise TypeError(f"state must be a MambaState (from allocate_state), got {type(state).__name__}")
+        if mask is not None:
+            check_tensor("mask", mask, shape=tuple(x.shape[:2]), desc=f"(batch, seqlen) = {tuple(x.shape[:2])}",
+                         floating=False)
+            if cu_seqlens is not None:
+                raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
+
+    # -- forward / step ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """``x: (batch, seqlen, d_model) -> y`` (same shape), and the new state if ``return_state``.
+
+        ``state`` (not modified) continues earlier tokens; with ``cu_seqlens`` it holds one row per
+        packed sequence. ``mask`` (batch, seqlen), 0 = padding: padded positions see a zero conv
+        input and Δ = 0 (Ā = 1, B̄x = 0), so they leave both states untouched.
+        """
+        self._check(x, state, cu_seqlens, mask)
+        xs, z = self._split_in(self.in_proj(x))
+        if mask is not None:
+            xs = xs * mask.to(xs.dtype)[..., None]
+        xs, conv_state = causal_conv1d(
+            xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+            initial_state=None if state is None else state.conv_state, return_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        dt, B, C = self._x_proj(xs)
+        dt_bias, softplus = self.dt_proj.bias, True
+        if mask is not None:
+            cdt = self._ssm_dtype(x.dtype)
+            dt = F.softplus(dt.to(cdt) + self.dt_proj.bias.to(cdt)) * mask.to(cdt)[..., None]
+            dt_bias, softplus = None, False
+        y, ssm_state = selective_scan(
+            xs, dt, self._A(), B, C, D=self.D, z=z, dt_bias=dt_bias, dt_softplus=softplus,
+            initial_state=None if state is None else state.ssm_state, return_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        out = self.out_proj(y)
+        if return_state:
+            return out, MambaState(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=ssm_state)
+        return out
+
+    def step(self, x_t: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token ``x_t: (batch, d_model) -> (batch, d_model)``; updates ``state`` in place."""
+        check_tensor("x_t", x_t, 2, desc=f"(batch, d_model={self.d_model})")
+        if not isinstance(state, MambaState):
+            raise TypeError(f"state must be a MambaState (from allocate_state), got {type(state).__name__}")
+        if x_t.shape[1] != self.d_model or state.ssm_state.shape[0] != x_t.shape[0]:
+            raise ValueError(f"x_t must have shape (batch={state.ssm_state.shape[0]}, d_model={self.d_model}), "
+                             f"got {tuple(x_t.shape)}")
+        # Shapes are fixed by the layer, so the ops' unchecked forms are called directly: when
+        # decoding, the per-token Python overhead is a noticeable share of the time.
+        xs, z = self._split_in(self.in_proj(x_t.unsqueeze(1)))  # (batch, 1, d_inner)
+        xs = conv_update_unchecked(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        dt, B, C = self._x_proj(xs)
+        update = get("selective_state_update", "auto", xs)
+        y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
+                   self.dt_proj.bias, True)
+        return self.out_proj(y.squeeze(1))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, use_gate={self.use_gate}")

@@ -1,0 +1,215 @@
+"""The Mamba-2 block's mixer (Dao & Gu 2024, Sec. 7 / Fig. 6), with ``mamba_ssm``'s parameter names.
+
+Data flow for ``x: (batch, seqlen, d_model)``::
+
+    in_proj(x) -> [z | x B C | dt]              widths d_inner, d_inner + 2 G N, H
+    x B C -> causal depthwise conv1d -> SiLU     (one conv over the three, as mamba_ssm)
+    Δ = clamp(softplus(dt + dt_bias), dt_limit),  A = -exp(A_log)
+    y = SSD(x, Δ, A, B, C) + D x                 (ssmkit.ops.ssd, heads of size headdim)
+    y = RMSNorm(y * silu(z))                     (gated RMSNorm in groups of d_inner / G)
+    out_proj(y)
+
+Unlike Mamba-1 the parallel projection produces B, C, Δ from the block input directly, and A
+is a scalar per head, which is what lets SSD use matmuls (Sec. 7.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit.layers.norm import RMSNormGated
+from ssmkit.layers.state import LayerState
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d, causal_conv1d_update
+from ssmkit.ops.ssd import ssd
+from ssmkit.ops.ssd.step import ssd_step
+from ssmkit.theory.init import inverse_softplus
+
+__all__ = ["Mamba2", "Mamba2State"]
+
+
+@dataclasses.dataclass
+class Mamba2State(LayerState):
+    """``conv_state: (batch, conv_dim, d_conv - 1)`` (last conv inputs, model dtype) and
+    ``ssm_state: (batch, H, P, N)`` (float32)."""
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+def check_mixer_inputs(layer: nn.Module, x, state, cu_seqlens, mask, state_cls) -> None:
+    """Shape/type checks shared by the Mamba-2 and DeltaNet layers' ``forward``."""
+    check_tensor("x", x, 3, desc=f"(batch, seqlen, d_model={layer.d_model})")
+    if x.shape[-1] != layer.d_model:
+        raise ValueError(f"x must have shape (batch, seqlen, d_model={layer.d_model}), got {tuple(x.shape)}")
+    if state is not None and not isinstance(state, state_cls):
+        raise TypeError(f"state must be a {state_cls.__name__} (from allocate_state), got {type(state).__name__}")
+    if mask is not None:
+        check_tensor("mask", mask, shape=tuple(x.shape[:2]), desc=f"(batch, seqlen) = {tuple(x.shape[:2])}",
+                     floating=False)
+        if cu_seqlens is not None:
+            raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer: ``forward(x, state=None, return_state=False, cu_seqlens=None, mask=None)``,
+    ``step(x_t, state)``, ``allocate_state(batch_size)`` (the contract of :mod:`ssmkit.layers`).
+
+    ``d_inner = expand * d_model`` split into ``H = d_inner / headdim`` heads; ``ngroups`` groups
+    share B and C. Parameter names and shapes match ``mamba_ssm.modules.mamba2.Mamba2`` (and Hugging
+    Face's ``Mamba2Mixer``), so their state dicts load directly.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                        ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            check_positive_int(name, v)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"expand * d_model = {d_inner} must be divisible by headdim={headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
+        if not (0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        if not (0 < dt_min <= dt_max):
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.headdim, self.ngroups, self.nheads, self.d_inner = headdim, ngroups, nheads, d_inner
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+
+        d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads  # [z, x, B, C, dt]
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias, **fk)
+        # Δ initialised log-uniformly in [dt_min, dt_max] through its softplus inverse (Mamba, Sec. 3.6).
+        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(inverse_softplus(dt).to(device=device, dtype=dtype or torch.float32))
+        self.dt_bias._no_weight_decay = True
+        A = torch.empty(nheads).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(device=device, dtype=dtype or torch.float32))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads, device=device,
+                                         dtype=dtype or torch.float32))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // ngroups,
+                                     norm_before_gate=norm_before_gate, **fk)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _D(self) -> torch.Tensor:
+        return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float() if self.A_log.dtype != torch.float64 else self.A_log)
+
+    def _delta(self, dt: torch.Tensor) -> torch.Tensor:
+        cdt = torch.float64 if dt.dtype == torch.float64 else torch.float32
+        delta = F.softplus(dt.to(cdt) + self.dt_bias.to(cdt))
+        lo, hi = self.dt_limit
+        if lo > 0.0 or hi != math.inf:
+            delta = delta.clamp(min=lo, max=hi)
+        return delta
+
+    def _ssm_dtype(self, dtype=None) -> torch.dtype:
+        dtype = dtype or self.in_proj.weight.dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
+        """Zero state for ``batch_size`` sequences (conv part in ``dtype``, SSM part float32)."""
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return Mamba2State(
+            conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                  dtype=self._ssm_dtype(dtype)),
+        )
+
+    # -- forward / step ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: Mamba2State | None = None, return_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """``x: (batch, seqlen, d_model) -> y`` (same shape), and the new state if ``return_state``."""
+        check_mixer_inputs(self, x, state, cu_seqlens, mask, Mamba2State)
+        b, l, _ = x.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
+        if mask is not None:
+            # padding must not reach the conv window of later tokens, nor the SSM state (Δ = 0)
+            xBC = xBC * mask.to(xBC.dtype)[..., None]
+        xBC, conv_state = causal_conv1d(
+            xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+            initial_state=None if state is None else state.conv_state, return_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        delta = self._delta(dt)
+        if mask is not None:
+            delta = delta * mask.to(delta.dtype)[..., None]
+        y, ssm_state = ssd(
+            xs.reshape(b, l, h, p), delta, self._A(), B.reshape(b, l, g, n), C.reshape(b, l, g, n),
+            chunk_size=self.chunk_size, D=self._D(), z=None if self.rmsnorm else z.reshape(b, l, h, p),
+            initial_state=None if state is None else state.ssm_state, return_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        y = y.reshape(b, l, self.d_inner)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        out = self.out_proj(y)
+        if return_state:
+            return out, Mamba2State(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=ssm_state)
+        return out
+
+    def step(self, x_t: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """One token ``x_t: (batch, d_model) -> (batch, d_model)``; updates ``state`` in place."""
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        b = x_t.shape[0]
+        z, xBC, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, h], dim=-1)
+        xBC = causal_conv1d_update(xBC, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   activation="silu")
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        y = ssd_step(
+            state.ssm_state, xs.reshape(b, h, p), self._delta(dt), self._A(), B.reshape(b, g, n),
+            C.reshape(b, g, n), D=self._D(), z=None if self.rmsnorm else z.reshape(b, h, p),
+        )
+        y = y.reshape(b, self.d_inner)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"ngroups={self.ngroups}, chunk_size={self.chunk_size}")

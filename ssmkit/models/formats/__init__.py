@@ -1,0 +1,40 @@
+"""Checkpoint formats ssmkit reads and writes.
+
+* ``ssmkit`` (:mod:`.native`): ``config.json`` (``ModelConfig.to_dict()`` + ``"model_type": "ssmkit"``)
+  and ``model.safetensors`` with ssmkit's parameter names. Any model ssmkit can build.
+* ``hf`` (:mod:`.hf`): Hugging Face ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (``model_type``
+  ``"mamba"`` / ``"mamba2"``, ``backbone.embeddings``). Pure Mamba or pure Mamba-2 models only.
+* ``mamba_ssm`` (:mod:`.mamba_ssm`): ``MambaLMHeadModel``'s ``config.json`` (``d_model``,
+  ``ssm_cfg``, ``attn_layer_idx``, ...) and ``pytorch_model.bin``. Mamba or Mamba-2 layers, optional
+  attention layers and a gated MLP on every layer (no MoE, DeltaNet or S4D).
+
+Each format module provides ``NAME``, ``matches(cfg)``, ``to_model_config(cfg)``,
+``from_model_config(config)`` (raising ``ValueError`` when the format cannot express the model),
+``key_in(key)`` / ``key_out(key)`` (checkpoint name <-> ssmkit name) and ``WEIGHTS`` (the file it
+writes).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ssmkit.models.formats import hf, mamba_ssm, native
+
+FORMATS: dict[str, ModuleType] = {"ssmkit": native, "hf": hf, "mamba_ssm": mamba_ssm}
+
+
+def get_format(name: str) -> ModuleType:
+    if name not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+def detect_format(cfg: dict) -> str:
+    """Name of the format whose ``config.json`` looks like ``cfg``."""
+    for name in ("ssmkit", "hf", "mamba_ssm"):
+        if FORMATS[name].matches(cfg):
+            return name
+    raise ValueError(
+        "config.json is not a recognised checkpoint: expected model_type 'ssmkit', 'mamba' or 'mamba2' "
+        f"(Hugging Face), or mamba_ssm keys d_model/n_layer/ssm_cfg; got keys {sorted(cfg)[:12]}"
+    )

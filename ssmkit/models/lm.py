@@ -1,0 +1,187 @@
+"""``LanguageModel``: embedding, a stack of :class:`~ssmkit.models.block.Block`, final norm, LM head.
+
+Module names mirror ``mamba_ssm``'s ``MambaLMHeadModel`` (``backbone.embedding``,
+``backbone.layers.{i}.norm / mixer / norm2 / mlp``, ``backbone.norm_f``, ``lm_head``), so its
+checkpoints load with no renaming (see :mod:`ssmkit.models.formats`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit._checks import check_cu_seqlens
+from ssmkit.layers.state import LayerState
+from ssmkit.models.block import Block, build_norm
+from ssmkit.models.config import ModelConfig
+
+
+@dataclass
+class LMOutput:
+    """What :meth:`LanguageModel.forward` returns.
+
+    logits: ``(batch, seqlen, padded_vocab_size)`` float32. loss: mean next-token cross entropy
+    over labels != -100 (labels aligned with input_ids, shifted inside), or None. aux_loss: sum of
+    the MoE layers' load-balancing losses (not added to ``loss``; scale it yourself), or None.
+    cache: the cache passed in, updated in place, or None.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    cache: Any = None
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
+        self.norm_f = build_norm(config, device, dtype)
+
+
+def _check_ids(name: str, ids: object, vocab: int, ndim: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
+    if ids.dim() != ndim:
+        want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
+    if vocab and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name} must hold token ids in [0, {vocab}), got values in [{lo}, {hi}]")
+    return ids.long()
+
+
+class LanguageModel(nn.Module):
+    """A causal language model built from a :class:`ModelConfig`.
+
+    ``forward(input_ids (batch, seqlen), cache=None, labels=None, attention_mask=None)`` ->
+    :class:`LMOutput`. ``attention_mask (batch, seqlen)``: 1 = token, 0 = padding (left padding);
+    padding never enters any layer's state. ``step(token (batch,), cache)`` -> logits
+    ``(batch, padded_vocab_size)`` for decoding, updating the cache in place.
+    """
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.backbone = Backbone(config, device, dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        # Embedding N(0, 0.02); residual-branch output projections scaled by 1/sqrt(2 n_layer) (GPT-2
+        # / mamba_ssm's rescale_prenorm_residual), so the residual stream's variance stays O(1).
+        std = self.config.initializer_range
+        nn.init.normal_(self.backbone.embedding.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        scale = 1.0 / math.sqrt(2 * self.config.n_layer)
+        for block in self.backbone.layers:
+            for name, p in block.named_parameters():
+                if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+                    p.mul_(scale)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embedding.weight.dtype
+
+    def allocate_states(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> list[LayerState]:
+        """One zeroed state per layer (KV caches sized ``max_seqlen``; SSM states float32)."""
+        device = device if device is not None else self.device
+        dtype = dtype if dtype is not None else self.dtype
+        return [blk.allocate_state(batch_size, max_seqlen, device=device, dtype=dtype)
+                for blk in self.backbone.layers]
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(x.to(self.lm_head.weight.dtype)).float()
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> LMOutput:
+        ids = _check_ids("input_ids", input_ids, self.config.padded_vocab_size, 2)
+        B, L = ids.shape
+        if L == 0:
+            raise ValueError("input_ids must hold at least one token per row, got seqlen 0")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask must have shape (batch={B}, seqlen={L}) like input_ids, got {got}")
+            attention_mask = attention_mask.to(ids.device)
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: take the faster unmasked paths
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, B, L)
+        states = None
+        if cache is not None:
+            states = getattr(cache, "states", cache)
+            if not isinstance(states, (list, tuple)) or len(states) != self.config.n_layer:
+                raise TypeError("cache must be an InferenceCache (ssmkit.inference.allocate_cache) "
+                                f"holding {self.config.n_layer} layer states")
+        h = self.backbone.embedding(ids)
+        aux_total = None
+        for i, blk in enumerate(self.backbone.layers):
+            st = states[i] if states is not None else None
+            h, new_st, aux = blk(h, state=st, return_state=st is not None, mask=attention_mask,
+                                 cu_seqlens=cu_seqlens)
+            if st is not None:
+                st.copy_(new_st)  # keep the cache's buffers (addresses) for CUDA graphs
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None and hasattr(cache, "advance"):
+            cache.advance(L)
+        logits = self._head(h)
+        loss = None
+        if labels is not None:
+            lab = _check_ids("labels", labels, 0, 2)
+            if tuple(lab.shape) != (B, L):
+                raise ValueError(f"labels must have the shape of input_ids {(B, L)}, got {tuple(lab.shape)}")
+            # HF convention: labels are aligned with input_ids; position t predicts labels[t + 1].
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   lab[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux_total, cache=cache)
+
+    def step(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Decode one token per row: ``input_ids (batch,)`` -> logits ``(batch, padded_vocab)``.
+
+        Updates ``cache`` in place; no host synchronisation and static shapes (CUDA-graph safe).
+        """
+        states = getattr(cache, "states", cache)
+        h = self.backbone.embedding(input_ids)
+        for blk, st in zip(self.backbone.layers, states):
+            h = blk.step(h, st)
+        return self._head(h)
+
+    # ----------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str, format: str = "ssmkit", tokenizer: Any = None,
+                        safe_serialization: bool = True) -> None:
+        """Write a checkpoint directory in ``format`` "ssmkit" | "hf" | "mamba_ssm" (atomically)."""
+        from ssmkit.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path, format=format, tokenizer=tokenizer, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> LanguageModel:
+        from ssmkit.models.checkpoint import from_pretrained
+
+        return from_pretrained(path_or_repo_id, **kwargs)

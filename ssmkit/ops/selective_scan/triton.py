@@ -1,0 +1,229 @@
+"""``backend="triton"`` form of :func:`ssmkit.ops.selective_scan` (an ``autograd.Function``).
+
+Same signature and results as the ``reference`` form::
+
+    selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                          initial_state=None, return_final_state=False, cu_seqlens=None)
+
+* ``x, dt, z``: ``(batch, seqlen, dim)``; ``A``: ``(dim, N)``; ``B, C``: ``(batch, seqlen, N)`` or
+  ``(batch, seqlen, G, N)``; ``D, dt_bias``: ``(dim,)``; ``initial_state``: ``(batch, dim, N)``
+  (``(num_seqs, dim, N)`` with ``cu_seqlens``). Returns ``y`` ``(batch, seqlen, dim)`` in ``x``'s
+  dtype and, with ``return_final_state``, the float32 final state ``(batch | num_seqs, dim, N)``.
+
+The kernels (``triton_kernels.py``) fuse softplus(dt + dt_bias), the discretization, the scan with
+the state on chip, C·h, D·x and the z gate; the backward recomputes states from block boundaries
+saved every ``K`` tokens instead of storing the expanded state. Float16/bfloat16/float32 inputs are
+computed in float32; float64 inputs in float64 (so tests can compare to 1e-10).
+
+This module imports without Triton; the kernels are imported on first use. Importing it registers
+the form with :mod:`ssmkit.ops.dispatch` under ``("selective_scan", "triton")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from ssmkit.ops.dispatch import register
+
+__all__ = ["ScanConfig", "selective_scan_triton", "set_config", "get_config"]
+
+
+@dataclasses.dataclass
+class ScanConfig:
+    """Launch parameters. ``chunk`` (tokens per unrolled block, also the spacing of the states saved
+    for the backward) is shared by forward and backward; the rest can differ per pass."""
+
+    block_d: int = 32
+    chunk: int = 8
+    num_warps: int = 1
+    bwd_block_d: int = 32
+    bwd_num_warps: int = 1
+    keep_decay: int = 0  # backward keeps exp(ΔA) of a block in registers (1) or recomputes it (0)
+
+
+_CONFIG = ScanConfig()
+if os.environ.get("SSMKIT_SCAN_CONFIG"):  # e.g. "64,8,4,32,4" for sweeps
+    _CONFIG = ScanConfig(*map(int, os.environ["SSMKIT_SCAN_CONFIG"].split(",")))
+
+
+def set_config(cfg: ScanConfig) -> ScanConfig:
+    """Replace the launch parameters (returns the previous ones); used by the benchmark sweeps."""
+    global _CONFIG
+    prev, _CONFIG = _CONFIG, cfg
+    return prev
+
+
+def get_config() -> ScanConfig:
+    return _CONFIG
+
+
+def _pow2_floor_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _Geometry:
+    """Shapes, block sizes and per-sequence chunk offsets shared by forward and backward."""
+
+    def __init__(self, x, B, A, cu_seqlens, cfg: ScanConfig, block_d: int):
+        self.bsz, self.L, self.dim = x.shape
+        self.G = B.shape[2]
+        self.N = A.shape[1]
+        self.K = cfg.chunk
+        self.block_n = max(_next_pow2(self.N), 2)
+        if self.G == 1:
+            self.block_d = block_d
+            self.blocks_per_group = -(-self.dim // block_d)
+        else:
+            dpg = self.dim // self.G
+            self.block_d = _pow2_floor_divisor(dpg, block_d)
+            self.blocks_per_group = dpg // self.block_d
+        self.n_dblocks = self.blocks_per_group * self.G
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            c = cu_seqlens.detach().to("cpu", torch.int64)
+            lens = c[1:] - c[:-1]
+            nck = (lens + self.K - 1) // self.K
+            self.nseq = lens.numel()
+            off = torch.zeros(self.nseq, dtype=torch.int64)
+            off[1:] = torch.cumsum(nck, 0)[:-1]
+            self.chunk_off = off.to(x.device)
+            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
+            self.total_chunks = int(nck.sum())
+            self.nchunks_per_seq = 0
+        else:
+            self.nseq = self.bsz
+            self.nchunks_per_seq = -(-self.L // self.K)
+            self.total_chunks = self.nseq * self.nchunks_per_seq
+            self.cu = None
+            self.chunk_off = None
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+             want_final, save_states, cfg):
+    from ssmkit.ops.selective_scan.triton_kernels import selective_scan_fwd_kernel
+
+    geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d)
+    acc = _acc_dtype(x)
+    y = torch.empty_like(x)
+    # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
+    ht = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc) if want_final else None
+    states = (torch.empty(max(geo.total_chunks, 1), geo.N, geo.dim, device=x.device, dtype=acc)
+              if save_states else None)
+    h0 = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None
+    grid = (geo.nseq, geo.n_dblocks)
+    selective_scan_fwd_kernel[grid](
+        x, dt, A.t().contiguous(), B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off,
+        geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), HAS_H0=initial_state is not None, STORE_HT=want_final,
+        SAVE_STATES=save_states, IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64,
+        BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, K=geo.K, num_warps=cfg.num_warps,
+    )
+    if ht is not None:
+        ht = ht.transpose(1, 2)
+    return y, ht, states
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus,
+                return_final_state):
+        cfg = _CONFIG
+        y, ht, states = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
+                                 cu_seqlens, return_final_state, True, cfg)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states)
+        ctx.dt_softplus = dt_softplus
+        ctx.cfg = cfg
+        if return_final_state:
+            return y, ht
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dht=None):
+        from ssmkit.ops.selective_scan.triton_kernels import selective_scan_bwd_kernel
+
+        x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
+        cfg = ctx.cfg
+        geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.bwd_block_d)
+        acc = _acc_dtype(x)
+        dy = dy.contiguous()
+        if dht is not None:
+            dht = dht.transpose(1, 2).contiguous()
+        rows = geo.bsz * geo.L
+        dx = torch.empty_like(x)
+        ddt = torch.empty_like(dt)
+        dz = torch.empty_like(z) if z is not None else None
+        db_part = torch.empty(geo.n_dblocks, rows, geo.N, device=x.device, dtype=acc)
+        dc_part = torch.empty_like(db_part)
+        da_part = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc)
+        dd_part = torch.empty(geo.nseq, geo.dim, device=x.device, dtype=acc) if D is not None else None
+        dh0 = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc)
+        grid = (geo.nseq, geo.n_dblocks)
+        selective_scan_bwd_kernel[grid](
+            x, dt, A.t().contiguous(), B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy, dht,
+            dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
+            geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=bool(ctx.dt_softplus), HAS_DHT=dht is not None, IS_VARLEN=geo.varlen,
+            USE_F64=acc == torch.float64,
+            BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, K=geo.K, KEEP_DECAY=bool(cfg.keep_decay),
+            num_warps=cfg.bwd_num_warps,
+        )
+        G, bpg, N = geo.G, geo.blocks_per_group, geo.N
+
+        def _group_sum(part):  # (G*bpg, rows, N) -> (bsz, L, G, N)
+            return part.view(G, bpg, rows, N).sum(1).permute(1, 0, 2).reshape(geo.bsz, geo.L, G, N)
+
+        dB = _group_sum(db_part).to(B.dtype) if ctx.needs_input_grad[3] else None
+        dC = _group_sum(dc_part).to(C.dtype) if ctx.needs_input_grad[4] else None
+        dA = da_part.sum(0).t().to(A.dtype) if ctx.needs_input_grad[2] else None
+        dD = dd_part.sum(0).to(D.dtype) if (D is not None and ctx.needs_input_grad[5]) else None
+        dbias = None
+        if dt_bias is not None and ctx.needs_input_grad[7]:
+            dbias = ddt.to(acc).sum((0, 1)).to(dt_bias.dtype)
+        dinit = dh0.transpose(1, 2).to(initial_state.dtype) if initial_state is not None else None
+        return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None
+
+
+def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_state):
+    squeeze = B.dim() == 3
+    if squeeze:
+        B = B.unsqueeze(2)
+        C = C.unsqueeze(2)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    cont = [t.contiguous() if t is not None else None for t in (x, dt, A, B, C, D, z, dt_bias)]
+    return (*cont, initial_state, squeeze)
+
+
+@register("selective_scan", "triton")
+def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                          initial_state=None, return_final_state=False, cu_seqlens=None):
+    """Triton selective scan; see the module docstring for shapes. Inputs are assumed validated by
+    the public :func:`ssmkit.ops.selective_scan`."""
+    x, dt, A, B, C, D, z, dt_bias, initial_state, _ = _prepare(x, dt, A, B, C, D, z, dt_bias,
+                                                              initial_state)
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad:
+        out = _SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens,
+                                     bool(dt_softplus), bool(return_final_state))
+        return out
+    y, ht, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+                        bool(return_final_state), False, _CONFIG)
+    return (y, ht) if return_final_state else y

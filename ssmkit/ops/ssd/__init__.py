@@ -1,0 +1,130 @@
+"""Mamba-2's structured state space duality (SSD): ``ssd`` and ``ssd_state_update``.
+
+Forms registered under op name ``"ssd"``: ``reference`` (recurrence), ``quadratic`` (masked
+attention view, for tests) and ``chunked`` (the four-stage block algorithm). See README.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor
+from ssmkit.ops import dispatch
+from ssmkit.ops.ssd import chunked, quadratic, reference  # noqa: F401  (registers the forms)
+from ssmkit.ops.ssd.step import ssd_step
+
+__all__ = ["ssd", "ssd_state_update"]
+
+
+def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
+    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
+        raise ValueError(f"dt_limit must be a pair (min, max), got {dt_limit!r}")
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    if not (lo >= 0.0 and hi >= lo):
+        raise ValueError(f"dt_limit must satisfy 0 <= min <= max, got {dt_limit!r}")
+    return lo, hi
+
+
+def _check_common(x_desc, x, dt, A, B, C, D, z, dt_bias, lead):
+    """Shared shape checks for ``ssd`` (lead = (batch, seqlen)) and the step (lead = (batch,))."""
+    nl = len(lead)
+    H, P = x.shape[nl], x.shape[nl + 1]
+    check_tensor("dt", dt, shape=(*lead, H), desc=f"({', '.join(x_desc[:nl])}, H={H})")
+    check_tensor("A", A, shape=(H,), desc=f"(H={H},)")
+    check_tensor("B", B, nl + 2, desc=f"({', '.join(x_desc[:nl])}, G, N)")
+    if tuple(B.shape[:nl]) != tuple(lead):
+        raise ValueError(f"B must have shape ({', '.join(x_desc[:nl])}, G, N) with leading dims {tuple(lead)}, "
+                         f"got {tuple(B.shape)}")
+    G, N = B.shape[nl], B.shape[nl + 1]
+    if G == 0 or H % G:
+        raise ValueError(f"the number of groups G={G} (B.shape[{nl}]) must divide the number of heads H={H}")
+    check_tensor("C", C, shape=tuple(B.shape), desc=f"like B {tuple(B.shape)}")
+    if D is not None:
+        check_tensor("D", D, (1, 2), desc=f"(H={H},) or (H={H}, P={P})")
+        if tuple(D.shape) not in ((H,), (H, P)):
+            raise ValueError(f"D must have shape (H={H},) or (H={H}, P={P}), got {tuple(D.shape)}")
+    check_tensor("z", z, shape=tuple(x.shape), desc=f"like x {tuple(x.shape)}", allow_none=True)
+    check_tensor("dt_bias", dt_bias, shape=(H,), desc=f"(H={H},)", allow_none=True)
+    check_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    return H, P, G, N
+
+
+def ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Mamba-2's selective SSM with scalar-per-head A (structured state space duality).
+
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ,  y_t = h_t C_t + D x_t,  then y * silu(z) if z given,
+    where Δ = clamp(softplus?(dt + dt_bias), *dt_limit).
+
+    Shapes: ``x: (batch, seqlen, H, P)``, ``dt: (batch, seqlen, H)``, ``A: (H,)`` (negative for a
+    decaying state), ``B, C: (batch, seqlen, G, N)`` with G dividing H (head i reads group
+    i // (H/G)), ``D: (H,)`` or ``(H, P)``, ``z`` like ``x``, ``dt_bias: (H,)``,
+    ``initial_state: (batch, H, P, N)`` — or ``(num_seqs, H, P, N)`` with ``cu_seqlens``
+    (``(num_seqs + 1,)``, batch 1, sequences packed along seqlen, state reset at each start).
+
+    Returns ``y`` shaped like ``x`` (its dtype), and with ``return_final_state`` also the final
+    state ``(batch | num_seqs, H, P, N)`` in float32 (float64 for float64 inputs).
+    """
+    check_tensor("x", x, 4, desc="(batch, seqlen, H, P)")
+    b, l, H, P = x.shape
+    if l == 0:
+        raise ValueError("x must have seqlen >= 1, got 0")
+    _check_common(("batch", "seqlen"), x, dt, A, B, C, D, z, dt_bias, (b, l))
+    N = B.shape[-1]
+    check_positive_int("chunk_size", chunk_size)
+    dt_limit = _check_dt_limit(dt_limit)
+    check_cu_seqlens(cu_seqlens, b, l)
+    nstate = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    who = "batch" if cu_seqlens is None else "num_seqs"
+    check_tensor("initial_state", initial_state, shape=(nstate, H, P, N),
+                 desc=f"({who}={nstate}, H={H}, P={P}, N={N})", allow_none=True)
+    fn = dispatch.get("ssd", backend, x)
+    return fn(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_state,
+              return_final_state, cu_seqlens)
+
+
+def ssd_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> torch.Tensor:
+    """One SSD decoding step; updates ``state (batch, H, P, N)`` in place and returns ``y``.
+
+    ``x: (batch, H, P)``, ``dt: (batch, H)``, ``A: (H,)``, ``B, C: (batch, G, N)``, ``D: (H,)`` or
+    ``(H, P)``, ``z`` like ``x``, ``dt_bias: (H,)``. Returns ``y: (batch, H, P)`` in x's dtype.
+    Equal to ``ssd`` on a length-1 sequence continuing from ``state``.
+    """
+    check_tensor("x", x, 3, desc="(batch, H, P)")
+    b, H, P = x.shape
+    _check_common(("batch",), x, dt, A, B, C, D, z, dt_bias, (b,))
+    N = B.shape[-1]
+    check_tensor("state", state, shape=(b, H, P, N), desc=f"(batch={b}, H={H}, P={P}, N={N})")
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous (it is updated in place)")
+    dt_limit = _check_dt_limit(dt_limit)
+    return ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)

@@ -1,0 +1,115 @@
+"""Chunked SSD: the block decomposition of the semiseparable matrix (Dao & Gu 2024, Sec. 6).
+
+The sequence is cut into chunks of Q tokens (the last one zero-padded: Δ = 0 leaves the state
+unchanged). With log decays a_t = Δ_t A and their within-chunk prefix sums, four stages, each a
+batched matmul except the short scan of stage 3:
+
+1. intra-chunk outputs (diagonal blocks): y_diag = (L ∘ C Bᵀ) (Δx) per chunk, the quadratic
+   form restricted to Q x Q blocks;
+2. chunk states: s_c = Σ_j exp(a_{j+1} + ... + a_Q) B_j (Δx_j)ᵀ, the state each chunk would
+   leave starting from zero;
+3. state passing: h_c = exp(a_1 + ... + a_Q) h_{c-1} + s_c, a recurrence over chunks only;
+4. state to output: y_off_i = exp(a_1 + ... + a_i) C_i h_{c-1} (low-rank off-diagonal blocks).
+
+Cost O(L Q (N + P)) for the blocks plus O(L/Q · H P N) for the scan, against O(L H P N) steps
+of the recurrence done one token at a time. Every exponent is a non-positive segment sum (for
+A <= 0): differences of within-chunk prefix sums, masked with -inf before ``exp``, so long
+sequences with strong decay stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.ops.dispatch import register
+from ssmkit.ops.ssd._common import make_form
+
+CPU_BLOCK = 64
+
+
+def _decay_matrix_times(a_cum: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
+    """``L ∘ CB`` with ``L[i, j] = exp(a_cum[i] - a_cum[j])`` for i >= j, 0 above the diagonal.
+
+    ``a_cum: (b, c, g, hg, Q)`` within-chunk prefix sums of the log decays; ``CB: (b, c, g, 1, Q, Q)``.
+    The difference of prefix sums is masked with -inf *before* ``exp``, so only non-positive
+    exponents (segment sums of a <= 0) are ever exponentiated. Without autograd the four passes
+    over the (Q, Q) blocks run in place: on a CPU these memory-bound passes cost as much as the
+    matmuls.
+    """
+    Q = a_cum.shape[-1]
+    upper = torch.ones(Q, Q, dtype=torch.bool, device=a_cum.device).triu(1)
+    diff = a_cum[..., :, None] - a_cum[..., None, :]
+    # Decays below the smallest normal float are set to 0: denormal operands slow the following
+    # matmul by an order of magnitude on x86, for no accuracy gain.
+    tiny = torch.finfo(diff.dtype).tiny
+    if torch.is_grad_enabled() and (a_cum.requires_grad or CB.requires_grad):
+        return F.threshold(torch.exp(diff.masked_fill(upper, -math.inf)), tiny, 0.0) * CB
+    return F.threshold_(diff.masked_fill_(upper, -math.inf).exp_(), tiny, 0.0).mul_(CB)
+
+
+def _chunked_core(x, dt, A, B, C, chunk_size, h0):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    # chunk_size only sets the block length, not the result. On a CPU the (Q, Q) blocks are
+    # memory-bound passes, and blocks of 64 measured fastest for Mamba-2 shapes (2-3x faster
+    # than 256, the GPU kernels' choice), so longer chunks are cut into blocks of CPU_BLOCK.
+    Q = min(chunk_size, l, CPU_BLOCK if x.device.type == "cpu" else chunk_size)
+    pad = (-l) % Q
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    c = (l + pad) // Q
+
+    # log decays a_t = Δ_t A and their prefix sums within each chunk: (b, c, g, hg, Q)
+    a_cum = torch.cumsum((dt * A).view(b, c, Q, h), dim=2).permute(0, 1, 3, 2).reshape(b, c, g, hg, Q)
+    a_last = a_cum[..., -1:]  # a_1 + ... + a_Q per chunk
+
+    Bc = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    Cc = C.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    # Δx with heads split into (group, head-in-group), time next to p: (b, c, g, hg, Q, p)
+    xdt = (x * dt[..., None]).view(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)
+
+    # 1. diagonal blocks: (L ∘ C Bᵀ) Δx
+    CB = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
+    y = _decay_matrix_times(a_cum, CB) @ xdt  # (b, c, g, hg, Q, p)
+
+    # 2. chunk states from zero: Σ_j exp(a_{j+1} + ... + a_Q) Δx_j B_jᵀ -> (b, c, h, p, n)
+    decay_to_end = torch.exp(a_last - a_cum).unsqueeze(-1)  # (b, c, g, hg, Q, 1), exponents <= 0
+    xw = (xdt * decay_to_end).transpose(-1, -2).reshape(b, c, g, hg * p, Q)
+    states = (xw @ Bc).view(b, c, h, p, n)
+
+    # 3. pass states between chunks (the only sequential part, one step per chunk)
+    chunk_decay = torch.exp(a_last).view(b, c, h, 1, 1)
+    s = x.new_zeros(b, h, p, n) if h0 is None else h0
+    need_prev = c > 1 or h0 is not None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, s)):
+        prev = []
+        for ci in range(c):
+            prev.append(s)
+            s = torch.addcmul(states[:, ci], chunk_decay[:, ci], s)
+        prev_states = torch.stack(prev, dim=1) if need_prev else None
+    else:  # inference: write each chunk's incoming state straight into one buffer
+        prev_states = x.new_empty(b, c, h, p, n)
+        for ci in range(c):
+            prev_states[:, ci] = s
+            s = torch.addcmul(states[:, ci], chunk_decay[:, ci], s)
+    if need_prev:
+        # prev_states: (b, c, h, p, n), the state entering each chunk
+        # 4. state -> output: exp(a_1 + ... + a_i) C_i h_{c-1}
+        hp = prev_states.view(b, c, g, hg * p, n).transpose(-1, -2)  # (b, c, g, n, hg*p)
+        y_off = (Cc @ hp).view(b, c, g, Q, hg, p).transpose(3, 4)  # (b, c, g, hg, Q, p)
+        y = y + y_off * torch.exp(a_cum).unsqueeze(-1)
+
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)
+    if pad:
+        y = y[:, :l]
+    return y, s
+
+
+ssd_chunked = register("ssd", "chunked")(make_form(_chunked_core))

@@ -1,0 +1,48 @@
+"""One decoding step of SSD, updating the state in place (no recompute of the prefix).
+
+    h <- exp(Δ A) h + Δ x Bᵀ,     y = h C (+ D x) (* silu(z))
+
+``state: (batch, H, P, N)`` (float32, or float64), ``x: (batch, H, P)``, ``dt: (batch, H)``,
+``B, C: (batch, G, N)``. Heads are viewed as (G, H/G) so B and C broadcast without copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.ops.ssd._common import process_dt
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> torch.Tensor:
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    sdt = state.dtype
+    delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, sdt)  # (b, h)
+    decay = torch.exp(delta * A.to(sdt))
+    st = state.view(b, g, h // g, p, n)
+    xs = x.to(sdt)
+    # two in-place passes over the state (decay, then the rank-1 write), no temporary of its size
+    st.mul_(decay.view(b, g, h // g, 1, 1))
+    st.addcmul_((xs * delta[..., None]).view(b, g, h // g, p, 1), B.to(sdt).view(b, g, 1, 1, n))
+    y = (st @ C.to(sdt).view(b, g, 1, n, 1)).view(b, h, p)
+    if D is not None:
+        Dc = D.to(sdt)
+        y = y + xs * (Dc[:, None] if Dc.dim() == 1 else Dc)
+    if z is not None:
+        y = y * F.silu(z.to(sdt))
+    return y.to(x.dtype)

@@ -1,0 +1,93 @@
+"""Data parallelism through ``torch.distributed``: DDP, or FSDP for models too big for one GPU.
+
+Launch with ``torchrun --nproc_per_node=N -m ssmkit train ...`` (multi-node: add ``--nnodes``,
+``--node_rank`` and ``--rdzv_endpoint``): torchrun sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``, and :func:`init` reads them. The backend is NCCL on CUDA and gloo on the CPU.
+
+Every rank draws the same *global* batch from the same seeded generator and keeps its own slice,
+so N processes see exactly the rows one process with the N-times batch would see; the loss is
+normalised by the global number of scored tokens, so the averaged gradient equals the big-batch
+gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init(backend: str | None = None, device: torch.device | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (no-op without them)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+    return DistInfo(rank, world, local_rank, initialized_here=True)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", device: torch.device | None = None) -> nn.Module:
+    """Wrap ``model`` for data parallel training: ``"ddp"`` or ``"fsdp"`` (sharded parameters,
+    gradients and optimizer state; use for models that do not fit one device)."""
+    if not info.enabled:
+        return model
+    if strategy == "ddp":
+        ids = [device.index] if device is not None and device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
+        return FSDP(model, use_orig_params=True, **kwargs)
+    raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``t`` over ranks (returns ``t`` itself in a single process)."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP/FSDP wrapper."""
+    return getattr(model, "module", model)

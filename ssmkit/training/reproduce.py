@@ -1,0 +1,406 @@
+"""The Mamba paper's synthetic experiments, sized to run on a laptop CPU (``ssmkit reproduce``).
+
+Two experiments, each training one small language model per row:
+
+* **Selective copying** (Gu & Dao 2023, Table 1): S4 without gating 18.3%, S6 without gating
+  97.0%, Mamba (gated, with S6) 99.8%. The point: a time-invariant SSM cannot pick the data tokens
+  out of the noise, a selective one can.
+* **Induction heads** (Table 2 / Fig. 5): trained at one length and evaluated at 1x ... 256x it,
+  Mamba stays at 100% (up to 2^20 tokens in the paper), attention with RoPE fails past ~2x.
+
+Rows: S4D without gating (S4D layer with ``postact=None``: SSM, GELU, a plain linear, no GLU),
+S6 without gating (the Mamba block with ``use_gate=False``), Mamba, Mamba-2 and attention with
+RoPE, each in a 2-layer model without MLPs. ``size="default"`` is the CPU scale (shorter sequences,
+fewer tokens to memorise, fewer steps than the paper: see :data:`SIZES` and the table header);
+``size="full"`` uses the paper's task and model sizes (for a GPU); ``size="quick"`` is a
+seconds-long smoke test whose numbers mean nothing.
+
+Rows run in parallel worker processes (``jobs``), each with a fixed thread count, and every seed
+is fixed, so a rerun prints the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssmkit.tasks import get_task
+
+# --------------------------------------------------------------------------------------------
+# Rows (models) and the paper's numbers.
+
+ROWS: dict[str, dict[str, Any]] = {
+    "s4d": {"label": "S4D, no gate", "paper_label": "S4, no gate", "letter": "S",
+            "cfg": {"s4d_cfg": {"postact": None}}},
+    "s6": {"label": "S6, no gate", "paper_label": "S6, no gate", "letter": "M",
+           "cfg": {"ssm_cfg": {"use_gate": False}}},
+    "mamba": {"label": "Mamba", "paper_label": "Mamba (S6)", "letter": "M", "cfg": {}},
+    "mamba2": {"label": "Mamba-2", "paper_label": "-", "letter": "2", "cfg": {}},
+    "attention": {"label": "Attention (RoPE)", "paper_label": "MHA-RoPE", "letter": "A", "cfg": {}},
+}
+
+PAPER = {
+    "selective-copying": {
+        "source": "Mamba paper, Table 1 (accuracy)",
+        "s4d": "18.3%", "s6": "97.0%", "mamba": "99.8%", "mamba2": "n/a", "attention": "n/a",
+    },
+    "induction-heads": {
+        "source": "Mamba paper, Table 2 / Fig. 5 (trained at 256, tested up to 2^20)",
+        "s4d": "n/a", "s6": "n/a", "mamba": "100% at every length up to 2^20 (4096x)", "mamba2": "n/a",
+        "attention": "fails past ~2x the training length",
+    },
+}
+
+# --------------------------------------------------------------------------------------------
+# Sizes. "default" is what a 2-core CPU finishes in minutes; "full" follows the paper.
+
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "selective-copying": {
+        "quick": {"task": {"length": 24, "n_tokens": 2, "vocab": 8}, "d_model": 16, "d_state": 8,
+                  "steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2, "eval_every": 0},
+        "default": {"task": {"length": 64, "n_tokens": 4, "vocab": 16}, "d_model": 64, "d_state": 16,
+                    "steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 50, "eval_every": 100},
+        "full": {"task": {"length": 4096, "n_tokens": 16, "vocab": 16}, "d_model": 64, "d_state": 16,
+                 "steps": 400_000, "batch_size": 64, "lr": 1e-4, "warmup": 0, "eval_every": 5000},
+    },
+    "induction-heads": {
+        "quick": {"task": {"length": 16, "vocab": 8}, "d_model": 16, "d_state": 8,
+                  "steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2, "eval_every": 0},
+        "default": {"task": {"length": 32, "vocab": 16}, "d_model": 64, "d_state": 16,
+                    "steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 50, "eval_every": 100},
+        "full": {"task": {"length": 256, "vocab": 16}, "d_model": 64, "d_state": 16,
+                 "steps": 25_000, "batch_size": 8, "lr": 1e-3, "warmup": 0, "eval_every": 1000},
+    },
+}
+
+MULTIPLIERS = {"selective-copying": [1], "induction-heads": [1, 4, 16, 64, 256]}
+EXPERIMENTS = tuple(SIZES)
+DEFAULT_ROWS = tuple(ROWS)
+# Attention is quadratic in length: longer evaluations are skipped and the table says so.
+ATTENTION_MAX_EVAL_LEN = {"quick": 1024, "default": 8192, "full": 65536}
+EVAL_TOKENS = {"quick": 2048, "default": 1 << 16, "full": 1 << 20}  # tokens per evaluation point
+
+
+def model_config(experiment: str, row: str, size: str = "default", vocab_size: int | None = None,
+                 overrides: dict | None = None):
+    """The :class:`ssmkit.ModelConfig` of one row (2 layers, no MLP)."""
+    from ssmkit.models.config import ModelConfig
+
+    sz = _sizes(experiment, size, overrides)
+    spec = ROWS[row]
+    d = sz["d_model"]
+    cfg: dict[str, Any] = {k: dict(v) for k, v in spec["cfg"].items()}
+    N = sz["d_state"]
+    dt = sz.get("dt_range")
+    dt_kw = {"dt_min": dt[0], "dt_max": dt[1]} if dt else {}
+    if row in ("s6", "mamba"):
+        cfg.setdefault("ssm_cfg", {}).update(d_state=N, **dt_kw)
+    elif row == "mamba2":
+        cfg["mamba2_cfg"] = {"d_state": N, "headdim": max(d // 4, 4), **dt_kw}
+    elif row == "s4d":
+        cfg["s4d_cfg"].update(d_state=N, **dt_kw)
+    elif row == "attention":
+        cfg["attn_cfg"] = {"n_heads": max(d // 16, 1)}
+    return ModelConfig(d_model=d, n_layer=2, vocab_size=vocab_size or sz["task"]["vocab"],
+                       layer_pattern=spec["letter"] * 2, mlp="none", **cfg)
+
+
+def multipliers(experiment: str, size: str) -> list[int]:
+    """Evaluation lengths as multiples of the training length (quick: only up to 4x)."""
+    ms = MULTIPLIERS[experiment]
+    return [m for m in ms if m <= 4] if size == "quick" else ms
+
+
+def _sizes(experiment: str, size: str, overrides: dict | None = None) -> dict:
+    sz = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SIZES[experiment][size].items()}
+    for k, v in (overrides or {}).items():
+        if k == "task":
+            sz["task"].update(v)
+        elif k in sz or k in ("stop_at_acc", "dt_range", "weight_decay"):
+            sz[k] = v
+        else:
+            raise ValueError(f"unknown size setting {k!r}: choose from {', '.join(sz)}")
+    return sz
+
+
+def _eval_plan(experiment: str, row: str, size: str, L: int) -> list[tuple[int, int | None, int]]:
+    """(multiplier, length or None if skipped, number of sequences) per evaluation point."""
+    plan = []
+    for m in multipliers(experiment, size):
+        n = m * L
+        n_seq = int(min(256, max(32, EVAL_TOKENS[size] // n)))
+        if size == "quick":
+            n_seq = 8
+        skip = row == "attention" and n > ATTENTION_MAX_EVAL_LEN[size]
+        plan.append((m, None if skip else n, n_seq))
+    return plan
+
+
+def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, threads: int = 1,
+            device: str = "cpu", steps: int | None = None, progress: bool = True,
+            overrides: dict | None = None) -> dict:
+    """Train and evaluate one row; returns a JSON-able result. ``overrides`` replaces entries of
+    :data:`SIZES` (``{"task": {"length": 128}, "lr": 1e-3, ...}``)."""
+    from ssmkit.models.lm import LanguageModel
+    from ssmkit.training.trainer import Trainer, TrainConfig
+
+    torch.set_num_threads(threads)
+    sz = _sizes(experiment, size, overrides)
+    task = get_task(experiment, **sz["task"])
+    mcfg = model_config(experiment, row, size, task.vocab_size, overrides)
+    torch.manual_seed(seed)
+    model = LanguageModel(mcfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    total = steps or sz["steps"]
+    tcfg = TrainConfig(
+        steps=total, batch_size=sz["batch_size"], lr=sz["lr"], weight_decay=sz.get("weight_decay", 0.1),
+        warmup_steps=min(sz["warmup"], total), min_lr_ratio=0.1, grad_clip=1.0,
+        eval_every=sz["eval_every"] if sz["eval_every"] < total else 0, eval_batches=2,
+        eval_batch_size=64, log_every=max(total // 6, 1), seed=seed, device=device, threads=threads,
+        deterministic=device == "cpu", progress=False, stop_at_acc=sz.get("stop_at_acc", 1.0),
+    )
+    label = f"{experiment} / {ROWS[row]['label']}"
+    trainer = Trainer(model, task, tcfg, model_config=mcfg.to_dict())
+    t0 = time.perf_counter()
+    if progress:
+        print(f"[{label}] training {n_params:,} params, {total} steps x {sz['batch_size']} x {task.seqlen} tokens",
+              file=sys.stderr, flush=True)
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    losses = [r["loss"] for r in trainer.history if "loss" in r]
+    t1 = time.perf_counter()
+    acc: dict[str, float | None] = {}
+    for m, n, n_seq in _eval_plan(experiment, row, size, task.seqlen):
+        if n is None:
+            acc[str(m)] = None
+            continue
+        bs = min(n_seq, max(1, (1 << 15) // n)) if row == "attention" else min(n_seq, 64)
+        res = trainer.evaluate(task.with_seqlen(n), n_batches=math.ceil(n_seq / bs), batch_size=bs)
+        acc[str(m)] = res["acc"]
+    eval_s = time.perf_counter() - t1
+    if progress:
+        shown = ", ".join(f"{m}x {v:.1%}" if v is not None else f"{m}x skipped" for m, v in acc.items())
+        print(f"[{label}] done in {train_s:.0f}s train + {eval_s:.0f}s eval after {trainer.step} steps: {shown}",
+              file=sys.stderr, flush=True)
+    return {
+        "experiment": experiment, "row": row, "label": ROWS[row]["label"], "size": size,
+        "task": task.config(), "params": n_params, "steps": trainer.step, "planned_steps": total,
+        "batch_size": sz["batch_size"], "final_train_loss": losses[-1] if losses else None,
+        "acc": acc, "train_seconds": round(train_s, 2), "eval_seconds": round(eval_s, 2),
+        "model_config": mcfg.to_dict(),
+        "curve": [[r["step"], round(r["eval"]["eval"]["acc"], 4)] for r in trainer.history if "eval" in r],
+        "settings": sz,
+    }
+
+
+def _run_row_star(args: tuple) -> dict:
+    return run_row(*args)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def check_claims(results: list[dict], size: str) -> list[dict]:
+    """The issue's success criteria, evaluated on the results (never tuned: reported as is)."""
+    by = {(r["experiment"], r["row"]): r for r in results}
+    claims = []
+
+    def acc(exp, row, m="1"):
+        r = by.get((exp, row))
+        return None if r is None else r["acc"].get(m)
+
+    m_sc, s4_sc = acc("selective-copying", "mamba"), acc("selective-copying", "s4d")
+    if m_sc is not None:
+        claims.append({"claim": "selective copying: Mamba >= 95%", "ok": m_sc >= 0.95, "value": m_sc})
+    if m_sc is not None and s4_sc is not None:
+        claims.append({"claim": "selective copying: S4D (no gate) far below Mamba (>= 30 points)",
+                       "ok": m_sc - s4_sc >= 0.30, "value": s4_sc})
+    m_ih, a_ih = acc("induction-heads", "mamba", "64"), acc("induction-heads", "attention", "64")
+    if m_ih is not None:
+        claims.append({"claim": "induction heads: Mamba >= 95% at 64x the training length", "ok": m_ih >= 0.95,
+                       "value": m_ih})
+    if ("induction-heads", "attention") in by:
+        claims.append({"claim": "induction heads: attention < 50% at 64x the training length",
+                       "ok": a_ih is not None and a_ih < 0.5, "value": a_ih})
+    return claims
+
+
+def _pct(v: float | None) -> str:
+    return "skipped" if v is None else f"{100 * v:.1f}%"
+
+
+def format_tables(results: list[dict], size: str) -> str:
+    """Markdown tables (one per experiment) beside the paper's numbers, with the sizes used."""
+    out = []
+    for exp in EXPERIMENTS:
+        rows = [r for r in results if r["experiment"] == exp]
+        if not rows:
+            continue
+        sz = SIZES[exp][size]
+        t = rows[0]["task"]
+        task_desc = ", ".join(f"{k}={v}" for k, v in t.items() if k != "name")
+        out.append(f"### {exp} ({size} size)\n")
+        out.append(f"Task: {task_desc}. Models: 2 layers, d_model={sz['d_model']}, d_state={sz['d_state']}, "
+                   f"no MLP; batch {sz['batch_size']}, up to {rows[0]['planned_steps']} steps (stops early at "
+                   f"100% evaluation accuracy), lr {sz['lr']}. Paper: {PAPER[exp]['source']}.\n")
+        if exp == "selective-copying":
+            out.append("| model | params | steps | accuracy | paper |")
+            out.append("|---|---:|---:|---:|---|")
+            for r in rows:
+                out.append(f"| {r['label']} | {r['params']:,} | {r['steps']} | {_pct(r['acc']['1'])} | "
+                           f"{PAPER[exp][r['row']]} |")
+        else:
+            L = t["length"]
+            mults = multipliers(exp, size)
+            out.append("| model | params | steps | " + " | ".join(f"{m}x ({m * L})" for m in mults) + " | paper |")
+            out.append("|---|---:|---:|" + "---:|" * len(mults) + "---|")
+            for r in rows:
+                cells = " | ".join(_pct(r["acc"][str(m)]) for m in mults)
+                out.append(f"| {r['label']} | {r['params']:,} | {r['steps']} | {cells} | {PAPER[exp][r['row']]} |")
+            if any(r["row"] == "attention" and None in r["acc"].values() for r in rows):
+                out.append(f"\nAttention is evaluated only up to {ATTENTION_MAX_EVAL_LEN[size]} tokens "
+                           "(quadratic cost); longer points are marked skipped.")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_claims(claims: list[dict]) -> str:
+    lines = []
+    for c in claims:
+        mark = "reproduced" if c["ok"] else "NOT reproduced at this scale"
+        lines.append(f"- {c['claim']}: {_pct(c['value'])} -> {mark}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str | os.PathLike, size: str) -> Path | None:
+    """A PNG: selective-copying accuracy per model, induction-heads accuracy vs length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'ssmkit[plot]')", file=sys.stderr)
+        return None
+    sc = [r for r in results if r["experiment"] == "selective-copying"]
+    ih = [r for r in results if r["experiment"] == "induction-heads"]
+    panels = [p for p in (sc, ih) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    ax_i = 0
+    if sc:
+        ax = axes[0][ax_i]
+        ax_i += 1
+        names = [r["label"] for r in sc]
+        vals = [100 * (r["acc"]["1"] or 0) for r in sc]
+        bars = ax.bar(range(len(sc)), vals, color="tab:blue", label="ssmkit (CPU scale)" if size != "full" else "ssmkit")
+        paper = {"s4d": 18.3, "s6": 97.0, "mamba": 99.8}
+        px = [i for i, r in enumerate(sc) if r["row"] in paper]
+        ax.scatter(px, [paper[sc[i]["row"]] for i in px], color="black", marker="_", s=400, zorder=3,
+                   label="paper (Table 1)")
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_xticks(range(len(sc)), names, rotation=20, ha="right")
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Selective copying")
+        ax.legend(loc="lower right", fontsize=8)
+    if ih:
+        ax = axes[0][ax_i]
+        L = ih[0]["task"]["length"]
+        for r in ih:
+            ms = [int(m) for m, v in r["acc"].items() if v is not None]
+            ax.plot([m * L for m in ms], [100 * r["acc"][str(m)] for m in ms], marker="o", label=r["label"])
+        ax.axvline(L, color="gray", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-3, 105)
+        ax.set_xlabel(f"test sequence length (trained at {L})")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Induction heads: length generalisation")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def reproduce(experiments: list[str] | tuple[str, ...] = EXPERIMENTS, rows: list[str] | tuple[str, ...] = DEFAULT_ROWS,
+              size: str = "default", jobs: int | None = None, threads: int = 1, seed: int = 0,
+              device: str = "cpu", steps: int | None = None, progress: bool = True) -> dict:
+    """Run every (experiment, row) pair and return ``{"results", "claims", "tables", ...}``."""
+    for e in experiments:
+        if e not in SIZES:
+            raise ValueError(f"unknown experiment {e!r}: choose from {', '.join(SIZES)}")
+    for r in rows:
+        if r not in ROWS:
+            raise ValueError(f"unknown row {r!r}: choose from {', '.join(ROWS)}")
+    if size not in ("quick", "default", "full"):
+        raise ValueError(f"size must be 'quick', 'default' or 'full', got {size!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    work = [(e, r, size, seed, threads, device, steps, progress) for e in experiments for r in rows]
+    # Longest rows first so the parallel workers finish together.
+    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "attention": 1, "s4d": 1}
+    order = sorted(range(len(work)), key=lambda i: -cost[work[i][1]])
+    jobs = jobs or max(1, min(len(work), (os.cpu_count() or 1) // threads))
+    t0 = time.perf_counter()
+    if jobs == 1 or device != "cpu":
+        results_by_i = {i: _run_row_star(work[i]) for i in order}
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+            futures = {i: pool.apply_async(_run_row_star, (work[i],)) for i in order}
+            results_by_i = {i: f.get() for i, f in futures.items()}
+    results = [results_by_i[i] for i in range(len(work))]
+    wall = time.perf_counter() - t0
+    claims = check_claims(results, size)
+    return {
+        "size": size, "seed": seed, "jobs": jobs, "threads_per_job": threads, "device": device,
+        "wall_seconds": round(wall, 1), "machine": machine(), "results": results, "claims": claims,
+        "tables": format_tables(results, size),
+    }
+
+
+def write_outputs(report: dict, out_dir: str | os.PathLike, name: str = "reproduce") -> dict[str, Path]:
+    """Write ``<name>.json``, ``<name>.md`` (tables + claims) and ``<name>.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"# `ssmkit reproduce` ({report['size']} size)\n", report["tables"], "## Claims\n",
+          format_claims(report["claims"]), "",
+          f"Wall time {report['wall_seconds']} s on {report['machine']['cpu_count']} CPU(s) "
+          f"({report['jobs']} jobs x {report['threads_per_job']} thread), torch {report['machine']['torch']}.", ""]
+    paths["md"].write_text("\n".join(md))
+    png = plot(report["results"], out / f"{name}.png", report["size"])
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+def describe_sizes(size: str = "default") -> str:
+    return "\n".join(f"{e}: {json.dumps(SIZES[e][size])}" for e in SIZES)
+
+
+__all__ = ["ROWS", "SIZES", "PAPER", "reproduce", "run_row", "write_outputs", "check_claims", "format_tables",
+           "dataclasses"]

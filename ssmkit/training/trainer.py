@@ -1,0 +1,421 @@
+"""A trainer for any causal token model on any :class:`~ssmkit.tasks.base.Task` (or text corpus).
+
+The model maps ``input_ids (batch, seqlen)`` to logits ``(batch, seqlen, vocab)`` (a tensor, or an
+object with ``.logits`` and optionally ``.aux_loss``, like :class:`ssmkit.LanguageModel`'s
+``LMOutput``). The loss is cross entropy over the task's scored positions only.
+
+Features: AdamW with SSM-aware parameter groups, warmup + cosine schedule, gradient clipping,
+gradient accumulation, bf16 autocast on GPU, periodic evaluation on fixed evaluation batches,
+a progress line (loss, accuracy, tokens/s), metrics as JSON lines, atomic checkpoints that make
+resuming bit-exact in deterministic CPU mode, and DDP/FSDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssmkit.tasks.base import Batch, Task, masked_cross_entropy, token_accuracy_counts
+from ssmkit.training import checkpoint as ckpt
+from ssmkit.training import distributed as ddp
+from ssmkit.training.optim import build_optimizer
+from ssmkit.training.schedule import build_scheduler
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch (all ranks, all accumulation micro-batches)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    accum_steps: int = 1
+    aux_loss_weight: float = 0.01  # MoE load-balancing loss
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    eval_batch_size: int | None = None
+    eval_seed: int = 1234
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: no periodic checkpoints
+    keep_checkpoints: int = 2
+    out_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: str = "auto"  # "auto" (bf16 on GPU) | "bf16" | "none"
+    deterministic: bool = False  # deterministic algorithms (and bit-exact resume on CPU)
+    threads: int | None = None  # torch.set_num_threads
+    strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
+    progress: bool = True
+    stop_at_acc: float | None = None  # stop early once the periodic evaluation reaches this
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accum_steps", "eval_batches", "log_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def model_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, aux_loss) from a model's return value: a tensor or an object with ``.logits``."""
+    if isinstance(out, torch.Tensor):
+        return out, None
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model must return logits or an object with .logits, got {type(out).__name__}")
+    return logits, getattr(out, "aux_loss", None)
+
+
+class Progress:
+    """A one-line progress display on a terminal; periodic plain lines otherwise (logs, CI)."""
+
+    def __init__(self, total: int, enabled: bool = True, prefix: str = "", stream=None):
+        self.total, self.enabled, self.prefix = total, enabled, prefix
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._open = False
+
+    def update(self, step: int, **fields) -> None:
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.t0
+        frac = step / max(self.total, 1)
+        eta = el / frac - el if frac > 0 else 0.0
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+        if self.tty:
+            width = 20
+            bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
+            line = f"\r{self.prefix}[{bar}] {step}/{self.total} " + " ".join(parts) + f" eta {eta:4.0f}s"
+            self.stream.write(line[:160].ljust(100))
+            self._open = True
+        else:
+            self.stream.write(f"{self.prefix}step {step}/{self.total} " + " ".join(parts) + f" ({el:.0f}s)\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+def set_deterministic(threads: int | None = None) -> None:
+    """Deterministic algorithms and a fixed thread count: same numbers on every rerun (CPU)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+class Trainer:
+    """Train ``model`` on ``task`` (any object with ``sample(batch_size, generator) -> Batch``).
+
+    ``eval_tasks`` maps a name to a task (e.g. the same task at 4x the length); evaluation uses
+    fixed batches (``eval_seed``), so numbers are comparable between runs and models.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        config: TrainConfig | None = None,
+        eval_tasks: dict[str, Task] | None = None,
+        model_config: dict | None = None,
+        forward: Callable | None = None,
+    ):
+        self.config = cfg = config or TrainConfig()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not hasattr(task, "sample"):
+            raise TypeError(f"task must have a sample(batch_size, generator) method, got {type(task).__name__}")
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            set_deterministic(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.dist = ddp.init(device=self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        per_rank, rem = divmod(cfg.batch_size, self.dist.world_size * cfg.accum_steps)
+        if rem or per_rank == 0:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} must be a positive multiple of world_size x accum_steps "
+                f"= {self.dist.world_size} x {cfg.accum_steps}"
+            )
+        self.task = task
+        self.eval_tasks = dict(eval_tasks or {})
+        if not self.eval_tasks:
+            self.eval_tasks = {"eval": task}
+        self.model_config = model_config
+        self.module = model.to(self.device)
+        self.model = ddp.wrap_model(self.module, self.dist, cfg.strategy, self.device)
+        self.forward = forward
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        self.metrics_path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_amp else None
+        self.history: list[dict] = []
+        self.last_eval: dict[str, dict] = {}
+
+    # ----------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def logits(self, model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.forward(model, inputs) if self.forward is not None else model(inputs)
+        return model_outputs(out)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.metrics_path is not None and self.dist.is_main:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step (all accumulation micro-batches); returns loss/accuracy/tokens."""
+        cfg, info = self.config, self.dist
+        global_batch = self.task.sample(cfg.batch_size, self.generator)
+        n_global = max(global_batch.n_scored, 1)
+        per_rank = cfg.batch_size // info.world_size
+        local = global_batch[info.rank * per_rank : (info.rank + 1) * per_rank].to(self.device)
+        micro = per_rank // cfg.accum_steps
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for i in range(cfg.accum_steps):
+            mb = local[i * micro : (i + 1) * micro]
+            last = i == cfg.accum_steps - 1
+            sync = contextlib.nullcontext() if (last or not info.enabled) else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    logits, aux = self.logits(self.model, mb.inputs)
+                    s = masked_cross_entropy(logits, mb, reduction="sum")
+                    # Divide by the *global* scored-token count (times world size, because DDP
+                    # averages gradients over ranks): the gradient equals the one-big-batch one.
+                    loss = s * (info.world_size / n_global)
+                    if aux is not None:
+                        loss = loss + cfg.aux_loss_weight * aux / cfg.accum_steps
+                loss.backward()
+            loss_sum += s.detach().double().cpu()
+            c = token_accuracy_counts(logits.detach(), mb)
+            counts += torch.tensor([c["correct"], c["total"]], dtype=torch.float64)
+        stats = torch.cat([loss_sum.reshape(1), counts])
+        ddp.all_reduce_sum(stats, info)
+        if cfg.grad_clip is not None:
+            if hasattr(self.model, "clip_grad_norm_"):  # FSDP
+                gnorm = self.model.clip_grad_norm_(cfg.grad_clip)
+            else:
+                gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            gnorm = torch.zeros(())
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {
+            "loss": float(stats[0] / n_global),
+            "acc": float(stats[1] / max(float(stats[2]), 1.0)),
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "tokens": cfg.batch_size * global_batch.inputs.shape[1],
+        }
+
+    @torch.no_grad()
+    def evaluate(self, task: Task | None = None, n_batches: int | None = None,
+                 batch_size: int | None = None) -> dict[str, float]:
+        """Loss and accuracy on fixed batches of ``task`` (default: the training task)."""
+        cfg = self.config
+        task = task or self.task
+        n_batches = n_batches or cfg.eval_batches
+        batch_size = batch_size or cfg.eval_batch_size or max(cfg.batch_size // self.dist.world_size, 1)
+        gen = torch.Generator().manual_seed(cfg.eval_seed)
+        model = self.module
+        was_training = model.training
+        model.eval()
+        tot = {"correct": 0, "total": 0, "seq_correct": 0, "seqs": 0}
+        loss_sum = 0.0
+        try:
+            for _ in range(n_batches):
+                batch: Batch = task.sample(batch_size, gen).to(self.device)
+                with self.autocast():
+                    logits, _ = self.logits(model, batch.inputs)
+                loss_sum += float(masked_cross_entropy(logits, batch, reduction="sum"))
+                for k, v in token_accuracy_counts(logits, batch).items():
+                    tot[k] += v
+        finally:
+            model.train(was_training)
+        return {
+            "loss": loss_sum / max(tot["total"], 1),
+            "acc": tot["correct"] / max(tot["total"], 1),
+            "seq_acc": tot["seq_correct"] / max(tot["seqs"], 1),
+        }
+
+    def evaluate_all(self) -> dict[str, dict]:
+        res = {name: self.evaluate(t) for name, t in self.eval_tasks.items()}
+        self.last_eval = res
+        rec = {"step": self.step, "eval": res}
+        self._log(rec)
+        return res
+
+    # ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        module = self.module
+        if self.config.strategy == "fsdp" and self.dist.enabled:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+                model_sd = self.model.state_dict()
+                optim_sd = FSDP.optim_state_dict(self.model, self.optimizer)
+        else:
+            model_sd = module.state_dict()
+            optim_sd = self.optimizer.state_dict()
+        return {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": self.scheduler.state_dict(),
+            "data": {"generator": self.generator.get_state()},
+            "train_config": {k: v for k, v in dataclasses.asdict(self.config).items()},
+            "model_config": self.model_config,
+            "task": self.task.config() if hasattr(self.task, "config") else None,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; all ranks wait)."""
+        if self.out_dir is None:
+            raise ValueError("out_dir is not set: cannot save a checkpoint")
+        state = self.state_dict()
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.out_dir, self.step, state, keep=self.config.keep_checkpoints)
+        ddp.barrier(self.dist)
+        return path
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.config.strategy == "fsdp" and self.dist.enabled:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+                self.model.load_state_dict(state["model"])
+                osd = FSDP.optim_state_dict_to_load(self.model, self.optimizer, state["optimizer"])
+                self.optimizer.load_state_dict(osd)
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["data"]["generator"])
+        self.step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+
+    def resume(self, path: str | os.PathLike | None = None) -> bool:
+        """Load ``path`` or the newest checkpoint in ``out_dir``; False if there is none."""
+        if path is not None:
+            state = ckpt.load_checkpoint(path)
+        elif self.out_dir is not None:
+            state = ckpt.load_latest(self.out_dir)
+        else:
+            state = None
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    # ----------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> dict:
+        """Train until ``config.steps`` (or ``steps`` more steps); returns a summary.
+
+        Per-step records (loss, acc, lr, tokens/s) go to ``self.history`` and, when ``out_dir`` is
+        set, to ``out_dir/metrics.jsonl``.
+        """
+        cfg = self.config
+        end = cfg.steps if steps is None else min(self.step + steps, cfg.steps)
+        progress = Progress(end, enabled=cfg.progress and self.dist.is_main)
+        t_start = time.perf_counter()
+        tok_window, t_window = 0, time.perf_counter()
+        losses: list[float] = []
+        stopped_early = False
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                losses.append(rec["loss"])
+                tok_window += rec["tokens"]
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}")
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    tps = tok_window / max(now - t_window, 1e-9)
+                    tok_window, t_window = 0, now
+                    self._log({"step": self.step, **{k: rec[k] for k in ("loss", "acc", "lr", "grad_norm")},
+                               "tokens_per_s": tps, "elapsed_s": now - t_start})
+                    progress.update(self.step, loss=rec["loss"], acc=rec["acc"], **{"tok/s": f"{tps:,.0f}"})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
+                    res = self.evaluate_all()
+                    if cfg.stop_at_acc is not None and all(r["acc"] >= cfg.stop_at_acc for r in res.values()):
+                        stopped_early = True
+                        break
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            progress.close()
+        final = self.evaluate_all()
+        if self.out_dir is not None and cfg.checkpoint_every:
+            if not ckpt.list_checkpoints(self.out_dir) or ckpt.list_checkpoints(self.out_dir)[-1][0] != self.step:
+                self.save()
+        return {
+            "steps": self.step,
+            "losses": losses,
+            "eval": final,
+            "train_seconds": time.perf_counter() - t_start,
+            "stopped_early": stopped_early,
+        }
+
+    def close(self) -> None:
+        ddp.cleanup(self.dist)

@@ -1,0 +1,69 @@
+"""`ssmkit convert` and `ssmkit generate`: conversions between formats, streaming output with
+tokens/s, user errors as one line with exit status 2."""
+
+import json
+
+import pytest
+import torch
+
+import ssmkit
+from ssmkit.cli.main import main
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    m = ssmkit.LanguageModel(ssmkit.ModelConfig.from_name("tiny-mamba")).eval()
+    m.save_pretrained(tmp_path / "src", format="ssmkit")
+    return m, tmp_path
+
+
+def test_convert_through_every_format(ckpt, capsys):
+    m, tmp = ckpt
+    assert main(["convert", str(tmp / "src"), str(tmp / "hf"), "--to", "hf"]) == 0
+    assert json.loads((tmp / "hf" / "config.json").read_text())["model_type"] == "mamba"
+    assert main(["convert", str(tmp / "hf"), str(tmp / "ms"), "--to", "mamba_ssm"]) == 0
+    assert (tmp / "ms" / "pytorch_model.bin").exists()
+    assert main(["convert", str(tmp / "ms"), str(tmp / "back"), "--to", "ssmkit"]) == 0
+    assert "converted" in capsys.readouterr().out
+    ids = torch.randint(0, 257, (1, 6))
+    back = ssmkit.from_pretrained(tmp / "back")
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits[..., :257], back(ids).logits[..., :257], atol=1e-6)
+
+
+def test_generate_streams_text_and_reports_speed(ckpt, capsys):
+    _, tmp = ckpt
+    assert main(["generate", str(tmp / "src"), "--prompt", "Hi", "--max-new-tokens", "5", "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Hi") and "tokens/s" in err
+    assert main(["generate", "tiny-hybrid", "--prompt", "a", "--max-new-tokens", "3", "--temperature", "0.8",
+                 "--seed", "1"]) == 0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "{tmp}/nope", "--prompt", "x"], "no checkpoint directory"),
+    (["generate", "{tmp}/src", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["generate", "{tmp}/src", "--prompt", "x", "--top-p", "2"], "top_p"),
+    (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], None),
+    (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], "already holds a checkpoint"),
+])
+def test_user_errors_are_one_line(ckpt, capsys, argv, match):
+    _, tmp = ckpt
+    argv = [a.format(tmp=tmp) for a in argv]
+    if match is None:  # first convert succeeds, making the second one collide
+        assert main(argv) == 0
+        return
+    if argv[0] == "convert":
+        main(argv)
+        capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and "Traceback" not in err
+
+
+def test_hybrid_cannot_be_converted_to_hf(tmp_path, capsys):
+    m = ssmkit.LanguageModel(ssmkit.ModelConfig.from_name("tiny-hybrid"))
+    m.save_pretrained(tmp_path / "h")
+    assert main(["convert", str(tmp_path / "h"), str(tmp_path / "o"), "--to", "hf"]) == 2
+    assert "cannot save this model in Hugging Face format" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""2-process gloo DDP on the CPU gives the same losses as 1 process with the doubled batch."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ssmkit.tasks import SelectiveCopying
+from ssmkit.training import Trainer, TrainConfig
+from tests.training.tiny_models import TinyRNN
+
+STEPS = 5
+
+
+def run(batch_size, accum_steps=1):
+    torch.manual_seed(0)
+    task = SelectiveCopying(length=16, n_tokens=3, vocab=8)
+    cfg = TrainConfig(steps=STEPS, batch_size=batch_size, accum_steps=accum_steps, lr=3e-3, warmup_steps=1,
+                      progress=False, threads=1, seed=3, device="cpu", eval_batches=1)
+    tr = Trainer(TinyRNN(task.vocab_size, dropout=0.0), task, cfg)
+    out = tr.train()
+    params = [p.detach().clone() for p in tr.module.parameters()]
+    tr.close()
+    return out, params
+
+
+def _worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    out, params = run(batch_size=8, accum_steps=2)
+    if rank == 0:
+        torch.save({"losses": out["losses"], "params": params}, out_path)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_process_gloo_ddp_matches_one_process(tmp_path):
+    single, p1 = run(batch_size=8)
+    out_path = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(out_path)), nprocs=2, join=True)
+    got = torch.load(out_path, weights_only=True)
+    assert got["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6), json.dumps(
+        {"ddp": got["losses"], "single": single["losses"]})
+    for a, b in zip(p1, got["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
