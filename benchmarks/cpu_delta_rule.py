@@ -96,9 +96,12 @@ def main() -> None:
         json.dump(info, f, indent=2)
     with open(args.out + ".md", "w") as f:
         f.write(f"# Chunked delta rule vs recurrence, batch 1 x {l} tokens, {h} heads x {d}, CPU\n\n")
-        f.write(f"Machine: {info['machine']['cpu']}, {info['machine']['torch_threads']} torch threads, torch "
-                f"{torch.__version__}. Command: `python benchmarks/cpu_delta_rule.py`. float32, L2-normalised "
-                f"q/k, chunk {args.chunk_size}.\n\n")
+        f.write(f"Machine: {info['machine']['cpu']} ({info['machine']['logical_cpus']} logical CPUs, shared), "
+                f"{info['machine']['torch_threads']} torch threads, torch {torch.__version__}; load average "
+                f"{info['machine']['load_avg_at_start'][0]:.1f} at start, {info['machine']['load_avg_at_end'][0]:.1f}"
+                f" at end. Command: `flock /tmp/bench.lock python benchmarks/cpu_delta_rule.py`. float32, "
+                f"L2-normalised q/k, chunk {args.chunk_size}; best of {args.repeats} (recurrence fwd+bwd: one run)."
+                "\n\n")
         f.write("| variant | recurrence fwd | chunked fwd | speed-up | recurrence fwd+bwd | chunked fwd+bwd | "
                 "speed-up |\n|---|---|---|---|---|---|---|\n")
         for r in rows:

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--hf-decode-tokens", type=int, default=16)
-    ap.add_argument("--decode-threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peer")
     ap.add_argument("--out", default="docs/benchmarks/cpu_mamba2")
@@ -96,23 +96,30 @@ def main() -> None:
         for m in ours:
             m.out_proj(m.in_proj(x)[..., : m.d_inner])
 
+    info["ssmkit"] = {"forward_s": {}, "matmul_floor_s": {}, "decode_tokens_per_s": {}}
+    if hf is not None:
+        info["hf"].update(forward_s={}, decode_tokens_per_s={})
+    threads0 = torch.get_num_threads()
     with torch.inference_mode():
-        stack(ours, x)  # warm-up
-        t_ours = best_of(lambda: stack(ours, x), args.repeats)
-        t_floor = best_of(matmuls_only, args.repeats)
-        y_ours = stack(ours, x)
-        print(f"ssmkit forward {args.layers} layers x {args.seqlen} tokens: {t_ours:.3f} s "
-              f"(in_proj + out_proj matmuls alone: {t_floor:.3f} s)")
-        info["ssmkit"] = {"forward_s": t_ours, "matmul_floor_s": t_floor, "decode_tokens_per_s": {}}
-        if hf is not None:
-            t0 = time.perf_counter()
-            y_hf = stack(hf, x)
-            t_hf = time.perf_counter() - t0
-            err = rel_err(y_hf, y_ours)
-            info["hf"].update(forward_s=t_hf, output_rel_diff=err, decode_tokens_per_s={})
-            info["speedup_forward"] = t_hf / t_ours
-            print(f"HF Mamba2Mixer forward: {t_hf:.3f} s (rel. difference of outputs {err:.2e}); "
-                  f"speed-up {t_hf / t_ours:.1f}x")
+        for th in args.threads:
+            torch.set_num_threads(th)
+            stack(ours, x)  # warm-up
+            t_ours = best_of(lambda: stack(ours, x), args.repeats)
+            t_floor = best_of(matmuls_only, args.repeats)
+            y_ours = stack(ours, x)
+            info["ssmkit"]["forward_s"][th] = t_ours
+            info["ssmkit"]["matmul_floor_s"][th] = t_floor
+            print(f"{th} thread(s): ssmkit forward {args.layers} layers x {args.seqlen} tokens: {t_ours:.3f} s "
+                  f"(in_proj + out_proj matmuls alone: {t_floor:.3f} s)")
+            if hf is not None:
+                t0 = time.perf_counter()
+                y_hf = stack(hf, x)
+                t_hf = time.perf_counter() - t0
+                err = rel_err(y_hf, y_ours)
+                info["hf"]["forward_s"][th] = t_hf
+                info["hf"]["output_rel_diff"] = err
+                print(f"{th} thread(s): HF Mamba2Mixer forward: {t_hf:.3f} s (rel. difference of outputs "
+                      f"{err:.2e}); speed-up {t_hf / t_ours:.1f}x")
 
         # decoding: prefill a 16-token prompt, then one token at a time
         prompt = x[:, :16]
@@ -138,8 +145,7 @@ def main() -> None:
                 for m in hf:
                     v = m(v, cache=cache)
 
-        threads0 = torch.get_num_threads()
-        for th in args.decode_threads:
+        for th in args.threads:
             torch.set_num_threads(th)
             decode_ours(4)
             t0 = time.perf_counter()
@@ -164,20 +170,21 @@ def main() -> None:
     with open(args.out + ".md", "w") as f:
         f.write(f"# {args.layers} Mamba-2 mixers (130M shape), batch 1, CPU\n\n")
         f.write(f"Machine: {m_['cpu']} ({m_['logical_cpus']} logical CPUs, shared), torch {torch.__version__}, "
-                f"{m_['torch_threads']} threads for the forward; load average {m_['load_avg_at_start'][0]:.1f} "
+                f"load average {m_['load_avg_at_start'][0]:.1f} "
                 f"at start, {m_['load_avg_at_end'][0]:.1f} at end. Command: "
                 f"`flock /tmp/bench.lock python benchmarks/cpu_mamba2.py`.\n\n")
-        hdr = "| | ssmkit `Mamba2` | HF `Mamba2Mixer` (torch path) | speed-up |\n|---|---|---|---|\n"
-        f.write(hdr)
+        f.write("| | threads | ssmkit `Mamba2` | HF `Mamba2Mixer` (torch path) | speed-up |\n|---|---|---|---|---|\n")
         hf_i = info.get("hf", {})
-        fw_hf = f"{hf_i['forward_s']:.2f} s" if "forward_s" in hf_i else "-"
-        sp = f"{info['speedup_forward']:.1f}x" if "speedup_forward" in info else "-"
-        f.write(f"| forward, 1 x {args.seqlen} tokens | {t_ours:.2f} s | {fw_hf} | {sp} |\n")
+        for th, t in info["ssmkit"]["forward_s"].items():
+            t_hf = hf_i.get("forward_s", {}).get(th)
+            f.write(f"| forward, 1 x {args.seqlen} tokens | {th} | {t:.2f} s | "
+                    + (f"{t_hf:.2f} s | {t_hf / t:.1f}x |\n" if t_hf else "- | - |\n"))
         for th, tps in info["ssmkit"]["decode_tokens_per_s"].items():
             tps_hf = hf_i.get("decode_tokens_per_s", {}).get(th)
-            f.write(f"| decoding, {th} thread(s) | {tps:.1f} tokens/s | "
-                    + (f"{tps_hf:.1f} tokens/s | {tps / tps_hf:.1f}x |\n" if tps_hf else "- | - |\n"))
-        f.write(f"\nThe stack's in_proj + out_proj matmuls alone take {t_floor:.2f} s of the forward.")
+            f.write(f"| decoding (tokens/s) | {th} | {tps:.1f} | "
+                    + (f"{tps_hf:.1f} | {tps / tps_hf:.1f}x |\n" if tps_hf else "- | - |\n"))
+        floors = ", ".join(f"{v:.2f} s ({k} thread(s))" for k, v in info["ssmkit"]["matmul_floor_s"].items())
+        f.write(f"\nThe stack's in_proj + out_proj matmuls alone take {floors} of the forward.")
         if "output_rel_diff" in hf_i:
             f.write(f" Outputs agree to a relative difference of {hf_i['output_rel_diff']:.1e} (float32).")
         f.write("\n")

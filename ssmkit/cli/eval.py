@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ssmkit.models.lm import LanguageModel
     from ssmkit.tasks import get_task
     from ssmkit.training import checkpoint as ckpt
-    from ssmkit.training.trainer import Trainer, TrainConfig
+    from ssmkit.training.trainer import TrainConfig, Trainer
 
     path = Path(args.checkpoint)
     if path.is_dir():

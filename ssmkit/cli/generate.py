@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                        f"{model.config.padded_vocab_size}; pass --tokenizer")
     eos = None if args.ignore_eos else (model.config.eos_token_id if model.config.eos_token_id is not None
                                         else tok.eos_token_id)
-    stream = StreamDecoder(tok)
+    stream = StreamDecoder(tok, prefix_ids=ids)
     n_new = [0]
     t_first = [None]
 

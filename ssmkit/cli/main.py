@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "ssmkit.cli.train",
     "ssmkit.cli.eval",
     "ssmkit.cli.reproduce",
+    # --- gpu kernels and benchmarks (issue 6) ---
+    "ssmkit.cli.bench",
 ]
 
 

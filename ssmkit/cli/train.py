@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ssmkit.models.lm import LanguageModel
-    from ssmkit.training.trainer import Trainer, TrainConfig
+    from ssmkit.training.trainer import TrainConfig, Trainer
 
     task, eval_tasks = build_source(args)
     if args.resume and not args.out:

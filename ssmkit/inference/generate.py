@@ -108,9 +108,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
 
     seen = None
     if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.padded_vocab_size, dtype=torch.bool, device=device)
-        prompt_real = ids if attention_mask is None else ids.masked_fill(attention_mask.to(device) == 0, 0)
-        seen.scatter_(1, prompt_real, True)
+        real = torch.ones_like(ids, dtype=torch.int32) if attention_mask is None else \
+            (attention_mask.to(device) != 0).to(torch.int32)
+        counts = torch.zeros(B, model.config.padded_vocab_size, dtype=torch.int32, device=device)
+        seen = counts.scatter_add_(1, ids, real) > 0  # padding tokens do not count as seen
     eos_t = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
 
     put = getattr(streamer, "put", None)

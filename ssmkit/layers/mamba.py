@@ -25,7 +25,7 @@ from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers.state import LayerState
-from ssmkit.ops.conv.causal_conv1d import causal_conv1d, conv_update_unchecked
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.selective_scan import selective_scan
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
@@ -218,7 +218,8 @@ class Mamba(nn.Module):
         # Shapes are fixed by the layer, so the ops' unchecked forms are called directly: when
         # decoding, the per-token Python overhead is a noticeable share of the time.
         xs, z = self._split_in(self.in_proj(x_t.unsqueeze(1)))  # (batch, 1, d_inner)
-        xs = conv_update_unchecked(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        conv_update = get("causal_conv1d_update", "auto", xs)
+        xs = conv_update(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._x_proj(xs)
         update = get("selective_state_update", "auto", xs)
         y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,

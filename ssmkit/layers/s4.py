@@ -160,7 +160,8 @@ class S4(_LTIBlock):
         rd = self._compute_dtype()
         Lam, P, B, C, dt, d, W = self._step_terms()
         half = (dt / 2)[:, None]
-        x = h.to(Lam.dtype)
+        # with autograd on, read a copy: the in-place update below must not touch a saved tensor
+        x = (h.clone() if torch.is_grad_enabled() else h).to(Lam.dtype)
         u = u_t.to(rd)
         Ax = Lam * x - (P[:, None] * (P.conj()[:, None] * x).sum(-1)[..., None]).sum(0)  # (b, H, N)
         v = x + half * Ax + dt[:, None] * B * u[..., None]

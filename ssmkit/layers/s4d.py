@@ -117,6 +117,21 @@ class _LTIBlock(nn.Module):
         out = 2 * d_model if postact == "glu" else d_model
         self.output_linear = nn.Linear(channels * H, out, device=device, dtype=dtype)
 
+    # SSM parameters whose bf16/fp16 rounding would change the model itself (an A_imag of ~100 has
+    # a bf16 spacing of 0.5, i.e. a phase error of L·Δ·0.25 rad), so they stay float32.
+    _fp32_params = ("log_dt", "log_A_real", "A_imag", "B", "C", "P")
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` keep the SSM parameters in float32
+        (moved to the new device): Mamba keeps A_log in float32 for the same reason."""
+        saved = {n: getattr(self, n).detach() for n in self._fp32_params if isinstance(getattr(self, n, None), torch.Tensor)}
+        out = super()._apply(fn, *args, **kwargs)
+        for n, old in saved.items():
+            p = getattr(self, n)
+            if p.dtype in (torch.float16, torch.bfloat16) and old.dtype in (torch.float32, torch.float64):
+                p.data = old.to(device=p.device, dtype=torch.float32)
+        return out
+
     # -- contract ------------------------------------------------------------------------------
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> S4State:
@@ -359,7 +374,9 @@ class S4D(_LTIBlock):
     def _step_ssm(self, u_t, h):
         rd = self._compute_dtype()
         log_Abar, Bbar, C = self.discretized()
-        h_new = torch.exp(log_Abar) * h.to(log_Abar.dtype) + Bbar * u_t.to(rd)[..., None]
+        # with autograd on, read a copy: the in-place update below must not touch a saved tensor
+        h_old = h.clone() if torch.is_grad_enabled() else h
+        h_new = torch.exp(log_Abar) * h_old.to(log_Abar.dtype) + Bbar * u_t.to(rd)[..., None]
         h.copy_(h_new.to(h.dtype))
         y = 2 * torch.einsum("chn,bhn->bch", C, h_new).real + self.D.to(rd) * u_t.to(rd)[:, None, :]
         return y

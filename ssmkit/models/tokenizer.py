@@ -113,10 +113,11 @@ class StreamDecoder:
     replacement character (an incomplete UTF-8 sequence) until more tokens complete it.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prefix_ids: Iterable[int] = ()):
+        # Decoding after the prompt's ids keeps word boundaries (e.g. a leading space) right.
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
+        self.ids: list[int] = [int(i) for i in prefix_ids]
+        self.emitted = len(tokenizer.decode(self.ids)) if self.ids else 0
 
     def push(self, ids: Iterable[int]) -> str:
         self.ids.extend(int(i) for i in ids)

@@ -33,7 +33,8 @@ def inverse_softplus(x: torch.Tensor | float) -> torch.Tensor:
     x = torch.as_tensor(x)
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
-    if bool((x <= 0).any()):
+    # Meta tensors (shape-only model construction, e.g. before loading a checkpoint) hold no values.
+    if x.device.type != "meta" and bool((x <= 0).any()):
         raise ValueError("inverse_softplus needs x > 0")
     return x + torch.log(-torch.expm1(-x))
 

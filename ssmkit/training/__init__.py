@@ -5,4 +5,4 @@ from ssmkit.training.checkpoint import load_checkpoint, load_latest, save_checkp
 from ssmkit.training.data import ByteCorpus  # noqa: F401
 from ssmkit.training.optim import build_optimizer, param_groups  # noqa: F401
 from ssmkit.training.schedule import build_scheduler, lr_factor  # noqa: F401
-from ssmkit.training.trainer import Trainer, TrainConfig  # noqa: F401
+from ssmkit.training.trainer import TrainConfig, Trainer  # noqa: F401

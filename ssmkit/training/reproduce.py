@@ -21,7 +21,6 @@ is fixed, so a rerun prints the same table.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -68,18 +67,26 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "selective-copying": {
         "quick": {"task": {"length": 24, "n_tokens": 2, "vocab": 8}, "d_model": 16, "d_state": 8,
                   "steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2, "eval_every": 0},
+        # S6 without the gate diverges from the selective solution at lr 3e-3 (49% after 1500
+        # steps in our sweep) and learns at 1e-3, so that row uses 1e-3.
         "default": {"task": {"length": 64, "n_tokens": 4, "vocab": 16}, "d_model": 64, "d_state": 16,
-                    "steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 50, "eval_every": 100},
+                    "steps": 800, "batch_size": 32, "lr": 3e-3, "row_lr": {"s6": 1e-3}, "warmup": 50,
+                    "eval_every": 100, "stop_at_acc": 1.0},
         "full": {"task": {"length": 4096, "n_tokens": 16, "vocab": 16}, "d_model": 64, "d_state": 16,
-                 "steps": 400_000, "batch_size": 64, "lr": 1e-4, "warmup": 0, "eval_every": 5000},
+                 "steps": 400_000, "batch_size": 64, "lr": 1e-4, "warmup": 0, "eval_every": 5000,
+                 "stop_at_acc": 1.0},
     },
     "induction-heads": {
         "quick": {"task": {"length": 16, "vocab": 8}, "d_model": 16, "d_state": 8,
                   "steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2, "eval_every": 0},
+        # No early stop: every row reaches 100% at the training length within ~300 steps; length
+        # generalisation is what keeps changing afterwards.
         "default": {"task": {"length": 32, "vocab": 16}, "d_model": 64, "d_state": 16,
-                    "steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 50, "eval_every": 100},
+                    "steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 50, "eval_every": 100,
+                    "stop_at_acc": None},
         "full": {"task": {"length": 256, "vocab": 16}, "d_model": 64, "d_state": 16,
-                 "steps": 25_000, "batch_size": 8, "lr": 1e-3, "warmup": 0, "eval_every": 1000},
+                 "steps": 25_000, "batch_size": 8, "lr": 1e-3, "warmup": 0, "eval_every": 1000,
+                 "stop_at_acc": None},
     },
 }
 
@@ -88,7 +95,7 @@ EXPERIMENTS = tuple(SIZES)
 DEFAULT_ROWS = tuple(ROWS)
 # Attention is quadratic in length: longer evaluations are skipped and the table says so.
 ATTENTION_MAX_EVAL_LEN = {"quick": 1024, "default": 8192, "full": 65536}
-EVAL_TOKENS = {"quick": 2048, "default": 1 << 16, "full": 1 << 20}  # tokens per evaluation point
+EVAL_TOKENS = {"quick": 2048, "default": 1 << 17, "full": 1 << 20}  # tokens per evaluation point
 
 
 def model_config(experiment: str, row: str, size: str = "default", vocab_size: int | None = None,
@@ -126,7 +133,7 @@ def _sizes(experiment: str, size: str, overrides: dict | None = None) -> dict:
     for k, v in (overrides or {}).items():
         if k == "task":
             sz["task"].update(v)
-        elif k in sz or k in ("stop_at_acc", "dt_range", "weight_decay"):
+        elif k in sz or k in ("stop_at_acc", "dt_range", "weight_decay", "row_lr"):
             sz[k] = v
         else:
             raise ValueError(f"unknown size setting {k!r}: choose from {', '.join(sz)}")
@@ -152,7 +159,7 @@ def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, thr
     """Train and evaluate one row; returns a JSON-able result. ``overrides`` replaces entries of
     :data:`SIZES` (``{"task": {"length": 128}, "lr": 1e-3, ...}``)."""
     from ssmkit.models.lm import LanguageModel
-    from ssmkit.training.trainer import Trainer, TrainConfig
+    from ssmkit.training.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(threads)
     sz = _sizes(experiment, size, overrides)
@@ -162,15 +169,17 @@ def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, thr
     model = LanguageModel(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
     total = steps or sz["steps"]
+    lr = sz.get("row_lr", {}).get(row, sz["lr"])
     tcfg = TrainConfig(
-        steps=total, batch_size=sz["batch_size"], lr=sz["lr"], weight_decay=sz.get("weight_decay", 0.1),
+        steps=total, batch_size=sz["batch_size"], lr=lr, weight_decay=sz.get("weight_decay", 0.1),
         warmup_steps=min(sz["warmup"], total), min_lr_ratio=0.1, grad_clip=1.0,
         eval_every=sz["eval_every"] if sz["eval_every"] < total else 0, eval_batches=2,
-        eval_batch_size=64, log_every=max(total // 6, 1), seed=seed, device=device, threads=threads,
-        deterministic=device == "cpu", progress=False, stop_at_acc=sz.get("stop_at_acc", 1.0),
+        eval_batch_size=64, log_every=max(total // 4, 1), seed=seed, device=device, threads=threads,
+        deterministic=device == "cpu", progress=progress, stop_at_acc=sz.get("stop_at_acc", 1.0),
     )
     label = f"{experiment} / {ROWS[row]['label']}"
     trainer = Trainer(model, task, tcfg, model_config=mcfg.to_dict())
+    trainer.progress_prefix, trainer.progress_lines = f"[{label}] ", True
     t0 = time.perf_counter()
     if progress:
         print(f"[{label}] training {n_params:,} params, {total} steps x {sz['batch_size']} x {task.seqlen} tokens",
@@ -195,7 +204,7 @@ def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, thr
     return {
         "experiment": experiment, "row": row, "label": ROWS[row]["label"], "size": size,
         "task": task.config(), "params": n_params, "steps": trainer.step, "planned_steps": total,
-        "batch_size": sz["batch_size"], "final_train_loss": losses[-1] if losses else None,
+        "batch_size": sz["batch_size"], "lr": lr, "final_train_loss": losses[-1] if losses else None,
         "acc": acc, "train_seconds": round(train_s, 2), "eval_seconds": round(eval_s, 2),
         "model_config": mcfg.to_dict(),
         "curve": [[r["step"], round(r["eval"]["eval"]["acc"], 4)] for r in trainer.history if "eval" in r],
@@ -229,7 +238,8 @@ def check_claims(results: list[dict], size: str) -> list[dict]:
     if m_ih is not None:
         claims.append({"claim": "induction heads: Mamba >= 95% at 64x the training length", "ok": m_ih >= 0.95,
                        "value": m_ih})
-    if ("induction-heads", "attention") in by:
+    att = by.get(("induction-heads", "attention"))
+    if att is not None and "64" in att["acc"]:
         claims.append({"claim": "induction heads: attention < 50% at 64x the training length",
                        "ok": a_ih is not None and a_ih < 0.5, "value": a_ih})
     return claims
@@ -250,9 +260,11 @@ def format_tables(results: list[dict], size: str) -> str:
         t = rows[0]["task"]
         task_desc = ", ".join(f"{k}={v}" for k, v in t.items() if k != "name")
         out.append(f"### {exp} ({size} size)\n")
+        stop = " (stops early at 100% evaluation accuracy)" if sz.get("stop_at_acc") else ""
+        lrs = f"lr {sz['lr']}" + "".join(f" ({ROWS[k]['label']}: {v})" for k, v in sz.get("row_lr", {}).items())
         out.append(f"Task: {task_desc}. Models: 2 layers, d_model={sz['d_model']}, d_state={sz['d_state']}, "
-                   f"no MLP; batch {sz['batch_size']}, up to {rows[0]['planned_steps']} steps (stops early at "
-                   f"100% evaluation accuracy), lr {sz['lr']}. Paper: {PAPER[exp]['source']}.\n")
+                   f"no MLP; batch {sz['batch_size']}, up to {rows[0]['planned_steps']} steps{stop}, {lrs}, "
+                   f"AdamW + warmup/cosine. Paper: {PAPER[exp]['source']}.\n")
         if exp == "selective-copying":
             out.append("| model | params | steps | accuracy | paper |")
             out.append("|---|---:|---:|---:|---|")
@@ -402,5 +414,4 @@ def describe_sizes(size: str = "default") -> str:
     return "\n".join(f"{e}: {json.dumps(SIZES[e][size])}" for e in SIZES)
 
 
-__all__ = ["ROWS", "SIZES", "PAPER", "reproduce", "run_row", "write_outputs", "check_claims", "format_tables",
-           "dataclasses"]
+__all__ = ["ROWS", "SIZES", "PAPER", "reproduce", "run_row", "write_outputs", "check_claims", "format_tables"]

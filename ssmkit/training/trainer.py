@@ -104,10 +104,10 @@ def model_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 class Progress:
     """A one-line progress display on a terminal; periodic plain lines otherwise (logs, CI)."""
 
-    def __init__(self, total: int, enabled: bool = True, prefix: str = "", stream=None):
+    def __init__(self, total: int, enabled: bool = True, prefix: str = "", stream=None, lines: bool = False):
         self.total, self.enabled, self.prefix = total, enabled, prefix
         self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.tty = not lines and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self._open = False
 
@@ -195,6 +195,10 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if use_amp else None
         self.history: list[dict] = []
         self.last_eval: dict[str, dict] = {}
+        # Progress display: a prefix for each line, and plain lines even on a terminal (set by
+        # callers that run several trainers at once, e.g. ``ssmkit reproduce``).
+        self.progress_prefix = ""
+        self.progress_lines = False
 
     # ----------------------------------------------------------------------------------------
     def autocast(self):
@@ -377,7 +381,8 @@ class Trainer:
         """
         cfg = self.config
         end = cfg.steps if steps is None else min(self.step + steps, cfg.steps)
-        progress = Progress(end, enabled=cfg.progress and self.dist.is_main)
+        progress = Progress(end, enabled=cfg.progress and self.dist.is_main, prefix=self.progress_prefix,
+                            lines=self.progress_lines)
         t_start = time.perf_counter()
         tok_window, t_window = 0, time.perf_counter()
         losses: list[float] = []

@@ -67,3 +67,22 @@ def test_hybrid_cannot_be_converted_to_hf(tmp_path, capsys):
     m.save_pretrained(tmp_path / "h")
     assert main(["convert", str(tmp_path / "h"), str(tmp_path / "o"), "--to", "hf"]) == 2
     assert "cannot save this model in Hugging Face format" in capsys.readouterr().err
+
+
+def test_convert_copies_the_tokenizer_and_generate_uses_it(ckpt, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    _, tmp = ckpt
+    vocab = {w: i for i, w in enumerate(["<unk>", "hello", "world", "again"])}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp / "src" / "tokenizer.json"))
+    assert main(["convert", str(tmp / "src"), str(tmp / "hf"), "--to", "hf"]) == 0
+    assert (tmp / "hf" / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert main(["generate", str(tmp / "hf"), "--prompt", "hello world", "--max-new-tokens", "4",
+                 "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    generated = out[len("hello world"):].split()
+    assert out.startswith("hello world ") and len(generated) == 4 and set(generated) <= set(vocab)

@@ -31,16 +31,17 @@ def test_greedy_equals_argmax_of_full_forward(hybrid):
     assert torch.equal(out, seq)
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(hybrid):
+@pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 1.5}])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(hybrid, kw):
     prompts = [torch.randint(0, 257, (n,)) for n in (3, 8, 5)]
-    alone = [ssmkit.generate(hybrid, p[None], max_new_tokens=7)[0, len(p):] for p in prompts]
+    alone = [ssmkit.generate(hybrid, p[None], max_new_tokens=7, **kw)[0, len(p):] for p in prompts]
     L = max(len(p) for p in prompts)
     batch = torch.zeros(3, L, dtype=torch.long)
     mask = torch.zeros(3, L, dtype=torch.long)
     for i, p in enumerate(prompts):
         batch[i, L - len(p):] = p
         mask[i, L - len(p):] = 1
-    out = ssmkit.generate(hybrid, batch, max_new_tokens=7, attention_mask=mask)
+    out = ssmkit.generate(hybrid, batch, max_new_tokens=7, attention_mask=mask, **kw)
     for i in range(3):
         assert torch.equal(out[i, L:], alone[i]), i
 

@@ -24,6 +24,7 @@ def test_step_repeated_equals_forward_and_split_carry(cls, kw):
     m = make(cls, kw)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     y, st = m(x, return_state=True)
+    assert all(t.is_contiguous() for t in st.tensors().values()), "returned state must be contiguous"
     assert isinstance(st, DeltaNetState)
     assert st.ssm_state.shape == (2, m.num_heads, m.head_k_dim, m.head_v_dim)
     state = m.allocate_state(2)

@@ -47,6 +47,7 @@ def test_step_repeated_equals_forward_and_split_carry(cfg):
     m = make(cfg)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     y, st = m(x, return_state=True)
+    assert all(t.is_contiguous() for t in st.tensors().values()), "returned state must be contiguous"
     assert isinstance(st, Mamba2State) and st.ssm_state.shape == (2, m.nheads, m.headdim, m.d_state)
     state = m.allocate_state(2)
     ys = torch.stack([m.step(x[:, t], state) for t in range(11)], 1)

@@ -1,6 +1,8 @@
 """S4 and S4D layers: convolution view == recurrence, step == forward, state in/out, masks,
 packed sequences, bidirectional, gradients and bad input."""
 
+import copy
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -70,9 +72,28 @@ def test_step_equals_forward(cls, kw):
     st0 = st.clone()
     y, new = m(u, state=st, return_state=True)
     torch.testing.assert_close(st.ssm, st0.ssm)  # forward does not modify its input state
-    ys = torch.stack([m.step(u[:, t], st) for t in range(u.shape[1])], 1)
+    with torch.no_grad():  # generation mode (S4 caches its step matrices)
+        ys = torch.stack([m.step(u[:, t], st) for t in range(u.shape[1])], 1)
     assert_close("y", y, ys, rel=1e-10)
     assert_close("state", torch.view_as_real(new.ssm), torch.view_as_real(st.ssm), rel=1e-10)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_step_with_grad_and_after_parameter_update(cls):
+    m = cls(2, d_state=4).double()
+    u = torch.randn(1, 6, 2, dtype=torch.float64)
+    for _ in range(2):
+        st = m.allocate_state(1)
+        with torch.no_grad():
+            ys = torch.stack([m.step(u[:, t], st) for t in range(6)], 1)
+        assert_close("step (no grad)", m(u), ys, rel=1e-10)
+        st = m.allocate_state(1)
+        ys = torch.stack([m.step(u[:, t], st) for t in range(6)], 1)
+        ys.sum().backward()  # the step is differentiable too
+        assert m.log_dt.grad is not None
+        with torch.no_grad():  # an optimizer-like in-place update must not leave stale step caches
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -166,10 +187,17 @@ def test_float32_bf16_and_state_dtype(cls):
     assert y.shape == x.shape and y.dtype == torch.float32 and new.ssm.dtype == torch.complex64
     y_ref = m.double()(x.double())
     assert_close("fp32", y_ref, y, rel=1e-5)
-    mb = cls(4, d_state=8).to(torch.bfloat16)
+    # a bf16 model keeps its SSM parameters in float32 (their rounding would change the model)
+    m = m.float()
+    mb = copy.deepcopy(m).to(torch.bfloat16)
+    assert mb.log_dt.dtype == mb.A_imag.dtype == mb.C.dtype == torch.float32
+    assert mb.output_linear.weight.dtype == mb.D.dtype == torch.bfloat16
+    torch.testing.assert_close(mb.A_imag, m.A_imag, rtol=0, atol=0)
     yb, sb = mb(x.bfloat16(), return_state=True)
     assert yb.dtype == torch.bfloat16 and sb.ssm.dtype == torch.complex64
+    assert_close("bf16 model", m(x), yb, rel=3e-2)
     assert mb.step(x[:, 0].bfloat16(), mb.allocate_state(2)).dtype == torch.bfloat16
+    assert cls(4, d_state=8, dtype=torch.bfloat16).A_imag.dtype == torch.float32
 
 
 @pytest.mark.parametrize("cls", LAYERS)

@@ -34,6 +34,7 @@ def same_logits(a, b):
     ("hf", "22", {"tie_embeddings": False}),
     ("mamba_ssm", "MAM", {"mlp": "swiglu", "d_intermediate": 32}),
     ("mamba_ssm", "22", {}),
+    ("mamba_ssm", "MM", {"rms_norm": False, "tie_embeddings": False}),
 ])
 def test_round_trip(tmp_path, fmt, pattern, kw):
     m = tiny(pattern, **kw)
@@ -204,3 +205,11 @@ def test_dtype_options(saved):
     assert ssmkit.from_pretrained(saved, dtype="auto").dtype == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         ssmkit.from_pretrained(saved, dtype="int8")
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    tiny("MM").save_pretrained(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask

@@ -21,6 +21,8 @@ def test_stream_decoder_never_splits_a_character():
     pieces = [s.push([b]) for b in "a✓b".encode()]
     assert pieces == ["a", "", "", "✓", "b"]
     assert s.flush() == ""
+    s = StreamDecoder(ByteTokenizer(), prefix_ids=list(b"ab"))
+    assert s.push(list(b"c")) == "c"
 
 
 def test_tokenizer_json_is_used_when_present(tmp_path):

@@ -61,6 +61,7 @@ def test_forms_match_reference_float64(s):
     y_ref, h_ref = ssd(**inp, **kw, backend="reference")
     for form in FORMS:
         y, hT = ssd(**inp, **kw, backend=form)
+        assert hT.is_contiguous(), "the final state must be contiguous (decoding updates it in place)"
         assert_close(f"{form} y", y_ref, y, rel=1e-10)
         assert_close(f"{form} final state", h_ref, hT, rel=1e-10)
 

@@ -6,7 +6,16 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from ssmkit.tasks import IGNORE_INDEX, MQAR, Copying, InductionHeads, ListOps, SelectiveCopying, get_task, task_names
+from ssmkit.tasks import (
+    IGNORE_INDEX,
+    MQAR,
+    Copying,
+    InductionHeads,
+    ListOps,
+    SelectiveCopying,
+    get_task,
+    task_names,
+)
 from ssmkit.tasks import listops as lo
 
 SMALL = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssmkit.tasks import SelectiveCopying
-from ssmkit.training import Trainer, TrainConfig
+from ssmkit.training import TrainConfig, Trainer
 from ssmkit.training import checkpoint as ckpt
 from tests.training.tiny_models import TinyRNN
 

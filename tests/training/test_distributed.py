@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ssmkit.tasks import SelectiveCopying
-from ssmkit.training import Trainer, TrainConfig
+from ssmkit.training import TrainConfig, Trainer
 from tests.training.tiny_models import TinyRNN
 
 STEPS = 5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssmkit.tasks import Copying, InductionHeads
-from ssmkit.training import ByteCorpus, Trainer, TrainConfig
+from ssmkit.training import ByteCorpus, TrainConfig, Trainer
 from tests.training.tiny_models import TinyRNN
 
 

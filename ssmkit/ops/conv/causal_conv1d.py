@@ -178,6 +178,7 @@ def causal_conv1d_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Decode: convolve new token(s) against ``conv_state`` and shift it in place.
 
@@ -185,6 +186,8 @@ def causal_conv1d_update(
         x: ``(batch, dim)`` one token, or ``(batch, T, dim)`` several.
         conv_state: ``(batch, dim, width-1)``, the last inputs (oldest first); updated in place.
         weight: ``(dim, width)``; bias: ``(dim,)`` or None; activation: None or ``"silu"``.
+        backend: form of the op ``"causal_conv1d_update"`` (registered forms get
+            ``x: (batch, T, dim)``).
 
     Returns:
         ``y`` with the shape of ``x``.
@@ -201,14 +204,16 @@ def causal_conv1d_update(
     check_tensor("bias", bias, shape=(D,), desc=f"(dim={D},)", allow_none=True)
     _check_activation(activation)
     check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
-    y = conv_update_unchecked(x3, conv_state, weight, bias, activation)
+    y = get("causal_conv1d_update", backend, x)(x3, conv_state, weight, bias, activation)
     return y.squeeze(1) if single else y
 
 
+@register("causal_conv1d_update", "reference")
 def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """:func:`causal_conv1d_update` without validation, ``x: (batch, T, dim)`` (for layers that
-    already guarantee the shapes; per-token Python overhead matters when decoding)."""
+    """The plain form of :func:`causal_conv1d_update`, without validation, ``x: (batch, T, dim)``
+    (op name ``"causal_conv1d_update"``; layers that already guarantee the shapes may call the
+    dispatched form directly, since per-token Python overhead matters when decoding)."""
     T, D = x.shape[1], x.shape[2]
     W = weight.shape[1]
     w = weight.to(x.dtype)

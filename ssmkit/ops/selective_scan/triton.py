@@ -42,6 +42,7 @@ class ScanConfig:
     bwd_block_d: int = 32
     bwd_num_warps: int = 1
     keep_decay: int = 0  # backward keeps exp(ΔA) of a block in registers (1) or recomputes it (0)
+    load_group: int = 4  # forward: steps whose inputs are loaded ahead together (divides chunk)
 
 
 _CONFIG = ScanConfig()
@@ -109,6 +110,13 @@ class _Geometry:
             self.chunk_off = None
 
 
+def _load_group(cfg: ScanConfig) -> int:
+    g = max(1, min(cfg.load_group, cfg.chunk))
+    while cfg.chunk % g:
+        g -= 1
+    return g
+
+
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -132,7 +140,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_H0=initial_state is not None, STORE_HT=want_final,
         SAVE_STATES=save_states, IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64,
-        BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, K=geo.K, num_warps=cfg.num_warps,
+        BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, K=geo.K, G=_load_group(cfg),
+        num_warps=cfg.num_warps,
     )
     if ht is not None:
         ht = ht.transpose(1, 2)
@@ -227,3 +236,10 @@ def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     y, ht, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
                         bool(return_final_state), False, _CONFIG)
     return (y, ht) if return_final_state else y
+
+
+# The other Triton forms (fused decode updates, causal conv1d) live in their own modules, which
+# import no Triton at module level either; importing them here registers them with dispatch
+# whenever the selective-scan package loads its Triton form.
+from ssmkit.ops import decode_triton  # noqa: E402,F401
+from ssmkit.ops.conv import causal_conv1d_triton  # noqa: E402,F401

@@ -40,15 +40,43 @@ def _softplus(v):
 
 
 @triton.jit
+def _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_d, offs_n,
+                HAS_Z: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr):
+    """Inputs of steps t0 .. t0+G-1 (zeros past the sequence end), as tuples of G tensors."""
+    xs = ()
+    dts = ()
+    zs = ()
+    bs = ()
+    cs = ()
+    for i in tl.static_range(G):
+        t = t0 + i
+        valid = t < seqlen
+        row = row0 + t
+        md = offs_d < tl.where(valid, dim, 0)
+        mn = offs_n < tl.where(valid, dstate, 0)
+        xd_off = row * dim + offs_d
+        bc_off = (row * ngroups + g) * dstate + offs_n
+        xs = xs + (tl.load(X + xd_off, mask=md, other=0.0).to(ACC),)
+        dts = dts + (tl.load(DT + xd_off, mask=md, other=0.0).to(ACC),)
+        if HAS_Z:
+            zs = zs + (tl.load(Z + xd_off, mask=md, other=0.0).to(ACC),)
+        else:
+            zs = zs + (xs[i],)
+        bs = bs + (tl.load(B + bc_off, mask=mn, other=0.0).to(ACC),)
+        cs = cs + (tl.load(C + bc_off, mask=mn, other=0.0).to(ACC),)
+    return xs, dts, zs, bs, cs
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF,
     L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
 ):
-    ACC = tl.float64 if USE_F64 else tl.float32
+    ACC: tl.constexpr = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     if IS_VARLEN:
@@ -81,39 +109,46 @@ def selective_scan_fwd_kernel(
     else:
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     nchunks = tl.cdiv(seqlen, K)
+    NG: tl.constexpr = K // G
     for c in range(0, nchunks):
         t0 = c * K
+        # Loads are issued a group of G steps ahead of the compute that uses them. The stores of
+        # y may alias the inputs as far as the compiler knows, so it cannot hoist a later load
+        # above them: without this, every step waits one full memory latency.
+        cur = _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_d,
+                          offs_n, HAS_Z, ACC, G)
         if SAVE_STATES:
             tl.store(STATES + (ck0 + c) * dim * dstate + dn_off, h.to(STATES.dtype.element_ty),
                      mask=mask_dn)
-        for i in tl.static_range(K):
-            t = t0 + i
-            valid = t < seqlen
-            row = row0 + t
-            # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
-            md = offs_d < tl.where(valid, dim, 0)
-            mn = offs_n < tl.where(valid, dstate, 0)
-            xd_off = row * dim + offs_d
-            x = tl.load(X + xd_off, mask=md, other=0.0).to(ACC)
-            dt = tl.load(DT + xd_off, mask=md, other=0.0).to(ACC)
-            bc_off = (row * ngroups + g) * dstate + offs_n
-            Bt = tl.load(B + bc_off, mask=mn, other=0.0).to(ACC)
-            Ct = tl.load(C + bc_off, mask=mn, other=0.0).to(ACC)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(md, dt, 0.0)  # padding steps: Δ = 0 leaves h untouched
-            # exp(Δ A) = exp2((Δ log2 e) · A): one multiply per channel, not per state
-            dA = tl.exp2((dt * LOG2E)[None, :] * Av)
-            h = dA * h + (dt * x)[None, :] * Bt[:, None]
-            y = tl.sum(h * Ct[:, None], axis=0)
-            if HAS_D:
-                y += Dv * x
-            if HAS_Z:
-                z = tl.load(Z + xd_off, mask=md, other=0.0).to(ACC)
-                y = y * z * tl.sigmoid(z)
-            tl.store(Y + xd_off, y.to(Y.dtype.element_ty), mask=md)
+        for j in tl.static_range(NG):
+            if j + 1 < NG:
+                nxt = _load_group(X, DT, Z, B, C, row0, t0 + (j + 1) * G, seqlen, dim, dstate,
+                                  ngroups, g, offs_d, offs_n, HAS_Z, ACC, G)
+            xs, dts, zs, bs, cs = cur
+            for i in tl.static_range(G):
+                t = t0 + j * G + i
+                valid = t < seqlen
+                # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
+                md = offs_d < tl.where(valid, dim, 0)
+                x = xs[i]
+                dt = dts[i]
+                if HAS_BIAS:
+                    dt = dt + bias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                dt = tl.where(md, dt, 0.0)  # padding steps: Δ = 0 leaves h untouched
+                # exp(Δ A) = exp2((Δ log2 e) · A): one multiply per channel, not per state
+                dA = tl.exp2((dt * LOG2E)[None, :] * Av)
+                h = dA * h + (dt * x)[None, :] * bs[i][:, None]
+                y = tl.sum(h * cs[i][:, None], axis=0)
+                if HAS_D:
+                    y += Dv * x
+                if HAS_Z:
+                    z = zs[i]
+                    y = y * z * tl.sigmoid(z)
+                tl.store(Y + (row0 + t) * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
+            if j + 1 < NG:
+                cur = nxt
     if STORE_HT:
         tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
 

@@ -13,13 +13,11 @@ batched matmul except the short scan of stage 3:
 
 Cost O(L Q (N + P)) for the blocks plus O(L/Q · H P N) for the scan, against O(L H P N) steps
 of the recurrence done one token at a time. Every exponent is a non-positive segment sum (for
-A <= 0): differences of within-chunk prefix sums, masked with -inf before ``exp``, so long
-sequences with strong decay stay finite.
+A <= 0): differences of within-chunk prefix sums, clamped to 0 above the diagonal before
+``exp`` and masked there, so long sequences with strong decay stay finite.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +32,21 @@ def _decay_matrix_times(a_cum: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
     """``L ∘ CB`` with ``L[i, j] = exp(a_cum[i] - a_cum[j])`` for i >= j, 0 above the diagonal.
 
     ``a_cum: (b, c, g, hg, Q)`` within-chunk prefix sums of the log decays; ``CB: (b, c, g, 1, Q, Q)``.
-    The difference of prefix sums is masked with -inf *before* ``exp``, so only non-positive
-    exponents (segment sums of a <= 0) are ever exponentiated. Without autograd the four passes
-    over the (Q, Q) blocks run in place: on a CPU these memory-bound passes cost as much as the
-    matmuls.
+    Below the diagonal the difference is a segment sum of a <= 0; above it, it would be positive,
+    so it is clamped to 0 *before* ``exp`` (never exp of a large positive number) and zeroed by
+    the causal mask, applied to CB, which is hg times smaller than L. (Clamping rather than
+    filling with -inf also avoids ``exp(-inf)``, several times slower on CPU.) Without autograd
+    the passes over the (Q, Q) blocks run in place: on a CPU these memory-bound passes cost as
+    much as the matmuls.
     """
-    Q = a_cum.shape[-1]
-    upper = torch.ones(Q, Q, dtype=torch.bool, device=a_cum.device).triu(1)
+    CB = CB.tril()
     diff = a_cum[..., :, None] - a_cum[..., None, :]
     # Decays below the smallest normal float are set to 0: denormal operands slow the following
     # matmul by an order of magnitude on x86, for no accuracy gain.
     tiny = torch.finfo(diff.dtype).tiny
     if torch.is_grad_enabled() and (a_cum.requires_grad or CB.requires_grad):
-        return F.threshold(torch.exp(diff.masked_fill(upper, -math.inf)), tiny, 0.0) * CB
-    return F.threshold_(diff.masked_fill_(upper, -math.inf).exp_(), tiny, 0.0).mul_(CB)
+        return F.threshold(torch.exp(diff.clamp_max(0.0)), tiny, 0.0) * CB
+    return F.threshold_(diff.clamp_max_(0.0).exp_(), tiny, 0.0).mul_(CB)
 
 
 def _chunked_core(x, dt, A, B, C, chunk_size, h0):
@@ -72,41 +71,51 @@ def _chunked_core(x, dt, A, B, C, chunk_size, h0):
 
     Bc = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = C.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
-    # Δx with heads split into (group, head-in-group), time next to p: (b, c, g, hg, Q, p)
-    xdt = (x * dt[..., None]).view(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)
+    xdt = (x * dt[..., None]).view(b, c, Q, g, hg, p)  # Δx in the input's layout
 
-    # 1. diagonal blocks: (L ∘ C Bᵀ) Δx
+    # 1. diagonal blocks: (L ∘ C Bᵀ) Δx, per head with time next to p: (b, c, g, hg, Q, p)
     CB = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
-    y = _decay_matrix_times(a_cum, CB) @ xdt  # (b, c, g, hg, Q, p)
+    y = _decay_matrix_times(a_cum, CB) @ xdt.permute(0, 1, 3, 4, 2, 5)
 
-    # 2. chunk states from zero: Σ_j exp(a_{j+1} + ... + a_Q) Δx_j B_jᵀ -> (b, c, h, p, n)
-    decay_to_end = torch.exp(a_last - a_cum).unsqueeze(-1)  # (b, c, g, hg, Q, 1), exponents <= 0
-    xw = (xdt * decay_to_end).transpose(-1, -2).reshape(b, c, g, hg * p, Q)
-    states = (xw @ Bc).view(b, c, h, p, n)
+    # States are kept transposed, (n, hg*p) per group, inside this function: then both state
+    # matmuls below read Δx and write y_off in the input's own layout (no transposing copies).
+    # 2. chunk states from zero: Σ_j exp(a_{j+1} + ... + a_Q) B_j (Δx_j)ᵀ -> (b, c, g, n, hg*p)
+    decay_to_end = torch.exp(a_last - a_cum).permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b, c, Q, g, hg, 1)
+    xw = (xdt * decay_to_end).transpose(2, 3).reshape(b, c, g, Q, hg * p)
+    states = Bc.transpose(-1, -2) @ xw  # (b, c, g, n, hg*p)
 
     # 3. pass states between chunks (the only sequential part, one step per chunk)
-    chunk_decay = torch.exp(a_last).view(b, c, h, 1, 1)
-    s = x.new_zeros(b, h, p, n) if h0 is None else h0
+    chunk_decay = torch.exp(a_last).view(b, c, g, 1, hg, 1)
+    states = states.view(b, c, g, n, hg, p)
+    if h0 is None:
+        s = x.new_zeros(b, g, n, hg, p)
+    else:
+        s = h0.view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
     need_prev = c > 1 or h0 is not None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, s)):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, s))
+    if grad:
         prev = []
         for ci in range(c):
             prev.append(s)
             s = torch.addcmul(states[:, ci], chunk_decay[:, ci], s)
         prev_states = torch.stack(prev, dim=1) if need_prev else None
-    else:  # inference: write each chunk's incoming state straight into one buffer
-        prev_states = x.new_empty(b, c, h, p, n)
+    else:  # inference: each chunk's state is written straight into one buffer
+        hs = x.new_empty(b, c + 1, g, n, hg, p)
+        hs[:, 0] = s
         for ci in range(c):
-            prev_states[:, ci] = s
-            s = torch.addcmul(states[:, ci], chunk_decay[:, ci], s)
+            torch.addcmul(states[:, ci], chunk_decay[:, ci], hs[:, ci], out=hs[:, ci + 1])
+        prev_states, s = hs[:, :c], hs[:, c]
+    s = s.permute(0, 1, 3, 4, 2).reshape(b, h, p, n).contiguous()  # the public (b, H, P, N) layout
+    y = y.transpose(3, 4)  # (b, c, g, Q, hg, p) view
     if need_prev:
-        # prev_states: (b, c, h, p, n), the state entering each chunk
-        # 4. state -> output: exp(a_1 + ... + a_i) C_i h_{c-1}
-        hp = prev_states.view(b, c, g, hg * p, n).transpose(-1, -2)  # (b, c, g, n, hg*p)
-        y_off = (Cc @ hp).view(b, c, g, Q, hg, p).transpose(3, 4)  # (b, c, g, hg, Q, p)
-        y = y + y_off * torch.exp(a_cum).unsqueeze(-1)
+        # prev_states: (b, c, g, n, hg, p), the state entering each chunk
+        # 4. state -> output: exp(a_1 + ... + a_i) C_i h_{c-1}, summed in y_off's (b, c, g, Q, hg, p)
+        # layout, which is already the output's when G = 1 (no final permute copy then)
+        y_off = (Cc @ prev_states.reshape(b, c, g, n, hg * p)).view(b, c, g, Q, hg, p)
+        decay_out = torch.exp(a_cum).transpose(-1, -2).unsqueeze(-1)  # (b, c, g, Q, hg, 1)
+        y = y_off * decay_out + y if grad else torch.addcmul(y, y_off, decay_out, out=y_off)
 
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)
+    y = y.transpose(2, 3).reshape(b, c * Q, h, p)
     if pad:
         y = y[:, :l]
     return y, s
