@@ -11,14 +11,14 @@ peers_pid=$!
 for step in "$@"; do
   case $step in
     tests)
-      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     *)
       wait $peers_pid 2>/dev/null; tail -2 "$OUT/peers.log"
       export PYTHONPATH=/tmp/peers-site:$PYTHONPATH
       case $step in
         scan) timeout 300 python3 benchmarks/selective_scan_gpu.py --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
-        scan-sweep) timeout ${SCAN_TIMEOUT:-170} python3 benchmarks/selective_scan_gpu.py --sweep --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
-        *) [ -f "benchmarks/$step.py" ] && timeout ${GEN_TIMEOUT:-230} python3 "benchmarks/$step.py" --reps 2 --out "$OUT/gpu_$step.json" 2>&1 | tee "$OUT/bench_$step.log" ;;
+        scan-sweep) timeout ${SCAN_TIMEOUT:-150} python3 benchmarks/selective_scan_gpu.py --sweep --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
+        *) [ -f "benchmarks/$step.py" ] && timeout ${GEN_TIMEOUT:-200} python3 "benchmarks/$step.py" --reps 2 --out "$OUT/gpu_$step.json" 2>&1 | tee "$OUT/bench_$step.log" ;;
       esac ;;
   esac
 done

@@ -19,10 +19,9 @@ import _light_import  # noqa: E402
 
 _light_import.light()
 
+import registry  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import registry  # noqa: E402
 from registry import Case, register  # noqa: E402
 
 

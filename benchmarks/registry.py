@@ -78,13 +78,13 @@ def run(ops: list[str] | None = None, device: str | torch.device = "cpu",
                     args = case.make(shape, device, dtype, False)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    row["fwd_ms"] = _median_ms(lambda: case.call(be, *args), device)
+                    row["fwd_ms"] = _median_ms(lambda c=case, b=be, a=args: c.call(b, *a), device)
                     if device.type == "cuda":
                         row["fwd_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
                     if fwd_bwd and case.fwd_bwd:
                         gargs = case.make(shape, device, dtype, True)
 
-                        def step():
+                        def step(case=case, be=be, gargs=gargs):
                             out = case.call(be, *gargs)
                             out = out[0] if isinstance(out, tuple) else out
                             out.float().sum().backward()

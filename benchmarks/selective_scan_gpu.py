@@ -10,6 +10,7 @@ the floors (exponentials and bytes) and the ratios. Writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -98,8 +99,9 @@ def bench_mamba(ts, bwd=True):
     return res
 
 
-FWD_SWEEP = [(32, 8, 1), (64, 8, 2), (32, 16, 1)]
-BWD_SWEEP = [(16, 1, 0), (32, 1, 0)]
+# (block_d, chunk, num_warps, load_group) and (bwd_block_d, bwd_num_warps, keep_decay)
+FWD_SWEEP = [(16, 8, 1, 4), (16, 8, 1, 2), (32, 8, 1, 2), (64, 8, 2, 2), (16, 4, 1, 4)]
+BWD_SWEEP = [(16, 1, 0), (32, 1, 0), (16, 2, 0)]
 
 
 def main(argv=None):
@@ -123,23 +125,24 @@ def main(argv=None):
         row = {"shape": f"B{bsz} D{dim} N{N} L{L} bf16 z softplus", "L": L, **fl}
         best = None
         base = sst.get_config()
-        fwd_cfgs = FWD_SWEEP if sweep else [(base.block_d, base.chunk, base.num_warps)]
-        for bd, k, w in fwd_cfgs:
-            cfg = sst.ScanConfig(bd, k, w, base.bwd_block_d, base.bwd_num_warps, base.keep_decay)
+        fwd_cfgs = FWD_SWEEP if sweep else [(base.block_d, base.chunk, base.num_warps,
+                                             base.load_group)]
+        for bd, k, w, lg in fwd_cfgs:
+            cfg = sst.ScanConfig(bd, k, w, base.bwd_block_d, base.bwd_num_warps, base.keep_decay, lg)
             try:
                 r = bench_ours(make(bsz, L, dim, N), cfg, bwd=False)
             except Exception as e:  # noqa: BLE001
-                print("fwd cfg", (bd, k, w), "failed:", e)
+                print("fwd cfg", (bd, k, w, lg), "failed:", e)
                 continue
-            print(f"L={L} fwd cfg bd={bd} K={k} warps={w}: {r['fwd_ms']:.3f} ms")
-            row.setdefault("fwd_sweep", []).append({"cfg": [bd, k, w], **r})
+            print(f"L={L} fwd cfg bd={bd} K={k} warps={w} load_group={lg}: {r['fwd_ms']:.3f} ms")
+            row.setdefault("fwd_sweep", []).append({"cfg": [bd, k, w, lg], **r})
             if best is None or r["fwd_ms"] < best[1]:
-                best = ((bd, k, w), r["fwd_ms"])
-        bd, k, w = best[0]
+                best = ((bd, k, w, lg), r["fwd_ms"])
+        bd, k, w, lg = best[0]
         bwd_cfgs = BWD_SWEEP if sweep else [(base.bwd_block_d, base.bwd_num_warps, base.keep_decay)]
         bbest = None
         for bbd, bw, kd in bwd_cfgs:
-            cfg = sst.ScanConfig(bd, k, w, bbd, bw, kd)
+            cfg = sst.ScanConfig(bd, k, w, bbd, bw, kd, lg)
             try:
                 r = bench_ours(ts, cfg, bwd=True)
             except Exception as e:  # noqa: BLE001
@@ -150,9 +153,7 @@ def main(argv=None):
             row.setdefault("bwd_sweep", []).append({"cfg": [bbd, bw, kd], **r})
             if bbest is None or r["fwd_bwd_ms"] < bbest[1]["fwd_bwd_ms"]:
                 bbest = (cfg, r)
-        row["ours_cfg"] = list(map(int, (bbest[0].block_d, bbest[0].chunk, bbest[0].num_warps,
-                                          bbest[0].bwd_block_d, bbest[0].bwd_num_warps,
-                                          bbest[0].keep_decay)))
+        row["ours_cfg"] = [int(v) for v in dataclasses.astuple(bbest[0])]
         row["ours"] = {"fwd_ms": best[1], "fwd_bwd_ms": bbest[1]["fwd_bwd_ms"]}
         if not a.no_peer:
             try:

@@ -63,7 +63,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
              repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              stop: Any = None, seed: int | None = None, streamer: Any = None,
              attention_mask: torch.Tensor | None = None, tokenizer: Any = None,
-             pad_token_id: int | None = None, cache: InferenceCache | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, cache: InferenceCache | None = None,
+             cuda_graph: bool = False) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids (batch, seqlen)``.
 
     Returns ``(batch, seqlen + n_new)`` int64: the prompt followed by the generated tokens; rows
@@ -74,6 +75,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     protocol: the prompt first, then each new ``(batch,)`` token tensor) or a callable receiving each
     new ``(batch,)`` token tensor. ``seed`` makes sampling reproducible. ``cache``: continue from a
     cache that already holds a previous context (``input_ids`` are then the new tokens).
+    ``cuda_graph``: on CUDA, capture the decode step once and replay it for every new token
+    (:class:`ssmkit.inference.cuda_graph.CUDAGraphDecoder`); same tokens as eager decoding.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -118,6 +121,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     if put is not None:
         put(ids.cpu())
     logits = prefill(model, ids, cache, attention_mask)
+    decoder = None
+    if cuda_graph:
+        from ssmkit.inference.cuda_graph import CUDAGraphDecoder
+
+        decoder = CUDAGraphDecoder(model, cache)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     for t in range(max_new_tokens):
@@ -140,7 +148,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         if (eos_t is not None or stop_seqs or stop_strings) and bool(finished.all()):
             break
         if t + 1 < max_new_tokens:
-            logits = decode_one_token(model, tok, cache)
+            # The graph's output buffer is overwritten by the next replay: clone it.
+            logits = decoder(tok).clone() if decoder is not None else decode_one_token(model, tok, cache)
+    if decoder is not None:
+        decoder.close()
     end = getattr(streamer, "end", None)
     if end is not None:
         end()

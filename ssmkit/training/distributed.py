@@ -12,6 +12,7 @@ gradient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -69,11 +70,42 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", device: 
         ids = [device.index] if device is not None and device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        # FSDP2 (per-parameter sharding): works on CPU with gloo as well as on GPUs with NCCL.
+        # Each block of a ModuleList (the model's layers) is its own shard group, then the root.
+        from torch.distributed.fsdp import fully_shard
 
-        kwargs = {"device_id": device} if device is not None and device.type == "cuda" else {}
-        return FSDP(model, use_orig_params=True, **kwargs)
+        for m in list(model.modules()):
+            if isinstance(m, nn.ModuleList):
+                for block in m:
+                    if any(True for _ in block.parameters()):
+                        fully_shard(block)
+        fully_shard(model)
+        return model
     raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module):
+    """Skip the gradient all-reduce for an accumulation micro-batch (DDP and FSDP2)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

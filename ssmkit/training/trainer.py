@@ -232,7 +232,7 @@ class Trainer:
         for i in range(cfg.accum_steps):
             mb = local[i * micro : (i + 1) * micro]
             last = i == cfg.accum_steps - 1
-            sync = contextlib.nullcontext() if (last or not info.enabled) else self.model.no_sync()
+            sync = contextlib.nullcontext() if (last or not info.enabled) else ddp.no_grad_sync(self.model)
             with sync:
                 with self.autocast():
                     logits, aux = self.logits(self.model, mb.inputs)
@@ -249,10 +249,9 @@ class Trainer:
         stats = torch.cat([loss_sum.reshape(1), counts])
         ddp.all_reduce_sum(stats, info)
         if cfg.grad_clip is not None:
-            if hasattr(self.model, "clip_grad_norm_"):  # FSDP
-                gnorm = self.model.clip_grad_norm_(cfg.grad_clip)
-            else:
-                gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor norm
+                gnorm = gnorm.full_tensor()
         else:
             gnorm = torch.zeros(())
         lr = self.optimizer.param_groups[0]["lr"]
@@ -307,17 +306,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        module = self.module
-        if self.config.strategy == "fsdp" and self.dist.enabled:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if ddp.is_fsdp(self.model):
+            # Gather full (unsharded) tensors so the checkpoint loads with any world size.
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-                model_sd = self.model.state_dict()
-                optim_sd = FSDP.optim_state_dict(self.model, self.optimizer)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(self.model, options=opts)
+            optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         else:
-            model_sd = module.state_dict()
+            model_sd = self.module.state_dict()
             optim_sd = self.optimizer.state_dict()
         return {
             "model": model_sd,
@@ -342,15 +343,16 @@ class Trainer:
         return path
 
     def load_state_dict(self, state: dict) -> None:
-        if self.config.strategy == "fsdp" and self.dist.enabled:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if ddp.is_fsdp(self.model):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-                self.model.load_state_dict(state["model"])
-                osd = FSDP.optim_state_dict_to_load(self.model, self.optimizer, state["optimizer"])
-                self.optimizer.load_state_dict(osd)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         else:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -76,6 +76,25 @@ def test_gradients_match_reference(gated):
         assert_close(f"d{k}", ref[k], got[k], rel=1e-10)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_float32_gradients_match_float64_reference(gated):
+    b, l, h, dk, dv = 2, 40, 2, 4, 3
+    inp, kw = make_inputs(b, l, h, dk, dv, gated=gated)
+    wo, ws = torch.randn(b, l, h, dv, dtype=torch.float64), torch.randn(b, h, dk, dv, dtype=torch.float64)
+
+    def grads(form, dtype):
+        leaves = {k: v.detach().to(dtype).clone().requires_grad_(True) for k, v in {**inp, **kw}.items()
+                  if v is not None}
+        o, s = delta_rule(**{**inp, **kw, **leaves}, use_qk_l2norm=True, chunk_size=16, return_final_state=True,
+                          backend=form)
+        ((o * wo.to(dtype)).sum() + (s * ws.to(dtype)).sum()).backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    ref, got = grads("reference", torch.float64), grads("chunked", torch.float32)
+    for k in ref:
+        assert_close(f"float32 d{k}", ref[k], got[k], rel=1e-5)
+
+
 @pytest.mark.parametrize("form", ["reference", "chunked"])
 def test_gradcheck_tiny(form):
     inp, kw = make_inputs(1, 5, 1, 2, 2)

@@ -102,6 +102,19 @@ def test_gradients_match_reference(g, h, d_kind):
             assert_close(f"{form} d{k}", ref[k], got[k], rel=1e-10)
 
 
+def test_float32_gradients_match_float64_reference():
+    b, l, h, p, g, n = 2, 45, 4, 3, 2, 5
+    inp, kw = make_inputs(b, l, h, p, g, n, d_kind="channel")
+    kw["chunk_size"] = 16
+    wy, wh = torch.randn(b, l, h, p, dtype=torch.float64), torch.randn(b, h, p, n, dtype=torch.float64)
+    ref = _grads("reference", inp, kw, wy, wh)
+    f32 = {k: v.float() for k, v in inp.items()}
+    kw32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    got = _grads("chunked", f32, kw32, wy.float(), wh.float())
+    for k in ref:
+        assert_close(f"float32 d{k}", ref[k], got[k], rel=1e-5)
+
+
 @pytest.mark.parametrize("form", ["reference", "quadratic", "chunked"])
 def test_gradcheck_tiny(form):
     inp, kw = make_inputs(1, 5, 2, 2, 1, 2, d_kind="channel")
@@ -139,6 +152,18 @@ def test_stability_strong_decay_and_65536_tokens_float32():
     y_ref = ssd(*args, backend="reference")
     for form in FORMS:
         assert_close(f"{form} strong decay", y_ref, ssd(*args, chunk_size=64, backend=form), rel=1e-10)
+
+
+def test_growing_state_positive_log_decays():
+    """A > 0 (a growing state) is unusual but must not give a silently wrong answer."""
+    inp, kw = make_inputs(1, 20, 2, 3, 1, 4, d_kind=None, z=False)
+    inp["A"] = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    kw.update(dt_softplus=True, chunk_size=8, return_final_state=True)
+    y_ref, h_ref = ssd(**inp, **kw, backend="reference")
+    for form in FORMS:
+        y, hT = ssd(**inp, **kw, backend=form)
+        assert_close(f"{form} y", y_ref, y, rel=1e-10)
+        assert_close(f"{form} state", h_ref, hT, rel=1e-10)
 
 
 @pytest.mark.parametrize("form", ["reference", "quadratic", "chunked"])

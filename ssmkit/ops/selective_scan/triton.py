@@ -36,17 +36,20 @@ class ScanConfig:
     """Launch parameters. ``chunk`` (tokens per unrolled block, also the spacing of the states saved
     for the backward) is shared by forward and backward; the rest can differ per pass."""
 
-    block_d: int = 32
+    # Defaults chosen from the compiler's register report (sm_90: no spills in the forward,
+    # 136 bytes in the backward); the H100 run of 2026-11-27 measured the earlier kernel
+    # version only (see docs/benchmarks/). `benchmarks/selective_scan_gpu.py --sweep` retunes.
+    block_d: int = 16
     chunk: int = 8
     num_warps: int = 1
-    bwd_block_d: int = 32
+    bwd_block_d: int = 16
     bwd_num_warps: int = 1
     keep_decay: int = 0  # backward keeps exp(ΔA) of a block in registers (1) or recomputes it (0)
     load_group: int = 4  # forward: steps whose inputs are loaded ahead together (divides chunk)
 
 
 _CONFIG = ScanConfig()
-if os.environ.get("SSMKIT_SCAN_CONFIG"):  # e.g. "64,8,4,32,4" for sweeps
+if os.environ.get("SSMKIT_SCAN_CONFIG"):  # e.g. "16,8,1,16,1,0,4" (fields in order)
     _CONFIG = ScanConfig(*map(int, os.environ["SSMKIT_SCAN_CONFIG"].split(",")))
 
 
@@ -144,7 +147,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
         num_warps=cfg.num_warps,
     )
     if ht is not None:
-        ht = ht.transpose(1, 2)
+        ht = ht.transpose(1, 2).contiguous()  # (nseq, dim, N), the public layout
     return y, ht, states
 
 

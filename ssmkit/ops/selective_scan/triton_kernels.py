@@ -10,16 +10,21 @@ row / packed sequence, channel d and state index n::
     y_t[d]     = (Σ_n C_t[g(d), n] h_t[d, n] + D[d] x_t[d]) · silu(z_t[d])
 
 One program owns one sequence and ``BLOCK_D`` channels of one group and walks the sequence in
-steps of ``K`` tokens. The ``K`` steps of a block are unrolled (``tl.static_range``) so their loads
-are independent of the recurrence and issue together; the state ``h`` (BLOCK_D x N, float32) never
-leaves the chip. With ``SAVE_STATES`` the state at the start of every block of ``K`` tokens is
-written out (``batch * ceil(L/K) * dim * N`` floats) for the backward pass.
+blocks of ``K`` tokens, unrolled (``tl.static_range``). Tiles are ``(N, BLOCK_D)``: channels
+across lanes, a channel's N states in one thread, so ``C·h`` stays in registers; the state ``h``
+(float32) never leaves the chip. Inputs are loaded in groups of ``G`` steps, one group ahead of
+their use: the compiler cannot move a load above an earlier store of ``y`` (they may alias), so
+without the explicit grouping each step would wait a full memory latency. With ``SAVE_STATES`` the
+state at the start of every block of ``K`` tokens is written out (``batch * ceil(L/K) * N * dim``
+floats) for the backward pass.
 
 The backward walks the blocks in reverse: it reloads a block's start state, recomputes the ``K``
-states and decays of the block in registers (kept in tuples, so nothing is re-read), then runs the
-adjoint recurrence ``dh_{t-1} = exp(Δ_t A) dh_t`` (with ``dh_t += C_t dy_t``) backwards through it.
-Reductions over channels (dB, dC) are written per channel block and summed by the caller; the
-reductions over time (dA, dD) are kept per sequence. No atomics: results are bitwise reproducible.
+states of the block in registers (tuples; dy and z are read in this store-free pass), then runs
+the adjoint recurrence ``dh_{t-1} = exp(Δ_t A) dh_t`` (with ``dh_t += C_t dy_t``) backwards
+through it, reading ``B_t, C_t`` one step ahead. Reductions over channels (dB, dC) are written per
+channel block and summed by the caller; the reductions over time (dA, dD) are kept per sequence.
+No atomics: results are bitwise reproducible. A, the states and their gradients use an
+``(N, dim)``-major layout so that their tiles load and store coalesced.
 
 All offsets are computed in int64, so tensors with more than 2**31 elements index correctly.
 """
@@ -41,8 +46,9 @@ def _softplus(v):
 
 @triton.jit
 def _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_d, offs_n,
-                HAS_Z: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr):
-    """Inputs of steps t0 .. t0+G-1 (zeros past the sequence end), as tuples of G tensors."""
+                HAS_Z: tl.constexpr, G: tl.constexpr):
+    """Inputs of steps t0 .. t0+G-1 (zeros past the sequence end), as tuples of G tensors, in
+    their storage dtype (a bf16 vector of N values takes N/2 registers until converted)."""
     xs = ()
     dts = ()
     zs = ()
@@ -56,14 +62,14 @@ def _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_
         mn = offs_n < tl.where(valid, dstate, 0)
         xd_off = row * dim + offs_d
         bc_off = (row * ngroups + g) * dstate + offs_n
-        xs = xs + (tl.load(X + xd_off, mask=md, other=0.0).to(ACC),)
-        dts = dts + (tl.load(DT + xd_off, mask=md, other=0.0).to(ACC),)
+        xs = xs + (tl.load(X + xd_off, mask=md, other=0.0),)
+        dts = dts + (tl.load(DT + xd_off, mask=md, other=0.0),)
         if HAS_Z:
-            zs = zs + (tl.load(Z + xd_off, mask=md, other=0.0).to(ACC),)
+            zs = zs + (tl.load(Z + xd_off, mask=md, other=0.0),)
         else:
             zs = zs + (xs[i],)
-        bs = bs + (tl.load(B + bc_off, mask=mn, other=0.0).to(ACC),)
-        cs = cs + (tl.load(C + bc_off, mask=mn, other=0.0).to(ACC),)
+        bs = bs + (tl.load(B + bc_off, mask=mn, other=0.0),)
+        cs = cs + (tl.load(C + bc_off, mask=mn, other=0.0),)
     return xs, dts, zs, bs, cs
 
 
@@ -76,7 +82,7 @@ def selective_scan_fwd_kernel(
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
 ):
-    ACC: tl.constexpr = tl.float64 if USE_F64 else tl.float32
+    ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     if IS_VARLEN:
@@ -109,29 +115,28 @@ def selective_scan_fwd_kernel(
     else:
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     nchunks = tl.cdiv(seqlen, K)
-    NG: tl.constexpr = K // G
     for c in range(0, nchunks):
         t0 = c * K
         # Loads are issued a group of G steps ahead of the compute that uses them. The stores of
         # y may alias the inputs as far as the compiler knows, so it cannot hoist a later load
         # above them: without this, every step waits one full memory latency.
         cur = _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_d,
-                          offs_n, HAS_Z, ACC, G)
+                          offs_n, HAS_Z, G)
         if SAVE_STATES:
             tl.store(STATES + (ck0 + c) * dim * dstate + dn_off, h.to(STATES.dtype.element_ty),
                      mask=mask_dn)
-        for j in tl.static_range(NG):
-            if j + 1 < NG:
+        for j in tl.static_range(K // G):
+            if j + 1 < K // G:
                 nxt = _load_group(X, DT, Z, B, C, row0, t0 + (j + 1) * G, seqlen, dim, dstate,
-                                  ngroups, g, offs_d, offs_n, HAS_Z, ACC, G)
+                                  ngroups, g, offs_d, offs_n, HAS_Z, G)
             xs, dts, zs, bs, cs = cur
             for i in tl.static_range(G):
                 t = t0 + j * G + i
                 valid = t < seqlen
                 # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
                 md = offs_d < tl.where(valid, dim, 0)
-                x = xs[i]
-                dt = dts[i]
+                x = xs[i].to(ACC)
+                dt = dts[i].to(ACC)
                 if HAS_BIAS:
                     dt = dt + bias
                 if SOFTPLUS:
@@ -139,15 +144,15 @@ def selective_scan_fwd_kernel(
                 dt = tl.where(md, dt, 0.0)  # padding steps: Δ = 0 leaves h untouched
                 # exp(Δ A) = exp2((Δ log2 e) · A): one multiply per channel, not per state
                 dA = tl.exp2((dt * LOG2E)[None, :] * Av)
-                h = dA * h + (dt * x)[None, :] * bs[i][:, None]
-                y = tl.sum(h * cs[i][:, None], axis=0)
+                h = dA * h + (dt * x)[None, :] * bs[i].to(ACC)[:, None]
+                y = tl.sum(h * cs[i].to(ACC)[:, None], axis=0)
                 if HAS_D:
                     y += Dv * x
                 if HAS_Z:
-                    z = zs[i]
+                    z = zs[i].to(ACC)
                     y = y * z * tl.sigmoid(z)
                 tl.store(Y + (row0 + t) * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
-            if j + 1 < NG:
+            if j + 1 < K // G:
                 cur = nxt
     if STORE_HT:
         tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
@@ -209,6 +214,8 @@ def selective_scan_bwd_kernel(
         xs = ()
         dts = ()
         dtraws = ()
+        dys = ()
+        zs = ()
         for i in tl.static_range(K):
             t = t0 + i
             valid = t < seqlen
@@ -237,6 +244,17 @@ def selective_scan_bwd_kernel(
             xs = xs + (x,)
             dts = dts + (dt,)
             dtraws = dtraws + (dtraw,)
+            # dy and z are read here, in the store-free pass, so the loads issue together
+            # (a load after a store that may alias it cannot be moved up by the compiler).
+            dys = dys + (tl.load(DY + xd_off, mask=md, other=0.0),)
+            if HAS_Z:
+                zs = zs + (tl.load(Z + xd_off, mask=md, other=0.0),)
+        # B_t, C_t are re-read in the reverse pass (cache hits) rather than kept (N registers
+        # each per step), one step ahead of their use so the load is not behind the stores.
+        bc_off = (row0 + t0 + K - 1) * ngroups * dstate + g * dstate + offs_n
+        mn = offs_n < tl.where(t0 + K - 1 < seqlen, dstate, 0)
+        Bn = tl.load(B + bc_off, mask=mn, other=0.0)
+        Cn = tl.load(C + bc_off, mask=mn, other=0.0)
         for i in tl.static_range(K - 1, -1, -1):
             t = t0 + i
             valid = t < seqlen
@@ -251,13 +269,16 @@ def selective_scan_bwd_kernel(
                 dA = das[i]
             else:  # recompute: fewer registers, one more exponential
                 dA = tl.exp2((dt * LOG2E)[None, :] * Av)
-            # B_t, C_t are re-read (cache hits) rather than kept: each is N registers per step.
-            bc_off = (row * ngroups + g) * dstate + offs_n
-            Bt = tl.load(B + bc_off, mask=mn, other=0.0).to(ACC)
-            Ct = tl.load(C + bc_off, mask=mn, other=0.0).to(ACC)
-            dy = tl.load(DY + xd_off, mask=md, other=0.0).to(ACC)
+            Bt = Bn.to(ACC)
+            Ct = Cn.to(ACC)
+            if i > 0:
+                bc_off = ((row - 1) * ngroups + g) * dstate + offs_n
+                mnp = offs_n < tl.where(t - 1 < seqlen, dstate, 0)
+                Bn = tl.load(B + bc_off, mask=mnp, other=0.0)
+                Cn = tl.load(C + bc_off, mask=mnp, other=0.0)
+            dy = dys[i].to(ACC)
             if HAS_Z:
-                z = tl.load(Z + xd_off, mask=md, other=0.0).to(ACC)
+                z = zs[i].to(ACC)
                 y = tl.sum(hs[i + 1] * Ct[:, None], axis=0)
                 if HAS_D:
                     y += Dv * x

@@ -126,7 +126,7 @@ def make_form(core: Core) -> Callable:
             y = unpad_packed(y, valid)
         if D is not None:
             Dc = D.to(cdt)
-            y = y + x.to(cdt) * (Dc[:, None] if Dc.dim() == 1 else Dc)
+            y = torch.addcmul(y, x.to(cdt), Dc[:, None] if Dc.dim() == 1 else Dc)  # y + D x, one pass
         if z is not None:
             y = y * F.silu(z.to(cdt))
         y = y.to(x.dtype)

@@ -12,9 +12,9 @@ batched matmul except the short scan of stage 3:
 4. state to output: y_off_i = exp(a_1 + ... + a_i) C_i h_{c-1} (low-rank off-diagonal blocks).
 
 Cost O(L Q (N + P)) for the blocks plus O(L/Q · H P N) for the scan, against O(L H P N) steps
-of the recurrence done one token at a time. Every exponent is a non-positive segment sum (for
-A <= 0): differences of within-chunk prefix sums, clamped to 0 above the diagonal before
-``exp`` and masked there, so long sequences with strong decay stay finite.
+of the recurrence done one token at a time. Exponents are segment sums of the log decays
+(non-positive for A <= 0, Δ >= 0): differences of within-chunk prefix sums, replaced by 0 above
+the diagonal before ``exp`` and masked there, so long sequences with strong decay stay finite.
 """
 
 from __future__ import annotations
@@ -28,25 +28,30 @@ from ssmkit.ops.ssd._common import make_form
 CPU_BLOCK = 64
 
 
-def _decay_matrix_times(a_cum: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
+def _decay_matrix_times(a_cum: torch.Tensor, CB: torch.Tensor, nonpositive: bool) -> torch.Tensor:
     """``L ∘ CB`` with ``L[i, j] = exp(a_cum[i] - a_cum[j])`` for i >= j, 0 above the diagonal.
 
     ``a_cum: (b, c, g, hg, Q)`` within-chunk prefix sums of the log decays; ``CB: (b, c, g, 1, Q, Q)``.
-    Below the diagonal the difference is a segment sum of a <= 0; above it, it would be positive,
-    so it is clamped to 0 *before* ``exp`` (never exp of a large positive number) and zeroed by
-    the causal mask, applied to CB, which is hg times smaller than L. (Clamping rather than
-    filling with -inf also avoids ``exp(-inf)``, several times slower on CPU.) Without autograd
-    the passes over the (Q, Q) blocks run in place: on a CPU these memory-bound passes cost as
-    much as the matmuls.
+    Below the diagonal the difference is a segment sum of the log decays; above it, it is
+    replaced by 0 *before* ``exp`` (so no exp of a large positive number there) and the entry is
+    zeroed by the causal mask, applied to CB, which is hg times smaller than L. When every log
+    decay is <= 0 (``nonpositive``, the usual A < 0, Δ >= 0) the replacement is a clamp at 0,
+    one fast pass; otherwise (a growing state) an explicit fill of the upper triangle. Without
+    autograd the passes over the (Q, Q) blocks run in place: on a CPU these memory-bound passes
+    cost as much as the matmuls.
     """
     CB = CB.tril()
     diff = a_cum[..., :, None] - a_cum[..., None, :]
+    Q = diff.shape[-1]
+    upper = None if nonpositive else torch.ones(Q, Q, dtype=torch.bool, device=diff.device).triu(1)
     # Decays below the smallest normal float are set to 0: denormal operands slow the following
     # matmul by an order of magnitude on x86, for no accuracy gain.
     tiny = torch.finfo(diff.dtype).tiny
     if torch.is_grad_enabled() and (a_cum.requires_grad or CB.requires_grad):
-        return F.threshold(torch.exp(diff.clamp_max(0.0)), tiny, 0.0) * CB
-    return F.threshold_(diff.clamp_max_(0.0).exp_(), tiny, 0.0).mul_(CB)
+        diff = diff.clamp_max(0.0) if nonpositive else diff.masked_fill(upper, 0.0)
+        return F.threshold(torch.exp(diff), tiny, 0.0) * CB
+    diff = diff.clamp_max_(0.0) if nonpositive else diff.masked_fill_(upper, 0.0)
+    return F.threshold_(diff.exp_(), tiny, 0.0).mul_(CB)
 
 
 def _chunked_core(x, dt, A, B, C, chunk_size, h0):
@@ -66,7 +71,9 @@ def _chunked_core(x, dt, A, B, C, chunk_size, h0):
     c = (l + pad) // Q
 
     # log decays a_t = Δ_t A and their prefix sums within each chunk: (b, c, g, hg, Q)
-    a_cum = torch.cumsum((dt * A).view(b, c, Q, h), dim=2).permute(0, 1, 3, 2).reshape(b, c, g, hg, Q)
+    a = dt * A
+    nonpositive = not bool((a > 0).any())
+    a_cum = torch.cumsum(a.view(b, c, Q, h), dim=2).permute(0, 1, 3, 2).reshape(b, c, g, hg, Q)
     a_last = a_cum[..., -1:]  # a_1 + ... + a_Q per chunk
 
     Bc = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
@@ -75,7 +82,7 @@ def _chunked_core(x, dt, A, B, C, chunk_size, h0):
 
     # 1. diagonal blocks: (L ∘ C Bᵀ) Δx, per head with time next to p: (b, c, g, hg, Q, p)
     CB = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
-    y = _decay_matrix_times(a_cum, CB) @ xdt.permute(0, 1, 3, 4, 2, 5)
+    y = _decay_matrix_times(a_cum, CB, nonpositive) @ xdt.permute(0, 1, 3, 4, 2, 5)
 
     # States are kept transposed, (n, hg*p) per group, inside this function: then both state
     # matmuls below read Δx and write y_off in the input's own layout (no transposing copies).
