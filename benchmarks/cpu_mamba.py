@@ -104,9 +104,13 @@ def main() -> None:
     ap.add_argument("--hf-repeat", type=int, default=1, help="timed repeats of the HF forward")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's choice, one per core)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "cpu_mamba"))
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     machine = {
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -190,7 +194,8 @@ def main() -> None:
             ("decode, batch 1 (tokens/s)", f"{res['ssmkit_decode_tok_s']:.1f}",
              f"{res['hf_decode_tok_s']:.1f}" if hf is not None else "-",
              f"{res['ssmkit_decode_tok_s'] / res['hf_decode_tok_s']:.1f}x" if hf is not None else "-")]
-    md = [f"CPU: {machine['cpu']}, {machine['cores']} cores, torch {torch.__version__}, float32; "
+    md = [f"CPU: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
+          f"torch {torch.__version__}, float32; "
           f"130M-shaped Mamba ({args.layers} layers, d_model {args.d_model}, vocab {args.vocab}), "
           "random weights shared by both.", "",
           "| measurement | ssmkit (`chunked`) | HF `MambaForCausalLM` (slow path) | ssmkit vs HF |",

@@ -11,18 +11,21 @@ Every sequence-mixing layer ("mixer") follows one contract:
 * ``allocate_state(batch_size, device=None, dtype=None) -> LayerState`` (zeros; SSM parts float32).
 """
 
-# --- S4 / S4D ---
-from ssmkit.layers.s4 import S4  # noqa: E402,F401
-from ssmkit.layers.s4d import S4D, S4State  # noqa: E402,F401
-# --- Mamba ---
-from ssmkit.layers.mamba import Mamba, MambaState  # noqa: E402,F401
-# --- Mamba-2, DeltaNet, Gated DeltaNet ---
-from ssmkit.layers.delta_net import DeltaNet, DeltaNetState, GatedDeltaNet  # noqa: E402,F401
-from ssmkit.layers.mamba2 import Mamba2, Mamba2State  # noqa: E402,F401
-# --- Attention, MLP, MoE, norms ---
-# isort: split
-from ssmkit.layers.attention import Attention, KVCacheState  # noqa: E402,F401
-from ssmkit.layers.mlp import MLP  # noqa: E402,F401
-from ssmkit.layers.moe import MoE  # noqa: E402,F401
-from ssmkit.layers.norm import RMSNorm, RMSNormGated  # noqa: E402,F401
-from ssmkit.layers.state import LayerState  # noqa: F401
+from ssmkit.layers.attention import Attention, KVCacheState
+from ssmkit.layers.delta_net import DeltaNet, DeltaNetState, GatedDeltaNet
+from ssmkit.layers.mamba import Mamba, MambaState
+from ssmkit.layers.mamba2 import Mamba2, Mamba2State
+from ssmkit.layers.mlp import MLP
+from ssmkit.layers.moe import MoE
+from ssmkit.layers.norm import RMSNorm, RMSNormGated
+from ssmkit.layers.s4 import S4
+from ssmkit.layers.s4d import S4D, S4State
+from ssmkit.layers.state import LayerState
+
+__all__ = [
+    "LayerState",
+    "S4", "S4D", "S4State",  # S4 / S4D (issue 2)
+    "Mamba", "MambaState",  # Mamba
+    "Mamba2", "Mamba2State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, DeltaNet
+    "Attention", "KVCacheState", "MLP", "MoE", "RMSNorm", "RMSNormGated",  # attention, MLP, MoE, norms
+]

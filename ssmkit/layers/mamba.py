@@ -146,9 +146,11 @@ class Mamba(nn.Module):
             return x, z
         return xz, None
 
-    def _x_proj(self, x: torch.Tensor):
+    def _x_proj(self, x: torch.Tensor, with_bias: bool = False):
+        """[dt | B | C] = x_proj(x); dt -> dt_proj.weight @ dt (+ dt_proj.bias if ``with_bias``;
+        otherwise the bias is added inside the scan)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), B, C  # dt_proj's bias is added inside the scan
+        return F.linear(dt, self.dt_proj.weight, self.dt_proj.bias if with_bias else None), B, C
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         """Zero state for ``batch_size`` sequences (conv part in ``dtype``, SSM part float32)."""
@@ -191,11 +193,15 @@ class Mamba(nn.Module):
             initial_state=None if state is None else state.conv_state, return_final_state=True,
             cu_seqlens=cu_seqlens,
         )
-        dt, B, C = self._x_proj(xs)
-        dt_bias, softplus = self.dt_proj.bias, True
+        # Full precision: dt_proj's bias goes into its matmul (addmm) rather than a separate pass in
+        # the scan; half-precision models keep it apart so it is added in float32 (as mamba_ssm does).
+        fold = self.dt_proj.weight.dtype in (torch.float32, torch.float64)
+        dt, B, C = self._x_proj(xs, with_bias=fold)
+        dt_bias, softplus = (None if fold else self.dt_proj.bias), True
         if mask is not None:
             cdt = self._ssm_dtype(x.dtype)
-            dt = F.softplus(dt.to(cdt) + self.dt_proj.bias.to(cdt)) * mask.to(cdt)[..., None]
+            dt = dt.to(cdt) if dt_bias is None else dt.to(cdt) + dt_bias.to(cdt)
+            dt = F.softplus(dt) * mask.to(cdt)[..., None]
             dt_bias, softplus = None, False
         y, ssm_state = selective_scan(
             xs, dt, self._A(), B, C, D=self.D, z=z, dt_bias=dt_bias, dt_softplus=softplus,

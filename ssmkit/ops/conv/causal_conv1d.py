@@ -23,6 +23,8 @@ through autograd and registered under the op name ``"causal_conv1d"``.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,8 @@ def _conv_segment_fast(x, weight, bias, activation, init):
     bsz, L, D = x.shape
     W = weight.shape[1]
     w = weight.to(x.dtype)
+    if not torch.is_grad_enabled() and L >= W - 1:
+        return _conv_segment_inplace(x, w, bias, activation, init)
     if init is None:
         xp = F.pad(x, (0, 0, W - 1, 0))  # (B, W-1+L, D)
     else:
@@ -99,6 +103,26 @@ def _conv_segment_fast(x, weight, bias, activation, init):
     if activation in ("silu", "swish"):
         y = F.silu(y, inplace=not torch.is_grad_enabled())
     final = xp[:, xp.shape[1] - (W - 1) :].transpose(1, 2)
+    return y, final
+
+
+def _conv_segment_inplace(x, w, bias, activation, init):
+    """No-autograd variant of :func:`_conv_segment_fast` that never builds the padded copy:
+    tap k (shift s = W-1-k) is added in place to the outputs it reaches, and the first s outputs
+    take their earlier inputs from ``init``. Needs seqlen >= W-1."""
+    bsz, L, D = x.shape
+    W = w.shape[1]
+    y = x * w[:, W - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, w[:, W - 1])
+    for s in range(1, W):
+        k = W - 1 - s  # y_t += w[:, k] * x_{t-s}
+        if L > s:
+            y[:, s:].addcmul_(x[:, : L - s], w[:, k])
+        if init is not None:
+            m = min(s, L)  # outputs t < s read inputs from before the sequence: init[..., t - s + W-1]
+            y[:, :m].addcmul_(init[:, :, W - 1 - s : W - 1 - s + m].transpose(1, 2).to(x.dtype), w[:, k])
+    if activation in ("silu", "swish"):
+        y = F.silu(y, inplace=True)
+    final = x[:, L - (W - 1) :].transpose(1, 2)
     return y, final
 
 
@@ -233,3 +257,13 @@ def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: tor
     if W > 1:
         conv_state.copy_(xp[:, :, xp.shape[2] - (W - 1) :])
     return y
+
+
+# The Triton forms ("causal_conv1d" and "causal_conv1d_update", backend "triton") register
+# themselves on import; they are optional, so a missing or broken Triton leaves the CPU forms.
+if importlib.util.find_spec("triton") is not None:
+    try:
+        from ssmkit.ops import decode_triton  # noqa: E402,F401
+        from ssmkit.ops.conv import causal_conv1d_triton  # noqa: E402,F401
+    except ImportError:  # pragma: no cover
+        pass

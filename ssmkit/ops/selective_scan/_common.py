@@ -30,6 +30,16 @@ def as_groups(M: torch.Tensor) -> torch.Tensor:
 def finish(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
            out_dtype: torch.dtype) -> torch.Tensor:
     """y = (C·h + D·x) * silu(z) (the gated output of the Mamba block), cast to ``out_dtype``."""
+    if not torch.is_grad_enabled() or not y.requires_grad and not any(
+        t is not None and t.requires_grad for t in (x, D, z)
+    ):
+        # No graph to record: update the scan's fresh output in place (saves two full-size
+        # allocations per layer, which cost page faults on the CPU).
+        if D is not None:
+            y.addcmul_(x.to(y.dtype), D.to(y.dtype))
+        if z is not None:
+            y.mul_(F.silu(z.to(y.dtype)))
+        return y.to(out_dtype)
     if D is not None:
         y = y + x.to(y.dtype) * D.to(y.dtype)
     if z is not None:
