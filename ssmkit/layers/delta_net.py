@@ -18,7 +18,6 @@ bounded without any decay (DeltaNet); the gate adds Mamba-2's data-dependent for
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,11 @@ from ssmkit._checks import check_positive_int
 from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.norm import RMSNormGated
 from ssmkit.layers.state import LayerState
-from ssmkit.ops.conv.causal_conv1d import causal_conv1d, causal_conv1d_update
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.delta_rule import delta_rule
 from ssmkit.ops.delta_rule.step import delta_step
-from ssmkit.theory.init import inverse_softplus
+from ssmkit.ops.dispatch import get
+from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["DeltaNet", "DeltaNetState", "GatedDeltaNet"]
 
@@ -102,8 +102,7 @@ class DeltaNet(nn.Module):
             A = torch.empty(num_heads).uniform_(*A_init_range)
             self.A_log = nn.Parameter(torch.log(A).to(device=device, dtype=dtype or torch.float32))
             self.A_log._no_weight_decay = True
-            dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
+            dt = log_uniform_dt(num_heads, dt_min, dt_max, floor=dt_init_floor)
             self.dt_bias = nn.Parameter(inverse_softplus(dt).to(device=device, dtype=dtype or torch.float32))
             self.dt_bias._no_weight_decay = True
         if use_output_gate:
@@ -174,8 +173,10 @@ class DeltaNet(nn.Module):
         b = x_t.shape[0]
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
-        qkv = causal_conv1d_update(qkv, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                   activation="silu")
+        # unchecked dispatched conv update (shapes fixed by the layer), as in Mamba / Mamba-2 ``step``
+        qkv = get("causal_conv1d_update", "auto", qkv)(qkv.unsqueeze(1), state.conv_state,
+                                                       self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                                       "silu").squeeze(1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta, g = self._beta_g(x_t)
         o = delta_step(state.ssm_state, q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, H, V), beta, g,

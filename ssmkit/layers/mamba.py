@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.state import LayerState
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
@@ -164,16 +165,7 @@ class Mamba(nn.Module):
         )
 
     def _check(self, x, state, cu_seqlens, mask) -> None:
-        check_tensor("x", x, 3, desc=f"(batch, seqlen, d_model={self.d_model})")
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (batch, seqlen, d_model={self.d_model}), got {tuple(x.shape)}")
-        if state is not None and not isinstance(state, MambaState):
-            raise TypeError(f"state must be a MambaState (from allocate_state), got {type(state).__name__}")
-        if mask is not None:
-            check_tensor("mask", mask, shape=tuple(x.shape[:2]), desc=f"(batch, seqlen) = {tuple(x.shape[:2])}",
-                         floating=False)
-            if cu_seqlens is not None:
-                raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
+        check_mixer_inputs(self, x, state, cu_seqlens, mask, MambaState)
 
     # -- forward / step ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: MambaState | None = None, return_state: bool = False,

@@ -137,21 +137,16 @@ class S4(_LTIBlock):
         (generation) they are cached until a parameter changes (in-place updates bump
         ``_version``)."""
         params = (self.log_dt, self.log_A_real, self.A_imag, self.P, self.B, self.C)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        cache = getattr(self, "_step_cache", None)
-        if not grad and cache is not None and cache[0] == key:
-            return cache[1]
+        return self._cached_step_terms(params, self._build_step_terms)
+
+    def _build_step_terms(self):
         Lam, P, B, C, dt = self.full_system()
         half = (dt / 2)[:, None]  # (H, 1)
         d = 1 / (1 - half * Lam)  # (H, N)
-        R = P.shape[0]
         small = torch.einsum("rhn,hn,shn->hrs", P.conj(), d, P)  # P^H diag(d) P per channel
-        eye = torch.eye(R, dtype=small.dtype, device=small.device)
+        eye = torch.eye(P.shape[0], dtype=small.dtype, device=small.device)
         W = torch.linalg.inv(eye + half[..., None] * small)
-        terms = (Lam, P, B, C, dt, d, W)
-        self._step_cache = None if grad else (key, tuple(t.detach() for t in terms))
-        return terms
+        return (Lam, P, B, C, dt, d, W)
 
     def _step_ssm(self, u_t, h):
         """x_k = (I - Δ/2 A)^{-1} [(I + Δ/2 A) x_{k-1} + Δ B u_k] in O(N R) per channel, with

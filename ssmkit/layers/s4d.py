@@ -244,6 +244,20 @@ class _LTIBlock(nn.Module):
                 states.append(si[0])
         return y, (torch.stack(states) if want else None)
 
+    def _cached_step_terms(self, params, build):
+        """``build()`` (what a recurrent step needs), cached without autograd until a parameter in
+        ``params`` changes (in-place updates bump ``_version``), so decoding does not rebuild it per
+        token. Tensors made in inference mode are cached apart from the others."""
+        key = (torch.is_inference_mode_enabled(),) + tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                                                            for p in params)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        cache = getattr(self, "_step_cache", None)
+        if not grad and cache is not None and cache[0] == key:
+            return cache[1]
+        terms = build()
+        self._step_cache = None if grad else (key, tuple(t.detach() for t in terms))
+        return terms
+
     def _state_cdtype(self) -> torch.dtype:
         return torch.complex128 if self._compute_dtype() == torch.float64 else torch.complex64
 
@@ -371,12 +385,18 @@ class S4D(_LTIBlock):
             new = new.to(self._state_cdtype())
         return y, new
 
+    def _discretized_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Ā, B̄, C)`` for the recurrent step (Ā = exp(log Ā))."""
+        log_Abar, Bbar, C = self.discretized()
+        return torch.exp(log_Abar), Bbar, C
+
     def _step_ssm(self, u_t, h):
         rd = self._compute_dtype()
-        log_Abar, Bbar, C = self.discretized()
+        params = (self.log_dt, self.log_A_real, self.A_imag, self.B, self.C)
+        Abar, Bbar, C = self._cached_step_terms(params, self._discretized_step)
         # with autograd on, read a copy: the in-place update below must not touch a saved tensor
         h_old = h.clone() if torch.is_grad_enabled() else h
-        h_new = torch.exp(log_Abar) * h_old.to(log_Abar.dtype) + Bbar * u_t.to(rd)[..., None]
+        h_new = Abar * h_old.to(Abar.dtype) + Bbar * u_t.to(rd)[..., None]
         h.copy_(h_new.to(h.dtype))
         y = 2 * torch.einsum("chn,bhn->bch", C, h_new).real + self.D.to(rd) * u_t.to(rd)[:, None, :]
         return y

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ssmkit.ops import dispatch
+from ssmkit.ops.selective_scan._common import compute_dtype
 
 __all__ = ["selective_scan", "causal_conv1d"]
 
@@ -59,10 +60,6 @@ def _autograd_inside_op():
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, p)
 
 
-def _state_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------- selective scan
 
 
@@ -79,7 +76,7 @@ def _scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
 @_scan_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend):
     nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(x), x.new_empty(nseq, x.shape[2], A.shape[1], dtype=_state_dtype(x))
+    return torch.empty_like(x), x.new_empty(nseq, x.shape[2], A.shape[1], dtype=compute_dtype(x))
 
 
 @torch.library.custom_op("ssmkit::selective_scan_bwd", mutates_args=())

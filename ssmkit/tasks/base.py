@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from ssmkit._checks import check_positive_int
+
 IGNORE_INDEX = -100
 
 
@@ -71,17 +73,21 @@ def masked_cross_entropy(logits: torch.Tensor, batch: Batch, reduction: str = "m
 
 
 @torch.no_grad()
-def token_accuracy_counts(logits: torch.Tensor, batch: Batch) -> dict[str, int]:
-    """Counts for accuracy: correct scored tokens, scored tokens, fully-correct sequences, sequences."""
+def token_accuracy_tensors(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``[correct scored tokens, scored tokens, fully-correct sequences]`` as an int64 tensor (3,)
+    on ``logits``' device: callers that accumulate over many batches read it back once, instead
+    of synchronising with the GPU after every batch."""
     pred = logits.argmax(-1)
     hit = (pred == batch.targets) & batch.loss_mask
     per_seq_ok = (hit | ~batch.loss_mask).all(-1)
-    return {
-        "correct": int(hit.sum()),
-        "total": int(batch.loss_mask.sum()),
-        "seq_correct": int(per_seq_ok.sum()),
-        "seqs": int(batch.inputs.shape[0]),
-    }
+    return torch.stack([hit.sum(), batch.loss_mask.sum(), per_seq_ok.sum()])
+
+
+@torch.no_grad()
+def token_accuracy_counts(logits: torch.Tensor, batch: Batch) -> dict[str, int]:
+    """Counts for accuracy: correct scored tokens, scored tokens, fully-correct sequences, sequences."""
+    correct, total, seq_correct = token_accuracy_tensors(logits, batch).tolist()
+    return {"correct": correct, "total": total, "seq_correct": seq_correct, "seqs": int(batch.inputs.shape[0])}
 
 
 class Task(ABC):
@@ -134,8 +140,7 @@ def check_generator(generator: object) -> None:
 
 
 def check_batch_size(batch_size: object) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
 
 
 def require(cond: bool, msg: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.tasks.base import Batch, Task, check_batch_size, check_generator, make_batch
+from ssmkit.tasks.base import Batch, Task, check_batch_size, check_generator, make_batch, masked_cross_entropy
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml", ".tex", ".c",
                  ".h", ".cpp", ".js", ".ts", ".yaml", ".yml", ".toml"}
@@ -122,7 +122,5 @@ class ByteCorpus(Task):
 
     def metric(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         out = super().metric(logits, batch)
-        from ssmkit.tasks.base import masked_cross_entropy
-
         out["bits_per_byte"] = float(masked_cross_entropy(logits, batch)) / math.log(2)
         return out

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssmkit.tasks.base import Batch, Task, masked_cross_entropy, token_accuracy_counts
+from ssmkit._checks import check_positive_int
+from ssmkit.tasks.base import Batch, Task, masked_cross_entropy, token_accuracy_counts, token_accuracy_tensors
 from ssmkit.training import checkpoint as ckpt
 from ssmkit.training import distributed as ddp
 from ssmkit.training.optim import build_optimizer
@@ -63,9 +64,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum_steps", "eval_batches", "log_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -227,8 +226,10 @@ class Trainer:
         local = global_batch[info.rank * per_rank : (info.rank + 1) * per_rank].to(self.device)
         micro = per_rank // cfg.accum_steps
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        counts = torch.zeros(2, dtype=torch.float64)
+        # Statistics stay on the device until the end of the step: one read-back per step instead
+        # of several per micro-batch (and NCCL can only all-reduce CUDA tensors).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(cfg.accum_steps):
             mb = local[i * micro : (i + 1) * micro]
             last = i == cfg.accum_steps - 1
@@ -243,9 +244,8 @@ class Trainer:
                     if aux is not None:
                         loss = loss + cfg.aux_loss_weight * aux / cfg.accum_steps
                 loss.backward()
-            loss_sum += s.detach().double().cpu()
-            c = token_accuracy_counts(logits.detach(), mb)
-            counts += torch.tensor([c["correct"], c["total"]], dtype=torch.float64)
+            loss_sum += s.detach().double()
+            counts += token_accuracy_tensors(logits.detach(), mb)[:2].double()
         stats = torch.cat([loss_sum.reshape(1), counts])
         ddp.all_reduce_sum(stats, info)
         if cfg.grad_clip is not None:
@@ -259,6 +259,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        stats = stats.cpu()  # the step's one read-back, after the optimizer's work is queued
         return {
             "loss": float(stats[0] / n_global),
             "acc": float(stats[1] / max(float(stats[2]), 1.0)),

@@ -1,14 +1,15 @@
 import subprocess
 import sys
 
+import pytest
+
 from ssmkit.cli.main import main
 
 
 def test_help_lists_commands(capsys):
-    try:
+    with pytest.raises(SystemExit) as e:
         main(["--help"])
-    except SystemExit as e:
-        assert e.code == 0
+    assert e.value.code == 0
     assert "info" in capsys.readouterr().out
 
 

@@ -87,9 +87,9 @@ def test_stop_sequences_and_streamers(hybrid):
     assert s.ended and torch.equal(s.calls[0], ids) and len(s.calls) == 4
     tok = ByteTokenizer()
     text = tok.decode(free[0, 4:8].tolist())
-    if text:
-        out = ssmkit.generate(hybrid, ids, max_new_tokens=8, stop=[text[-1]], tokenizer=tok)
-        assert out.shape[1] <= 8
+    assert text, "the generated tokens decode to no text: pick another prompt"
+    out = ssmkit.generate(hybrid, ids, max_new_tokens=8, stop=[text[-1]], tokenizer=tok)
+    assert out.shape[1] <= 8
     with pytest.raises(ValueError, match="needs a tokenizer"):
         ssmkit.generate(hybrid, ids, max_new_tokens=2, stop=["x"])
 

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssmkit.ops.conv.fftconv import fftconv
 from ssmkit.testing import assert_close
@@ -68,25 +70,17 @@ def test_bad_input():
         fftconv(u, torch.randn(8, 3), backend="nope")
 
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover
-    given = None
-
-if given is not None:
-
-    @settings(max_examples=15)
-    @given(
-        batch=st.integers(1, 3),
-        L=st.integers(1, 70),
-        Lk=st.integers(1, 90),
-        H=st.integers(1, 4),
-        with_D=st.booleans(),
-    )
-    def test_fft_matches_direct_any_shape(batch, L, Lk, H, with_D):
-        g = torch.Generator().manual_seed(L * 1000 + Lk)
-        u = torch.randn(batch, L, H, dtype=torch.float64, generator=g)
-        K = torch.randn(Lk, H, dtype=torch.float64, generator=g)
-        D = torch.randn(H, dtype=torch.float64, generator=g) if with_D else None
-        assert_close("y", fftconv(u, K, D, backend="reference"), fftconv(u, K, D, backend="chunked"), rel=1e-12)
+@settings(max_examples=15)
+@given(
+    batch=st.integers(1, 3),
+    L=st.integers(1, 70),
+    Lk=st.integers(1, 90),
+    H=st.integers(1, 4),
+    with_D=st.booleans(),
+)
+def test_fft_matches_direct_any_shape(batch, L, Lk, H, with_D):
+    g = torch.Generator().manual_seed(L * 1000 + Lk)
+    u = torch.randn(batch, L, H, dtype=torch.float64, generator=g)
+    K = torch.randn(Lk, H, dtype=torch.float64, generator=g)
+    D = torch.randn(H, dtype=torch.float64, generator=g) if with_D else None
+    assert_close("y", fftconv(u, K, D, backend="reference"), fftconv(u, K, D, backend="chunked"), rel=1e-12)

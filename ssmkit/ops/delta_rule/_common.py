@@ -19,6 +19,16 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def prepare_qk(q: torch.Tensor, k: torch.Tensor, use_qk_l2norm: bool,
+               scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional L2 normalisation of q and k, then q * scale: shared by every form and the step."""
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if scale is not None and scale != 1.0:
+        q = q * scale
+    return q, k
+
+
 def make_form(core: Callable) -> Callable:
     @functools.wraps(core)
     def form(
@@ -37,10 +47,7 @@ def make_form(core: Callable) -> Callable:
         cdt = compute_dtype(q, k, v, beta, g, initial_state)
         q, k, v, beta = q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt)
         g = None if g is None else g.to(cdt)
-        if use_qk_l2norm:
-            q, k = l2norm(q), l2norm(k)
-        if scale is not None and scale != 1.0:
-            q = q * scale
+        q, k = prepare_qk(q, k, use_qk_l2norm, scale)
         h0 = None if initial_state is None else initial_state.to(cdt)
         valid = None
         if cu_seqlens is not None:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ssmkit.ops.delta_rule._common import l2norm
+from ssmkit.ops.delta_rule._common import prepare_qk
 
 
 def delta_step(state, q, k, v, beta, g=None, scale=None, use_qk_l2norm=False):
     sdt = state.dtype
     q, k, v, beta = q.to(sdt), k.to(sdt), v.to(sdt), beta.to(sdt)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    if scale is not None and scale != 1.0:
-        q = q * scale
+    q, k = prepare_qk(q, k, use_qk_l2norm, scale)
     if g is not None:
         state.mul_(torch.exp(g.to(sdt))[..., None, None])
     retrieved = (k.unsqueeze(-2) @ state).squeeze(-2)  # (b, h, V): hᵀ k

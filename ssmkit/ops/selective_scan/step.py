@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.ops.dispatch import register
+from ssmkit.ops.selective_scan._common import prepare_dt
 
 
 @register("selective_state_update", "reference")
@@ -20,11 +21,7 @@ def selective_state_update_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=N
     G, N = B.shape[2], B.shape[3]
     Dg = dim // G
     cdt = state.dtype
-    delta = dt.to(cdt)
-    if dt_bias is not None:
-        delta = delta + dt_bias.to(cdt)
-    if dt_softplus:
-        delta = F.softplus(delta)
+    delta = prepare_dt(dt, dt_bias, dt_softplus, cdt)  # the same Δ as the full-sequence forms
     xc = x.to(cdt)
     Bc, Cc = B.to(cdt), C.to(cdt)
     A4 = A.to(cdt).view(G, Dg, N)

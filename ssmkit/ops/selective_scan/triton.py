@@ -27,6 +27,7 @@ import os
 import torch
 
 from ssmkit.ops.dispatch import register
+from ssmkit.ops.selective_scan._common import compute_dtype
 
 __all__ = ["ScanConfig", "selective_scan_triton", "set_config", "get_config"]
 
@@ -120,16 +121,12 @@ def _load_group(cfg: ScanConfig) -> int:
     return g
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
              want_final, save_states, cfg):
     from ssmkit.ops.selective_scan.triton_kernels import selective_scan_fwd_kernel
 
     geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d)
-    acc = _acc_dtype(x)
+    acc = compute_dtype(x)
     y = torch.empty_like(x)
     # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
     ht = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc) if want_final else None
@@ -172,7 +169,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
         cfg = ctx.cfg
         geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.bwd_block_d)
-        acc = _acc_dtype(x)
+        acc = compute_dtype(x)
         dy = dy.contiguous()
         if dht is not None:
             dht = dht.transpose(1, 2).contiguous()
