@@ -6,6 +6,10 @@ tokens at batch 1 and 64: tokens/s = batch * new_tokens / (prefill + decode wall
 of ``--reps`` timed runs after a warm-up run (graph capture, Triton compilation). Then prompts 2K,
 8K, 32K at batch 1 for the Mamba model and a ~1.3B attention + SwiGLU model (24 layers, SDPA
 prefill, SDPA decode over a static KV cache in the graph). Writes JSON (``--out``).
+
+``--count-launches`` (no GPU needed) prints the kernel launches of one decode step of the Mamba
+1.4B layer structure (a narrow model with the same ops) on the CUDA path, counted on CPU under the
+Triton interpreter (:func:`ssmkit.inference.launches.count_step_launches`), and exits.
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ def bench_ssmkit(model, batch, prompt, reps):
         out["ids"] = generate_cuda_graph(model, ids, max_new_tokens=NEW)
 
     t = _time(run, reps)
-    return {"seconds": t, "tokens_per_s": batch * NEW / t}, out["ids"]
+    # prefill alone (one new token), to tell where the time goes
+    tp = _time(lambda: generate_cuda_graph(model, ids, max_new_tokens=1), reps)
+    return {"seconds": t, "tokens_per_s": batch * NEW / t, "prefill_s": tp,
+            "decode_ms_per_token": 1e3 * (t - tp) / (NEW - 1)}, out["ids"]
 
 
 def bench_mamba_ssm(batch, prompt, reps):
@@ -82,7 +89,32 @@ def bench_mamba_ssm(batch, prompt, reps):
                    return_dict_in_generate=False, output_scores=False)
 
     t = _time(run, reps)
-    return {"seconds": t, "tokens_per_s": batch * NEW / t}
+    tp = _time(lambda: m.generate(input_ids=ids, max_length=prompt + 1, cg=True, top_k=1,
+                                  return_dict_in_generate=False, output_scores=False), reps)
+    return {"seconds": t, "tokens_per_s": batch * NEW / t, "prefill_s": tp,
+            "decode_ms_per_token": 1e3 * (t - tp) / (NEW - 1)}
+
+
+def count_launches(n_layer: int = 48) -> dict:
+    """Launches of one decode step of a ``n_layer`` Mamba LM at batch 1, bf16 (narrow: d_model 64,
+    same ops as the 1.4B), on the CUDA path (Triton forms, counted on CPU) and the CPU path."""
+    from ssmkit.testing import use_triton_interpreter
+
+    use_triton_interpreter()
+    from ssmkit.inference import allocate_cache
+    from ssmkit.inference.launches import count_step_launches
+    from ssmkit.models.config import ModelConfig
+    from ssmkit.models.lm import LanguageModel
+
+    cfg = ModelConfig(d_model=64, n_layer=n_layer, vocab_size=1000, layer_pattern="M" * n_layer)
+    m = LanguageModel(cfg).to(torch.bfloat16).eval()
+    cache = allocate_cache(m, 1, 8)
+    res = {}
+    for name, backend in (("cuda_path", "triton"), ("cpu_path", None)):
+        count_step_launches(m, cache, backend)  # warm the per-layer caches (A = -exp(A_log))
+        c = count_step_launches(m, cache, backend)
+        res[name] = {"total": sum(c.values()), "n_layer": n_layer, "by_op": dict(c)}
+    return res
 
 
 def main(argv=None):
@@ -92,7 +124,11 @@ def main(argv=None):
     p.add_argument("--batches", default="1,64")
     p.add_argument("--attn-prompts", default="2048,8192,32768")
     p.add_argument("--skip", default="", help="comma list of: peer, attn")
+    p.add_argument("--count-launches", action="store_true", help="count decode launches on CPU and exit")
     a = p.parse_args(argv)
+    if a.count_launches:
+        print(json.dumps(count_launches(), indent=1))
+        return 0
     skip = set(filter(None, a.skip.split(",")))
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "new_tokens": NEW}

@@ -25,7 +25,8 @@ def prefill(model, input_ids: torch.Tensor, cache: InferenceCache,
     Also continues from a non-empty cache with a multi-token chunk. Returns the last position's
     logits ``(batch, padded_vocab)`` (left padding keeps the last position a real token).
     """
-    out = model(input_ids, cache=cache, attention_mask=attention_mask)
+    # Only the last position's logits are needed: skip the (batch, seqlen, vocab) head.
+    out = model(input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=1)
     return out.logits[:, -1]
 
 

@@ -214,14 +214,21 @@ class Mamba(nn.Module):
             raise ValueError(f"x_t must have shape (batch={state.ssm_state.shape[0]}, d_model={self.d_model}), "
                              f"got {tuple(x_t.shape)}")
         # Shapes are fixed by the layer, so the ops' unchecked forms are called directly: when
-        # decoding, the per-token Python overhead is a noticeable share of the time.
-        xs, z = self._split_in(self.in_proj(x_t.unsqueeze(1)))  # (batch, 1, d_inner)
+        # decoding, the per-token Python overhead is a noticeable share of the time. Slices of the
+        # projections (x | z, dt | B | C) are passed as views: the Triton forms read them in place.
+        xs, z = self._split_in(self.in_proj(x_t).unsqueeze(1))  # (batch, 1, d_inner), views
         conv_update = get("causal_conv1d_update", "auto", xs)
         xs = conv_update(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-        dt, B, C = self._x_proj(xs)
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         update = get("selective_state_update", "auto", xs)
-        y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
-                   self.dt_proj.bias, True)
+        if getattr(update, "fuses_dt_proj", False):
+            # Triton: dt_proj (dt_rank -> d_inner) runs inside the state-update kernel.
+            y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
+                       self.dt_proj.bias, True, dt_proj_weight=self.dt_proj.weight)
+        else:
+            dt = F.linear(dt, self.dt_proj.weight)
+            y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
+                       self.dt_proj.bias, True)
         return self.out_proj(y.squeeze(1))
 
     def extra_repr(self) -> str:

@@ -1,12 +1,18 @@
 """One residual block of a language model and the factory that builds its mixer by letter.
 
-Pre-norm residual (as ``mamba_ssm``'s ``Block`` with ``fused_add_norm`` unrolled)::
+Pre-norm residual (as ``mamba_ssm``'s ``Block``)::
 
     h = h + mixer(norm(h))
     h = h + mlp(norm2(h))        # only when the layer has an MLP (SwiGLU or MoE)
 
 The residual stream ``h`` is kept in float32 when ``residual_in_fp32`` (the norms' inputs are cast
 to the weights' dtype first, as mamba_ssm does).
+
+:class:`~ssmkit.LanguageModel` runs the blocks in the carried form ``(residual, out) ->
+(residual, out)`` (:meth:`Block.forward_residual`, :meth:`Block.step_residual`): each add is
+deferred to the next norm, so ``residual + out`` and the norm are one fused kernel
+(:func:`ssmkit.ops.norm_triton.add_rms_norm`, Triton on CUDA without autograd) and the residual
+stream is read and written once per norm. Same values as the unfused form.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from ssmkit.layers.moe import MoE
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models.config import LAYER_LETTERS, ModelConfig
+from ssmkit.ops.dispatch import get
+from ssmkit.ops.norm_triton import add_rms_norm_reference
 
 # letter -> (module, class name, ModelConfig field with its kwargs). Imported lazily: a model only
 # needs the mixers its pattern uses.
@@ -99,46 +107,85 @@ class Block(nn.Module):
             else:
                 self.mlp = MLP(config.d_model, config.mlp_hidden, device=device, dtype=dtype)
 
-    def _resid(self, h: torch.Tensor) -> torch.Tensor:
-        return h.float() if self.residual_in_fp32 else h
+    def _add_norm(self, norm: nn.Module, out: torch.Tensor, residual: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + out`` (``out`` alone when ``residual`` is None) and its norm."""
+        return add_norm(norm, out, residual, self.residual_in_fp32)
 
-    def _mlp(self, h: torch.Tensor, mask: torch.Tensor | None, dense: bool):
-        x = self.norm2(h.to(self.norm2.weight.dtype))
+    def _mlp(self, x: torch.Tensor, mask: torch.Tensor | None, dense: bool):
         if self.mlp_kind == "moe":
-            y, aux = self.mlp(x, mask=mask, dense=dense)
-        else:
-            y, aux = self.mlp(x), None
-        return h + y, aux
+            return self.mlp(x, mask=mask, dense=dense)
+        return self.mlp(x), None
 
-    def forward(self, h: torch.Tensor, state: LayerState | None = None, return_state: bool = False,
-                mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
-        """``h: (batch, seqlen, d_model)`` residual stream -> ``(h, new_state or None, aux_loss or None)``."""
-        h = self._resid(h)
-        x = self.norm(h.to(self.norm.weight.dtype))
+    def forward_residual(self, residual: torch.Tensor | None, out: torch.Tensor,
+                         state: LayerState | None = None, return_state: bool = False,
+                         mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        """Carried form: ``(residual, out)`` -> ``(residual, out, new_state or None, aux or None)``.
+
+        ``residual`` (None before the first block) plus ``out`` (the previous branch's output,
+        or the embedding) is the block's input stream; the returned ``residual + out`` is its
+        output stream. ``(batch, seqlen, d_model)`` each.
+        """
+        residual, x = self._add_norm(self.norm, out, residual)
         kw = {}
         if mask is not None:
             kw["mask"] = mask
         if cu_seqlens is not None:
             kw["cu_seqlens"] = cu_seqlens
         if state is not None or return_state:
-            y, new_state = self.mixer(x, state=state, return_state=True, **kw)
+            out, new_state = self.mixer(x, state=state, return_state=True, **kw)
         else:
-            y, new_state = self.mixer(x, **kw), None
-        h = h + y
+            out, new_state = self.mixer(x, **kw), None
         aux = None
         if self.mlp_kind != "none":
-            h, aux = self._mlp(h, mask, dense=False)
-        return h, new_state, aux
+            residual, x = self._add_norm(self.norm2, out, residual)
+            out, aux = self._mlp(x, mask, dense=False)
+        return residual, out, new_state, aux
+
+    def forward(self, h: torch.Tensor, state: LayerState | None = None, return_state: bool = False,
+                mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        """``h: (batch, seqlen, d_model)`` residual stream -> ``(h, new_state or None, aux_loss or None)``."""
+        residual, out, new_state, aux = self.forward_residual(None, h, state, return_state, mask, cu_seqlens)
+        return residual + out, new_state, aux
+
+    def step_residual(self, residual: torch.Tensor | None, out: torch.Tensor, state: LayerState
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Carried form of :meth:`step`: ``(residual, out)`` ``(batch, d_model)`` each -> the same
+        for the next block; updates ``state`` in place. Static shapes only (CUDA-graph safe)."""
+        residual, x = self._add_norm(self.norm, out, residual)
+        out = self.mixer.step(x, state)
+        if self.mlp_kind != "none":
+            residual, x = self._add_norm(self.norm2, out, residual)
+            out, _ = self._mlp(x, None, dense=True)
+        return residual, out
 
     def step(self, h: torch.Tensor, state: LayerState) -> torch.Tensor:
         """One token, ``h: (batch, d_model)``; updates ``state`` in place. Static shapes only."""
-        h = self._resid(h)
-        h = h + self.mixer.step(self.norm(h.to(self.norm.weight.dtype)), state)
-        if self.mlp_kind != "none":
-            h, _ = self._mlp(h, None, dense=True)
-        return h
+        residual, out = self.step_residual(None, h, state)
+        return residual + out
 
     def allocate_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> LayerState:
         if isinstance(self.mixer, Attention):
             return self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
         return self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
+
+
+def add_norm(norm: nn.Module, out: torch.Tensor, residual: torch.Tensor | None,
+             residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deferred residual add and the next pre-norm: ``(residual + out, norm(residual + out))``.
+
+    The sum is float32 when ``residual_in_fp32`` and is cast to the norm weight's dtype before the
+    norm (as the unfused block does). RMSNorm goes through the fused op's Triton form when dispatch
+    picks it (CUDA) and nothing needs gradients; otherwise PyTorch ops.
+    """
+    if isinstance(norm, RMSNorm):
+        fused = get("add_rms_norm", "auto", out)
+        if fused is not add_rms_norm_reference and not (torch.is_grad_enabled() and (
+                out.requires_grad or norm.weight.requires_grad
+                or (residual is not None and residual.requires_grad))):
+            y, h = fused(out, residual, norm.weight, norm.eps, torch.float32 if residual_in_fp32 else None)
+            return h, y
+    h = out if residual is None else residual + out
+    if residual_in_fp32:
+        h = h.float()
+    return h, norm(h.to(norm.weight.dtype))

@@ -17,7 +17,7 @@ from torch import nn
 
 from ssmkit._checks import check_cu_seqlens
 from ssmkit.layers.state import LayerState
-from ssmkit.models.block import Block, build_norm
+from ssmkit.models.block import Block, add_norm, build_norm
 from ssmkit.models.config import ModelConfig
 
 
@@ -25,7 +25,8 @@ from ssmkit.models.config import ModelConfig
 class LMOutput:
     """What :meth:`LanguageModel.forward` returns.
 
-    logits: ``(batch, seqlen, padded_vocab_size)`` float32. loss: mean next-token cross entropy
+    logits: ``(batch, seqlen, padded_vocab_size)`` float32 (``seqlen`` = ``logits_to_keep`` when
+    that is set). loss: mean next-token cross entropy
     over labels != -100 (labels aligned with input_ids, shifted inside), or None. aux_loss: sum of
     the MoE layers' load-balancing losses (not added to ``loss``; scale it yourself), or None.
     cache: the cache passed in, updated in place, or None.
@@ -54,7 +55,7 @@ def _check_ids(name: str, ids: object, vocab: int, ndim: int) -> torch.Tensor:
         want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
         raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
     if vocab and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one reduction over the ids
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} must hold token ids in [0, {vocab}), got values in [{lo}, {hi}]")
     return ids.long()
@@ -110,16 +111,24 @@ class LanguageModel(nn.Module):
         return [blk.allocate_state(batch_size, max_seqlen, device=device, dtype=dtype)
                 for blk in self.backbone.layers]
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+    def _head(self, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """Final add + norm + LM head on the carried ``(residual, out)`` -> float32 logits."""
+        _, x = add_norm(self.backbone.norm_f, out, residual, self.config.residual_in_fp32)
         return self.lm_head(x.to(self.lm_head.weight.dtype)).float()
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> LMOutput:
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> LMOutput:
+        """See the class docstring. ``logits_to_keep``: 0 = logits for every position, ``k > 0`` =
+        only for the last ``k`` (prefill keeps 1 and skips the ``(batch, seqlen, vocab)`` head)."""
         ids = _check_ids("input_ids", input_ids, self.config.padded_vocab_size, 2)
         B, L = ids.shape
         if L == 0:
             raise ValueError("input_ids must hold at least one token per row, got seqlen 0")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep must be 0 with labels (the loss needs every position's logits)")
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
@@ -135,19 +144,25 @@ class LanguageModel(nn.Module):
             if not isinstance(states, (list, tuple)) or len(states) != self.config.n_layer:
                 raise TypeError("cache must be an InferenceCache (ssmkit.inference.allocate_cache) "
                                 f"holding {self.config.n_layer} layer states")
-        h = self.backbone.embedding(ids)
+        # Carried (residual, out): each block's residual add is fused into the next norm.
+        residual, out = None, self.backbone.embedding(ids)
         aux_total = None
         for i, blk in enumerate(self.backbone.layers):
             st = states[i] if states is not None else None
-            h, new_st, aux = blk(h, state=st, return_state=st is not None, mask=attention_mask,
-                                 cu_seqlens=cu_seqlens)
+            residual, out, new_st, aux = blk.forward_residual(
+                residual, out, state=st, return_state=st is not None, mask=attention_mask,
+                cu_seqlens=cu_seqlens)
             if st is not None:
                 st.copy_(new_st)  # keep the cache's buffers (addresses) for CUDA graphs
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None and hasattr(cache, "advance"):
             cache.advance(L)
-        logits = self._head(h)
+        if 0 < logits_to_keep < L:
+            # the head (final norm + lm_head) on the kept positions only
+            out = out[:, L - logits_to_keep:]
+            residual = residual[:, L - logits_to_keep:] if residual is not None else None
+        logits = self._head(residual, out)
         loss = None
         if labels is not None:
             lab = _check_ids("labels", labels, 0, 2)
@@ -164,10 +179,10 @@ class LanguageModel(nn.Module):
         Updates ``cache`` in place; no host synchronisation and static shapes (CUDA-graph safe).
         """
         states = getattr(cache, "states", cache)
-        h = self.backbone.embedding(input_ids)
+        residual, out = None, self.backbone.embedding(input_ids)
         for blk, st in zip(self.backbone.layers, states):
-            h = blk.step(h, st)
-        return self._head(h)
+            residual, out = blk.step_residual(residual, out, st)
+        return self._head(residual, out)
 
     # ----------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -1,17 +1,23 @@
 """Triton decode kernels for Mamba: one launch per op per step, states updated in place.
 
 * :func:`causal_conv1d_update_triton` ``(x, conv_state, weight, bias=None, activation=None)``:
-  shifts the ``(batch, dim, W-1)`` conv state by the new token(s) and returns the convolution
-  (+ bias, + SiLU) of each, fused in one kernel. ``x``: ``(batch, dim)`` or ``(batch, T, dim)``.
-* :func:`selective_state_update_triton` ``(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)``:
-  the ``("selective_state_update", "triton")`` form. ``state``: ``(batch, dim, N)`` float32;
-  ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)``. For each token, fused:
-  Δ = softplus(dt + dt_bias), h = exp(ΔA) h + Δ B x, y = (C·h + D x) · silu(z). The state is read
-  once, kept in registers over the ``T`` tokens and written once.
+  the ``("causal_conv1d_update", "triton")`` form. Shifts the ``(batch, dim, W-1)`` conv state by
+  the new token(s) and returns the convolution (+ bias, + SiLU) of each, fused in one kernel.
+  ``x``: ``(batch, dim)`` or ``(batch, T, dim)``, any strides with unit stride along ``dim`` (e.g.
+  the x half of ``in_proj``'s output, read in place); ``conv_state`` may have any strides.
+* :func:`selective_state_update_triton` ``(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+  dt_proj_weight=None)``: the ``("selective_state_update", "triton")`` form. ``state``:
+  ``(batch, dim, N)`` float32; ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)``,
+  all read through their strides (slices of one projection need no copy). For each token, fused:
+  Δ = softplus(dt + dt_bias), h = exp(ΔA) h + Δ B x, y = (C·h + D x) · silu(z). With
+  ``dt_proj_weight (dim, R)``, ``dt`` is the low-rank ``(batch, T, R)`` input and the kernel also
+  does Mamba's dt_proj: dt = dt_proj_weight · dt (rounded to the model dtype, as the unfused
+  ``F.linear`` is), so a Mamba decode step needs no separate dt_proj GEMV.
 
-Both kernels take no host synchronisation and allocate only their output, so a decode step built
-from them can be captured in a CUDA graph (:mod:`ssmkit.inference.cuda_graph`). Imports without
-Triton; kernels compile on first use.
+The state is read once, kept in registers over the ``T`` tokens and written once. Both kernels
+take no host synchronisation and allocate only their output, so a decode step built from them can
+be captured in a CUDA graph (:mod:`ssmkit.inference.cuda_graph`). Imports without Triton;
+kernels compile on first use.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ import torch
 from ssmkit.ops.dispatch import register
 
 __all__ = ["causal_conv1d_update_triton", "selective_state_update_triton"]
+
+# Launch shapes (module-level so a GPU sweep can change them without editing code). Fused dt_proj:
+# (BLOCK_D channels x BLOCK_R of dt_rank) weight tiles over 4 warps, ~55-72 registers on sm_90, no
+# spills; up to ``max_rows`` batch rows per program (see _rows_per_program).
+SSU_FUSED = {"block_d": 32, "num_warps": 4, "max_rows": 4}
+SSU_PLAIN = {"block_d": 32, "num_warps": 1}
+CONV_UPDATE = {"block_d": 128, "num_warps": 4}
 
 _K = None
 
@@ -37,28 +50,28 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def conv_update_kernel(X, STATE, W_, BIAS, Y, T, dim,
+    def conv_update_kernel(X, STATE, W_, BIAS, Y, T, dim, sx_b, sx_t, ss_b, ss_d, ss_w, sy_b, sy_t,
                            WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                            BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         md = d < dim
-        st_base = STATE + (b * dim + d) * (WIDTH - 1)
+        st_base = STATE + b * ss_b + d * ss_d
+        x_base = X + b * sx_b + d
         # the old state (oldest first), read once into registers before it is overwritten
         win = ()
         for j in tl.static_range(WIDTH - 1):
-            win = win + (tl.load(st_base + j, mask=md, other=0.0).to(tl.float32),)
+            win = win + (tl.load(st_base + j * ss_w, mask=md, other=0.0).to(tl.float32),)
         wts = ()
         for k in tl.static_range(WIDTH):
             wts = wts + (tl.load(W_ + d * WIDTH + k, mask=md, other=0.0).to(tl.float32),)
         if HAS_BIAS:
             bias = tl.load(BIAS + d, mask=md, other=0.0).to(tl.float32)
         for t in range(0, T):
-            off = (b * T + t) * dim + d
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             for k in tl.static_range(WIDTH):
                 p = t - (WIDTH - 1) + k  # input position; < 0 reads the old state
-                v = tl.load(X + (b * T + p) * dim + d, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(tl.float32)
+                v = tl.load(x_base + p * sx_t, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(tl.float32)
                 for j in tl.static_range(WIDTH - 1):
                     v = tl.where(p == j - (WIDTH - 1), win[j], v)
                 acc += wts[k] * v
@@ -66,101 +79,161 @@ def _build():
                 acc += bias
             if SILU:
                 acc = acc * tl.sigmoid(acc)
-            tl.store(Y + off, acc.to(Y.dtype.element_ty), mask=md)
+            tl.store(Y + b * sy_b + t * sy_t + d, acc.to(Y.dtype.element_ty), mask=md)
         # new state: the last W-1 inputs of [old state, x_0 .. x_{T-1}] (all reads done above)
         for j in tl.static_range(WIDTH - 1):
             p = T - (WIDTH - 1) + j
-            v = tl.load(X + (b * T + p) * dim + d, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(tl.float32)
+            v = tl.load(x_base + p * sx_t, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(tl.float32)
             for i in tl.static_range(WIDTH - 1):
                 v = tl.where(p == i - (WIDTH - 1), win[i], v)
-            tl.store(st_base + j, v.to(STATE.dtype.element_ty), mask=md)
+            tl.store(st_base + j * ss_w, v.to(STATE.dtype.element_ty), mask=md)
 
     @triton.jit
-    def ssm_update_kernel(STATE, X, DT, A, B, C, D, Z, DT_BIAS, Y, T, dim, dstate, ngroups,
-                          dpg, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    def ssm_update_kernel(STATE, X, DT, A, B, C, D, Z, DT_BIAS, WDT, Y,
+                          batch, T, dim, dstate, dpg, R,
+                          ss_b, ss_d, sx_b, sx_t, sdt_b, sdt_t, sz_b, sz_t,
+                          sb_b, sb_t, sb_g, sc_b, sc_t, sc_g, sy_b, sy_t, sw_d,
+                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         ACC = STATE.dtype.element_ty
-        b = tl.program_id(0).to(tl.int64)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, BLOCK_N)
         md = d < dim
         mn = n < dstate
-        m2 = mn[:, None] & md[None, :]
-        # (BLOCK_N, BLOCK_D) tiles: channels across lanes, a channel's N states in one thread
-        s_off = (b * dim + d[None, :]) * dstate + n[:, None]
-        h = tl.load(STATE + s_off, mask=m2, other=0.0).to(ACC)
-        Av = tl.load(A + d[None, :] * dstate + n[:, None], mask=m2, other=0.0).to(ACC)
+        # (BLOCK_N, BLOCK_D) tiles: a channel's N states along axis 0
+        Av = tl.load(A + d[None, :] * dstate + n[:, None], mask=mn[:, None] & md[None, :], other=0.0).to(ACC)
         g = d // dpg  # group of each channel
         if HAS_D:
             Dv = tl.load(D + d, mask=md, other=0.0).to(ACC)
         if HAS_BIAS:
             bias = tl.load(DT_BIAS + d, mask=md, other=0.0).to(ACC)
-        for t in range(0, T):
-            row = b * T + t
-            off = row * dim + d
-            x = tl.load(X + off, mask=md, other=0.0).to(ACC)
-            dt = tl.load(DT + off, mask=md, other=0.0).to(ACC)
-            if HAS_BIAS:
-                dt += bias
-            if SOFTPLUS:
-                dt = tl.where(dt > 20.0, dt, tl.where(dt < -15.0, tl.exp(dt), tl.log(1.0 + tl.exp(dt))))
-            bc = (row * ngroups + g[None, :]) * dstate + n[:, None]
-            Bt = tl.load(B + bc, mask=m2, other=0.0).to(ACC)
-            Ct = tl.load(C + bc, mask=m2, other=0.0).to(ACC)
-            # h = exp(ΔA) h + Δ x B, with exp(v) = exp2(v log2 e)
-            h = tl.exp2((dt * 1.4426950408889634)[None, :] * Av) * h + (dt * x)[None, :] * Bt
-            y = tl.sum(h * Ct, axis=0)
-            if HAS_D:
-                y += Dv * x
-            if HAS_Z:
-                z = tl.load(Z + off, mask=md, other=0.0).to(ACC)
-                y = y * z * tl.sigmoid(z)
-            tl.store(Y + off, y.to(Y.dtype.element_ty), mask=md)
-        tl.store(STATE + s_off, h, mask=m2)
+        r = tl.arange(0, BLOCK_R)
+        # ROWS batch rows per program: at large batch the dt_proj weight block is read from
+        # global memory once per program and from L1 for the other rows.
+        for i in range(0, ROWS):
+            b = (tl.program_id(1) * ROWS + i).to(tl.int64)
+            mrow = d < tl.where(b < batch, dim, 0)  # channels of a real row (not md & ...:
+            # a scalar comparison does not combine with a block mask in the interpreter)
+            m2 = mn[:, None] & mrow[None, :]
+            s_ptr = STATE + b * ss_b + d[None, :] * ss_d + n[:, None]
+            h = tl.load(s_ptr, mask=m2, other=0.0).to(ACC)
+            for t in range(0, T):
+                x = tl.load(X + b * sx_b + t * sx_t + d, mask=mrow, other=0.0).to(ACC)
+                if DT_PROJ:
+                    # dt = W_dt · dt_low over R in chunks of BLOCK_R (R = dt_rank, e.g. 128)
+                    acc = tl.zeros([BLOCK_D], dtype=ACC)
+                    for r0 in range(0, R, BLOCK_R):
+                        mr = (r0 + r) < R
+                        lo = tl.load(DT + b * sdt_b + t * sdt_t + r0 + r,
+                                     mask=(r0 + r) < tl.where(b < batch, R, 0), other=0.0).to(ACC)
+                        w = tl.load(WDT + d[:, None] * sw_d + (r0 + r)[None, :],
+                                    mask=md[:, None] & mr[None, :], other=0.0).to(ACC)
+                        acc += tl.sum(w * lo[None, :], axis=1)
+                    # round like the unfused F.linear in the model dtype
+                    dt = acc.to(X.dtype.element_ty).to(ACC)
+                else:
+                    dt = tl.load(DT + b * sdt_b + t * sdt_t + d, mask=mrow, other=0.0).to(ACC)
+                if HAS_BIAS:
+                    dt += bias
+                if SOFTPLUS:
+                    dt = tl.where(dt > 20.0, dt, tl.where(dt < -15.0, tl.exp(dt), tl.log(1.0 + tl.exp(dt))))
+                Bt = tl.load(B + b * sb_b + t * sb_t + g[None, :] * sb_g + n[:, None], mask=m2, other=0.0).to(ACC)
+                Ct = tl.load(C + b * sc_b + t * sc_t + g[None, :] * sc_g + n[:, None], mask=m2, other=0.0).to(ACC)
+                # h = exp(ΔA) h + Δ x B, with exp(v) = exp2(v log2 e)
+                h = tl.exp2((dt * 1.4426950408889634)[None, :] * Av) * h + (dt * x)[None, :] * Bt
+                y = tl.sum(h * Ct, axis=0)
+                if HAS_D:
+                    y += Dv * x
+                if HAS_Z:
+                    z = tl.load(Z + b * sz_b + t * sz_t + d, mask=mrow, other=0.0).to(ACC)
+                    y = y * z * tl.sigmoid(z)
+                tl.store(Y + b * sy_b + t * sy_t + d, y.to(Y.dtype.element_ty), mask=mrow)
+            tl.store(s_ptr, h.to(STATE.dtype.element_ty), mask=m2)
 
     return conv_update_kernel, ssm_update_kernel
-
-
-def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
-    """Same contract as :func:`ssmkit.ops.conv.causal_conv1d.causal_conv1d_update` (no validation):
-    ``conv_state`` ``(batch, dim, W-1)`` contiguous, updated in place."""
-    conv_k, _ = _kernels()
-    single = x.dim() == 2
-    x3 = (x.unsqueeze(1) if single else x).contiguous()
-    bsz, T, dim = x3.shape
-    W = weight.shape[1]
-    if not conv_state.is_contiguous():
-        raise ValueError("conv_state must be contiguous for the in-place Triton update")
-    y = torch.empty_like(x3)
-    BLOCK_D = 128
-    conv_k[(bsz, triton_cdiv(dim, BLOCK_D))](
-        x3, conv_state, weight.contiguous(), bias, y, T, dim, WIDTH=W, HAS_BIAS=bias is not None,
-        SILU=activation in ("silu", "swish"), BLOCK_D=BLOCK_D, num_warps=4)
-    return y.squeeze(1) if single else y
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride, else a contiguous copy."""
+    if t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
+
+
+@register("causal_conv1d_update", "triton")
+def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+    """Same contract as :func:`ssmkit.ops.conv.causal_conv1d.causal_conv1d_update` (no validation):
+    ``conv_state (batch, dim, W-1)`` updated in place (any strides); ``x (batch, [T,] dim)`` read
+    through its strides. Returns ``y`` of the shape of ``x``, contiguous, in ``x``'s dtype."""
+    conv_k, _ = _kernels()
+    single = x.dim() == 2
+    x3 = _unit_last(x.unsqueeze(1) if single else x)
+    bsz, T, dim = x3.shape
+    W = weight.shape[1]
+    y = torch.empty(bsz, T, dim, device=x.device, dtype=x.dtype)
+    BLOCK_D = CONV_UPDATE["block_d"]
+    conv_k[(bsz, triton_cdiv(dim, BLOCK_D))](
+        x3, conv_state, weight.contiguous(), bias, y, T, dim, x3.stride(0), x3.stride(1),
+        conv_state.stride(0), conv_state.stride(1), conv_state.stride(2) if W > 1 else 1, y.stride(0),
+        y.stride(1), WIDTH=W, HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
+        BLOCK_D=BLOCK_D, num_warps=CONV_UPDATE["num_warps"])
+    return y.squeeze(1) if single else y
+
+
+def _rows_per_program(batch: int, fused_dt: bool) -> int:
+    """Batch rows per program: 1 at small batch (most programs for latency); up to 4 at large
+    batch so the dt_proj weight block is reused from L1 (grids stay >= ~2K programs)."""
+    if not fused_dt:
+        return 1
+    return max(1, min(SSU_FUSED["max_rows"], batch // 8))
+
+
 @register("selective_state_update", "triton")
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
-                                  dt_softplus=False):
+                                  dt_softplus=False, dt_proj_weight=None):
     """Triton form of ``selective_state_update`` (shapes normalised by the public function:
-    ``x, dt, z`` ``(batch, T, dim)``, ``B, C`` ``(batch, T, G, N)``)."""
+    ``x, dt, z`` ``(batch, T, dim)``, ``B, C`` ``(batch, T, G, N)``; any strides with a unit last
+    stride are read in place). ``state (batch, dim, N)`` needs a unit stride along ``N``.
+
+    ``dt_proj_weight (dim, R)``: ``dt`` is then ``(batch, T, R)`` and Δ's pre-activation is
+    ``dt_proj_weight · dt`` (Mamba's dt_proj, fused). Returns ``y (batch, T, dim)`` in ``x``'s dtype.
+    """
     _, ssm_k = _kernels()
-    if not state.is_contiguous():
-        raise ValueError("state must be contiguous for the in-place Triton update")
+    if state.stride(2) != 1:
+        raise ValueError("state must have unit stride along N for the in-place Triton update")
     bsz, T, dim = x.shape
     G, N = B.shape[2], B.shape[3]
-    x, dt = x.contiguous(), dt.contiguous()
-    B, C = B.contiguous(), C.contiguous()
-    z = z.contiguous() if z is not None else None
-    y = torch.empty_like(x)
-    BLOCK_D = 32
+    x, dt, B, C = (_unit_last(t) for t in (x, dt, B, C))
+    z = _unit_last(z) if z is not None else None
+    fused = dt_proj_weight is not None
+    if fused:
+        w = _unit_last(dt_proj_weight)
+        R = w.shape[1]
+        BLOCK_R = min(64, max(16, 1 << (R - 1).bit_length()))
+    else:
+        w, R, BLOCK_R = dt, 1, 16  # unused
+    y = torch.empty(bsz, T, dim, device=x.device, dtype=x.dtype)
+    rows = _rows_per_program(bsz, fused)
+    cfg = SSU_FUSED if fused else SSU_PLAIN
+    BLOCK_D, warps = cfg["block_d"], cfg["num_warps"]
     BLOCK_N = max(2, 1 << (N - 1).bit_length())
-    ssm_k[(bsz, triton_cdiv(dim, BLOCK_D))](
-        state, x, dt, A.contiguous(), B, C, D, z, dt_bias, y, T, dim, N, G, dim // G,
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    ssm_k[(triton_cdiv(dim, BLOCK_D), triton_cdiv(bsz, rows))](
+        state, x, dt, A.contiguous(), B, C, D, z, dt_bias, w, y,
+        bsz, T, dim, N, dim // G, R,
+        state.stride(0), state.stride(1), x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
+        zs[0], zs[1], B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        y.stride(0), y.stride(1), w.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=1)
+        SOFTPLUS=bool(dt_softplus), DT_PROJ=fused, ROWS=rows, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        BLOCK_R=BLOCK_R, num_warps=warps)
     return y
+
+
+# Mamba.step asks for this: the Triton form takes dt_proj_weight (fuses dt_proj).
+selective_state_update_triton.fuses_dt_proj = True

@@ -1,5 +1,6 @@
-"""Triton decode kernels (conv-state shift + conv, selective state update) against the reference
-forms, under the Triton CPU interpreter without a GPU; states updated in place."""
+"""Triton decode kernels (conv-state shift + conv, selective state update with the optional fused
+dt_proj) against the reference forms and float64, under the Triton CPU interpreter without a GPU;
+states updated in place, strided inputs read in place."""
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def test_conv_update(T, W, bias, act):
     b = torch.randn(40, generator=g).to(dev) if bias else None
     st_ref = st.clone()
     y = dec.causal_conv1d_update_triton(x, st, w, b, act)
-    yr = causal_conv1d_update(x, st_ref, w, b, act)
+    yr = causal_conv1d_update(x, st_ref, w, b, act, backend="reference")
     assert_close("y", yr, y, rel=1e-6)
     assert_close("conv_state", st_ref, st, rel=1e-7)
     y1 = dec.causal_conv1d_update_triton(x[:, 0], st, w, b, act)  # (batch, dim) form
@@ -52,3 +53,70 @@ def test_registered_for_dispatch():
 
     assert "triton" in dispatch.available("selective_state_update")
     assert "triton" in dispatch.available("causal_conv1d")
+    assert "triton" in dispatch.available("causal_conv1d_update")
+    assert dispatch.get("causal_conv1d_update", "triton") is dec.causal_conv1d_update_triton
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_conv_update_strided_x_and_state(T):
+    """x = the first half of a wider projection (row stride 2*dim), state stored transposed
+    ((batch, W-1, dim) memory seen as (batch, dim, W-1)): both read and written in place."""
+    dev = triton_device()
+    g = torch.Generator().manual_seed(7 + T)
+    dim, W = 48, 4
+    xz = torch.randn(3, T, 2 * dim, generator=g).to(dev)
+    x = xz[..., :dim]
+    st_t = torch.randn(3, W - 1, dim, generator=g).to(dev)
+    st = st_t.transpose(1, 2)  # (3, dim, W-1), non-contiguous
+    st_ref = st.clone()
+    w, b = torch.randn(dim, W, generator=g).to(dev), torch.randn(dim, generator=g).to(dev)
+    y = dec.causal_conv1d_update_triton(x, st, w, b, "silu")
+    yr = causal_conv1d_update(x, st_ref, w, b, "silu", backend="reference")
+    assert_close("y", yr, y, rel=1e-6)
+    assert_close("conv_state", st_ref, st, rel=1e-7)
+    assert st.data_ptr() == st_t.data_ptr()
+
+
+def _ssu_inputs(bsz, T, dim, N, R, seed):
+    """x | z halves of one projection, dt_low | B | C slices of another (as Mamba.step has them)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = triton_device()
+    r = lambda *s: torch.randn(*s, generator=g).to(dev)  # noqa: E731
+    xz = r(bsz, T, 2 * dim)
+    dbc = r(bsz, T, R + 2 * N)
+    W = r(dim, R) * R ** -0.5
+    A = -torch.rand(dim, N, generator=g).to(dev) - 0.1
+    return dict(x=xz[..., :dim], z=xz[..., dim:], dt_low=dbc[..., :R], B=dbc[..., R:R + N].unsqueeze(2),
+                C=dbc[..., R + N:].unsqueeze(2), W=W, A=A, D=r(dim), bias=r(dim) - 1.0, s=r(bsz, dim, N))
+
+
+@pytest.mark.parametrize("bsz,T,R", [(1, 1, 128), (3, 2, 20), (37, 1, 8)])
+def test_selective_state_update_fused_dt_proj_vs_float64(bsz, T, R):
+    """dt_proj inside the kernel (dt = W dt_low), several batch rows per program at batch 37
+    (a partial last block), against the float64 reference of the unfused step."""
+    dim, N = 40, 16
+    a = _ssu_inputs(bsz, T, dim, N, R, seed=bsz + T + R)
+    s = a["s"].clone()
+    y = dec.selective_state_update_triton(s, a["x"], a["dt_low"], a["A"], a["B"], a["C"], a["D"], a["z"],
+                                          a["bias"], True, dt_proj_weight=a["W"])
+    d64 = {k: v.double() for k, v in a.items()}
+    s64 = d64["s"].clone()
+    dt64 = d64["dt_low"] @ d64["W"].T
+    yr = selective_state_update_step(s64, d64["x"], dt64, d64["A"], d64["B"], d64["C"], d64["D"], d64["z"],
+                                     d64["bias"], True)
+    assert_close("y", yr, y.double(), rel=2e-5)
+    assert_close("state", s64, s.double(), rel=2e-5)
+
+
+def test_selective_state_update_unfused_strided_vs_float64():
+    bsz, T, dim, N = 2, 1, 40, 16
+    a = _ssu_inputs(bsz, T, dim, N, 16, seed=3)
+    dt = a["x"] * 0.5  # any (batch, T, dim) strided view
+    s = a["s"].clone()
+    y = dec.selective_state_update_triton(s, a["x"], dt, a["A"], a["B"], a["C"], a["D"], a["z"], a["bias"], True)
+    d64 = {k: v.double() for k, v in a.items()}
+    s64 = d64["s"].clone()
+    yr = selective_state_update_step(s64, d64["x"], dt.double(), d64["A"], d64["B"], d64["C"], d64["D"],
+                                     d64["z"], d64["bias"], True)
+    assert_close("y", yr, y.double(), rel=2e-5)
+    assert_close("state", s64, s.double(), rel=2e-5)

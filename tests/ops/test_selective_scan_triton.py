@@ -93,3 +93,58 @@ def test_dispatch_and_public_op():
     y = selective_scan(x, dt, A, B, C, D, z, bias, True, h0, backend="triton")
     yr = selective_scan(x, dt, A, B, C, D, z, bias, True, h0, backend="reference")
     assert_close("y", yr, y, rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N", [6, 5])  # even: B, C read two per 32-bit word; odd: one by one
+def test_half_inputs_packed_rows(dtype, N):
+    """16-bit inputs: the forward unpacks B, C from 32-bit words; compare with the reference on
+    the same (rounded) inputs in float64, so only float32 arithmetic separates the two."""
+    ts = _inputs(2, 9, 8, N, 1, dtype)
+    y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
+    ts64 = [t.double() if t is not None else None for t in ts]
+    yr, hr = _run(selective_scan_reference, ts64, True, None)
+    assert y.dtype == dtype
+    # y itself is rounded to 16 bits (8 mantissa bits for bfloat16, 11 for float16)
+    assert_close("y", yr, y.double(), rel=8e-3 if dtype == torch.bfloat16 else 1e-3)
+    assert_close("final_state", hr, hT, rel=1e-5)
+
+
+@pytest.mark.parametrize("lanes,N", [(0, 4), (1, triton_mod.LANES_MAX_N + 1)])
+def test_tile_forward_kernel(lanes, N):
+    """The (N, block_d) tile forward: chosen by config, and for N beyond the lanes kernel."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=4, bwd_block_d=16,
+                                                       fwd_lanes=lanes))
+    try:
+        _check(_inputs(1, 6, 8, N, 1, torch.float64))
+    finally:
+        triton_mod.set_config(prev)
+
+
+@pytest.mark.parametrize("bwd_lanes,bsz,L,dim,N,G", [
+    (1, 1, 10, 64, 17, 2),  # lanes backward with groups of 32 channels, 2N > 32 values per step
+    (0, 2, 9, 40, 4, 1),  # the tile backward
+])
+def test_backward_kernels(bwd_lanes, bsz, L, dim, N, G):
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, bwd_lanes=bwd_lanes))
+    try:
+        _check(_inputs(bsz, L, dim, N, G, torch.float64))
+    finally:
+        triton_mod.set_config(prev)
+
+
+def test_half_inputs_gradients():
+    """bfloat16 inputs through the packed-row backward: gradients against float64 on the same
+    rounded inputs (each gradient is itself rounded to bfloat16)."""
+    ts = [t.requires_grad_() if t is not None else None
+          for t in _inputs(1, 12, 32, 6, 1, torch.bfloat16)]
+    ts64 = [t.detach().double().requires_grad_() if t is not None else None for t in ts]
+    y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
+    yr, hr = _run(selective_scan_reference, ts64, True, None)
+    gy = torch.randn_like(yr)
+    live = [t for t in ts if t is not None]
+    live64 = [t for t in ts64 if t is not None]
+    g = torch.autograd.grad((y.double() * gy).sum() + hT.double().sum(), live)
+    gr = torch.autograd.grad((yr * gy).sum() + hr.sum(), live64)
+    for n, a, b in zip(NAMES, gr, g):
+        assert_close(f"grad {n}", a, b.double(), rel=2e-2)

@@ -37,17 +37,25 @@ class ScanConfig:
     """Launch parameters. ``chunk`` (tokens per unrolled block, also the spacing of the states saved
     for the backward) is shared by forward and backward; the rest can differ per pass."""
 
-    # Defaults chosen from the compiler's register report (sm_90: no spills in the forward,
-    # 136 bytes in the backward); the H100 run of 2026-11-27 measured the earlier kernel
-    # version only (see docs/benchmarks/). `benchmarks/selective_scan_gpu.py --sweep` retunes.
-    block_d: int = 16
+    # `benchmarks/selective_scan_gpu.py --sweep` retunes; results in docs/benchmarks/.
+    block_d: int = 32
     chunk: int = 8
     num_warps: int = 1
     bwd_block_d: int = 16
     bwd_num_warps: int = 1
     keep_decay: int = 0  # backward keeps exp(ΔA) of a block in registers (1) or recomputes it (0)
     load_group: int = 4  # forward: steps whose inputs are loaded ahead together (divides chunk)
+    # forward kernel: 1 = one lane per channel, states as N vectors (N <= LANES_MAX_N);
+    # 0 = (N, block_d) tiles (any N)
+    fwd_lanes: int = 1
+    # backward kernel: 1 = one lane per channel with a warp reduce-scatter for dB/dC (blocks of
+    # exactly 32 channels: dim, or dim/G with groups, a multiple of 32; N <= LANES_MAX_N);
+    # 0 = (N, bwd_block_d) tiles
+    bwd_lanes: int = 1
 
+
+# The lanes forward unrolls N state vectors: beyond this, the tile kernel.
+LANES_MAX_N = 64
 
 _CONFIG = ScanConfig()
 if os.environ.get("SSMKIT_SCAN_CONFIG"):  # e.g. "16,8,1,16,1,0,4" (fields in order)
@@ -94,6 +102,9 @@ class _Geometry:
             self.block_d = _pow2_floor_divisor(dpg, block_d)
             self.blocks_per_group = dpg // self.block_d
         self.n_dblocks = self.blocks_per_group * self.G
+        # No masks on the channel / state loads when the blocks tile dim and N exactly.
+        self.even_d = self.dim % self.block_d == 0
+        self.even_n = self.block_n == self.N
         self.varlen = cu_seqlens is not None
         if self.varlen:
             c = cu_seqlens.detach().to("cpu", torch.int64)
@@ -121,10 +132,18 @@ def _load_group(cfg: ScanConfig) -> int:
     return g
 
 
+def _pack(B: torch.Tensor, C: torch.Tensor, N: int) -> int:
+    """Rows of B and C are read two 16-bit values per 32-bit load when N is even and both are
+    4-byte aligned; otherwise one by one."""
+    half = B.dtype in (torch.bfloat16, torch.float16)
+    return 2 if (half and N % 2 == 0 and B.data_ptr() % 4 == 0 and C.data_ptr() % 4 == 0) else 1
+
+
 def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
              want_final, save_states, cfg):
-    from ssmkit.ops.selective_scan.triton_kernels import selective_scan_fwd_kernel
+    from ssmkit.ops.selective_scan import triton_kernels as tk
 
+    lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N
     geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d)
     acc = compute_dtype(x)
     y = torch.empty_like(x)
@@ -134,15 +153,20 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
               if save_states else None)
     h0 = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None
     grid = (geo.nseq, geo.n_dblocks)
-    selective_scan_fwd_kernel[grid](
-        x, dt, A.t().contiguous(), B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off,
-        geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus), HAS_H0=initial_state is not None, STORE_HT=want_final,
-        SAVE_STATES=save_states, IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64,
-        BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, K=geo.K, G=_load_group(cfg),
-        num_warps=cfg.num_warps,
-    )
+    args = (x, dt, A.t().contiguous(), B, C, D, z, dt_bias, h0, y, ht, states, geo.cu,
+            geo.chunk_off, geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+                 SOFTPLUS=bool(dt_softplus), HAS_H0=initial_state is not None,
+                 STORE_HT=want_final, SAVE_STATES=save_states, IS_VARLEN=geo.varlen,
+                 USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, K=geo.K, G=_load_group(cfg),
+                 EVEN_D=geo.even_d)
+    if lanes:
+        tk.selective_scan_fwd_kernel[grid](*args, **flags, N=geo.N, PACK=_pack(B, C, geo.N),
+                                           IS_BF16=B.dtype == torch.bfloat16,
+                                           num_warps=cfg.num_warps)
+    else:
+        tk.selective_scan_fwd_tile_kernel[grid](*args, **flags, BLOCK_N=geo.block_n,
+                                                EVEN_N=geo.even_n, num_warps=cfg.num_warps)
     if ht is not None:
         ht = ht.transpose(1, 2).contiguous()  # (nseq, dim, N), the public layout
     return y, ht, states
@@ -164,11 +188,14 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dht=None):
-        from ssmkit.ops.selective_scan.triton_kernels import selective_scan_bwd_kernel
+        from ssmkit.ops.selective_scan import triton_kernels as tk
 
         x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
         cfg = ctx.cfg
-        geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.bwd_block_d)
+        dpg = x.shape[2] // B.shape[2]
+        lanes = (bool(cfg.bwd_lanes) and A.shape[1] <= LANES_MAX_N
+                 and (B.shape[2] == 1 or dpg % 32 == 0))
+        geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 if lanes else cfg.bwd_block_d)
         acc = compute_dtype(x)
         dy = dy.contiguous()
         if dht is not None:
@@ -183,16 +210,21 @@ class _SelectiveScanFn(torch.autograd.Function):
         dd_part = torch.empty(geo.nseq, geo.dim, device=x.device, dtype=acc) if D is not None else None
         dh0 = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc)
         grid = (geo.nseq, geo.n_dblocks)
-        selective_scan_bwd_kernel[grid](
-            x, dt, A.t().contiguous(), B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy, dht,
-            dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
-            geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-            SOFTPLUS=bool(ctx.dt_softplus), HAS_DHT=dht is not None, IS_VARLEN=geo.varlen,
-            USE_F64=acc == torch.float64,
-            BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, K=geo.K, KEEP_DECAY=bool(cfg.keep_decay),
-            num_warps=cfg.bwd_num_warps,
-        )
+        args = (x, dt, A.t().contiguous(), B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
+                dht, dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
+                geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows)
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+                     SOFTPLUS=bool(ctx.dt_softplus), HAS_DHT=dht is not None,
+                     IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64, BLOCK_D=geo.block_d,
+                     K=geo.K)
+        if lanes:
+            tk.selective_scan_bwd_lanes_kernel[grid](
+                *args, **flags, N=geo.N, EVEN_D=geo.even_d, PACK=_pack(B, C, geo.N),
+                IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * geo.N // 32) * 32, num_warps=1)
+        else:
+            tk.selective_scan_bwd_kernel[grid](*args, **flags, BLOCK_N=geo.block_n,
+                                               KEEP_DECAY=bool(cfg.keep_decay),
+                                               num_warps=cfg.bwd_num_warps)
         G, bpg, N = geo.G, geo.blocks_per_group, geo.N
 
         def _group_sum(part):  # (G*bpg, rows, N) -> (bsz, L, G, N)

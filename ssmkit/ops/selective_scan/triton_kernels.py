@@ -45,42 +45,54 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_d, offs_n,
-                HAS_Z: tl.constexpr, G: tl.constexpr):
-    """Inputs of steps t0 .. t0+G-1 (zeros past the sequence end), as tuples of G tensors, in
-    their storage dtype (a bf16 vector of N values takes N/2 registers until converted)."""
+def _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d, offs_n,
+                mask_d, mask_n, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
+                EVEN_N: tl.constexpr, G: tl.constexpr):
+    """Inputs of steps t0 .. t0+G-1 as tuples of G tensors, in their storage dtype (a bf16 vector
+    of N values takes N/2 registers until converted). Steps past the sequence end re-read the
+    last row (``last``) instead of being masked: the loads stay unpredicated and vectorised, and
+    the caller zeroes Δ of those steps and does not store their outputs."""
     xs = ()
     dts = ()
     zs = ()
     bs = ()
     cs = ()
     for i in tl.static_range(G):
-        t = t0 + i
-        valid = t < seqlen
-        row = row0 + t
-        md = offs_d < tl.where(valid, dim, 0)
-        mn = offs_n < tl.where(valid, dstate, 0)
-        xd_off = row * dim + offs_d
-        bc_off = (row * ngroups + g) * dstate + offs_n
-        xs = xs + (tl.load(X + xd_off, mask=md, other=0.0),)
-        dts = dts + (tl.load(DT + xd_off, mask=md, other=0.0),)
-        if HAS_Z:
-            zs = zs + (tl.load(Z + xd_off, mask=md, other=0.0),)
+        t = tl.minimum(t0 + i, last)
+        xd = X + xd_base + t * dim
+        dd = DT + xd_base + t * dim
+        bp = B + bc_base + t * bc_stride
+        cp = C + bc_base + t * bc_stride
+        if EVEN_D:
+            xs = xs + (tl.load(xd + offs_d),)
+            dts = dts + (tl.load(dd + offs_d),)
+            if HAS_Z:
+                zs = zs + (tl.load(Z + xd_base + t * dim + offs_d),)
         else:
+            xs = xs + (tl.load(xd + offs_d, mask=mask_d, other=0.0),)
+            dts = dts + (tl.load(dd + offs_d, mask=mask_d, other=0.0),)
+            if HAS_Z:
+                zs = zs + (tl.load(Z + xd_base + t * dim + offs_d, mask=mask_d, other=0.0),)
+        if not HAS_Z:
             zs = zs + (xs[i],)
-        bs = bs + (tl.load(B + bc_off, mask=mn, other=0.0),)
-        cs = cs + (tl.load(C + bc_off, mask=mn, other=0.0),)
+        if EVEN_N:
+            bs = bs + (tl.load(bp + offs_n),)
+            cs = cs + (tl.load(cp + offs_n),)
+        else:
+            bs = bs + (tl.load(bp + offs_n, mask=mask_n, other=0.0),)
+            cs = cs + (tl.load(cp + offs_n, mask=mask_n, other=0.0),)
     return xs, dts, zs, bs, cs
 
 
 @triton.jit
-def selective_scan_fwd_kernel(
+def selective_scan_fwd_tile_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF,
     L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
@@ -104,7 +116,8 @@ def selective_scan_fwd_kernel(
     # A, the states and their gradients are stored transposed, (N, dim) per sequence, so that
     # these tiles are contiguous along the channels and load coalesced in this layout.
     dn_off = offs_n[:, None].to(tl.int64) * dim + offs_d[None, :]
-    Av = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC)
+    # exp(Δ A) = exp2(Δ · (A log2 e)): A is pre-scaled once, so a step costs one multiply per state.
+    Av = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC) * LOG2E
     if HAS_D:
         Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_BIAS:
@@ -114,36 +127,45 @@ def selective_scan_fwd_kernel(
         h = tl.load(H0 + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
     else:
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    # Row offsets (int64) of this sequence: the per-step address is one scalar multiply-add.
+    xd_base = row0 * dim
+    bc_stride = ngroups * dstate
+    bc_base = row0 * bc_stride + g * dstate
+    last = seqlen - 1
     nchunks = tl.cdiv(seqlen, K)
     for c in range(0, nchunks):
         t0 = c * K
         # Loads are issued a group of G steps ahead of the compute that uses them. The stores of
         # y may alias the inputs as far as the compiler knows, so it cannot hoist a later load
         # above them: without this, every step waits one full memory latency.
-        cur = _load_group(X, DT, Z, B, C, row0, t0, seqlen, dim, dstate, ngroups, g, offs_d,
-                          offs_n, HAS_Z, G)
+        cur = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d,
+                          offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
         if SAVE_STATES:
             tl.store(STATES + (ck0 + c) * dim * dstate + dn_off, h.to(STATES.dtype.element_ty),
                      mask=mask_dn)
         for j in tl.static_range(K // G):
             if j + 1 < K // G:
-                nxt = _load_group(X, DT, Z, B, C, row0, t0 + (j + 1) * G, seqlen, dim, dstate,
-                                  ngroups, g, offs_d, offs_n, HAS_Z, G)
+                nxt = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0 + (j + 1) * G, last, dim,
+                                  bc_stride, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D,
+                                  EVEN_N, G)
             xs, dts, zs, bs, cs = cur
             for i in tl.static_range(G):
                 t = t0 + j * G + i
                 valid = t < seqlen
-                # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
-                md = offs_d < tl.where(valid, dim, 0)
                 x = xs[i].to(ACC)
                 dt = dts[i].to(ACC)
                 if HAS_BIAS:
                     dt = dt + bias
                 if SOFTPLUS:
                     dt = _softplus(dt)
-                dt = tl.where(md, dt, 0.0)  # padding steps: Δ = 0 leaves h untouched
-                # exp(Δ A) = exp2((Δ log2 e) · A): one multiply per channel, not per state
-                dA = tl.exp2((dt * LOG2E)[None, :] * Av)
+                # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
+                md = offs_d < tl.where(valid, dim, 0)
+                # padding steps (past the end, or channels past dim): Δ = 0 leaves h untouched
+                if EVEN_D:
+                    dt = tl.where(valid, dt, 0.0)
+                else:
+                    dt = tl.where(md, dt, 0.0)
+                dA = tl.exp2(dt[None, :] * Av)
                 h = dA * h + (dt * x)[None, :] * bs[i].to(ACC)[:, None]
                 y = tl.sum(h * cs[i].to(ACC)[:, None], axis=0)
                 if HAS_D:
@@ -151,11 +173,187 @@ def selective_scan_fwd_kernel(
                 if HAS_Z:
                     z = zs[i].to(ACC)
                     y = y * z * tl.sigmoid(z)
-                tl.store(Y + (row0 + t) * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
+                tl.store(Y + xd_base + t * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
             if j + 1 < K // G:
                 cur = nxt
     if STORE_HT:
         tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
+
+
+@triton.jit
+def _row_raw(P, off, N: tl.constexpr, PACK: tl.constexpr):
+    """``P[off : off + N]`` (one row of B or C) as a tuple of scalars, loaded by every lane of the
+    program (the same address: one L1 broadcast). 16-bit types are loaded two per 32-bit word
+    (``PACK == 2``) and stay packed until :func:`_row_val`, so a prefetched row costs N/2
+    registers."""
+    vals = ()
+    if PACK == 2:
+        P32 = (P + off).to(tl.pointer_type(tl.int32))
+        for k in tl.static_range(N // 2):
+            vals = vals + (tl.load(P32 + k),)
+    else:
+        for k in tl.static_range(N):
+            vals = vals + (tl.load(P + off + k),)
+    return vals
+
+
+@triton.jit
+def _row_val(raw, n: tl.constexpr, PACK: tl.constexpr, IS_BF16: tl.constexpr, ACC: tl.constexpr):
+    """Element ``n`` of a row from :func:`_row_raw`, as ``ACC`` (little-endian: element 2k is the
+    low half of word k)."""
+    if PACK == 2:
+        v = raw[n // 2]
+        if IS_BF16:  # a bfloat16 is the high half of a float32
+            if n % 2 == 0:
+                out = (v << 16).to(tl.float32, bitcast=True)
+            else:
+                out = (v & -65536).to(tl.float32, bitcast=True)
+        else:
+            if n % 2 == 0:
+                bits = (v & 65535).to(tl.int16)
+            else:
+                bits = ((v >> 16) & 65535).to(tl.int16)
+            out = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        out = raw[n].to(ACC)
+    return out
+
+
+@triton.jit
+def _load_steps(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d, mask_d,
+                HAS_Z: tl.constexpr, EVEN_D: tl.constexpr, N: tl.constexpr, PACK: tl.constexpr,
+                G: tl.constexpr):
+    """Raw inputs of steps t0 .. t0+G-1: tuples of G channel vectors (x, dt, z) and G packed rows
+    (B, C). Steps past the sequence end re-read the last row instead of being masked, so the loads
+    stay unpredicated; the caller zeroes their Δ and does not store their outputs."""
+    xs = ()
+    dts = ()
+    zs = ()
+    bs = ()
+    cs = ()
+    for i in tl.static_range(G):
+        t = tl.minimum(t0 + i, last)
+        off = xd_base + t * dim + offs_d
+        if EVEN_D:
+            xs = xs + (tl.load(X + off),)
+            dts = dts + (tl.load(DT + off),)
+            if HAS_Z:
+                zs = zs + (tl.load(Z + off),)
+        else:
+            xs = xs + (tl.load(X + off, mask=mask_d, other=0.0),)
+            dts = dts + (tl.load(DT + off, mask=mask_d, other=0.0),)
+            if HAS_Z:
+                zs = zs + (tl.load(Z + off, mask=mask_d, other=0.0),)
+        if not HAS_Z:
+            zs = zs + (xs[i],)
+        bs = bs + (_row_raw(B, bc_base + t * bc_stride, N, PACK),)
+        cs = cs + (_row_raw(C, bc_base + t * bc_stride, N, PACK),)
+    return xs, dts, zs, bs, cs
+
+
+@triton.jit
+def selective_scan_fwd_kernel(
+    X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
+    BLOCK_D: tl.constexpr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+    EVEN_D: tl.constexpr, PACK: tl.constexpr, IS_BF16: tl.constexpr,
+):
+    """Forward with one lane per channel and the N states of a channel as N separate vectors (a
+    tuple unrolled at compile time): every operation is elementwise over the channels, C·h is N
+    fused multiply-adds in the lane, and B_t, C_t are scalars every lane reads (two bf16 per
+    32-bit load). Nothing crosses lanes, nothing is computed twice; the layout is the 1-D one
+    Triton gives a vector of BLOCK_D = 32 * num_warps channels."""
+    ACC = tl.float64 if USE_F64 else tl.float32
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if IS_VARLEN:
+        row0 = tl.load(CU + pid_s).to(tl.int64)
+        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
+        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
+    else:
+        row0 = pid_s.to(tl.int64) * L
+        seqlen = row0 * 0 + L
+        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    g = pid_d // blocks_per_group
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    # A and the states are (N, dim) per sequence: state n of the block is one coalesced vector.
+    # exp(Δ A) = exp2(Δ · (A log2 e)): A is pre-scaled once, so a step costs one multiply per state.
+    A2 = ()
+    hs = ()
+    seq_state_off = pid_s.to(tl.int64) * dim * dstate
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A + n * dim + offs_d, mask=mask_d, other=0.0).to(ACC) * LOG2E,)
+        if HAS_H0:
+            hs = hs + (tl.load(H0 + seq_state_off + n * dim + offs_d, mask=mask_d,
+                               other=0.0).to(ACC),)
+        else:
+            hs = hs + (tl.zeros([BLOCK_D], dtype=ACC),)
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
+    if HAS_BIAS:
+        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    xd_base = row0 * dim
+    bc_stride = ngroups * dstate
+    bc_base = row0 * bc_stride + g * dstate
+    last = seqlen - 1
+    nchunks = tl.cdiv(seqlen, K)
+    # Software pipeline: the inputs of a group of G steps are loaded while the previous group
+    # computes, across chunk boundaries too (``cur`` is carried by the loop). The outputs of a
+    # chunk are stored after the loads of the next chunk's first group have been issued: the
+    # compiler must keep a load behind an earlier store (they may alias as far as it knows), so a
+    # store between two groups would hold the next group's loads back until it had issued.
+    cur = _load_steps(X, DT, Z, B, C, xd_base, bc_base, 0, last, dim, bc_stride, offs_d, mask_d,
+                      HAS_Z, EVEN_D, N, PACK, G)
+    for c in range(0, nchunks):
+        t0 = c * K
+        if SAVE_STATES:
+            st = STATES + (ck0 + c) * dim * dstate + offs_d
+            for n in tl.static_range(N):
+                tl.store(st + n * dim, hs[n].to(STATES.dtype.element_ty), mask=mask_d)
+        ys = ()
+        for j in tl.static_range(K // G):
+            # the next group: this chunk's, or the first of the next chunk
+            nxt = _load_steps(X, DT, Z, B, C, xd_base, bc_base, t0 + (j + 1) * G, last, dim,
+                              bc_stride, offs_d, mask_d, HAS_Z, EVEN_D, N, PACK, G)
+            xs, dts, zs, bs, cs = cur
+            for i in tl.static_range(G):
+                t = t0 + j * G + i
+                valid = t < seqlen
+                x = xs[i].to(ACC)
+                dt = dts[i].to(ACC)
+                if HAS_BIAS:
+                    dt = dt + bias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
+                md = offs_d < tl.where(valid, dim, 0)
+                dt = tl.where(md, dt, 0.0)  # padding steps: Δ = 0 leaves h untouched
+                dtx = dt * x
+                y = tl.zeros([BLOCK_D], dtype=ACC)
+                new = ()
+                for n in tl.static_range(N):
+                    hn = tl.exp2(dt * A2[n]) * hs[n] + dtx * _row_val(bs[i], n, PACK, IS_BF16, ACC)
+                    y += hn * _row_val(cs[i], n, PACK, IS_BF16, ACC)
+                    new = new + (hn,)
+                hs = new
+                if HAS_D:
+                    y += Dv * x
+                if HAS_Z:
+                    z = zs[i].to(ACC)
+                    y = y * z * tl.sigmoid(z)
+                ys = ys + (y.to(Y.dtype.element_ty),)
+            cur = nxt
+        for i in tl.static_range(K):
+            md = offs_d < tl.where(t0 + i < seqlen, dim, 0)
+            tl.store(Y + xd_base + (t0 + i) * dim + offs_d, ys[i], mask=md)
+    if STORE_HT:
+        for n in tl.static_range(N):
+            tl.store(HT + seq_state_off + n * dim + offs_d, hs[n].to(HT.dtype.element_ty),
+                     mask=mask_d)
 
 
 @triton.jit
@@ -311,6 +509,222 @@ def selective_scan_bwd_kernel(
             dh = dh * dA
     tl.store(DH0 + seq_state_off + dn_off, dh.to(DH0.dtype.element_ty), mask=mask_dn)
     tl.store(DA_PART + seq_state_off + dn_off, dA_acc.to(DA_PART.dtype.element_ty), mask=mask_dn)
+    if HAS_D:
+        tl.store(DD_PART + pid_s.to(tl.int64) * dim + offs_d, dD_acc.to(DD_PART.dtype.element_ty),
+                 mask=mask_d)
+
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _scatter_level(vals, lane, HALF: tl.constexpr, MASK: tl.constexpr):
+    """One butterfly level: keep one half of the values, send the other to lane ^ MASK, add."""
+    upper = (lane & MASK) != 0
+    new = ()
+    for i in tl.static_range(HALF):
+        a = vals[i]
+        b = vals[i + HALF]
+        send = tl.where(upper, a, b)
+        keep = tl.where(upper, b, a)
+        new = new + (keep + tl.gather(send, lane ^ MASK, 0),)
+    return new
+
+
+@triton.jit
+def _lane_sum_scatter(vals, lane, V: tl.constexpr):
+    """Sum V vectors over the 32 lanes of a warp, leaving lane L with the sums of values
+    L*m .. L*m+m-1 (m = V // 32) as a tuple.
+
+    A butterfly reduce-scatter: at each of the 5 levels a lane keeps one half of its values, sends
+    the other half to its partner (lane ^ mask) and adds what it receives, so the whole reduction
+    costs V - V/32 shuffles (``tl.gather`` within a warp lowers to one ``shfl``) instead of
+    5 V for V separate ``tl.sum``s."""
+    vals = _scatter_level(vals, lane, V // 2, 16)
+    vals = _scatter_level(vals, lane, V // 4, 8)
+    vals = _scatter_level(vals, lane, V // 8, 4)
+    vals = _scatter_level(vals, lane, V // 16, 2)
+    vals = _scatter_level(vals, lane, V // 32, 1)
+    return vals
+
+
+@triton.jit
+def selective_scan_bwd_lanes_kernel(
+    X, DT, A, B, C, D, Z, DT_BIAS, STATES, CU, CHUNK_OFF, DY, DHT,
+    DX, DDT, DZ, DB_PART, DC_PART, DA_PART, DD_PART, DH0,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, total_rows,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
+    BLOCK_D: tl.constexpr, N: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
+    PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr,
+):
+    """Backward with one lane per channel (BLOCK_D = 32, one warp), as the lanes forward.
+
+    Per block of K tokens, in reverse: reload the saved start state, recompute the K states (kept
+    as tuples of N vectors), then run the adjoint ``dh_{t-1} = exp(Δ_t A) dh_t`` (with
+    ``dh_t += C_t dy_t``) backwards through the block. The per-step sums over channels (dB_t, dC_t:
+    2N values) go through one reduce-scatter across the warp (:func:`_lane_sum_scatter`), after
+    which each lane stores one value: the partial sums of this block of 32 channels, added up by
+    the caller. Sums over time (dA, dD) stay in the lanes."""
+    ACC = tl.float64 if USE_F64 else tl.float32
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if IS_VARLEN:
+        row0 = tl.load(CU + pid_s).to(tl.int64)
+        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
+        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
+    else:
+        row0 = pid_s.to(tl.int64) * L
+        seqlen = row0 * 0 + L
+        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    g = pid_d // blocks_per_group
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    lane = tl.arange(0, BLOCK_D) % 32
+    mask_d = offs_d < dim
+    seq_state_off = pid_s.to(tl.int64) * dim * dstate
+    A2 = ()
+    dh = ()
+    dA_acc = ()
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A + n * dim + offs_d, mask=mask_d, other=0.0).to(ACC) * LOG2E,)
+        if HAS_DHT:
+            dh = dh + (tl.load(DHT + seq_state_off + n * dim + offs_d, mask=mask_d,
+                               other=0.0).to(ACC),)
+        else:
+            dh = dh + (tl.zeros([BLOCK_D], dtype=ACC),)
+        dA_acc = dA_acc + (tl.zeros([BLOCK_D], dtype=ACC),)
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
+    if HAS_BIAS:
+        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
+    part_base = pid_d.to(tl.int64) * total_rows
+    xd_base = row0 * dim
+    bc_stride = ngroups * dstate
+    bc_base = row0 * bc_stride + g * dstate
+    last = seqlen - 1
+    M_OUT: tl.constexpr = V // 32
+    nchunks = tl.cdiv(seqlen, K)
+    for cc in range(0, nchunks):
+        c = nchunks - 1 - cc
+        t0 = c * K
+        st = STATES + (ck0 + c) * dim * dstate + offs_d
+        h = ()
+        for n in tl.static_range(N):
+            h = h + (tl.load(st + n * dim, mask=mask_d, other=0.0).to(ACC),)
+        # Recompute the block: hs[i] is the state before step i, hs[K] after the last step.
+        hs = (h,)
+        xs = ()
+        dts = ()
+        dtraws = ()
+        dys = ()
+        zs = ()
+        for i in tl.static_range(K):
+            t = t0 + i
+            tc = tl.minimum(t, last)  # steps past the end re-read the last row (Δ, dy zeroed)
+            md = offs_d < tl.where(t < seqlen, dim, 0)
+            off = xd_base + tc * dim + offs_d
+            if EVEN_D:
+                x = tl.load(X + off).to(ACC)
+                dtraw = tl.load(DT + off).to(ACC)
+                dys = dys + (tl.load(DY + off),)
+                if HAS_Z:
+                    zs = zs + (tl.load(Z + off),)
+            else:
+                x = tl.load(X + off, mask=mask_d, other=0.0).to(ACC)
+                dtraw = tl.load(DT + off, mask=mask_d, other=0.0).to(ACC)
+                dys = dys + (tl.load(DY + off, mask=mask_d, other=0.0),)
+                if HAS_Z:
+                    zs = zs + (tl.load(Z + off, mask=mask_d, other=0.0),)
+            braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
+            if HAS_BIAS:
+                dtraw = dtraw + bias
+            if SOFTPLUS:
+                dt = _softplus(dtraw)
+            else:
+                dt = dtraw
+            dt = tl.where(md, dt, 0.0)
+            dtx = dt * x
+            new = ()
+            for n in tl.static_range(N):
+                new = new + (tl.exp2(dt * A2[n]) * h[n]
+                             + dtx * _row_val(braw, n, PACK, IS_BF16, ACC),)
+            h = new
+            hs = hs + (h,)
+            xs = xs + (x,)
+            dts = dts + (dt,)
+            dtraws = dtraws + (dtraw,)
+        for i in tl.static_range(K - 1, -1, -1):
+            t = t0 + i
+            valid = t < seqlen
+            tc = tl.minimum(t, last)
+            md = offs_d < tl.where(valid, dim, 0)
+            row = row0 + tc
+            off = xd_base + tc * dim + offs_d
+            x = xs[i]
+            dt = dts[i]
+            # B_t, C_t are re-read here (L1 hits) rather than kept: N registers each per step.
+            braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
+            craw = _row_raw(C, bc_base + tc * bc_stride, N, PACK)
+            dy = tl.where(md, dys[i].to(ACC), 0.0)
+            if HAS_Z:
+                z = zs[i].to(ACC)
+                y = tl.zeros([BLOCK_D], dtype=ACC)
+                for n in tl.static_range(N):
+                    y += hs[i + 1][n] * _row_val(craw, n, PACK, IS_BF16, ACC)
+                if HAS_D:
+                    y += Dv * x
+                sz = tl.sigmoid(z)
+                dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+                tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=md)
+                dy = dy * z * sz
+            if HAS_D:
+                dD_acc += dy * x
+            dtx = dt * x
+            dhB = tl.zeros([BLOCK_D], dtype=ACC)
+            ddtA = tl.zeros([BLOCK_D], dtype=ACC)
+            dbs = ()
+            dcs = ()
+            new_dh = ()
+            new_acc = ()
+            for n in tl.static_range(N):
+                dhn = dh[n] + dy * _row_val(craw, n, PACK, IS_BF16, ACC)
+                dAn = tl.exp2(dt * A2[n])
+                ddA = dhn * hs[i][n] * dAn  # d/d(ΔA) of exp(ΔA) h_{t-1}
+                ddtA += ddA * A2[n]
+                new_acc = new_acc + (dA_acc[n] + ddA * dt,)
+                dhB += dhn * _row_val(braw, n, PACK, IS_BF16, ACC)
+                dbs = dbs + (dhn * dtx,)  # dB_t[n] = Σ_d dh_t[d, n] Δ_t[d] x_t[d]
+                dcs = dcs + (dy * hs[i + 1][n],)  # dC_t[n] = Σ_d dy_t[d] h_t[d, n]
+                new_dh = new_dh + (dhn * dAn,)
+            dh = new_dh
+            dA_acc = new_acc
+            vals = dbs + dcs
+            for _p in tl.static_range(V - 2 * N):
+                vals = vals + (tl.zeros([BLOCK_D], dtype=ACC),)
+            red = _lane_sum_scatter(vals, lane, V)
+            for r in tl.static_range(M_OUT):
+                idx = lane * M_OUT + r
+                part = (part_base + row) * dstate
+                # (compares against a scalar chosen by `valid`, not `mask & valid`: see above)
+                tl.store(DB_PART + part + idx, red[r].to(DB_PART.dtype.element_ty),
+                         mask=idx < tl.where(valid, N, 0))
+                tl.store(DC_PART + part + (idx - N), red[r].to(DC_PART.dtype.element_ty),
+                         mask=(idx >= N) & (idx < tl.where(valid, 2 * N, 0)))
+            # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
+            ddt = ddtA * LN2 + dhB * x
+            dx = dhB * dt
+            if HAS_D:
+                dx += Dv * dy
+            if SOFTPLUS:
+                ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * tl.sigmoid(dtraws[i]))
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=md)
+            tl.store(DDT + off, ddt.to(DDT.dtype.element_ty), mask=md)
+    for n in tl.static_range(N):
+        tl.store(DH0 + seq_state_off + n * dim + offs_d, dh[n].to(DH0.dtype.element_ty),
+                 mask=mask_d)
+        tl.store(DA_PART + seq_state_off + n * dim + offs_d,
+                 dA_acc[n].to(DA_PART.dtype.element_ty), mask=mask_d)
     if HAS_D:
         tl.store(DD_PART + pid_s.to(tl.int64) * dim + offs_d, dD_acc.to(DD_PART.dtype.element_ty),
                  mask=mask_d)

@@ -1,0 +1,131 @@
+"""Compile a Triton kernel for sm_90 on a machine without a GPU and print its resources.
+
+Registers, spills, shared memory and the layouts Triton chose (from the TTGIR) — what the device
+time would otherwise be spent finding out. Used while tuning the selective-scan kernels:
+
+    python benchmarks/kernel_report.py fwd BLOCK_D=8 K=16 G=4 num_warps=1
+    python benchmarks/kernel_report.py bwd BLOCK_D=32 K=8 num_warps=2 --ttgir
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssmkit.ops.selective_scan import triton_kernels as tk  # noqa: E402
+
+SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows"}
+
+KERNELS = {
+    "fwd": (tk.selective_scan_fwd_tile_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
+        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, G=4,
+        EVEN_D=True, EVEN_N=True)),
+    "fwd_lanes": (tk.selective_scan_fwd_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
+        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, N=16, BLOCK_D=32, K=8, G=2,
+        EVEN_D=True, PACK=2, IS_BF16=True)),
+    "bwd_lanes": (tk.selective_scan_bwd_lanes_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
+        USE_F64=False, N=16, BLOCK_D=32, K=8, EVEN_D=True, PACK=2, IS_BF16=True, V=32)),
+    "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
+        SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, G=4,
+        EVEN_D=True, EVEN_N=True)),
+    "bwd": (tk.selective_scan_bwd_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
+        USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, KEEP_DECAY=False)),
+}
+
+
+def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False) -> dict:
+    fn, consts = KERNELS[name]
+    consts = {**consts, **overrides}
+    sig = {}
+    for p in fn.arg_names:
+        if p in consts:
+            sig[p] = "constexpr"
+        elif p not in SCALARS:
+            sig[p] = "*fp32" if p not in ("X", "DT", "Z", "B", "C", "Y", "DY", "DX", "DDT", "DZ") \
+                else "*bf16"
+            if p in ("CU", "CHUNK_OFF"):
+                sig[p] = "*i64"
+        else:
+            sig[p] = "i32"
+    # As a launch would: pointers 16-byte aligned, int arguments divisible by 16 (dim, dstate)
+    # specialised as such; ngroups (1) and the lengths are left unknown.
+    attrs = {}
+    for i, p in enumerate(fn.arg_names):
+        if sig.get(p, "").startswith("*") or p in ("dim", "dstate"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        src = ASTSource(fn, sig, consts, attrs)
+    except TypeError:
+        src = ASTSource(fn, sig, consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    md = k.metadata
+    out = {"shared": md.shared}
+    ptx = k.asm["ptx"]
+    out["ptx_ex2"] = len(re.findall(r"ex2\.approx", ptx))
+    out["ptx_shfl"] = len(re.findall(r"shfl\.sync", ptx))
+    out["ptx_bar"] = len(re.findall(r"bar\.sync|barrier\.sync", ptx))
+    out["ptx_ld_global"] = len(re.findall(r"ld\.global", ptx))
+    out["ptx_st_global"] = len(re.findall(r"st\.global", ptx))
+    ttgir = k.asm["ttgir"]
+    out["layouts"] = sorted(set(re.findall(r"#(?:blocked\d*) = (#ttg\.blocked<[^>]*>)", ttgir)))
+    if show_ttgir:
+        print(ttgir)
+    # Registers and spills: the resource usage of the cubin Triton built (cuobjdump ships with it).
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "k.cubin")
+        with open(f, "wb") as fh:
+            fh.write(k.asm["cubin"])
+        r = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f],
+                           capture_output=True, text=True)
+        if disasm:
+            sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f],
+                                  capture_output=True, text=True).stdout
+            print(sass)
+    m = re.search(r"REG:(\d+)", r.stdout)
+    out["n_regs"] = int(m.group(1)) if m else r.stdout[-300:] + r.stderr[-300:]
+    m = re.search(r"LOCAL:(\d+)", r.stdout)
+    out["local_bytes"] = int(m.group(1)) if m else None
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kernel", choices=sorted(KERNELS))
+    ap.add_argument("params", nargs="*", help="NAME=VALUE constexpr overrides; num_warps=N")
+    ap.add_argument("--ttgir", action="store_true")
+    ap.add_argument("--sass", action="store_true")
+    a = ap.parse_args(argv)
+    over, nw = {}, 1
+    for p in a.params:
+        k, v = p.split("=")
+        if k == "num_warps":
+            nw = int(v)
+        else:
+            over[k] = int(v) if v.lstrip("-").isdigit() else (v == "True")
+    r = report(a.kernel, over, nw, a.ttgir, a.sass)
+    for k, v in r.items():
+        if k == "layouts":
+            for lay in v:
+                print("  ", lay)
+        else:
+            print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
