@@ -45,6 +45,21 @@ def _softplus(v):
 
 
 @triton.jit
+def _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN: tl.constexpr):
+    """First row, length and first saved-state block (int64) of the program's sequence: a batch
+    row, or a packed sequence of ``cu_seqlens``."""
+    if IS_VARLEN:
+        row0 = tl.load(CU + pid_s).to(tl.int64)
+        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
+        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
+    else:
+        row0 = pid_s.to(tl.int64) * L
+        seqlen = row0 * 0 + L
+        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    return row0, seqlen, ck0
+
+
+@triton.jit
 def _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d, offs_n,
                 mask_d, mask_n, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
                 EVEN_N: tl.constexpr, G: tl.constexpr):
@@ -97,14 +112,7 @@ def selective_scan_fwd_tile_kernel(
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    if IS_VARLEN:
-        row0 = tl.load(CU + pid_s).to(tl.int64)
-        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
-        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
-    else:
-        row0 = pid_s.to(tl.int64) * L
-        seqlen = row0 * 0 + L
-        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
     g = pid_d // blocks_per_group
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -269,14 +277,7 @@ def selective_scan_fwd_kernel(
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    if IS_VARLEN:
-        row0 = tl.load(CU + pid_s).to(tl.int64)
-        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
-        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
-    else:
-        row0 = pid_s.to(tl.int64) * L
-        seqlen = row0 * 0 + L
-        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
     g = pid_d // blocks_per_group
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
@@ -368,14 +369,7 @@ def selective_scan_bwd_kernel(
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    if IS_VARLEN:
-        row0 = tl.load(CU + pid_s).to(tl.int64)
-        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
-        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
-    else:
-        row0 = pid_s.to(tl.int64) * L
-        seqlen = row0 * 0 + L
-        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
     g = pid_d // blocks_per_group
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -569,14 +563,7 @@ def selective_scan_bwd_lanes_kernel(
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    if IS_VARLEN:
-        row0 = tl.load(CU + pid_s).to(tl.int64)
-        seqlen = tl.load(CU + pid_s + 1).to(tl.int64) - row0
-        ck0 = tl.load(CHUNK_OFF + pid_s).to(tl.int64)
-    else:
-        row0 = pid_s.to(tl.int64) * L
-        seqlen = row0 * 0 + L
-        ck0 = pid_s.to(tl.int64) * nchunks_per_seq
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
     g = pid_d // blocks_per_group
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     lane = tl.arange(0, BLOCK_D) % 32
