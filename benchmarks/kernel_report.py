@@ -24,13 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssmkit.ops.selective_scan import triton_kernels as tk  # noqa: E402
 
-SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows"}
+SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
+           "seg_len", "nseg"}
 
 KERNELS = {
     "fwd": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
-        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, G=4,
-        EVEN_D=True, EVEN_N=True)),
+        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False)),
     "fwd_lanes": (tk.selective_scan_fwd_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, N=16, BLOCK_D=32, K=8, G=2,
@@ -40,8 +41,8 @@ KERNELS = {
         USE_F64=False, N=16, BLOCK_D=32, K=8, EVEN_D=True, PACK=2, IS_BF16=True, V=32)),
     "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
-        SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, G=4,
-        EVEN_D=True, EVEN_N=True)),
+        SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False)),
     "bwd": (tk.selective_scan_bwd_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
         USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, KEEP_DECAY=False)),

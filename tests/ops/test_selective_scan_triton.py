@@ -148,3 +148,31 @@ def test_half_inputs_gradients():
     gr = torch.autograd.grad((yr * gy).sum() + hr.sum(), live64)
     for n, a, b in zip(NAMES, gr, g):
         assert_close(f"grad {n}", a, b.double(), rel=2e-2)
+
+
+@pytest.mark.parametrize("split,bsz,L,dim,N,G", [(3, 2, 19, 8, 4, 1), (5, 1, 5, 12, 5, 3),
+                                                  (4, 1, 33, 40, 16, 1)])
+def test_sequence_parallel_forward(split, bsz, L, dim, N, G):
+    """Segments scanned in parallel and chained (outputs, final state, and the gradients that use
+    the states saved by the segmented pass) equal the reference."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, seq_split=split))
+    try:
+        _check(_inputs(bsz, L, dim, N, G, torch.float64))
+    finally:
+        triton_mod.set_config(prev)
+
+
+def test_sequence_split_choice():
+    """Split only when the GPU would idle: never on CPU tensors unless forced, never with packed
+    sequences, at most one segment per block of ``chunk`` tokens."""
+    x = torch.zeros(1, 4096, 4096)
+    B = torch.zeros(1, 4096, 1, 16)
+    A = torch.zeros(4096, 16)
+    cfg = triton_mod.ScanConfig()
+    geo = triton_mod._Geometry(x, B, A, None, cfg, cfg.block_d)
+    assert triton_mod._segments(geo, cfg, x) == 1  # CPU: auto never splits
+    forced = triton_mod.ScanConfig(seq_split=10_000)
+    assert triton_mod._segments(geo, forced, x) == 4096 // cfg.chunk
+    cu = torch.tensor([0, 100, 4096])
+    geo_v = triton_mod._Geometry(x, B, A, cu, forced, cfg.block_d)
+    assert triton_mod._segments(geo_v, forced, x) == 1

@@ -53,6 +53,9 @@ class ScanConfig:
     # exactly 32 channels: dim, or dim/G with groups, a multiple of 32; N <= LANES_MAX_N);
     # 0 = (N, bwd_block_d) tiles
     bwd_lanes: int = 1
+    # forward: segments of the sequence scanned in parallel (0 = when the GPU would otherwise
+    # idle, 1 = never, S > 1 = S segments); see _segments
+    seq_split: int = 0
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -140,34 +143,106 @@ def _pack(B: torch.Tensor, C: torch.Tensor, N: int) -> int:
     return 2 if (half and N % 2 == 0 and B.data_ptr() % 4 == 0 and C.data_ptr() % 4 == 0) else 1
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+_SMS: dict[int, int] = {}
+# Shortest segment worth a pass of its own in the sequence-parallel forward.
+MIN_SEGMENT = 256
+
+
+def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor) -> int:
+    """How many segments of the sequence the forward scans in parallel (1 = one pass).
+
+    A program walks its whole segment step by step, so the forward's time is the segment length
+    times the latency of one step. With fewer warps than the GPU has schedulers (batch-1 prefill:
+    4,096 channels = 128 warps on 528 schedulers of an H100) most of the chip idles; splitting the
+    sequence into S segments costs a second pass over the exponentials but divides the chain by S.
+    ``cfg.seq_split``: 0 = decide so (CUDA only), 1 = never, S > 1 = S segments."""
+    if geo.varlen or cfg.seq_split == 1:
+        return 1
+    if cfg.seq_split > 1:
+        n = cfg.seq_split
+    else:
+        sms = _sm_count(x.device)
+        warps = geo.nseq * geo.n_dblocks * cfg.num_warps
+        if sms == 0 or 2 * warps >= 4 * sms:
+            return 1
+        n = min(-(-4 * sms // warps), geo.L // MIN_SEGMENT)
+    return max(1, min(n, -(-geo.L // geo.K)))
+
+
 def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
              want_final, save_states, cfg):
     from ssmkit.ops.selective_scan import triton_kernels as tk
 
-    lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N
     geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d)
+    nseg = _segments(geo, cfg, x)
+    lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1
     acc = compute_dtype(x)
     y = torch.empty_like(x)
     # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
+    At = A.t().contiguous()
     ht = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc) if want_final else None
     states = (torch.empty(max(geo.total_chunks, 1), geo.N, geo.dim, device=x.device, dtype=acc)
               if save_states else None)
     h0 = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None
-    grid = (geo.nseq, geo.n_dblocks)
-    args = (x, dt, A.t().contiguous(), B, C, D, z, dt_bias, h0, y, ht, states, geo.cu,
-            geo.chunk_off, geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-                 SOFTPLUS=bool(dt_softplus), HAS_H0=initial_state is not None,
-                 STORE_HT=want_final, SAVE_STATES=save_states, IS_VARLEN=geo.varlen,
+                 SOFTPLUS=bool(dt_softplus), IS_VARLEN=geo.varlen,
                  USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, K=geo.K, G=_load_group(cfg),
                  EVEN_D=geo.even_d)
+    dims = (geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq)
     if lanes:
-        tk.selective_scan_fwd_kernel[grid](*args, **flags, N=geo.N, PACK=_pack(B, C, geo.N),
-                                           IS_BF16=B.dtype == torch.bfloat16,
-                                           num_warps=cfg.num_warps)
+        tk.selective_scan_fwd_kernel[(geo.nseq, geo.n_dblocks)](
+            x, dt, At, B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off, *dims,
+            **flags, HAS_H0=h0 is not None, STORE_HT=want_final, SAVE_STATES=save_states,
+            N=geo.N, PACK=_pack(B, C, geo.N), IS_BF16=B.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps)
     else:
-        tk.selective_scan_fwd_tile_kernel[grid](*args, **flags, BLOCK_N=geo.block_n,
-                                                EVEN_N=geo.even_n, num_warps=cfg.num_warps)
+        tile = tk.selective_scan_fwd_tile_kernel
+        tflags = dict(flags, BLOCK_N=geo.block_n, EVEN_N=geo.even_n, num_warps=cfg.num_warps)
+        if nseg == 1:
+            # one segment: the whole sequence (any length, packed sequences too)
+            seg_len = max(geo.L, 1) if not geo.varlen else 2**62
+            tile[(geo.nseq, geo.n_dblocks, 1)](
+                x, dt, At, B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off, None,
+                *dims, seg_len, 1, **tflags, HAS_H0=h0 is not None, STORE_HT=want_final,
+                SAVE_STATES=save_states, STORE_Y=True, STORE_DSUM=False)
+        else:
+            per_seg = -(-geo.L // nseg)
+            seg_len = -(-per_seg // geo.K) * geo.K  # a multiple of K
+            nseg = -(-geo.L // seg_len)
+            grid = (geo.nseq, geo.n_dblocks, nseg)
+            # pass 1: each segment from a zero state -> its end state and ΣΔ
+            hloc = torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
+            dsum = torch.empty(geo.nseq * nseg, geo.dim, device=x.device, dtype=acc)
+            tile[grid](x, dt, At, B, C, D, z, dt_bias, None, y, hloc, None, geo.cu,
+                       geo.chunk_off, dsum, *dims, seg_len, nseg, **tflags, HAS_H0=False,
+                       STORE_HT=True, SAVE_STATES=False, STORE_Y=False, STORE_DSUM=True)
+            # pass 2: chain the segments, start_s = exp(A ΣΔ_{s-1}) start_{s-1} + hloc_{s-1}
+            hloc = hloc.view(geo.nseq, nseg, geo.N, geo.dim)
+            decay = torch.exp(At.to(acc) * dsum.view(geo.nseq, nseg, 1, geo.dim))
+            starts = torch.empty_like(hloc)
+            h = h0.to(acc) if h0 is not None else torch.zeros_like(hloc[:, 0])
+            for sgi in range(nseg):
+                starts[:, sgi] = h
+                if sgi + 1 < nseg:
+                    h = decay[:, sgi] * h + hloc[:, sgi]
+            # pass 3: every segment from its start state -> y (and the saved/final states)
+            hts = (torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
+                   if want_final else None)
+            tile[grid](x, dt, At, B, C, D, z, dt_bias, starts, y, hts, states, geo.cu,
+                       geo.chunk_off, None, *dims, seg_len, nseg, **tflags, HAS_H0=True,
+                       STORE_HT=want_final, SAVE_STATES=save_states, STORE_Y=True,
+                       STORE_DSUM=False)
+            if want_final:
+                ht = hts.view(geo.nseq, nseg, geo.N, geo.dim)[:, -1]
     if ht is not None:
         ht = ht.transpose(1, 2).contiguous()  # (nseq, dim, N), the public layout
     return y, ht, states

@@ -101,18 +101,27 @@ def _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs
 
 @triton.jit
 def selective_scan_fwd_tile_kernel(
-    X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF,
-    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq,
+    X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF, DSUM,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, seg_len, nseg,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
 ):
+    """Forward over ``(N, BLOCK_D)`` tiles. A program owns one segment of ``seg_len`` tokens
+    (a multiple of K) of one sequence: with ``nseg == 1`` the whole sequence. Initial and final
+    states are per (sequence, segment), ``(nseq * nseg, N, dim)``. The sequence-parallel form runs
+    it twice: once without outputs, from zero, for each segment's end state and ``ΣΔ``
+    (``STORE_Y=False, STORE_DSUM=True``), then, after the segments' start states are chained on
+    the host side, again with those start states for ``y``."""
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_g = tl.program_id(2)
     row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
+    t_begin = pid_g.to(tl.int64) * seg_len
+    t_end = tl.minimum(t_begin + seg_len, seqlen)
     g = pid_d // blocks_per_group
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -130,7 +139,7 @@ def selective_scan_fwd_tile_kernel(
         Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
-    seq_state_off = pid_s.to(tl.int64) * dim * dstate
+    seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     if HAS_H0:
         h = tl.load(H0 + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
     else:
@@ -139,10 +148,13 @@ def selective_scan_fwd_tile_kernel(
     xd_base = row0 * dim
     bc_stride = ngroups * dstate
     bc_base = row0 * bc_stride + g * dstate
-    last = seqlen - 1
-    nchunks = tl.cdiv(seqlen, K)
+    last = t_end - 1
+    if STORE_DSUM:
+        dsum = tl.zeros([BLOCK_D], dtype=ACC)
+    nchunks = tl.cdiv(t_end - t_begin, K)
+    ck0 = ck0 + t_begin // K
     for c in range(0, nchunks):
-        t0 = c * K
+        t0 = t_begin + c * K
         # Loads are issued a group of G steps ahead of the compute that uses them. The stores of
         # y may alias the inputs as far as the compiler knows, so it cannot hoist a later load
         # above them: without this, every step waits one full memory latency.
@@ -159,7 +171,7 @@ def selective_scan_fwd_tile_kernel(
             xs, dts, zs, bs, cs = cur
             for i in tl.static_range(G):
                 t = t0 + j * G + i
-                valid = t < seqlen
+                valid = t < t_end
                 x = xs[i].to(ACC)
                 dt = dts[i].to(ACC)
                 if HAS_BIAS:
@@ -175,17 +187,23 @@ def selective_scan_fwd_tile_kernel(
                     dt = tl.where(md, dt, 0.0)
                 dA = tl.exp2(dt[None, :] * Av)
                 h = dA * h + (dt * x)[None, :] * bs[i].to(ACC)[:, None]
-                y = tl.sum(h * cs[i].to(ACC)[:, None], axis=0)
-                if HAS_D:
-                    y += Dv * x
-                if HAS_Z:
-                    z = zs[i].to(ACC)
-                    y = y * z * tl.sigmoid(z)
-                tl.store(Y + xd_base + t * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
+                if STORE_DSUM:
+                    dsum += dt
+                if STORE_Y:
+                    y = tl.sum(h * cs[i].to(ACC)[:, None], axis=0)
+                    if HAS_D:
+                        y += Dv * x
+                    if HAS_Z:
+                        z = zs[i].to(ACC)
+                        y = y * z * tl.sigmoid(z)
+                    tl.store(Y + xd_base + t * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
             if j + 1 < K // G:
                 cur = nxt
     if STORE_HT:
         tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
+    if STORE_DSUM:
+        tl.store(DSUM + (pid_s.to(tl.int64) * nseg + pid_g) * dim + offs_d,
+                 dsum.to(DSUM.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
