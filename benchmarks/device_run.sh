@@ -22,7 +22,7 @@ for step in "$@"; do
       export PYTHONPATH=/tmp/peers-site:$PYTHONPATH
       case $step in
         scan) timeout 300 python3 benchmarks/selective_scan_gpu.py --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
-        scan-sweep) timeout ${SCAN_TIMEOUT:-150} python3 benchmarks/selective_scan_gpu.py --sweep $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
+        scan-sweep) timeout ${SCAN_TIMEOUT:-300} python3 benchmarks/selective_scan_gpu.py --sweep --prefill $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
         *) [ -f "benchmarks/$step.py" ] && timeout ${GEN_TIMEOUT:-200} python3 "benchmarks/$step.py" --reps 2 --out "$OUT/gpu_$step.json" 2>&1 | tee "$OUT/bench_$step.log" ;;
       esac ;;
   esac

@@ -733,3 +733,30 @@ def selective_scan_bwd_lanes_kernel(
     if HAS_D:
         tl.store(DD_PART + pid_s.to(tl.int64) * dim + offs_d, dD_acc.to(DD_PART.dtype.element_ty),
                  mask=mask_d)
+
+
+@triton.jit
+def chain_segments_kernel(HLOC, DSUM, A, H0, STARTS, dim, dstate, nseg,
+                          HAS_H0: tl.constexpr, USE_F64: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of the sequence-parallel forward: the start state of every segment,
+    ``start_0 = h0``, ``start_s = exp(A ΣΔ_{s-1}) start_{s-1} + hloc_{s-1}``.
+
+    ``HLOC, STARTS``: ``(nseq, nseg, N, dim)``; ``DSUM``: ``(nseq, nseg, dim)``; ``A``: ``(N, dim)``;
+    ``H0``: ``(nseq, N, dim)``. One program per sequence and block of ``BLOCK`` (n, d) entries."""
+    ACC = tl.float64 if USE_F64 else tl.float32
+    pid_s = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    nd = dim * dstate
+    mask = offs < nd
+    d = offs % dim
+    a2 = tl.load(A + offs, mask=mask, other=0.0).to(ACC) * LOG2E
+    base = pid_s.to(tl.int64) * nseg
+    if HAS_H0:
+        h = tl.load(H0 + pid_s.to(tl.int64) * nd + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        h = tl.zeros([BLOCK], dtype=ACC)
+    for s in range(0, nseg):
+        tl.store(STARTS + (base + s) * nd + offs, h.to(STARTS.dtype.element_ty), mask=mask)
+        ds = tl.load(DSUM + (base + s) * dim + d, mask=mask, other=0.0).to(ACC)
+        hl = tl.load(HLOC + (base + s) * nd + offs, mask=mask, other=0.0).to(ACC)
+        h = tl.exp2(a2 * ds) * h + hl
