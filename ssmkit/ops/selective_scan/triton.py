@@ -178,6 +178,37 @@ def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor) -> int:
     return max(1, min(n, -(-geo.L // geo.K)))
 
 
+def _segment_length(L: int, nseg: int, K: int) -> tuple[int, int]:
+    """Segment length (a multiple of K, so saved-state blocks never straddle two segments) and the
+    resulting number of non-empty segments."""
+    per_seg = -(-L // nseg)
+    seg_len = -(-per_seg // K) * K
+    return seg_len, -(-L // seg_len)
+
+
+def _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, softplus, acc, seg_len, nseg,
+                          B):
+    """Passes 1-2 of the sequence-parallel backward: the adjoint entering every segment from its
+    end, ``(nseq * nseg, N, dim)``: the last segment gets ``dht`` (or zero), segment s-1 gets
+    ``exp(A ΣΔ_s) end_s + local_s`` with ``local_s`` the segment's adjoint run from zero."""
+    shape = (geo.nseq, nseg, geo.N, geo.dim)
+    dhloc = torch.empty(shape, device=dt.device, dtype=acc)
+    dsum = torch.empty(geo.nseq, nseg, geo.dim, device=dt.device, dtype=acc)
+    tk.adjoint_local_kernel[(geo.nseq, geo.n_dblocks, nseg)](
+        dt, At, C, z, dt_bias, dy, dhloc, dsum, geo.L, geo.dim, geo.N, geo.G,
+        geo.blocks_per_group, seg_len, nseg, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(softplus), USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, N=geo.N,
+        K=geo.K, EVEN_D=geo.even_d, PACK=_pack(B, C, geo.N), IS_BF16=C.dtype == torch.bfloat16,
+        num_warps=1)
+    # The forward's chain run over the segments in reverse order.
+    rev = torch.empty(shape, device=dt.device, dtype=acc)
+    nd = geo.N * geo.dim
+    tk.chain_segments_kernel[(geo.nseq, -(-nd // 1024))](
+        dhloc.flip(1).contiguous(), dsum.flip(1).contiguous(), At, dht, rev, geo.dim, geo.N, nseg,
+        HAS_H0=dht is not None, USE_F64=acc == torch.float64, BLOCK=1024, num_warps=4)
+    return rev.flip(1).contiguous().view(geo.nseq * nseg, geo.N, geo.dim)
+
+
 def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
              want_final, save_states, cfg):
     from ssmkit.ops.selective_scan import triton_kernels as tk
@@ -215,9 +246,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                 *dims, seg_len, 1, **tflags, HAS_H0=h0 is not None, STORE_HT=want_final,
                 SAVE_STATES=save_states, STORE_Y=True, STORE_DSUM=False)
         else:
-            per_seg = -(-geo.L // nseg)
-            seg_len = -(-per_seg // geo.K) * geo.K  # a multiple of K
-            nseg = -(-geo.L // seg_len)
+            seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # pass 1: each segment from a zero state -> its end state and ΣΔ
             hloc = torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
@@ -274,16 +303,23 @@ class _SelectiveScanFn(torch.autograd.Function):
         if dht is not None:
             dht = dht.transpose(1, 2).contiguous()
         rows = geo.bsz * geo.L
+        At = A.t().contiguous()
+        nseg = _segments(geo, cfg, x) if lanes else 1
+        seg_len = max(geo.L, 1) if not geo.varlen else 2**62
+        if nseg > 1:
+            seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
+            dht = _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, ctx.dt_softplus,
+                                        acc, seg_len, nseg, B)
+        nout = geo.nseq * nseg
         dx = torch.empty_like(x)
         ddt = torch.empty_like(dt)
         dz = torch.empty_like(z) if z is not None else None
         db_part = torch.empty(geo.n_dblocks, rows, geo.N, device=x.device, dtype=acc)
         dc_part = torch.empty_like(db_part)
-        da_part = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc)
-        dd_part = torch.empty(geo.nseq, geo.dim, device=x.device, dtype=acc) if D is not None else None
-        dh0 = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc)
-        grid = (geo.nseq, geo.n_dblocks)
-        args = (x, dt, A.t().contiguous(), B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
+        da_part = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
+        dd_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc) if D is not None else None
+        dh0 = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
+        args = (x, dt, At, B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
                 dht, dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
                 geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows)
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
@@ -291,13 +327,16 @@ class _SelectiveScanFn(torch.autograd.Function):
                      IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64, BLOCK_D=geo.block_d,
                      K=geo.K)
         if lanes:
-            tk.selective_scan_bwd_lanes_kernel[grid](
-                *args, **flags, N=geo.N, EVEN_D=geo.even_d, PACK=_pack(B, C, geo.N),
-                IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * geo.N // 32) * 32, num_warps=1)
+            tk.selective_scan_bwd_lanes_kernel[(geo.nseq, geo.n_dblocks, nseg)](
+                *args, seg_len, nseg, **flags, N=geo.N, EVEN_D=geo.even_d,
+                PACK=_pack(B, C, geo.N), IS_BF16=B.dtype == torch.bfloat16,
+                V=-(-2 * geo.N // 32) * 32, num_warps=1)
         else:
-            tk.selective_scan_bwd_kernel[grid](*args, **flags, BLOCK_N=geo.block_n,
-                                               KEEP_DECAY=bool(cfg.keep_decay),
-                                               num_warps=cfg.bwd_num_warps)
+            tk.selective_scan_bwd_kernel[(geo.nseq, geo.n_dblocks)](
+                *args, **flags, BLOCK_N=geo.block_n, KEEP_DECAY=bool(cfg.keep_decay),
+                num_warps=cfg.bwd_num_warps)
+        if nseg > 1:
+            dh0 = dh0.view(geo.nseq, nseg, geo.N, geo.dim)[:, 0]
         G, bpg, N = geo.G, geo.blocks_per_group, geo.N
 
         def _group_sum(part):  # (G*bpg, rows, N) -> (bsz, L, G, N)

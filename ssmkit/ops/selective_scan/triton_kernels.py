@@ -564,7 +564,7 @@ def _lane_sum_scatter(vals, lane, V: tl.constexpr):
 def selective_scan_bwd_lanes_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, STATES, CU, CHUNK_OFF, DY, DHT,
     DX, DDT, DZ, DB_PART, DC_PART, DA_PART, DD_PART, DH0,
-    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, total_rows,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, total_rows, seg_len, nseg,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     BLOCK_D: tl.constexpr, N: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
@@ -577,16 +577,23 @@ def selective_scan_bwd_lanes_kernel(
     ``dh_t += C_t dy_t``) backwards through the block. The per-step sums over channels (dB_t, dC_t:
     2N values) go through one reduce-scatter across the warp (:func:`_lane_sum_scatter`), after
     which each lane stores one value: the partial sums of this block of 32 channels, added up by
-    the caller. Sums over time (dA, dD) stay in the lanes."""
+    the caller. Sums over time (dA, dD) stay in the lanes.
+
+    A program owns one segment of ``seg_len`` tokens (a multiple of K; the whole sequence when
+    ``nseg == 1``): ``DHT`` is then the adjoint entering the segment from its end and ``DH0``,
+    ``DA_PART``, ``DD_PART`` are per (sequence, segment), ``(nseq * nseg, ...)``."""
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_g = tl.program_id(2)
     row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
+    t_begin = pid_g.to(tl.int64) * seg_len
+    seqlen = tl.minimum(t_begin + seg_len, seqlen)  # from here on: the end of the segment
     g = pid_d // blocks_per_group
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     lane = tl.arange(0, BLOCK_D) % 32
     mask_d = offs_d < dim
-    seq_state_off = pid_s.to(tl.int64) * dim * dstate
+    seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     A2 = ()
     dh = ()
     dA_acc = ()
@@ -609,9 +616,10 @@ def selective_scan_bwd_lanes_kernel(
     bc_base = row0 * bc_stride + g * dstate
     last = seqlen - 1
     M_OUT: tl.constexpr = V // 32
-    nchunks = tl.cdiv(seqlen, K)
+    nchunks = tl.cdiv(seqlen - t_begin, K)
+    c_first = t_begin // K
     for cc in range(0, nchunks):
-        c = nchunks - 1 - cc
+        c = c_first + nchunks - 1 - cc
         t0 = c * K
         st = STATES + (ck0 + c) * dim * dstate + offs_d
         h = ()
@@ -731,8 +739,8 @@ def selective_scan_bwd_lanes_kernel(
         tl.store(DA_PART + seq_state_off + n * dim + offs_d,
                  dA_acc[n].to(DA_PART.dtype.element_ty), mask=mask_d)
     if HAS_D:
-        tl.store(DD_PART + pid_s.to(tl.int64) * dim + offs_d, dD_acc.to(DD_PART.dtype.element_ty),
-                 mask=mask_d)
+        tl.store(DD_PART + (pid_s.to(tl.int64) * nseg + pid_g) * dim + offs_d,
+                 dD_acc.to(DD_PART.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -760,3 +768,84 @@ def chain_segments_kernel(HLOC, DSUM, A, H0, STARTS, dim, dstate, nseg,
         ds = tl.load(DSUM + (base + s) * dim + d, mask=mask, other=0.0).to(ACC)
         hl = tl.load(HLOC + (base + s) * nd + offs, mask=mask, other=0.0).to(ACC)
         h = tl.exp2(a2 * ds) * h + hl
+
+
+@triton.jit
+def adjoint_local_kernel(
+    DT, A, C, Z, DT_BIAS, DY, DHLOC, DSUM,
+    L, dim, dstate, ngroups, blocks_per_group, seg_len, nseg,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, USE_F64: tl.constexpr,
+    BLOCK_D: tl.constexpr, N: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
+    PACK: tl.constexpr, IS_BF16: tl.constexpr,
+):
+    """Pass 1 of the sequence-parallel backward: the adjoint of every segment run from a zero
+    state at its end, ``dh_{t-1} = exp(Δ_t A) (dh_t + C_t dy'_t)`` (dy' the gated output
+    gradient), down to the segment's start, and ΣΔ over the segment. The adjoint is linear in dh
+    and needs no forward states, so this pass reads dt, dy, z and C only. Outputs
+    ``DHLOC (nseq * nseg, N, dim)``, ``DSUM (nseq * nseg, dim)``. One lane per channel."""
+    ACC = tl.float64 if USE_F64 else tl.float32
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    row0 = pid_s.to(tl.int64) * L
+    t_begin = pid_g.to(tl.int64) * seg_len
+    t_end = tl.minimum(t_begin + seg_len, L)
+    g = pid_d // blocks_per_group
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    A2 = ()
+    dh = ()
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A + n * dim + offs_d, mask=mask_d, other=0.0).to(ACC) * LOG2E,)
+        dh = dh + (tl.zeros([BLOCK_D], dtype=ACC),)
+    if HAS_BIAS:
+        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    dsum = tl.zeros([BLOCK_D], dtype=ACC)
+    xd_base = row0 * dim
+    bc_stride = ngroups * dstate
+    bc_base = row0 * bc_stride + g * dstate
+    nchunks = tl.cdiv(t_end - t_begin, K)
+    for cc in range(0, nchunks):
+        t0 = t_begin + (nchunks - 1 - cc) * K
+        # The block's inputs first (no stores in this loop, so nothing holds the loads back).
+        dts = ()
+        dys = ()
+        zs = ()
+        crs = ()
+        for i in tl.static_range(K):
+            tc = tl.minimum(t0 + i, t_end - 1)
+            off = xd_base + tc * dim + offs_d
+            if EVEN_D:
+                dts = dts + (tl.load(DT + off),)
+                dys = dys + (tl.load(DY + off),)
+                if HAS_Z:
+                    zs = zs + (tl.load(Z + off),)
+            else:
+                dts = dts + (tl.load(DT + off, mask=mask_d, other=0.0),)
+                dys = dys + (tl.load(DY + off, mask=mask_d, other=0.0),)
+                if HAS_Z:
+                    zs = zs + (tl.load(Z + off, mask=mask_d, other=0.0),)
+            crs = crs + (_row_raw(C, bc_base + tc * bc_stride, N, PACK),)
+        for i in tl.static_range(K - 1, -1, -1):
+            md = offs_d < tl.where(t0 + i < t_end, dim, 0)
+            dt = dts[i].to(ACC)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(md, dt, 0.0)
+            dy = tl.where(md, dys[i].to(ACC), 0.0)
+            if HAS_Z:
+                z = zs[i].to(ACC)
+                dy = dy * z * tl.sigmoid(z)
+            dsum += dt
+            new = ()
+            for n in tl.static_range(N):
+                new = new + (tl.exp2(dt * A2[n])
+                             * (dh[n] + dy * _row_val(crs[i], n, PACK, IS_BF16, ACC)),)
+            dh = new
+    out = (pid_s.to(tl.int64) * nseg + pid_g) * dim
+    for n in tl.static_range(N):
+        tl.store(DHLOC + out * dstate + n * dim + offs_d, dh[n].to(DHLOC.dtype.element_ty),
+                 mask=mask_d)
+    tl.store(DSUM + out + offs_d, dsum.to(DSUM.dtype.element_ty), mask=mask_d)
