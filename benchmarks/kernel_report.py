@@ -31,7 +31,7 @@ KERNELS = {
     "fwd": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
-        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False)),
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False)),
     "fwd_lanes": (tk.selective_scan_fwd_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, N=16, BLOCK_D=32, K=8, G=2,
@@ -45,7 +45,7 @@ KERNELS = {
     "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
-        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False)),
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False)),
     "bwd": (tk.selective_scan_bwd_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
         USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, KEEP_DECAY=False)),

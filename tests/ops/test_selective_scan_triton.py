@@ -150,12 +150,15 @@ def test_half_inputs_gradients():
         assert_close(f"grad {n}", a, b.double(), rel=2e-2)
 
 
-@pytest.mark.parametrize("split,bsz,L,dim,N,G", [(3, 2, 19, 8, 4, 1), (5, 1, 5, 12, 5, 3),
-                                                  (4, 1, 33, 40, 16, 1)])
-def test_sequence_parallel_forward(split, bsz, L, dim, N, G):
+@pytest.mark.parametrize("split,bsz,L,dim,N,G,pipe", [(3, 2, 19, 8, 4, 1, 0), (5, 1, 5, 12, 5, 3, 1),
+                                                       (4, 1, 33, 40, 16, 1, 0),
+                                                       (1, 2, 11, 40, 3, 1, 1)])
+def test_sequence_parallel_forward(split, bsz, L, dim, N, G, pipe):
     """Segments scanned in parallel and chained (outputs, final state, and the gradients that use
-    the states saved by the segmented pass) equal the reference."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, seq_split=split))
+    the states saved by the segmented pass, through the segmented backward) equal the reference;
+    also with the pipelined tile forward."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, seq_split=split,
+                                                       fwd_pipeline=pipe))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:

@@ -56,6 +56,8 @@ class ScanConfig:
     # forward: segments of the sequence scanned in parallel (0 = when the GPU would otherwise
     # idle, 1 = never, S > 1 = S segments); see _segments
     seq_split: int = 0
+    # tile forward: carry the next block's first loads across the loop, store outputs per block
+    fwd_pipeline: int = 0
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -237,7 +239,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             num_warps=cfg.num_warps)
     else:
         tile = tk.selective_scan_fwd_tile_kernel
-        tflags = dict(flags, BLOCK_N=geo.block_n, EVEN_N=geo.even_n, num_warps=cfg.num_warps)
+        tflags = dict(flags, BLOCK_N=geo.block_n, EVEN_N=geo.even_n, num_warps=cfg.num_warps,
+                      PIPELINE=bool(cfg.fwd_pipeline))
         if nseg == 1:
             # one segment: the whole sequence (any length, packed sequences too)
             seg_len = max(geo.L, 1) if not geo.varlen else 2**62

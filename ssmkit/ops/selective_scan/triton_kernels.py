@@ -108,13 +108,18 @@ def selective_scan_fwd_tile_kernel(
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     """Forward over ``(N, BLOCK_D)`` tiles. A program owns one segment of ``seg_len`` tokens
     (a multiple of K) of one sequence: with ``nseg == 1`` the whole sequence. Initial and final
     states are per (sequence, segment), ``(nseq * nseg, N, dim)``. The sequence-parallel form runs
     it twice: once without outputs, from zero, for each segment's end state and ``ΣΔ``
     (``STORE_Y=False, STORE_DSUM=True``), then, after the segments' start states are chained on
-    the host side, again with those start states for ``y``."""
+    the host side, again with those start states for ``y``.
+
+    ``PIPELINE``: carry the next block's first load group across the loop and store a block's
+    outputs after it (as the lanes forward does), instead of loading each block's first group at
+    its start."""
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -153,18 +158,23 @@ def selective_scan_fwd_tile_kernel(
         dsum = tl.zeros([BLOCK_D], dtype=ACC)
     nchunks = tl.cdiv(t_end - t_begin, K)
     ck0 = ck0 + t_begin // K
+    if PIPELINE:
+        cur = _load_group(X, DT, Z, B, C, xd_base, bc_base, t_begin, last, dim, bc_stride,
+                          offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
     for c in range(0, nchunks):
         t0 = t_begin + c * K
         # Loads are issued a group of G steps ahead of the compute that uses them. The stores of
         # y may alias the inputs as far as the compiler knows, so it cannot hoist a later load
         # above them: without this, every step waits one full memory latency.
-        cur = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d,
-                          offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
+        if not PIPELINE:
+            cur = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d,
+                              offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
         if SAVE_STATES:
             tl.store(STATES + (ck0 + c) * dim * dstate + dn_off, h.to(STATES.dtype.element_ty),
                      mask=mask_dn)
+        ys = ()
         for j in tl.static_range(K // G):
-            if j + 1 < K // G:
+            if PIPELINE or j + 1 < K // G:
                 nxt = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0 + (j + 1) * G, last, dim,
                                   bc_stride, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D,
                                   EVEN_N, G)
@@ -196,9 +206,17 @@ def selective_scan_fwd_tile_kernel(
                     if HAS_Z:
                         z = zs[i].to(ACC)
                         y = y * z * tl.sigmoid(z)
-                    tl.store(Y + xd_base + t * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
-            if j + 1 < K // G:
+                    if PIPELINE:
+                        ys = ys + (y.to(Y.dtype.element_ty),)
+                    else:
+                        tl.store(Y + xd_base + t * dim + offs_d, y.to(Y.dtype.element_ty),
+                                 mask=md)
+            if PIPELINE or j + 1 < K // G:
                 cur = nxt
+        if PIPELINE and STORE_Y:
+            for i in tl.static_range(K):
+                md = offs_d < tl.where(t0 + i < t_end, dim, 0)
+                tl.store(Y + xd_base + (t0 + i) * dim + offs_d, ys[i], mask=md)
     if STORE_HT:
         tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
     if STORE_DSUM:
