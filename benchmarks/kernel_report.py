@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ssmkit.ops.selective_scan import triton_kernels as tk  # noqa: E402
 
 SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
-           "seg_len", "nseg"}
+           "seg_len", "nseg", "z_rs", "b_rs", "c_rs"}
 
 KERNELS = {
     "fwd": (tk.selective_scan_fwd_tile_kernel, dict(
@@ -70,7 +70,7 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
     # specialised as such; ngroups (1) and the lengths are left unknown.
     attrs = {}
     for i, p in enumerate(fn.arg_names):
-        if sig.get(p, "").startswith("*") or p in ("dim", "dstate"):
+        if sig.get(p, "").startswith("*") or p in ("dim", "dstate", "z_rs", "b_rs", "c_rs"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         src = ASTSource(fn, sig, consts, attrs)

@@ -179,3 +179,42 @@ def test_sequence_split_choice():
     cu = torch.tensor([0, 100, 4096])
     geo_v = triton_mod._Geometry(x, B, A, cu, forced, cfg.block_d)
     assert triton_mod._segments(geo_v, forced, x) == 1
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float64, 0), (torch.bfloat16, 0),
+                                          (torch.bfloat16, 1)])
+@pytest.mark.parametrize("lanes", [0, 1])
+def test_strided_z_B_C_views(dtype, offset, lanes):
+    """z, B and C as slices of one projection output (as in the Mamba layer) are read through
+    their row strides; an odd offset makes the 16-bit rows unaligned for paired loads."""
+    bsz, L, dim, N = 2, 9, 8, 4
+    g = torch.Generator().manual_seed(5)
+    dev = triton_device()
+    proj = torch.randn(bsz, L, 2 * dim + offset + 2 * N, generator=g, dtype=torch.float64)
+    proj = proj.to(dev, dtype)
+    z = proj[..., dim:2 * dim]
+    B = proj[..., 2 * dim + offset:2 * dim + offset + N]
+    C = proj[..., 2 * dim + offset + N:]
+    assert not z.is_contiguous() and triton_mod.row_stride(z) == proj.shape[-1]
+    x, dt = (torch.randn(bsz, L, dim, generator=g, dtype=torch.float64).to(dev, dtype)
+             for _ in range(2))
+    A = -(torch.rand(dim, N, generator=g, dtype=torch.float64) + 0.3).to(dev, dtype)
+    D = torch.randn(dim, generator=g, dtype=torch.float64).to(dev, dtype)
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, fwd_lanes=lanes))
+    try:
+        y = triton_mod.selective_scan_triton(x, dt, A, B, C, D, z, None, True)
+    finally:
+        triton_mod.set_config(prev)
+    args64 = [t.double() for t in (x, dt, A, B.contiguous(), C.contiguous(), D, z.contiguous())]
+    yr = selective_scan_reference(*args64, None, True)
+    assert_close("y", yr, y.double(), rel=1e-10 if dtype == torch.float64 else 8e-3)
+
+
+def test_row_stride():
+    t = torch.zeros(3, 5, 10)
+    assert triton_mod.row_stride(t) == 10
+    assert triton_mod.row_stride(t[..., 2:6]) == 10
+    assert triton_mod.row_stride(t.transpose(0, 1)) == -1  # rows not evenly spaced
+    assert triton_mod.row_stride(t[..., ::2]) == -1  # inner block not contiguous
+    assert triton_mod.row_stride(t[:, :1]) == 50  # one step: rows are the batch
+    assert triton_mod.row_stride(torch.zeros(2, 4, 3, 6)[:, :, :, :4]) == -1  # groups not packed

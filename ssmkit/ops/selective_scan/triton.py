@@ -142,7 +142,8 @@ def _pack(B: torch.Tensor, C: torch.Tensor, N: int) -> int:
     """Rows of B and C are read two 16-bit values per 32-bit load when N is even and both are
     4-byte aligned; otherwise one by one."""
     half = B.dtype in (torch.bfloat16, torch.float16)
-    return 2 if (half and N % 2 == 0 and B.data_ptr() % 4 == 0 and C.data_ptr() % 4 == 0) else 1
+    aligned = all(t.data_ptr() % 4 == 0 and row_stride(t) % 2 == 0 for t in (B, C))
+    return 2 if (half and N % 2 == 0 and aligned) else 1
 
 
 def _sm_count(device: torch.device) -> int:
@@ -230,7 +231,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                  SOFTPLUS=bool(dt_softplus), IS_VARLEN=geo.varlen,
                  USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, K=geo.K, G=_load_group(cfg),
                  EVEN_D=geo.even_d)
-    dims = (geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq)
+    dims = (geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq,
+            row_stride(z), row_stride(B), row_stride(C))
     if lanes:
         tk.selective_scan_fwd_kernel[(geo.nseq, geo.n_dblocks)](
             x, dt, At, B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off, *dims,
@@ -296,6 +298,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         from ssmkit.ops.selective_scan import triton_kernels as tk
 
         x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
+        # the backward kernels read z, B and C contiguous (the forward took views)
+        B, C = B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
         cfg = ctx.cfg
         dpg = x.shape[2] // B.shape[2]
         lanes = (bool(cfg.bwd_lanes) and A.shape[1] <= LANES_MAX_N
@@ -356,6 +361,34 @@ class _SelectiveScanFn(torch.autograd.Function):
         return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None
 
 
+def row_stride(t: torch.Tensor | None) -> int:
+    """Distance between consecutive rows (batch * seqlen positions) of ``t``
+    ``(batch, seqlen, *inner)`` whose inner block is contiguous and whose rows are evenly spaced
+    (a slice of a projection's output, say); -1 when it has no such layout."""
+    if t is None:
+        return 0
+    bsz, L = t.shape[:2]
+    inner = t.shape[2:]
+    expect = 1
+    for size, stride in zip(reversed(inner), reversed(t.stride()[2:])):
+        if size != 1 and stride != expect:
+            return -1
+        expect *= size
+    if L == 1:
+        return t.stride(0)
+    if bsz == 1 or t.stride(0) == L * t.stride(1):
+        return t.stride(1)
+    return -1
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when the forward kernels can read it through :func:`row_stride`, else a
+    contiguous copy."""
+    if t is None or row_stride(t) > 0:
+        return t
+    return t.contiguous()
+
+
 def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_state):
     squeeze = B.dim() == 3
     if squeeze:
@@ -363,8 +396,10 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_state):
         C = C.unsqueeze(2)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    cont = [t.contiguous() if t is not None else None for t in (x, dt, A, B, C, D, z, dt_bias)]
-    return (*cont, initial_state, squeeze)
+    cont = [t.contiguous() if t is not None else None for t in (x, dt, A, D, dt_bias)]
+    x, dt, A, D, dt_bias = cont
+    # z, B and C are read through their row strides (no copy of a projection's slices)
+    return x, dt, A, _rows(B), _rows(C), D, _rows(z), dt_bias, initial_state, squeeze
 
 
 @register("selective_scan", "triton")

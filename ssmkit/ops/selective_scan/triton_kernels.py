@@ -60,7 +60,8 @@ def _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
-def _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d, offs_n,
+def _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0, last, dim, z_rs, b_rs, c_rs,
+                offs_d, offs_n,
                 mask_d, mask_n, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
                 EVEN_N: tl.constexpr, G: tl.constexpr):
     """Inputs of steps t0 .. t0+G-1 as tuples of G tensors, in their storage dtype (a bf16 vector
@@ -76,18 +77,18 @@ def _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs
         t = tl.minimum(t0 + i, last)
         xd = X + xd_base + t * dim
         dd = DT + xd_base + t * dim
-        bp = B + bc_base + t * bc_stride
-        cp = C + bc_base + t * bc_stride
+        bp = B + b_base + t * b_rs
+        cp = C + c_base + t * c_rs
         if EVEN_D:
             xs = xs + (tl.load(xd + offs_d),)
             dts = dts + (tl.load(dd + offs_d),)
             if HAS_Z:
-                zs = zs + (tl.load(Z + xd_base + t * dim + offs_d),)
+                zs = zs + (tl.load(Z + z_base + t * z_rs + offs_d),)
         else:
             xs = xs + (tl.load(xd + offs_d, mask=mask_d, other=0.0),)
             dts = dts + (tl.load(dd + offs_d, mask=mask_d, other=0.0),)
             if HAS_Z:
-                zs = zs + (tl.load(Z + xd_base + t * dim + offs_d, mask=mask_d, other=0.0),)
+                zs = zs + (tl.load(Z + z_base + t * z_rs + offs_d, mask=mask_d, other=0.0),)
         if not HAS_Z:
             zs = zs + (xs[i],)
         if EVEN_N:
@@ -102,7 +103,7 @@ def _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs
 @triton.jit
 def selective_scan_fwd_tile_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF, DSUM,
-    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, seg_len, nseg,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, z_rs, b_rs, c_rs, seg_len, nseg,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
@@ -151,32 +152,34 @@ def selective_scan_fwd_tile_kernel(
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     # Row offsets (int64) of this sequence: the per-step address is one scalar multiply-add.
     xd_base = row0 * dim
-    bc_stride = ngroups * dstate
-    bc_base = row0 * bc_stride + g * dstate
+    # z, B and C may be views with other row strides (slices of a projection's output)
+    z_base = row0 * z_rs
+    b_base = row0 * b_rs + g * dstate
+    c_base = row0 * c_rs + g * dstate
     last = t_end - 1
     if STORE_DSUM:
         dsum = tl.zeros([BLOCK_D], dtype=ACC)
     nchunks = tl.cdiv(t_end - t_begin, K)
     ck0 = ck0 + t_begin // K
     if PIPELINE:
-        cur = _load_group(X, DT, Z, B, C, xd_base, bc_base, t_begin, last, dim, bc_stride,
-                          offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
+        cur = _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t_begin, last, dim,
+                          z_rs, b_rs, c_rs, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
     for c in range(0, nchunks):
         t0 = t_begin + c * K
         # Loads are issued a group of G steps ahead of the compute that uses them. The stores of
         # y may alias the inputs as far as the compiler knows, so it cannot hoist a later load
         # above them: without this, every step waits one full memory latency.
         if not PIPELINE:
-            cur = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d,
-                              offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
+            cur = _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0, last, dim,
+                              z_rs, b_rs, c_rs, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
         if SAVE_STATES:
             tl.store(STATES + (ck0 + c) * dim * dstate + dn_off, h.to(STATES.dtype.element_ty),
                      mask=mask_dn)
         ys = ()
         for j in tl.static_range(K // G):
             if PIPELINE or j + 1 < K // G:
-                nxt = _load_group(X, DT, Z, B, C, xd_base, bc_base, t0 + (j + 1) * G, last, dim,
-                                  bc_stride, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D,
+                nxt = _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base,
+                                  t0 + (j + 1) * G, last, dim, z_rs, b_rs, c_rs, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D,
                                   EVEN_N, G)
             xs, dts, zs, bs, cs = cur
             for i in tl.static_range(G):
@@ -264,7 +267,8 @@ def _row_val(raw, n: tl.constexpr, PACK: tl.constexpr, IS_BF16: tl.constexpr, AC
 
 
 @triton.jit
-def _load_steps(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs_d, mask_d,
+def _load_steps(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0, last, dim, z_rs, b_rs,
+                c_rs, offs_d, mask_d,
                 HAS_Z: tl.constexpr, EVEN_D: tl.constexpr, N: tl.constexpr, PACK: tl.constexpr,
                 G: tl.constexpr):
     """Raw inputs of steps t0 .. t0+G-1: tuples of G channel vectors (x, dt, z) and G packed rows
@@ -278,27 +282,28 @@ def _load_steps(X, DT, Z, B, C, xd_base, bc_base, t0, last, dim, bc_stride, offs
     for i in tl.static_range(G):
         t = tl.minimum(t0 + i, last)
         off = xd_base + t * dim + offs_d
+        zoff = z_base + t * z_rs + offs_d
         if EVEN_D:
             xs = xs + (tl.load(X + off),)
             dts = dts + (tl.load(DT + off),)
             if HAS_Z:
-                zs = zs + (tl.load(Z + off),)
+                zs = zs + (tl.load(Z + zoff),)
         else:
             xs = xs + (tl.load(X + off, mask=mask_d, other=0.0),)
             dts = dts + (tl.load(DT + off, mask=mask_d, other=0.0),)
             if HAS_Z:
-                zs = zs + (tl.load(Z + off, mask=mask_d, other=0.0),)
+                zs = zs + (tl.load(Z + zoff, mask=mask_d, other=0.0),)
         if not HAS_Z:
             zs = zs + (xs[i],)
-        bs = bs + (_row_raw(B, bc_base + t * bc_stride, N, PACK),)
-        cs = cs + (_row_raw(C, bc_base + t * bc_stride, N, PACK),)
+        bs = bs + (_row_raw(B, b_base + t * b_rs, N, PACK),)
+        cs = cs + (_row_raw(C, c_base + t * c_rs, N, PACK),)
     return xs, dts, zs, bs, cs
 
 
 @triton.jit
 def selective_scan_fwd_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF,
-    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, z_rs, b_rs, c_rs,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
@@ -334,8 +339,10 @@ def selective_scan_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
     xd_base = row0 * dim
-    bc_stride = ngroups * dstate
-    bc_base = row0 * bc_stride + g * dstate
+    # z, B and C may be views with other row strides (slices of a projection's output)
+    z_base = row0 * z_rs
+    b_base = row0 * b_rs + g * dstate
+    c_base = row0 * c_rs + g * dstate
     last = seqlen - 1
     nchunks = tl.cdiv(seqlen, K)
     # Software pipeline: the inputs of a group of G steps are loaded while the previous group
@@ -343,7 +350,8 @@ def selective_scan_fwd_kernel(
     # chunk are stored after the loads of the next chunk's first group have been issued: the
     # compiler must keep a load behind an earlier store (they may alias as far as it knows), so a
     # store between two groups would hold the next group's loads back until it had issued.
-    cur = _load_steps(X, DT, Z, B, C, xd_base, bc_base, 0, last, dim, bc_stride, offs_d, mask_d,
+    cur = _load_steps(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, 0, last, dim, z_rs, b_rs,
+                      c_rs, offs_d, mask_d,
                       HAS_Z, EVEN_D, N, PACK, G)
     for c in range(0, nchunks):
         t0 = c * K
@@ -354,8 +362,8 @@ def selective_scan_fwd_kernel(
         ys = ()
         for j in tl.static_range(K // G):
             # the next group: this chunk's, or the first of the next chunk
-            nxt = _load_steps(X, DT, Z, B, C, xd_base, bc_base, t0 + (j + 1) * G, last, dim,
-                              bc_stride, offs_d, mask_d, HAS_Z, EVEN_D, N, PACK, G)
+            nxt = _load_steps(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0 + (j + 1) * G,
+                              last, dim, z_rs, b_rs, c_rs, offs_d, mask_d, HAS_Z, EVEN_D, N, PACK, G)
             xs, dts, zs, bs, cs = cur
             for i in tl.static_range(G):
                 t = t0 + j * G + i
