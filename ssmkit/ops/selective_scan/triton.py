@@ -13,7 +13,10 @@ Same signature and results as the ``reference`` form::
 The kernels (``triton_kernels.py``) fuse softplus(dt + dt_bias), the discretization, the scan with
 the state on chip, C·h, D·x and the z gate; the backward recomputes states from block boundaries
 saved every ``K`` tokens instead of storing the expanded state. Float16/bfloat16/float32 inputs are
-computed in float32; float64 inputs in float64 (so tests can compare to 1e-10).
+computed in float32; float64 inputs in float64 (so tests can compare to 1e-10). ``z``, ``B`` and ``C``
+may be views with evenly spaced rows (slices of a projection), read in place by the forward. When
+the batch is too small to fill the GPU, the sequence is cut into segments scanned in parallel and
+chained (:func:`_segments`), forward and backward.
 
 This module imports without Triton; the kernels are imported on first use. Importing it registers
 the form with :mod:`ssmkit.ops.dispatch` under ``("selective_scan", "triton")``.
@@ -53,8 +56,8 @@ class ScanConfig:
     # exactly 32 channels: dim, or dim/G with groups, a multiple of 32; N <= LANES_MAX_N);
     # 0 = (N, bwd_block_d) tiles
     bwd_lanes: int = 1
-    # forward: segments of the sequence scanned in parallel (0 = when the GPU would otherwise
-    # idle, 1 = never, S > 1 = S segments); see _segments
+    # segments of the sequence scanned in parallel, forward and lanes backward (0 = when the GPU
+    # would otherwise idle, 1 = never, S > 1 = S segments); see _segments
     seq_split: int = 0
     # tile forward: carry the next block's first loads across the loop, store outputs per block
     fwd_pipeline: int = 0
@@ -64,7 +67,7 @@ class ScanConfig:
 LANES_MAX_N = 64
 
 _CONFIG = ScanConfig()
-if os.environ.get("SSMKIT_SCAN_CONFIG"):  # e.g. "16,8,1,16,1,0,4" (fields in order)
+if os.environ.get("SSMKIT_SCAN_CONFIG"):  # e.g. "32,8,1,16,1,0,4" (leading fields, in order)
     _CONFIG = ScanConfig(*map(int, os.environ["SSMKIT_SCAN_CONFIG"].split(",")))
 
 
@@ -156,12 +159,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 _SMS: dict[int, int] = {}
-# Shortest segment worth a pass of its own in the sequence-parallel forward.
+# Shortest segment worth a pass of its own in the sequence-parallel forward / backward.
 MIN_SEGMENT = 256
 
 
-def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor) -> int:
-    """How many segments of the sequence the forward scans in parallel (1 = one pass).
+def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
+              warps_per_block: int | None = None) -> int:
+    """How many segments of the sequence the forward (or backward) scans in parallel (1 = one
+    pass). ``warps_per_block``: warps of one program (default: the forward's ``num_warps``).
 
     A program walks its whole segment step by step, so the forward's time is the segment length
     times the latency of one step. With fewer warps than the GPU has schedulers (batch-1 prefill:
@@ -174,7 +179,7 @@ def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor) -> int:
         n = cfg.seq_split
     else:
         sms = _sm_count(x.device)
-        warps = geo.nseq * geo.n_dblocks * cfg.num_warps
+        warps = geo.nseq * geo.n_dblocks * (warps_per_block or cfg.num_warps)
         if sms == 0 or 2 * warps >= 4 * sms:
             return 1
         n = min(-(-4 * sms // warps), geo.L // MIN_SEGMENT)
@@ -312,7 +317,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dht = dht.transpose(1, 2).contiguous()
         rows = geo.bsz * geo.L
         At = A.t().contiguous()
-        nseg = _segments(geo, cfg, x) if lanes else 1
+        nseg = _segments(geo, cfg, x, warps_per_block=1) if lanes else 1
         seg_len = max(geo.L, 1) if not geo.varlen else 2**62
         if nseg > 1:
             seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
