@@ -28,7 +28,7 @@ from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.state import LayerState
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
-from ssmkit.ops.selective_scan import selective_scan
+from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba", "MambaState"]
@@ -195,11 +195,12 @@ class Mamba(nn.Module):
             dt = dt.to(cdt) if dt_bias is None else dt.to(cdt) + dt_bias.to(cdt)
             dt = F.softplus(dt) * mask.to(cdt)[..., None]
             dt_bias, softplus = None, False
-        y, ssm_state = selective_scan(
-            xs, dt, self._A(), B, C, D=self.D, z=z, dt_bias=dt_bias, dt_softplus=softplus,
-            initial_state=None if state is None else state.ssm_state, return_final_state=True,
-            cu_seqlens=cu_seqlens,
-        )
+        # The layer built every input itself (and checked x, state, cu_seqlens and mask above), so
+        # the dispatched form is called directly: the public op's check that A <= 0 reads A back
+        # from the GPU, a host sync per layer per call (A = -exp(A_log) is non-positive anyway).
+        scan = get("selective_scan", "auto", xs)
+        y, ssm_state = scan(xs, dt, self._A(), B, C, self.D, z, dt_bias, softplus,
+                            None if state is None else state.ssm_state, True, cu_seqlens)
         out = self.out_proj(y)
         if return_state:
             return out, MambaState(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=ssm_state)
