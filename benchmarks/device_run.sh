@@ -2,9 +2,9 @@
 # One device call: build the peers in the background, run the GPU tests, then the benchmarks.
 # Usage on the GPU machine, from the repository root: bash benchmarks/device_run.sh STEP...
 # (steps: tests, scan, scan-sweep, generation). Writes logs and JSON under $OUT.
-# Session 2 timings on an H100: generation ~110 s, scan-sweep 250-300 s (compiles dominate),
-# all GPU tests > 400 s (the scan tests against float64 are the slow ones): split them over calls
-# with TESTS=tests/gpu/test_selective_scan_gpu.py etc. and TESTS_TIMEOUT.
+# Session 2 timings on an H100 (serial): generation ~110 s, scan-sweep 250-300 s, all GPU tests
+# > 400 s; compiling the kernels is most of both. The sweep now compiles its configurations in
+# parallel processes first and the tests run under pytest-xdist; TESTS=... picks test files.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total,temperature.gpu --format=csv,noheader
@@ -20,7 +20,10 @@ for step in "$@"; do
   case $step in
     tests)
       # -rf --tb=short: a failure's message survives a tail; --durations: which tests need time
-      timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -rf --tb=short --durations=15 -m gpu \
+      # pytest-xdist is in the GPU image: workers compile the kernels in parallel (compiling is
+      # most of the time of these tests); pytest-timeout stops one stuck test, not the call.
+      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf --tb=short --durations=15 -m gpu \
+        -n ${TEST_WORKERS:-6} --timeout ${TEST_TIMEOUT:-280} \
         ${TESTS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     *)
       wait $peers_pid 2>/dev/null; tail -2 "$OUT/peers.log"

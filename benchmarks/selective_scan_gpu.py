@@ -118,6 +118,41 @@ FWD_SWEEP = [(32, 8, 1, 4, 0, 1, 0), (32, 8, 1, 4, 0, 1, 1), (32, 8, 1, 4, 0, 2,
 BWD_SWEEP = [(8, 1, 32, 1), (4, 1, 32, 1), (8, 0, 32, 1)]
 
 
+def _warm_one(job) -> str:
+    """Run one configuration once (no-grad forward, forward + backward) so that Triton compiles
+    it into its on-disk cache; executed in a worker process."""
+    cfg_fields, shape = job
+    try:
+        sst.set_config(sst.ScanConfig(**cfg_fields))
+        ts = make(*shape)
+        sst.selective_scan_triton(*ts, True)
+        leaves = [t.detach().requires_grad_() for t in ts]
+        sst.selective_scan_triton(*leaves, True).float().sum().backward()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # noqa: BLE001
+        return repr(e)
+
+
+def warm_compile(cfgs: list[dict], shapes: list[tuple], workers: int = 8) -> None:
+    """Compile every (configuration, shape) in parallel processes before timing anything: the
+    kernels are large unrolled programs (10-30 s each to compile), and a sweep that compiles them
+    one after the other spends most of a device call compiling. Later compiles in this process
+    find them in Triton's cache."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [(c, sh) for c in cfgs for sh in shapes]
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                                mp_context=ctx) as ex:
+        res = list(ex.map(_warm_one, jobs))
+    bad = [(j, r) for j, r in zip(jobs, res) if r != "ok"]
+    print(f"compiled {len(jobs)} configurations in {time.time() - t0:.0f} s"
+          + (f"; failed: {bad}" if bad else ""), flush=True)
+
+
 def bench_prefill(no_peer: bool) -> list[dict]:
     """Batch-1 prefill shapes (Mamba-1.4B: d_inner 4096): the sequence-parallel forward chosen
     automatically against one pass, and mamba_ssm, forward only."""
@@ -147,6 +182,8 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--fwd-only", action="store_true")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not compile the sweep's configurations in parallel first")
     p.add_argument("--prefill", action="store_true",
                    help="also time the batch-1 prefill shapes (sequence-parallel forward)")
     a = p.parse_args(argv)
@@ -156,6 +193,15 @@ def main(argv=None):
             "triton": triton.__version__, "host": platform.node(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(info)
+    if a.sweep and not a.no_warm:
+        base = dataclasses.asdict(sst.get_config())
+        names = ("block_d", "chunk", "num_warps", "load_group", "fwd_lanes", "seq_split",
+                 "fwd_pipeline")
+        cfgs = [{**base, **dict(zip(names, c))} for c in FWD_SWEEP]
+        cfgs += [{**base, "chunk": bk, "load_group": min(base["load_group"], bk), "bwd_lanes": bl,
+                  "bwd_block_d": bbd, "bwd_num_warps": bw} for bk, bl, bbd, bw in BWD_SWEEP]
+        L0 = int(a.seqlens.split(",")[0])
+        warm_compile(cfgs, [(bsz, L0, dim, N)])
     rows = []
     sweep = a.sweep
     for L in map(int, a.seqlens.split(",")):
