@@ -31,17 +31,36 @@ All offsets are computed in int64, so tensors with more than 2**31 elements inde
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Inline PTX only when compiling for a GPU (Triton's CPU interpreter cannot run it).
+FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def _log(v):
+    """Natural log. On the GPU in float32 through the special-function unit (``lg2.approx``, about
+    2**-22 relative error, 2 instructions): Triton's ``tl.log`` is a ~25-instruction polynomial,
+    a noticeable share of a scan step. The interpreter (no inline assembly) and float64 keep
+    ``tl.log``."""
+    if FAST_LOG and v.dtype == tl.float32:
+        out = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                        is_pure=True, pack=1) * LN2
+    else:
+        out = tl.log(v)
+    return out
 
 
 @triton.jit
 def _softplus(v):
     # softplus(v) = log(1 + e^v); linear above 20 (as the reference kernel), e^v below -15 where
     # log(1 + e^v) = e^v to float precision and 1 + e^v would round.
-    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), tl.log(1.0 + tl.exp(v))))
+    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), _log(1.0 + tl.exp(v))))
 
 
 @triton.jit
@@ -551,8 +570,6 @@ def selective_scan_bwd_kernel(
         tl.store(DD_PART + pid_s.to(tl.int64) * dim + offs_d, dD_acc.to(DD_PART.dtype.element_ty),
                  mask=mask_d)
 
-
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
