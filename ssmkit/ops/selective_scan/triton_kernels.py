@@ -64,6 +64,16 @@ def _softplus(v):
 
 
 @triton.jit
+def _vec(P, off, mask_d, EVEN_D: tl.constexpr):
+    """A vector of channels at ``P + off``; unmasked when the channel blocks tile ``dim``."""
+    if EVEN_D:
+        v = tl.load(P + off)
+    else:
+        v = tl.load(P + off, mask=mask_d, other=0.0)
+    return v
+
+
+@triton.jit
 def _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN: tl.constexpr):
     """First row, length and first saved-state block (int64) of the program's sequence: a batch
     row, or a packed sequence of ``cu_seqlens``."""
@@ -98,16 +108,10 @@ def _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0, last, dim, 
         dd = DT + xd_base + t * dim
         bp = B + b_base + t * b_rs
         cp = C + c_base + t * c_rs
-        if EVEN_D:
-            xs = xs + (tl.load(xd + offs_d),)
-            dts = dts + (tl.load(dd + offs_d),)
-            if HAS_Z:
-                zs = zs + (tl.load(Z + z_base + t * z_rs + offs_d),)
-        else:
-            xs = xs + (tl.load(xd + offs_d, mask=mask_d, other=0.0),)
-            dts = dts + (tl.load(dd + offs_d, mask=mask_d, other=0.0),)
-            if HAS_Z:
-                zs = zs + (tl.load(Z + z_base + t * z_rs + offs_d, mask=mask_d, other=0.0),)
+        xs = xs + (_vec(xd, offs_d, mask_d, EVEN_D),)
+        dts = dts + (_vec(dd, offs_d, mask_d, EVEN_D),)
+        if HAS_Z:
+            zs = zs + (_vec(Z, z_base + t * z_rs + offs_d, mask_d, EVEN_D),)
         if not HAS_Z:
             zs = zs + (xs[i],)
         if EVEN_N:
@@ -302,16 +306,10 @@ def _load_steps(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0, last, dim, 
         t = tl.minimum(t0 + i, last)
         off = xd_base + t * dim + offs_d
         zoff = z_base + t * z_rs + offs_d
-        if EVEN_D:
-            xs = xs + (tl.load(X + off),)
-            dts = dts + (tl.load(DT + off),)
-            if HAS_Z:
-                zs = zs + (tl.load(Z + zoff),)
-        else:
-            xs = xs + (tl.load(X + off, mask=mask_d, other=0.0),)
-            dts = dts + (tl.load(DT + off, mask=mask_d, other=0.0),)
-            if HAS_Z:
-                zs = zs + (tl.load(Z + zoff, mask=mask_d, other=0.0),)
+        xs = xs + (_vec(X, off, mask_d, EVEN_D),)
+        dts = dts + (_vec(DT, off, mask_d, EVEN_D),)
+        if HAS_Z:
+            zs = zs + (_vec(Z, zoff, mask_d, EVEN_D),)
         if not HAS_Z:
             zs = zs + (xs[i],)
         bs = bs + (_row_raw(B, b_base + t * b_rs, N, PACK),)
@@ -680,18 +678,11 @@ def selective_scan_bwd_lanes_kernel(
             tc = tl.minimum(t, last)  # steps past the end re-read the last row (Δ, dy zeroed)
             md = offs_d < tl.where(t < seqlen, dim, 0)
             off = xd_base + tc * dim + offs_d
-            if EVEN_D:
-                x = tl.load(X + off).to(ACC)
-                dtraw = tl.load(DT + off).to(ACC)
-                dys = dys + (tl.load(DY + off),)
-                if HAS_Z:
-                    zs = zs + (tl.load(Z + off),)
-            else:
-                x = tl.load(X + off, mask=mask_d, other=0.0).to(ACC)
-                dtraw = tl.load(DT + off, mask=mask_d, other=0.0).to(ACC)
-                dys = dys + (tl.load(DY + off, mask=mask_d, other=0.0),)
-                if HAS_Z:
-                    zs = zs + (tl.load(Z + off, mask=mask_d, other=0.0),)
+            x = _vec(X, off, mask_d, EVEN_D).to(ACC)
+            dtraw = _vec(DT, off, mask_d, EVEN_D).to(ACC)
+            dys = dys + (_vec(DY, off, mask_d, EVEN_D),)
+            if HAS_Z:
+                zs = zs + (_vec(Z, off, mask_d, EVEN_D),)
             braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
             if HAS_BIAS:
                 dtraw = dtraw + bias
@@ -858,16 +849,10 @@ def adjoint_local_kernel(
         for i in tl.static_range(K):
             tc = tl.minimum(t0 + i, t_end - 1)
             off = xd_base + tc * dim + offs_d
-            if EVEN_D:
-                dts = dts + (tl.load(DT + off),)
-                dys = dys + (tl.load(DY + off),)
-                if HAS_Z:
-                    zs = zs + (tl.load(Z + off),)
-            else:
-                dts = dts + (tl.load(DT + off, mask=mask_d, other=0.0),)
-                dys = dys + (tl.load(DY + off, mask=mask_d, other=0.0),)
-                if HAS_Z:
-                    zs = zs + (tl.load(Z + off, mask=mask_d, other=0.0),)
+            dts = dts + (_vec(DT, off, mask_d, EVEN_D),)
+            dys = dys + (_vec(DY, off, mask_d, EVEN_D),)
+            if HAS_Z:
+                zs = zs + (_vec(Z, off, mask_d, EVEN_D),)
             crs = crs + (_row_raw(C, bc_base + tc * bc_stride, N, PACK),)
         for i in tl.static_range(K - 1, -1, -1):
             md = offs_d < tl.where(t0 + i < t_end, dim, 0)
