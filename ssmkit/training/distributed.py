@@ -58,6 +58,9 @@ def init(backend: str | None = None, device: torch.device | None = None) -> Dist
 
 def cleanup(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
+        # Wait for every rank first: a rank that tears its connections down while another still
+        # finishes a collective (FSDP's last gathers) can abort that rank's gloo threads.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -35,6 +35,10 @@ def _worker(rank, world, port, out_path, strategy):
     out, params = run(batch_size=8, accum_steps=2, strategy=strategy, out_dir=str(out_path) + ".ckpt")
     if rank == 0:
         torch.save({"losses": out["losses"], "params": params}, out_path)
+    # Leave without running interpreter-exit destructors: a CI run once saw a worker abort there
+    # ("terminate called without an active exception": a C++ thread still joinable at exit),
+    # after all of its work was done and written.
+    os._exit(0)
 
 
 def _free_port():
