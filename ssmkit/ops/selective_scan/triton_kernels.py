@@ -64,6 +64,20 @@ def _softplus(v):
 
 
 @triton.jit
+def _delta(dt, bias, md, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """``(dt + dt_bias, Δ)`` with ``Δ = softplus(dt + dt_bias)`` (or without softplus), zero where
+    ``md`` is false: padding steps and channels past ``dim`` then leave the state untouched
+    (``exp(0·A) = 1``, ``0·B x = 0``)."""
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        d = _softplus(dt)
+    else:
+        d = dt
+    return dt, tl.where(md, d, 0.0)
+
+
+@triton.jit
 def _vec(P, off, mask_d, EVEN_D: tl.constexpr):
     """A vector of channels at ``P + off``; unmasked when the channel blocks tile ``dim``."""
     if EVEN_D:
@@ -168,6 +182,8 @@ def selective_scan_fwd_tile_kernel(
         Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = None
     seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     if HAS_H0:
         h = tl.load(H0 + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
@@ -202,25 +218,16 @@ def selective_scan_fwd_tile_kernel(
         for j in tl.static_range(K // G):
             if PIPELINE or j + 1 < K // G:
                 nxt = _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base,
-                                  t0 + (j + 1) * G, last, dim, z_rs, b_rs, c_rs, offs_d, offs_n, mask_d, mask_n, HAS_Z, EVEN_D,
-                                  EVEN_N, G)
+                                  t0 + (j + 1) * G, last, dim, z_rs, b_rs, c_rs, offs_d, offs_n,
+                                  mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G)
             xs, dts, zs, bs, cs = cur
             for i in tl.static_range(G):
                 t = t0 + j * G + i
                 valid = t < t_end
                 x = xs[i].to(ACC)
-                dt = dts[i].to(ACC)
-                if HAS_BIAS:
-                    dt = dt + bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
                 # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
                 md = offs_d < tl.where(valid, dim, 0)
-                # padding steps (past the end, or channels past dim): Δ = 0 leaves h untouched
-                if EVEN_D:
-                    dt = tl.where(valid, dt, 0.0)
-                else:
-                    dt = tl.where(md, dt, 0.0)
+                _, dt = _delta(dts[i].to(ACC), bias, md, HAS_BIAS, SOFTPLUS)
                 dA = tl.exp2(dt[None, :] * Av)
                 h = dA * h + (dt * x)[None, :] * bs[i].to(ACC)[:, None]
                 if STORE_DSUM:
@@ -355,6 +362,8 @@ def selective_scan_fwd_kernel(
         Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = None
     xd_base = row0 * dim
     # z, B and C may be views with other row strides (slices of a projection's output)
     z_base = row0 * z_rs
@@ -386,14 +395,9 @@ def selective_scan_fwd_kernel(
                 t = t0 + j * G + i
                 valid = t < seqlen
                 x = xs[i].to(ACC)
-                dt = dts[i].to(ACC)
-                if HAS_BIAS:
-                    dt = dt + bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
                 # (one compare per vector, not `mask & valid`, which the CPU interpreter mis-types)
                 md = offs_d < tl.where(valid, dim, 0)
-                dt = tl.where(md, dt, 0.0)  # padding steps: Δ = 0 leaves h untouched
+                _, dt = _delta(dts[i].to(ACC), bias, md, HAS_BIAS, SOFTPLUS)
                 dtx = dt * x
                 y = tl.zeros([BLOCK_D], dtype=ACC)
                 new = ()
@@ -447,6 +451,8 @@ def selective_scan_bwd_kernel(
         Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = None
     seq_state_off = pid_s.to(tl.int64) * dim * dstate
     if HAS_DHT:
         dh = tl.load(DHT + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
@@ -482,13 +488,7 @@ def selective_scan_bwd_kernel(
             bc_off = (row * ngroups + g) * dstate + offs_n
             Bt = tl.load(B + bc_off, mask=mn, other=0.0).to(ACC)
             Ct = tl.load(C + bc_off, mask=mn, other=0.0).to(ACC)
-            if HAS_BIAS:
-                dtraw = dtraw + bias
-            if SOFTPLUS:
-                dt = _softplus(dtraw)
-            else:
-                dt = dtraw
-            dt = tl.where(md, dt, 0.0)
+            dtraw, dt = _delta(dtraw, bias, md, HAS_BIAS, SOFTPLUS)
             dA = tl.exp2((dt * LOG2E)[None, :] * Av)
             h = dA * h + (dt * x)[None, :] * Bt[:, None]
             hs = hs + (h,)
@@ -650,6 +650,8 @@ def selective_scan_bwd_lanes_kernel(
         Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = None
     dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
     part_base = pid_d.to(tl.int64) * total_rows
     xd_base = row0 * dim
@@ -684,13 +686,7 @@ def selective_scan_bwd_lanes_kernel(
             if HAS_Z:
                 zs = zs + (_vec(Z, off, mask_d, EVEN_D),)
             braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
-            if HAS_BIAS:
-                dtraw = dtraw + bias
-            if SOFTPLUS:
-                dt = _softplus(dtraw)
-            else:
-                dt = dtraw
-            dt = tl.where(md, dt, 0.0)
+            dtraw, dt = _delta(dtraw, bias, md, HAS_BIAS, SOFTPLUS)
             dtx = dt * x
             new = ()
             for n in tl.static_range(N):
@@ -834,6 +830,8 @@ def adjoint_local_kernel(
         dh = dh + (tl.zeros([BLOCK_D], dtype=ACC),)
     if HAS_BIAS:
         bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = None
     dsum = tl.zeros([BLOCK_D], dtype=ACC)
     xd_base = row0 * dim
     bc_stride = ngroups * dstate
@@ -856,12 +854,7 @@ def adjoint_local_kernel(
             crs = crs + (_row_raw(C, bc_base + tc * bc_stride, N, PACK),)
         for i in tl.static_range(K - 1, -1, -1):
             md = offs_d < tl.where(t0 + i < t_end, dim, 0)
-            dt = dts[i].to(ACC)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(md, dt, 0.0)
+            _, dt = _delta(dts[i].to(ACC), bias, md, HAS_BIAS, SOFTPLUS)
             dy = tl.where(md, dys[i].to(ACC), 0.0)
             if HAS_Z:
                 z = zs[i].to(ACC)
