@@ -110,11 +110,13 @@ def test_half_inputs_packed_rows(dtype, N):
     assert_close("final_state", hr, hT, rel=1e-5)
 
 
-@pytest.mark.parametrize("lanes,N", [(0, 4), (1, triton_mod.LANES_MAX_N + 1)])
-def test_tile_forward_kernel(lanes, N):
-    """The (N, block_d) tile forward: chosen by config, and for N beyond the lanes kernel."""
+@pytest.mark.parametrize("lanes,v2,N", [(0, 1, 4), (0, 0, 4), (0, 0, 5),
+                                         (1, 1, triton_mod.LANES_MAX_N + 1)])
+def test_tile_forward_kernel(lanes, v2, N):
+    """Both tile forwards ((block_d, N) one channel per lane, and (N, block_d)): chosen by config,
+    and for N beyond the lanes kernel."""
     prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=4, bwd_block_d=16,
-                                                       fwd_lanes=lanes))
+                                                       fwd_lanes=lanes, fwd_tile_v2=v2))
     try:
         _check(_inputs(1, 6, 8, N, 1, torch.float64))
     finally:

@@ -60,7 +60,12 @@ class ScanConfig:
     # would otherwise idle, 1 = never, S > 1 = S segments); see _segments
     seq_split: int = 0
     # tile forward: carry the next block's first loads across the loop, store outputs per block
+    # (first tile layout only)
     fwd_pipeline: int = 0
+    # tile forward layout: 1 = (block_d, N) tiles, one channel per lane with its N states in the
+    # thread (selective_scan_fwd_tile_kernel_v2); 0 = (N, block_d) tiles, where Triton spreads a
+    # channel's states over 4 lanes and pays shuffles and layout conversions every step
+    fwd_tile_v2: int = 1
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -245,9 +250,15 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             N=geo.N, PACK=_pack(B, C, geo.N), IS_BF16=B.dtype == torch.bfloat16,
             num_warps=cfg.num_warps)
     else:
-        tile = tk.selective_scan_fwd_tile_kernel
         tflags = dict(flags, BLOCK_N=geo.block_n, EVEN_N=geo.even_n, num_warps=cfg.num_warps,
                       PIPELINE=bool(cfg.fwd_pipeline))
+        if cfg.fwd_tile_v2 and not cfg.fwd_pipeline:
+            tile = tk.selective_scan_fwd_tile_kernel_v2
+            # bfloat16 rows of B, C as 32-bit words of two values (needs N == BLOCK_N)
+            bf16 = B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16
+            tflags["PACK"] = _pack(B, C, geo.N) if bf16 and geo.even_n else 1
+        else:
+            tile = tk.selective_scan_fwd_tile_kernel
         if nseg == 1:
             # one segment: the whole sequence (any length, packed sequences too)
             seg_len = max(geo.L, 1) if not geo.varlen else 2**62

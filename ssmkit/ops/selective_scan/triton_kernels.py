@@ -43,14 +43,44 @@ FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 @triton.jit
+def _ex2(v):
+    """2**v through ex2.approx.ftz.f32 (MUFU.EX2 alone; plain ex2.approx.f32 makes ptxas wrap it
+    in a subnormal range fix: FSETP + 2 predicated FMUL)."""
+    if FAST_LOG and v.dtype == tl.float32:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        out = tl.exp2(v)
+    return out
+
+
+@triton.jit
+def _rcp(v):
+    """1/v through rcp.approx.ftz.f32 (one MUFU.RCP; div.full.f32 adds a range fix)."""
+    if FAST_LOG and v.dtype == tl.float32:
+        out = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        out = 1.0 / v
+    return out
+
+
+@triton.jit
+def _sigmoid(v):
+    # 1 / (1 + 2^(-v log2 e)): MUFU.EX2 + MUFU.RCP, against about 11 instructions for
+    # tl.sigmoid (its exp and div.full both get a range fix-up)
+    return _rcp(1.0 + _ex2(v * -LOG2E))
+
+
+@triton.jit
 def _log(v):
     """Natural log. On the GPU in float32 through the special-function unit (``lg2.approx``, about
     2**-22 relative error, 2 instructions): Triton's ``tl.log`` is a ~25-instruction polynomial,
     a noticeable share of a scan step. The interpreter (no inline assembly) and float64 keep
     ``tl.log``."""
     if FAST_LOG and v.dtype == tl.float32:
-        out = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
-                                        is_pure=True, pack=1) * LN2
+        out = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [v],
+                                        dtype=tl.float32, is_pure=True, pack=1) * LN2
     else:
         out = tl.log(v)
     return out
@@ -60,7 +90,8 @@ def _log(v):
 def _softplus(v):
     # softplus(v) = log(1 + e^v); linear above 20 (as the reference kernel), e^v below -15 where
     # log(1 + e^v) = e^v to float precision and 1 + e^v would round.
-    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), _log(1.0 + tl.exp(v))))
+    e = _ex2(v * LOG2E)
+    return tl.where(v > 20.0, v, tl.where(v < -15.0, e, _log(1.0 + e)))
 
 
 @triton.jit
@@ -238,7 +269,7 @@ def selective_scan_fwd_tile_kernel(
                         y += Dv * x
                     if HAS_Z:
                         z = zs[i].to(ACC)
-                        y = y * z * tl.sigmoid(z)
+                        y = y * z * _sigmoid(z)
                     if PIPELINE:
                         ys = ys + (y.to(Y.dtype.element_ty),)
                     else:
@@ -255,6 +286,198 @@ def selective_scan_fwd_tile_kernel(
     if STORE_DSUM:
         tl.store(DSUM + (pid_s.to(tl.int64) * nseg + pid_g) * dim + offs_d,
                  dsum.to(DSUM.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _load_group_rel(Xc, DTc, Zc, Bc, Cc, j0, rem, dim, z_rs, b_rs, c_rs, offs_d, offs_n,
+                    mask_d, mask_n, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
+                    EVEN_N: tl.constexpr, G: tl.constexpr, CLAMP: tl.constexpr = True,
+                    PACK: tl.constexpr = 1):
+    """As _load_group, from per-chunk base pointers (Xc = X + (row0 + t0) * dim, ...) and int32
+    step offsets: the clamp is one int32 min of a constant and ``rem = last - t0``, the address
+    one int32 multiply and a 64-bit add per pointer (not the int64 clamp-multiply-shift chain)."""
+    xs = ()
+    dts = ()
+    zs = ()
+    bs = ()
+    cs = ()
+    for i in tl.static_range(G):
+        if CLAMP:
+            ti = tl.minimum(rem, j0 + i)
+        else:
+            ti = j0 + i
+        xo = ti * dim
+        xs = xs + (_vec(Xc + xo, offs_d, mask_d, EVEN_D),)
+        dts = dts + (_vec(DTc + xo, offs_d, mask_d, EVEN_D),)
+        if HAS_Z:
+            zs = zs + (_vec(Zc + ti * z_rs, offs_d, mask_d, EVEN_D),)
+        if not HAS_Z:
+            zs = zs + (xs[i],)
+        if PACK == 2:
+            # two bf16 per 32-bit word (offs_n here is arange(0, BLOCK_N // 2))
+            bs = bs + (tl.load((Bc + ti * b_rs).to(tl.pointer_type(tl.int32)) + offs_n),)
+            cs = cs + (tl.load((Cc + ti * c_rs).to(tl.pointer_type(tl.int32)) + offs_n),)
+        elif EVEN_N:
+            bs = bs + (tl.load(Bc + ti * b_rs + offs_n),)
+            cs = cs + (tl.load(Cc + ti * c_rs + offs_n),)
+        else:
+            bs = bs + (tl.load(Bc + ti * b_rs + offs_n, mask=mask_n, other=0.0),)
+            cs = cs + (tl.load(Cc + ti * c_rs + offs_n, mask=mask_n, other=0.0),)
+    return xs, dts, zs, bs, cs
+
+
+@triton.jit
+def _row_f32(r, PACK: tl.constexpr, ACC: tl.constexpr):
+    """A row of B or C as ACC. PACK == 2: int32 words of two bfloat16 (element 2k in the low
+    half; only bfloat16 rows are passed packed), one shift or one AND per value (Triton's
+    bf16->f32 of an unpacked pair is PRMT + SHF)."""
+    if PACK == 2:
+        lo = (r << 16).to(tl.float32, bitcast=True)
+        hi = (r & -65536).to(tl.float32, bitcast=True)
+        out = tl.reshape(tl.join(lo, hi), [2 * r.shape[0]])
+    else:
+        out = r.to(ACC)
+    return out
+
+
+@triton.jit
+def selective_scan_fwd_tile_kernel_v2(
+    X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF, DSUM,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, z_rs, b_rs, c_rs, seg_len, nseg,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
+    PIPELINE: tl.constexpr, PACK: tl.constexpr = 1,
+):
+    """selective_scan_fwd_tile_kernel with (a) tiles (BLOCK_D, BLOCK_N) and a contiguity hint of 1
+    on their offsets so that Triton keeps its default layout, one channel per lane with its
+    BLOCK_N states in the thread (no shuffles, no shared-memory layout conversions), (b) per-chunk
+    base pointers and int32 step offsets, (c) ftz exp/lg2/rcp for softplus and silu."""
+    ACC = tl.float64 if USE_F64 else tl.float32
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
+    t_begin = pid_g.to(tl.int64) * seg_len
+    t_end = tl.minimum(t_begin + seg_len, seqlen)
+    g = pid_d // blocks_per_group
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    # (BLOCK_D, BLOCK_N) tiles of the (N, dim)-major A and states. Contiguity 1: otherwise Triton
+    # vectorises these loads along d and lays the whole scan out 4 channels x 4 states per thread.
+    dn_off = tl.max_contiguous(offs_d[:, None] + offs_n[None, :].to(tl.int64) * dim, [1, 1])
+    Av = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC) * LOG2E
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        Dv = None
+    if HAS_BIAS:
+        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = None
+    seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
+    if HAS_H0:
+        h = tl.load(H0 + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    xd_base = row0 * dim
+    z_base = row0 * z_rs
+    b_base = row0 * b_rs + g * dstate
+    c_base = row0 * c_rs + g * dstate
+    last = t_end - 1
+    dsum = tl.zeros([BLOCK_D], dtype=ACC)
+    nchunks = tl.cdiv(t_end - t_begin, K)
+    ck0 = ck0 + t_begin // K
+    if PACK == 2:
+        offs_w = tl.arange(0, BLOCK_N // 2)
+    else:
+        offs_w = offs_n
+    # Full chunks first, without clamping or validity tests (constant step offsets j * dim),
+    # then at most one partial chunk with them. (PIPELINE is not supported by this sketch.)
+    nfull = (t_end - t_begin) // K
+    for c in range(0, nfull):
+        h, dsum = _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
+                              X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs,
+                              c_rs, offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn,
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, K, G, EVEN_D,
+                              EVEN_N, STORE_Y, STORE_DSUM, PACK, False)
+    for c in range(nfull, nchunks):
+        h, dsum = _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
+                              X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs,
+                              c_rs, offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn,
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, K, G, EVEN_D,
+                              EVEN_N, STORE_Y, STORE_DSUM, PACK, True)
+    if STORE_HT:
+        tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
+    if STORE_DSUM:
+        tl.store(DSUM + (pid_s.to(tl.int64) * nseg + pid_g) * dim + offs_d,
+                 dsum.to(DSUM.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
+                X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs, c_rs,
+                offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn,
+                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
+                K: tl.constexpr, G: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+                STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
+                PACK: tl.constexpr, CLAMP: tl.constexpr):
+    """One chunk of K steps of selective_scan_fwd_tile_kernel_v2."""
+    t0 = t_begin + c * K
+    rem = (last - t0).to(tl.int32)  # steps j <= rem are in the segment
+    xo0 = xd_base + t0 * dim
+    Xc = X + xo0
+    DTc = DT + xo0
+    Yc = Y + xo0
+    if HAS_Z:
+        Zc = Z + (z_base + t0 * z_rs)
+    else:
+        Zc = Xc
+    Bc = B + (b_base + t0 * b_rs)
+    Cc = C + (c_base + t0 * c_rs)
+    cur = _load_group_rel(Xc, DTc, Zc, Bc, Cc, 0, rem, dim, z_rs, b_rs, c_rs, offs_d,
+                          offs_w, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G, CLAMP, PACK)
+    if SAVE_STATES:
+        tl.store(STATES + (ck0 + c) * dim * dstate + dn_off, h.to(STATES.dtype.element_ty),
+                 mask=mask_dn)
+    for j in tl.static_range(K // G):
+        if j + 1 < K // G:
+            nxt = _load_group_rel(Xc, DTc, Zc, Bc, Cc, (j + 1) * G, rem, dim, z_rs, b_rs,
+                                  c_rs, offs_d, offs_w, mask_d, mask_n, HAS_Z, EVEN_D,
+                                  EVEN_N, G, CLAMP, PACK)
+        xs, dts, zs, bs, cs = cur
+        for i in tl.static_range(G):
+            jt = j * G + i
+            x = xs[i].to(ACC)
+            if CLAMP:
+                md = offs_d < tl.where(jt <= rem, dim, 0)
+            else:
+                md = mask_d
+            _, dt = _delta(dts[i].to(ACC), bias, md, HAS_BIAS, SOFTPLUS)
+            dA = _ex2(dt[:, None] * Av)
+            h = dA * h + (dt * x)[:, None] * _row_f32(bs[i], PACK, ACC)[None, :]
+            if STORE_DSUM:
+                dsum += dt
+            if STORE_Y:
+                y = tl.sum(h * _row_f32(cs[i], PACK, ACC)[None, :], axis=1)
+                if HAS_D:
+                    y += Dv * x
+                if HAS_Z:
+                    z = zs[i].to(ACC)
+                    y = y * z * _sigmoid(z)
+                if CLAMP or not EVEN_D:
+                    tl.store(Yc + jt * dim + offs_d, y.to(Y.dtype.element_ty), mask=md)
+                else:
+                    tl.store(Yc + jt * dim + offs_d, y.to(Y.dtype.element_ty))
+        if j + 1 < K // G:
+            cur = nxt
+    return h, dsum
 
 
 @triton.jit
@@ -410,7 +633,7 @@ def selective_scan_fwd_kernel(
                     y += Dv * x
                 if HAS_Z:
                     z = zs[i].to(ACC)
-                    y = y * z * tl.sigmoid(z)
+                    y = y * z * _sigmoid(z)
                 ys = ys + (y.to(Y.dtype.element_ty),)
             cur = nxt
         for i in tl.static_range(K):
@@ -535,7 +758,7 @@ def selective_scan_bwd_kernel(
                 y = tl.sum(hs[i + 1] * Ct[:, None], axis=0)
                 if HAS_D:
                     y += Dv * x
-                sz = tl.sigmoid(z)
+                sz = _sigmoid(z)
                 dz = dy * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(DZ + xd_off, dz.to(DZ.dtype.element_ty), mask=md)
                 dy = dy * z * sz
@@ -558,7 +781,7 @@ def selective_scan_bwd_kernel(
             if HAS_D:
                 dx += Dv * dy
             if SOFTPLUS:
-                ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * tl.sigmoid(dtraws[i]))
+                ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * _sigmoid(dtraws[i]))
             tl.store(DX + xd_off, dx.to(DX.dtype.element_ty), mask=md)
             tl.store(DDT + xd_off, ddt.to(DDT.dtype.element_ty), mask=md)
             dh = dh * dA
@@ -717,7 +940,7 @@ def selective_scan_bwd_lanes_kernel(
                     y += hs[i + 1][n] * _row_val(craw, n, PACK, IS_BF16, ACC)
                 if HAS_D:
                     y += Dv * x
-                sz = tl.sigmoid(z)
+                sz = _sigmoid(z)
                 dz = dy * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=md)
                 dy = dy * z * sz
@@ -760,7 +983,7 @@ def selective_scan_bwd_lanes_kernel(
             if HAS_D:
                 dx += Dv * dy
             if SOFTPLUS:
-                ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * tl.sigmoid(dtraws[i]))
+                ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * _sigmoid(dtraws[i]))
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=md)
             tl.store(DDT + off, ddt.to(DDT.dtype.element_ty), mask=md)
     for n in tl.static_range(N):
@@ -858,7 +1081,7 @@ def adjoint_local_kernel(
             dy = tl.where(md, dys[i].to(ACC), 0.0)
             if HAS_Z:
                 z = zs[i].to(ACC)
-                dy = dy * z * tl.sigmoid(z)
+                dy = dy * z * _sigmoid(z)
             dsum += dt
             new = ()
             for n in tl.static_range(N):
