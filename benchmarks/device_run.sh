@@ -22,9 +22,9 @@ for step in "$@"; do
       # -rf --tb=short: a failure's message survives a tail; --durations: which tests need time
       # pytest-xdist is in the GPU image: workers compile the kernels in parallel (compiling is
       # most of the time of these tests); pytest-timeout stops one stuck test, not the call.
-      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf --tb=short --durations=15 -m gpu \
+      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -v -rf --tb=short --durations=15 -m gpu \
         -n ${TEST_WORKERS:-6} --timeout ${TEST_TIMEOUT:-280} \
-        ${TESTS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+        ${TESTS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E 'PASS|FAIL|ERROR|passed|failed' | tail -60 ;;
     *)
       wait $peers_pid 2>/dev/null; tail -2 "$OUT/peers.log"
       export PYTHONPATH=/tmp/peers-site:$PYTHONPATH
