@@ -29,10 +29,10 @@ for step in "$@"; do
       wait $peers_pid 2>/dev/null; tail -2 "$OUT/peers.log"
       export PYTHONPATH=/tmp/peers-site:$PYTHONPATH
       case $step in
-        scan) timeout 300 python3 benchmarks/selective_scan_gpu.py --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
+        scan) timeout ${SCAN_TIMEOUT:-300} python3 benchmarks/selective_scan_gpu.py $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
         scan-sweep) timeout ${SCAN_TIMEOUT:-300} python3 benchmarks/selective_scan_gpu.py --sweep --prefill $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
         ops) timeout ${OPS_TIMEOUT:-200} python3 benchmarks/ops.py --device cuda --dtype bf16 --out "$OUT/gpu_ops.json" 2>&1 | tee "$OUT/bench_ops.log" ;;
-        *) [ -f "benchmarks/$step.py" ] && timeout ${GEN_TIMEOUT:-200} python3 "benchmarks/$step.py" --reps 2 --out "$OUT/gpu_$step.json" 2>&1 | tee "$OUT/bench_$step.log" ;;
+        *) [ -f "benchmarks/$step.py" ] && timeout ${GEN_TIMEOUT:-200} python3 "benchmarks/$step.py" --reps 2 $GEN_ARGS --out "$OUT/gpu_$step.json" 2>&1 | tee "$OUT/bench_$step.log" ;;
       esac ;;
   esac
 done

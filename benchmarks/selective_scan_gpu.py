@@ -154,21 +154,47 @@ def warm_compile(cfgs: list[tuple[dict, bool]], shapes: list[tuple], workers: in
           + (f"; failed: {bad}" if bad else ""), flush=True)
 
 
+def make_strided(bsz, L, dim, N, dtype=torch.bfloat16, seed=0, dt_rank=128):
+    """As :func:`make`, with z, B and C laid out as in the Mamba layer: z a slice of the
+    ``(bsz, L, 2*dim)`` in_proj output, B and C slices of the ``(bsz, L, dt_rank + 2N)`` x_proj
+    output (the forward reads them through their row strides)."""
+    x, dt, A, B, C, D, z, bias = make(bsz, L, dim, N, dtype, seed)
+    xz = torch.empty(bsz, L, 2 * dim, device="cuda", dtype=dtype)
+    xz[..., dim:] = z
+    dbl = torch.empty(bsz, L, dt_rank + 2 * N, device="cuda", dtype=dtype)
+    dbl[..., dt_rank:dt_rank + N] = B
+    dbl[..., dt_rank + N:] = C
+    return (x, dt, A, dbl[..., dt_rank:dt_rank + N], dbl[..., dt_rank + N:], D, xz[..., dim:],
+            bias)
+
+
+# batch-1 prefill variants (ScanConfig overrides)
+PREFILL_VARIANTS = {"auto": {}, "auto, (N, block_d) tile": dict(fwd_tile_v2=0),
+                    "5 segments": dict(seq_split=5), "one pass": dict(seq_split=1)}
+
+
 def bench_prefill(no_peer: bool) -> list[dict]:
-    """Batch-1 prefill shapes (Mamba-1.4B: d_inner 4096): the sequence-parallel forward chosen
-    automatically against one pass, and mamba_ssm, forward only."""
+    """Batch-1 prefill shapes (Mamba-1.4B: d_inner 4096), forward only: the sequence-parallel
+    forward as chosen automatically, against fixed choices, on contiguous inputs and on z, B, C
+    laid out as in the Mamba layer; and mamba_ssm."""
     rows = []
+    base = sst.get_config()
     for L in (2048, 8192):
-        ts = make(1, L, 4096, 16)
-        base = sst.get_config()
         r = {"shape": f"B1 D4096 N16 L{L} bf16 z softplus"}
-        r["auto_ms"] = bench_ours(ts, dataclasses.replace(base, seq_split=0), bwd=False)["fwd_ms"]
-        r["one_pass_ms"] = bench_ours(ts, dataclasses.replace(base, seq_split=1),
-                                      bwd=False)["fwd_ms"]
-        sst.set_config(base)
+        for layout, mk in (("contiguous", make), ("layer views", make_strided)):
+            ts = mk(1, L, 4096, 16)
+            for name, over in PREFILL_VARIANTS.items():
+                if layout != "contiguous" and name not in ("auto", "auto, (N, block_d) tile"):
+                    continue
+                try:
+                    r[f"{name} [{layout}] ms"] = bench_ours(
+                        ts, dataclasses.replace(base, **over), bwd=False)["fwd_ms"]
+                except Exception as e:  # noqa: BLE001
+                    print("prefill variant", name, layout, "failed:", repr(e))
+            sst.set_config(base)
         if not no_peer:
             try:
-                r["mamba_ssm_ms"] = bench_mamba(ts, bwd=False)["fwd_ms"]
+                r["mamba_ssm_ms"] = bench_mamba(make(1, L, 4096, 16), bwd=False)["fwd_ms"]
             except Exception as e:  # noqa: BLE001
                 print("mamba_ssm peer failed:", repr(e))
         print(r, flush=True)

@@ -53,11 +53,16 @@ def _check(ts, softplus=True, cu=None, rel=1e-10):
 
 
 @pytest.mark.parametrize(
-    "bsz,L,dim,N,G,K",
-    [(2, 11, 8, 4, 1, 4), (1, 1, 5, 3, 1, 8), (1, 19, 12, 5, 3, 8), (2, 9, 40, 16, 1, 4)],
+    "bsz,L,dim,N,G,K,KB",
+    [(2, 11, 8, 4, 1, 4, 4), (1, 1, 5, 3, 1, 8, 4), (1, 19, 12, 5, 3, 8, 4),
+     (2, 9, 40, 16, 1, 4, 4), (2, 13, 8, 4, 1, 8, 2), (1, 17, 8, 4, 1, 8, 8),
+     (1, 10, 8, 4, 1, 4, 8)],
 )
-def test_matches_reference_float64(bsz, L, dim, N, G, K):
-    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=K, bwd_block_d=16))
+def test_matches_reference_float64(bsz, L, dim, N, G, K, KB):
+    """K: forward unroll; KB: backward block = spacing of the saved states (the forward saves
+    several per unrolled block when KB divides K, and unrolls KB otherwise)."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=K, bwd_block_d=16,
+                                                       bwd_chunk=KB))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:
@@ -174,12 +179,12 @@ def test_sequence_split_choice():
     B = torch.zeros(1, 4096, 1, 16)
     A = torch.zeros(4096, 16)
     cfg = triton_mod.ScanConfig()
-    geo = triton_mod._Geometry(x, B, A, None, cfg, cfg.block_d)
+    geo = triton_mod._Geometry(x, B, A, None, cfg, cfg.block_d, cfg.chunk)
     assert triton_mod._segments(geo, cfg, x) == 1  # CPU: auto never splits
     forced = triton_mod.ScanConfig(seq_split=10_000)
     assert triton_mod._segments(geo, forced, x) == 4096 // cfg.chunk
     cu = torch.tensor([0, 100, 4096])
-    geo_v = triton_mod._Geometry(x, B, A, cu, forced, cfg.block_d)
+    geo_v = triton_mod._Geometry(x, B, A, cu, forced, cfg.block_d, cfg.chunk)
     assert triton_mod._segments(geo_v, forced, x) == 1
 
 

@@ -66,6 +66,11 @@ class ScanConfig:
     # thread (selective_scan_fwd_tile_kernel_v2); 0 = (N, block_d) tiles, where Triton spreads a
     # channel's states over 4 lanes and pays shuffles and layout conversions every step
     fwd_tile_v2: int = 1
+    # spacing of the states the forward saves for the backward = the backward's block of steps.
+    # The forward (v2 tile) still unrolls `chunk` steps when bwd_chunk divides it; the other
+    # forward kernels then use bwd_chunk for both. H100, 2026-11-27, B8 D2048 N16 L2048 bf16: the
+    # lanes backward on blocks of 4 took 3.03 ms forward + backward against 4.49 on blocks of 8.
+    bwd_chunk: int = 4
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -102,11 +107,11 @@ def _next_pow2(n: int) -> int:
 class _Geometry:
     """Shapes, block sizes and per-sequence chunk offsets shared by forward and backward."""
 
-    def __init__(self, x, B, A, cu_seqlens, cfg: ScanConfig, block_d: int):
+    def __init__(self, x, B, A, cu_seqlens, cfg: ScanConfig, block_d: int, K: int):
         self.bsz, self.L, self.dim = x.shape
         self.G = B.shape[2]
         self.N = A.shape[1]
-        self.K = cfg.chunk
+        self.K = K  # steps per block: the spacing of the saved states
         self.block_n = max(_next_pow2(self.N), 2)
         if self.G == 1:
             self.block_d = block_d
@@ -139,9 +144,9 @@ class _Geometry:
             self.chunk_off = None
 
 
-def _load_group(cfg: ScanConfig) -> int:
-    g = max(1, min(cfg.load_group, cfg.chunk))
-    while cfg.chunk % g:
+def _load_group(cfg: ScanConfig, K: int) -> int:
+    g = max(1, min(cfg.load_group, K))
+    while K % g:
         g -= 1
     return g
 
@@ -164,8 +169,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 _SMS: dict[int, int] = {}
-# Shortest segment worth a pass of its own in the sequence-parallel forward / backward.
-MIN_SEGMENT = 256
+# Shortest segment worth a pass of its own in the sequence-parallel forward / backward, and the
+# warps per SM the split aims at.
+MIN_SEGMENT = 128
+SPLIT_WARPS_PER_SM = 16
 
 
 def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
@@ -187,7 +194,9 @@ def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
         warps = geo.nseq * geo.n_dblocks * (warps_per_block or cfg.num_warps)
         if sms == 0 or 2 * warps >= 4 * sms:
             return 1
-        n = min(-(-4 * sms // warps), geo.L // MIN_SEGMENT)
+        # Enough segments for about 4 warps per scheduler: with one, every step's latency is
+        # exposed (H100, B1 D4096 L2048: 5 segments 0.37-0.48 ms).
+        n = min(-(-SPLIT_WARPS_PER_SM * sms // warps), geo.L // MIN_SEGMENT)
     return max(1, min(n, -(-geo.L // geo.K)))
 
 
@@ -226,7 +235,12 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
              want_final, save_states, cfg):
     from ssmkit.ops.selective_scan import triton_kernels as tk
 
-    geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d)
+    # Saved states every `ks` steps (the backward's blocks); the v2 tile forward unrolls `chunk`
+    # steps per iteration when ks divides it, the other forward kernels unroll ks.
+    ks = cfg.bwd_chunk if save_states else cfg.chunk
+    geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d, ks)
+    v2 = bool(cfg.fwd_tile_v2) and not cfg.fwd_pipeline
+    k_unroll = cfg.chunk if v2 and cfg.chunk % ks == 0 else ks
     nseg = _segments(geo, cfg, x)
     lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1
     acc = compute_dtype(x)
@@ -239,8 +253,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     h0 = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
                  SOFTPLUS=bool(dt_softplus), IS_VARLEN=geo.varlen,
-                 USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, K=geo.K, G=_load_group(cfg),
-                 EVEN_D=geo.even_d)
+                 USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, K=geo.K,
+                 G=_load_group(cfg, geo.K), EVEN_D=geo.even_d)
     dims = (geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq,
             row_stride(z), row_stride(B), row_stride(C))
     if lanes:
@@ -252,8 +266,9 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     else:
         tflags = dict(flags, BLOCK_N=geo.block_n, EVEN_N=geo.even_n, num_warps=cfg.num_warps,
                       PIPELINE=bool(cfg.fwd_pipeline))
-        if cfg.fwd_tile_v2 and not cfg.fwd_pipeline:
+        if v2:
             tile = tk.selective_scan_fwd_tile_kernel_v2
+            tflags.update(K=k_unroll, G=_load_group(cfg, k_unroll), KS=geo.K)
             # bfloat16 rows of B, C as 32-bit words of two values (needs N == BLOCK_N)
             bf16 = B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16
             tflags["PACK"] = _pack(B, C, geo.N) if bf16 and geo.even_n else 1
@@ -267,7 +282,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                 *dims, seg_len, 1, **tflags, HAS_H0=h0 is not None, STORE_HT=want_final,
                 SAVE_STATES=save_states, STORE_Y=True, STORE_DSUM=False)
         else:
-            seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
+            seg_len, nseg = _segment_length(geo.L, nseg, tflags["K"])
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # pass 1: each segment from a zero state -> its end state and ΣΔ
             hloc = torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
@@ -321,7 +336,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         dpg = x.shape[2] // B.shape[2]
         lanes = (bool(cfg.bwd_lanes) and A.shape[1] <= LANES_MAX_N
                  and (B.shape[2] == 1 or dpg % 32 == 0))
-        geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 if lanes else cfg.bwd_block_d)
+        geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 if lanes else cfg.bwd_block_d,
+                        cfg.bwd_chunk)
         acc = compute_dtype(x)
         dy = dy.contiguous()
         if dht is not None:
