@@ -113,7 +113,7 @@ def bench_mamba(ts, bwd=True):
 # (fwd_tile_v2, one channel per lane) was written after that call.
 # (A chunk of 16 would make the lanes backward a 200-second compile: forward sweeps keep 8.)
 FWD_SWEEP = [dict(fwd_tile_v2=1), dict(fwd_tile_v2=1, load_group=2),
-             dict(fwd_tile_v2=1, seq_split=2), dict(fwd_tile_v2=1, seq_split=4),
+             dict(fwd_tile_v2=2, seq_split=2), dict(fwd_tile_v2=2, seq_split=4),
              dict(fwd_tile_v2=0)]
 BWD_SWEEP = [(8, 1, 32, 1), (4, 1, 32, 1)]
 
@@ -169,7 +169,7 @@ def make_strided(bsz, L, dim, N, dtype=torch.bfloat16, seed=0, dt_rank=128):
 
 
 # batch-1 prefill variants (ScanConfig overrides)
-PREFILL_VARIANTS = {"auto": {}, "auto, (N, block_d) tile": dict(fwd_tile_v2=0),
+PREFILL_VARIANTS = {"auto": {}, "auto, (block_d, N) tile": dict(fwd_tile_v2=2),
                     "5 segments": dict(seq_split=5), "one pass": dict(seq_split=1)}
 
 
@@ -184,7 +184,7 @@ def bench_prefill(no_peer: bool) -> list[dict]:
         for layout, mk in (("contiguous", make), ("layer views", make_strided)):
             ts = mk(1, L, 4096, 16)
             for name, over in PREFILL_VARIANTS.items():
-                if layout != "contiguous" and name not in ("auto", "auto, (N, block_d) tile"):
+                if layout != "contiguous" and not name.startswith("auto"):
                     continue
                 try:
                     r[f"{name} [{layout}] ms"] = bench_ours(

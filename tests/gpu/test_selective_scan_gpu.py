@@ -141,7 +141,8 @@ def test_sequence_parallel_forward_batch1(dtype, tol):
     from ssmkit.ops.selective_scan import triton as sst
 
     ts = _inputs(1, 5000, 256, 16, 1, dtype, seed=7, grad=True)
-    geo = sst._Geometry(ts[0], ts[3], ts[2], None, sst.get_config(), sst.get_config().block_d)
+    cfg = sst.get_config()
+    geo = sst._Geometry(ts[0], ts[3], ts[2], None, cfg, cfg.block_d, cfg.chunk)
     assert sst._segments(geo, sst.get_config(), ts[0]) > 1
     y, hT = selective_scan_triton(*ts[:8], True, ts[8], True, None)
     prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), seq_split=1))

@@ -157,15 +157,17 @@ def test_half_inputs_gradients():
         assert_close(f"grad {n}", a, b.double(), rel=2e-2)
 
 
-@pytest.mark.parametrize("split,bsz,L,dim,N,G,pipe", [(3, 2, 19, 8, 4, 1, 0), (5, 1, 5, 12, 5, 3, 1),
-                                                       (4, 1, 33, 40, 16, 1, 0),
-                                                       (1, 2, 11, 40, 3, 1, 1)])
-def test_sequence_parallel_forward(split, bsz, L, dim, N, G, pipe):
+@pytest.mark.parametrize("split,bsz,L,dim,N,G,pipe,v2", [
+    (3, 2, 19, 8, 4, 1, 0, 1), (5, 1, 5, 12, 5, 3, 1, 1), (4, 1, 33, 40, 16, 1, 0, 1),
+    (1, 2, 11, 40, 3, 1, 1, 1), (3, 2, 37, 8, 4, 1, 0, 2), (4, 1, 33, 40, 16, 1, 0, 2)])
+def test_sequence_parallel_forward(split, bsz, L, dim, N, G, pipe, v2):
     """Segments scanned in parallel and chained (outputs, final state, and the gradients that use
     the states saved by the segmented pass, through the segmented backward) equal the reference;
-    also with the pipelined tile forward."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, seq_split=split,
-                                                       fwd_pipeline=pipe))
+    with either tile forward in the segmented passes (v2=2: the (block_d, N) one, unrolling 8
+    steps and saving states every 4), and with the pipelined tile forward."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4 if v2 == 1 else 8,
+                                                       seq_split=split, fwd_pipeline=pipe,
+                                                       fwd_tile_v2=v2))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:

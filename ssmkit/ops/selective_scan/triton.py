@@ -63,8 +63,9 @@ class ScanConfig:
     # (first tile layout only)
     fwd_pipeline: int = 0
     # tile forward layout: 1 = (block_d, N) tiles, one channel per lane with its N states in the
-    # thread (selective_scan_fwd_tile_kernel_v2); 0 = (N, block_d) tiles, where Triton spreads a
-    # channel's states over 4 lanes and pays shuffles and layout conversions every step
+    # thread (selective_scan_fwd_tile_kernel_v2), for one pass (the segmented passes keep the
+    # other, measured faster there); 2 = also for the segmented passes; 0 = (N, block_d) tiles,
+    # where Triton spreads a channel's states over 4 lanes (shuffles, layout conversions)
     fwd_tile_v2: int = 1
     # spacing of the states the forward saves for the backward = the backward's block of steps.
     # The forward (v2 tile) still unrolls `chunk` steps when bwd_chunk divides it; the other
@@ -239,9 +240,12 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     # steps per iteration when ks divides it, the other forward kernels unroll ks.
     ks = cfg.bwd_chunk if save_states else cfg.chunk
     geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d, ks)
-    v2 = bool(cfg.fwd_tile_v2) and not cfg.fwd_pipeline
-    k_unroll = cfg.chunk if v2 and cfg.chunk % ks == 0 else ks
     nseg = _segments(geo, cfg, x)
+    # The (block_d, N) tile for one pass, the (N, block_d) tile for the segmented passes. H100,
+    # 2026-11-27: one pass at B8 D2048 L2048 0.661 ms against 0.715; segmented at B1 D4096 L2048
+    # 0.387 ms against 0.193 (0.395 / 0.348 on the layer's views), L8192 1.064 against 0.829.
+    v2 = bool(cfg.fwd_tile_v2) and not cfg.fwd_pipeline and (nseg == 1 or cfg.fwd_tile_v2 > 1)
+    k_unroll = cfg.chunk if v2 and cfg.chunk % ks == 0 else ks
     lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1
     acc = compute_dtype(x)
     y = torch.empty_like(x)
