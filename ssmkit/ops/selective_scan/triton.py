@@ -174,12 +174,15 @@ _SMS: dict[int, int] = {}
 # warps per SM the split aims at.
 MIN_SEGMENT = 128
 SPLIT_WARPS_PER_SM = 16
+# the backward splits below this many warps per SM (the forward below 2)
+BWD_SPLIT_BELOW = 8
 
 
 def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
-              warps_per_block: int | None = None) -> int:
+              warps_per_block: int | None = None, below_warps_per_sm: int = 2) -> int:
     """How many segments of the sequence the forward (or backward) scans in parallel (1 = one
-    pass). ``warps_per_block``: warps of one program (default: the forward's ``num_warps``).
+    pass). ``warps_per_block``: warps of one program (default: the forward's ``num_warps``);
+    automatic splitting happens below ``below_warps_per_sm`` warps per SM.
 
     A program walks its whole segment step by step, so the forward's time is the segment length
     times the latency of one step. With fewer warps than the GPU has schedulers (batch-1 prefill:
@@ -193,7 +196,7 @@ def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
     else:
         sms = _sm_count(x.device)
         warps = geo.nseq * geo.n_dblocks * (warps_per_block or cfg.num_warps)
-        if sms == 0 or 2 * warps >= 4 * sms:
+        if sms == 0 or warps >= below_warps_per_sm * sms:
             return 1
         # Enough segments for about 4 warps per scheduler: with one, every step's latency is
         # exposed (H100, B1 D4096 L2048: 5 segments 0.37-0.48 ms).
@@ -240,7 +243,9 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     # steps per iteration when ks divides it, the other forward kernels unroll ks.
     ks = cfg.bwd_chunk if save_states else cfg.chunk
     geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d, ks)
-    nseg = _segments(geo, cfg, x)
+    # With a backward to come, the forward splits like the backward (see there): the combination
+    # measured fastest for training. Without one, only when the GPU would mostly idle.
+    nseg = _segments(geo, cfg, x, below_warps_per_sm=BWD_SPLIT_BELOW if save_states else 2)
     # The (block_d, N) tile for one pass, the (N, block_d) tile for the segmented passes. H100,
     # 2026-11-27: one pass at B8 D2048 L2048 0.661 ms against 0.715; segmented at B1 D4096 L2048
     # 0.387 ms against 0.193 (0.395 / 0.348 on the layer's views), L8192 1.064 against 0.829.
@@ -348,7 +353,12 @@ class _SelectiveScanFn(torch.autograd.Function):
             dht = dht.transpose(1, 2).contiguous()
         rows = geo.bsz * geo.L
         At = A.t().contiguous()
-        nseg = _segments(geo, cfg, x, warps_per_block=1) if lanes else 1
+        # The backward (and the forward before it) splits below 8 warps per SM: H100, 2026-11-27,
+        # B8 D2048 N16 L2048 (512 warps on 132 SMs), forward + backward 3.03 ms with 4 segments
+        # against 3.53 in one pass (the forward alone is faster in one pass there: 0.661 against
+        # 0.751 ms).
+        nseg = (_segments(geo, cfg, x, warps_per_block=1, below_warps_per_sm=BWD_SPLIT_BELOW)
+                if lanes else 1)
         seg_len = max(geo.L, 1) if not geo.varlen else 2**62
         if nseg > 1:
             seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
