@@ -45,7 +45,7 @@ KERNELS = {
     "fwd2": (tk.selective_scan_fwd_tile_kernel_v2, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
-        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False, PACK=2)),
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False, PACK=2, KS=0)),
     "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,

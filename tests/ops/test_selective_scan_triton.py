@@ -78,6 +78,35 @@ def test_cu_seqlens_packed_sequences():
     _check(_inputs(1, 13, 8, 4, 2, torch.float64, nseq=3), cu=cu)
 
 
+@pytest.mark.parametrize("K,KB,split,v2", [(8, 4, 1, 1), (4, 4, 1, 1), (8, 4, 3, 2)])
+def test_pipelined_forward(K, KB, split, v2):
+    """fwd_pipeline: the next block's first loads carried across the loop (masked past the end),
+    packed sequences with an empty one first and last, a partial last block, float64."""
+    cfg = triton_mod.ScanConfig(block_d=16, chunk=K, bwd_chunk=KB, fwd_pipeline=1,
+                                seq_split=split, fwd_tile_v2=v2)
+    prev = triton_mod.set_config(cfg)
+    try:
+        _check(_inputs(2, 19, 8, 4, 1, torch.float64))
+        cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
+        _check(_inputs(1, 21, 8, 4, 2, torch.float64, nseq=5), cu=cu)
+    finally:
+        triton_mod.set_config(prev)
+
+
+def test_pipelined_forward_bf16_packed_rows():
+    """fwd_pipeline with bfloat16 B, C read as 32-bit words (the masked prefetch path)."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(fwd_pipeline=1))
+    try:
+        ts = _inputs(2, 13, 8, 6, 1, torch.bfloat16)
+        y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
+        ts64 = [t.double() if t is not None else None for t in ts]
+        yr, hr = _run(selective_scan_reference, ts64, True, None)
+        assert_close("y", yr, y.double(), rel=8e-3)
+        assert_close("final_state", hr, hT, rel=1e-5)
+    finally:
+        triton_mod.set_config(prev)
+
+
 def test_float32_inputs_float32_state():
     ts = _inputs(1, 10, 8, 4, 1, torch.float32)
     y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)

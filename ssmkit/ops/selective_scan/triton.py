@@ -59,8 +59,8 @@ class ScanConfig:
     # segments of the sequence scanned in parallel, forward and lanes backward (0 = when the GPU
     # would otherwise idle, 1 = never, S > 1 = S segments); see _segments
     seq_split: int = 0
-    # tile forward: carry the next block's first loads across the loop, store outputs per block
-    # (first tile layout only)
+    # tile forward: carry the next block's first loads across the loop (the (N, block_d) tile
+    # also stores a block's outputs after them); untimed for the (block_d, N) tile
     fwd_pipeline: int = 0
     # tile forward layout: 1 = (block_d, N) tiles, one channel per lane with its N states in the
     # thread (selective_scan_fwd_tile_kernel_v2), for one pass (the segmented passes keep the
@@ -249,7 +249,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     # The (block_d, N) tile for one pass, the (N, block_d) tile for the segmented passes. H100,
     # 2026-11-27: one pass at B8 D2048 L2048 0.661 ms against 0.715; segmented at B1 D4096 L2048
     # 0.387 ms against 0.193 (0.395 / 0.348 on the layer's views), L8192 1.064 against 0.829.
-    v2 = bool(cfg.fwd_tile_v2) and not cfg.fwd_pipeline and (nseg == 1 or cfg.fwd_tile_v2 > 1)
+    v2 = bool(cfg.fwd_tile_v2) and (nseg == 1 or cfg.fwd_tile_v2 > 1)
     k_unroll = cfg.chunk if v2 and cfg.chunk % ks == 0 else ks
     lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1
     acc = compute_dtype(x)

@@ -292,37 +292,62 @@ def selective_scan_fwd_tile_kernel(
 def _load_group_rel(Xc, DTc, Zc, Bc, Cc, j0, rem, dim, z_rs, b_rs, c_rs, offs_d, offs_n,
                     mask_d, mask_n, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
                     EVEN_N: tl.constexpr, G: tl.constexpr, CLAMP: tl.constexpr = True,
-                    PACK: tl.constexpr = 1):
+                    PACK: tl.constexpr = 1, MASKED: tl.constexpr = False, n_lim=0):
     """As _load_group, from per-chunk base pointers (Xc = X + (row0 + t0) * dim, ...) and int32
     step offsets: the clamp is one int32 min of a constant and ``rem = last - t0``, the address
-    one int32 multiply and a 64-bit add per pointer (not the int64 clamp-multiply-shift chain)."""
+    one int32 multiply and a 64-bit add per pointer (not the int64 clamp-multiply-shift chain).
+
+    ``MASKED``: steps past ``rem`` are masked (zeros) instead of clamped, so the group may start
+    past the end of the segment, or the segment be empty (the prefetch of the next block's first
+    group); ``n_lim`` is the number of row elements (words with PACK == 2)."""
     xs = ()
     dts = ()
     zs = ()
     bs = ()
     cs = ()
     for i in tl.static_range(G):
-        if CLAMP:
-            ti = tl.minimum(rem, j0 + i)
-        else:
+        if MASKED:
             ti = j0 + i
-        xo = ti * dim
-        xs = xs + (_vec(Xc + xo, offs_d, mask_d, EVEN_D),)
-        dts = dts + (_vec(DTc + xo, offs_d, mask_d, EVEN_D),)
-        if HAS_Z:
-            zs = zs + (_vec(Zc + ti * z_rs, offs_d, mask_d, EVEN_D),)
-        if not HAS_Z:
-            zs = zs + (xs[i],)
-        if PACK == 2:
-            # two bf16 per 32-bit word (offs_n here is arange(0, BLOCK_N // 2))
-            bs = bs + (tl.load((Bc + ti * b_rs).to(tl.pointer_type(tl.int32)) + offs_n),)
-            cs = cs + (tl.load((Cc + ti * c_rs).to(tl.pointer_type(tl.int32)) + offs_n),)
-        elif EVEN_N:
-            bs = bs + (tl.load(Bc + ti * b_rs + offs_n),)
-            cs = cs + (tl.load(Cc + ti * c_rs + offs_n),)
+            ok = ti <= rem
+            mv = offs_d < tl.where(ok, dim, 0)
+            xo = ti * dim
+            xs = xs + (tl.load(Xc + xo + offs_d, mask=mv, other=0.0),)
+            dts = dts + (tl.load(DTc + xo + offs_d, mask=mv, other=0.0),)
+            if HAS_Z:
+                zs = zs + (tl.load(Zc + ti * z_rs + offs_d, mask=mv, other=0.0),)
+            if not HAS_Z:
+                zs = zs + (xs[i],)
+            mr = offs_n < tl.where(ok, n_lim, 0)
+            if PACK == 2:
+                bs = bs + (tl.load((Bc + ti * b_rs).to(tl.pointer_type(tl.int32)) + offs_n,
+                                   mask=mr, other=0),)
+                cs = cs + (tl.load((Cc + ti * c_rs).to(tl.pointer_type(tl.int32)) + offs_n,
+                                   mask=mr, other=0),)
+            else:
+                bs = bs + (tl.load(Bc + ti * b_rs + offs_n, mask=mr, other=0.0),)
+                cs = cs + (tl.load(Cc + ti * c_rs + offs_n, mask=mr, other=0.0),)
         else:
-            bs = bs + (tl.load(Bc + ti * b_rs + offs_n, mask=mask_n, other=0.0),)
-            cs = cs + (tl.load(Cc + ti * c_rs + offs_n, mask=mask_n, other=0.0),)
+            if CLAMP:
+                ti = tl.minimum(rem, j0 + i)
+            else:
+                ti = j0 + i
+            xo = ti * dim
+            xs = xs + (_vec(Xc + xo, offs_d, mask_d, EVEN_D),)
+            dts = dts + (_vec(DTc + xo, offs_d, mask_d, EVEN_D),)
+            if HAS_Z:
+                zs = zs + (_vec(Zc + ti * z_rs, offs_d, mask_d, EVEN_D),)
+            if not HAS_Z:
+                zs = zs + (xs[i],)
+            if PACK == 2:
+                # two bf16 per 32-bit word (offs_n here is arange(0, BLOCK_N // 2))
+                bs = bs + (tl.load((Bc + ti * b_rs).to(tl.pointer_type(tl.int32)) + offs_n),)
+                cs = cs + (tl.load((Cc + ti * c_rs).to(tl.pointer_type(tl.int32)) + offs_n),)
+            elif EVEN_N:
+                bs = bs + (tl.load(Bc + ti * b_rs + offs_n),)
+                cs = cs + (tl.load(Cc + ti * c_rs + offs_n),)
+            else:
+                bs = bs + (tl.load(Bc + ti * b_rs + offs_n, mask=mask_n, other=0.0),)
+                cs = cs + (tl.load(Cc + ti * c_rs + offs_n, mask=mask_n, other=0.0),)
     return xs, dts, zs, bs, cs
 
 
@@ -403,20 +428,34 @@ def selective_scan_fwd_tile_kernel_v2(
     else:
         offs_w = offs_n
     # Full chunks first, without clamping or validity tests (constant step offsets j * dim),
-    # then at most one partial chunk with them. (PIPELINE is not supported by this sketch.)
+    # then at most one partial chunk with them. PIPELINE: the first load group of every chunk
+    # is issued during the previous chunk (loop-carried), not at its start.
     nfull = (t_end - t_begin) // K
+    n_lim = dstate // PACK
+    if PIPELINE:
+        # first group of the first chunk (masked: the segment may be empty)
+        cur = _load_group_rel(X + xd_base + t_begin * dim, DT + xd_base + t_begin * dim,
+                              Z + (z_base + t_begin * z_rs) if HAS_Z else X,
+                              B + (b_base + t_begin * b_rs), C + (c_base + t_begin * c_rs), 0,
+                              (last - t_begin).to(tl.int32), dim, z_rs, b_rs, c_rs, offs_d,
+                              offs_w, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G, False, PACK,
+                              True, n_lim)
+    else:
+        cur = 0
     for c in range(0, nfull):
-        h, dsum = _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
-                              X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs,
-                              c_rs, offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn,
-                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, K, G, EVEN_D,
-                              EVEN_N, STORE_Y, STORE_DSUM, PACK, False, KSV)
+        h, dsum, cur = _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base,
+                                   ck0, X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate,
+                                   z_rs, b_rs, c_rs, offs_d, offs_w, mask_d, mask_n, dn_off,
+                                   mask_dn, cur, n_lim, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                   SAVE_STATES, ACC, K, G, EVEN_D, EVEN_N, STORE_Y, STORE_DSUM,
+                                   PACK, False, KSV, PIPELINE)
     for c in range(nfull, nchunks):
-        h, dsum = _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
-                              X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs,
-                              c_rs, offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn,
-                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, K, G, EVEN_D,
-                              EVEN_N, STORE_Y, STORE_DSUM, PACK, True, KSV)
+        h, dsum, cur = _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base,
+                                   ck0, X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate,
+                                   z_rs, b_rs, c_rs, offs_d, offs_w, mask_d, mask_n, dn_off,
+                                   mask_dn, cur, n_lim, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                   SAVE_STATES, ACC, K, G, EVEN_D, EVEN_N, STORE_Y, STORE_DSUM,
+                                   PACK, True, KSV, PIPELINE)
     if STORE_HT:
         tl.store(HT + seq_state_off + dn_off, h.to(HT.dtype.element_ty), mask=mask_dn)
     if STORE_DSUM:
@@ -427,13 +466,17 @@ def selective_scan_fwd_tile_kernel_v2(
 @triton.jit
 def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
                 X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs, c_rs,
-                offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn,
+                offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn, cur, n_lim,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
                 K: tl.constexpr, G: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
                 STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
-                PACK: tl.constexpr, CLAMP: tl.constexpr, KS: tl.constexpr):
-    """One chunk of K steps of selective_scan_fwd_tile_kernel_v2."""
+                PACK: tl.constexpr, CLAMP: tl.constexpr, KS: tl.constexpr,
+                PIPELINE: tl.constexpr):
+    """One chunk of K steps of selective_scan_fwd_tile_kernel_v2. ``PIPELINE``: the chunk's first
+    load group comes in as ``cur`` and the next chunk's first group (masked past the segment end)
+    is issued before the last group computes and returned; otherwise ``cur`` is ignored and
+    returned as is."""
     t0 = t_begin + c * K
     rem = (last - t0).to(tl.int32)  # steps j <= rem are in the segment
     xo0 = xd_base + t0 * dim
@@ -446,14 +489,21 @@ def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
         Zc = Xc
     Bc = B + (b_base + t0 * b_rs)
     Cc = C + (c_base + t0 * c_rs)
-    cur = _load_group_rel(Xc, DTc, Zc, Bc, Cc, 0, rem, dim, z_rs, b_rs, c_rs, offs_d,
-                          offs_w, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G, CLAMP, PACK)
+    if PIPELINE:
+        grp = cur
+    else:
+        grp = _load_group_rel(Xc, DTc, Zc, Bc, Cc, 0, rem, dim, z_rs, b_rs, c_rs, offs_d,
+                              offs_w, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G, CLAMP, PACK)
     for j in tl.static_range(K // G):
         if j + 1 < K // G:
             nxt = _load_group_rel(Xc, DTc, Zc, Bc, Cc, (j + 1) * G, rem, dim, z_rs, b_rs,
                                   c_rs, offs_d, offs_w, mask_d, mask_n, HAS_Z, EVEN_D,
                                   EVEN_N, G, CLAMP, PACK)
-        xs, dts, zs, bs, cs = cur
+        elif PIPELINE:  # the next chunk's first group, relative to this chunk's rows
+            cur = _load_group_rel(Xc, DTc, Zc, Bc, Cc, K, rem, dim, z_rs, b_rs, c_rs, offs_d,
+                                  offs_w, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N, G, False,
+                                  PACK, True, n_lim)
+        xs, dts, zs, bs, cs = grp
         for i in tl.static_range(G):
             jt = j * G + i
             if SAVE_STATES and jt % KS == 0:
@@ -486,8 +536,8 @@ def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
                 else:
                     tl.store(Yc + jt * dim + offs_d, y.to(Y.dtype.element_ty))
         if j + 1 < K // G:
-            cur = nxt
-    return h, dsum
+            grp = nxt
+    return h, dsum, cur
 
 
 @triton.jit
