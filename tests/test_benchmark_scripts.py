@@ -1,0 +1,24 @@
+"""Smoke tests of the benchmark programs that can run without a GPU (they are programs, not
+timed tests: nothing here asserts a time)."""
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_generation_cpu_smoke(tmp_path):
+    out = tmp_path / "prof.json"
+    prof = _load("profile_generation")
+    assert prof.main(["--device", "cpu", "--tiny", "--prompt", "16", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["prefill"]["wall_ms"] > 0 and res["prefill"]["top"]
