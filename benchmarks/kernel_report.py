@@ -38,7 +38,7 @@ KERNELS = {
         EVEN_D=True, PACK=2, IS_BF16=True)),
     "bwd_lanes": (tk.selective_scan_bwd_lanes_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
-        USE_F64=False, N=16, BLOCK_D=32, K=8, EVEN_D=True, PACK=2, IS_BF16=True, V=32)),
+        USE_F64=False, N=16, BLOCK_D=32, K=8, EVEN_D=True, PACK=2, IS_BF16=True, V=32, M=1)),
     "adjoint_local": (tk.adjoint_local_kernel, dict(
         HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, USE_F64=False, BLOCK_D=32, N=16, K=8,
         EVEN_D=True, PACK=2, IS_BF16=True)),

@@ -276,6 +276,16 @@ def main(argv=None):
             row.setdefault("bwd_sweep", []).append({"cfg": dataclasses.asdict(cfg), **r})
             if bbest is None or r["fwd_bwd_ms"] < bbest[1]["fwd_bwd_ms"]:
                 bbest = (cfg, r)
+        if not a.fwd_only:
+            # memory-bounded saving (one state per coarse_blocks backward blocks): its cost
+            cfg = dataclasses.replace(bbest[0], state_mem_limit=0)
+            try:
+                r = bench_ours(ts, cfg, bwd=True)
+                row["fwd_bwd_memory_bounded_ms"] = r["fwd_bwd_ms"]
+                print(f"L={L} fwd+bwd, one saved state per {cfg.coarse_blocks} blocks: "
+                      f"{r['fwd_bwd_ms']:.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print("memory-bounded fwd+bwd failed:", repr(e))
         row["ours_cfg"] = [int(v) for v in dataclasses.astuple(bbest[0])]
         row["ours"] = {"fwd_ms": best[1], "fwd_bwd_ms": bbest[1]["fwd_bwd_ms"]}
         if "mamba_ssm" in row:

@@ -107,6 +107,35 @@ def test_pipelined_forward_bf16_packed_rows():
         triton_mod.set_config(prev)
 
 
+@pytest.mark.parametrize("M,K,split,pipe,L", [(4, 8, 1, 0, 37), (3, 8, 1, 0, 30),
+                                               (4, 8, 3, 0, 53), (2, 8, 1, 1, 19),
+                                               (16, 8, 1, 0, 9)])
+def test_memory_bounded_saved_states(M, K, split, pipe, L):
+    """Beyond state_mem_limit the forward saves one state per M backward blocks and the lanes
+    backward recomputes the others per group: same outputs, final state and gradients as the
+    reference, with partial groups, segments and the pipelined forward."""
+    cfg = triton_mod.ScanConfig(chunk=K, bwd_chunk=4, state_mem_limit=0, coarse_blocks=M,
+                                seq_split=split, fwd_pipeline=pipe)
+    prev = triton_mod.set_config(cfg)
+    try:
+        ts = _inputs(2, L, 8, 4, 1, torch.float64)
+        x, _, A, B = ts[:4]
+        assert triton_mod._coarse_blocks(cfg, x, B.unsqueeze(2) if B.dim() == 3 else B, A, 2) == M
+        _check(ts)
+    finally:
+        triton_mod.set_config(prev)
+
+
+def test_memory_bounded_saved_states_packed_and_grouped():
+    """The same with packed sequences (empty ones included) and two groups of 32 channels."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(state_mem_limit=0, coarse_blocks=2))
+    try:
+        cu = torch.tensor([0, 0, 9, 9, 40, 40], device=triton_device())
+        _check(_inputs(1, 40, 64, 4, 2, torch.float64, nseq=5), cu=cu)
+    finally:
+        triton_mod.set_config(prev)
+
+
 def test_float32_inputs_float32_state():
     ts = _inputs(1, 10, 8, 4, 1, torch.float32)
     y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)

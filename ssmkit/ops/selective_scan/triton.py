@@ -72,6 +72,13 @@ class ScanConfig:
     # forward kernels then use bwd_chunk for both. H100, 2026-11-27, B8 D2048 N16 L2048 bf16: the
     # lanes backward on blocks of 4 took 3.03 ms forward + backward against 4.49 on blocks of 8.
     bwd_chunk: int = 4
+    # Memory bound of the states saved for the backward (bytes per call; float32, one per
+    # bwd_chunk steps: B·L·D·N bytes at bwd_chunk 4, 537 MB at B8 L2048 D2048 N16, 1.07 GB per
+    # layer for Mamba-1.4B at B8 L2048). Beyond it the forward saves one state per
+    # `coarse_blocks` backward blocks, and the lanes backward recomputes the others per group
+    # (one more pass over the exponentials).
+    state_mem_limit: int = 512 * 2**20
+    coarse_blocks: int = 16
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -152,6 +159,24 @@ def _load_group(cfg: ScanConfig, K: int) -> int:
     return g
 
 
+def _bwd_lanes(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether the backward runs the lanes kernel (blocks of exactly 32 channels of one group)."""
+    dpg = x.shape[2] // B.shape[2]
+    return (bool(cfg.bwd_lanes) and A.shape[1] <= LANES_MAX_N
+            and (B.shape[2] == 1 or dpg % 32 == 0))
+
+
+def _coarse_blocks(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                   nseq: int) -> int:
+    """Backward blocks per saved state: 1, or ``cfg.coarse_blocks`` when one state per block
+    would take more than ``cfg.state_mem_limit`` bytes (lanes backward only)."""
+    rows = x.shape[0] * x.shape[1]
+    nbytes = (rows // cfg.bwd_chunk + nseq) * A.shape[0] * A.shape[1] * 4
+    if cfg.coarse_blocks <= 1 or nbytes <= cfg.state_mem_limit or not _bwd_lanes(cfg, x, B, A):
+        return 1
+    return cfg.coarse_blocks
+
+
 def _pack(B: torch.Tensor, C: torch.Tensor, N: int) -> int:
     """Rows of B and C are read two 16-bit values per 32-bit load when N is even and both are
     4-byte aligned; otherwise one by one."""
@@ -213,7 +238,7 @@ def _segment_length(L: int, nseg: int, K: int) -> tuple[int, int]:
 
 
 def _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, softplus, acc, seg_len, nseg,
-                          B):
+                          B, K):
     """Passes 1-2 of the sequence-parallel backward: the adjoint entering every segment from its
     end, ``(nseq * nseg, N, dim)``: the last segment gets ``dht`` (or zero), segment s-1 gets
     ``exp(A ΣΔ_s) end_s + local_s`` with ``local_s`` the segment's adjoint run from zero."""
@@ -224,7 +249,7 @@ def _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, softplus, acc
         dt, At, C, z, dt_bias, dy, dhloc, dsum, geo.L, geo.dim, geo.N, geo.G,
         geo.blocks_per_group, seg_len, nseg, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(softplus), USE_F64=acc == torch.float64, BLOCK_D=geo.block_d, N=geo.N,
-        K=geo.K, EVEN_D=geo.even_d, PACK=_pack(B, C, geo.N), IS_BF16=C.dtype == torch.bfloat16,
+        K=K, EVEN_D=geo.even_d, PACK=_pack(B, C, geo.N), IS_BF16=C.dtype == torch.bfloat16,
         num_warps=1)
     # The forward's chain run over the segments in reverse order.
     rev = torch.empty(shape, device=dt.device, dtype=acc)
@@ -239,18 +264,23 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
              want_final, save_states, cfg):
     from ssmkit.ops.selective_scan import triton_kernels as tk
 
-    # Saved states every `ks` steps (the backward's blocks); the v2 tile forward unrolls `chunk`
-    # steps per iteration when ks divides it, the other forward kernels unroll ks.
+    # Saved states every `ks` steps (the backward's blocks), or every ks·m when memory-bounded;
+    # the v2 tile forward unrolls `chunk` steps per iteration, the other forward kernels ks.
     ks = cfg.bwd_chunk if save_states else cfg.chunk
-    geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d, ks)
+    nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    m = _coarse_blocks(cfg, x, B, A, nseq) if save_states else 1
+    spacing = ks * m
+    geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d, spacing)
     # With a backward to come, the forward splits like the backward (see there): the combination
     # measured fastest for training. Without one, only when the GPU would mostly idle.
     nseg = _segments(geo, cfg, x, below_warps_per_sm=BWD_SPLIT_BELOW if save_states else 2)
     # The (block_d, N) tile for one pass, the (N, block_d) tile for the segmented passes. H100,
     # 2026-11-27: one pass at B8 D2048 L2048 0.661 ms against 0.715; segmented at B1 D4096 L2048
     # 0.387 ms against 0.193 (0.395 / 0.348 on the layer's views), L8192 1.064 against 0.829.
-    v2 = bool(cfg.fwd_tile_v2) and (nseg == 1 or cfg.fwd_tile_v2 > 1)
-    k_unroll = cfg.chunk if v2 and cfg.chunk % ks == 0 else ks
+    # (memory-bounded saving needs the v2 tile: it saves one state per several blocks)
+    v2 = (bool(cfg.fwd_tile_v2) and (nseg == 1 or cfg.fwd_tile_v2 > 1)) or m > 1
+    k_unroll = (cfg.chunk if v2 and (cfg.chunk % spacing == 0 or spacing % cfg.chunk == 0)
+                else ks)
     lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1
     acc = compute_dtype(x)
     y = torch.empty_like(x)
@@ -291,7 +321,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                 *dims, seg_len, 1, **tflags, HAS_H0=h0 is not None, STORE_HT=want_final,
                 SAVE_STATES=save_states, STORE_Y=True, STORE_DSUM=False)
         else:
-            seg_len, nseg = _segment_length(geo.L, nseg, tflags["K"])
+            seg_len, nseg = _segment_length(geo.L, nseg, max(tflags["K"], geo.K))
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # pass 1: each segment from a zero state -> its end state and ΣΔ
             hloc = torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
@@ -316,7 +346,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                 ht = hts.view(geo.nseq, nseg, geo.N, geo.dim)[:, -1]
     if ht is not None:
         ht = ht.transpose(1, 2).contiguous()  # (nseq, dim, N), the public layout
-    return y, ht, states
+    return y, ht, states, m
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -324,11 +354,12 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus,
                 return_final_state):
         cfg = _CONFIG
-        y, ht, states = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
-                                 cu_seqlens, return_final_state, True, cfg)
+        y, ht, states, m = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
+                                    cu_seqlens, return_final_state, True, cfg)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states)
         ctx.dt_softplus = dt_softplus
         ctx.cfg = cfg
+        ctx.coarse = m  # backward blocks per saved state
         if return_final_state:
             return y, ht
         return y
@@ -342,11 +373,10 @@ class _SelectiveScanFn(torch.autograd.Function):
         B, C = B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
         cfg = ctx.cfg
-        dpg = x.shape[2] // B.shape[2]
-        lanes = (bool(cfg.bwd_lanes) and A.shape[1] <= LANES_MAX_N
-                 and (B.shape[2] == 1 or dpg % 32 == 0))
+        lanes = _bwd_lanes(cfg, x, B, A)
+        m = ctx.coarse  # > 1 only with the lanes backward
         geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 if lanes else cfg.bwd_block_d,
-                        cfg.bwd_chunk)
+                        cfg.bwd_chunk * m)
         acc = compute_dtype(x)
         dy = dy.contiguous()
         if dht is not None:
@@ -363,7 +393,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         if nseg > 1:
             seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
             dht = _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, ctx.dt_softplus,
-                                        acc, seg_len, nseg, B)
+                                        acc, seg_len, nseg, B, cfg.bwd_chunk)
         nout = geo.nseq * nseg
         dx = torch.empty_like(x)
         ddt = torch.empty_like(dt)
@@ -379,12 +409,16 @@ class _SelectiveScanFn(torch.autograd.Function):
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
                      SOFTPLUS=bool(ctx.dt_softplus), HAS_DHT=dht is not None,
                      IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64, BLOCK_D=geo.block_d,
-                     K=geo.K)
+                     K=cfg.bwd_chunk)
         if lanes:
-            tk.selective_scan_bwd_lanes_kernel[(geo.nseq, geo.n_dblocks, nseg)](
-                *args, seg_len, nseg, **flags, N=geo.N, EVEN_D=geo.even_d,
+            grid = (geo.nseq, geo.n_dblocks, nseg)
+            # per program: the M block-start states of the group being recomputed
+            scratch = (torch.empty(grid[0] * grid[1] * grid[2] * m * geo.N * 32, device=x.device,
+                                   dtype=acc) if m > 1 else states)
+            tk.selective_scan_bwd_lanes_kernel[grid](
+                *args, seg_len, nseg, scratch, **flags, N=geo.N, EVEN_D=geo.even_d,
                 PACK=_pack(B, C, geo.N), IS_BF16=B.dtype == torch.bfloat16,
-                V=-(-2 * geo.N // 32) * 32, num_warps=1)
+                V=-(-2 * geo.N // 32) * 32, M=m, num_warps=1)
         else:
             tk.selective_scan_bwd_kernel[(geo.nseq, geo.n_dblocks)](
                 *args, **flags, BLOCK_N=geo.block_n, KEEP_DECAY=bool(cfg.keep_decay),
@@ -461,7 +495,7 @@ def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         out = _SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens,
                                      bool(dt_softplus), bool(return_final_state))
         return out
-    y, ht, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+    y, ht, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
                         bool(return_final_state), False, _CONFIG)
     return (y, ht) if return_final_state else y
 

@@ -381,9 +381,11 @@ def selective_scan_fwd_tile_kernel_v2(
     BLOCK_N states in the thread (no shuffles, no shared-memory layout conversions), (b) per-chunk
     base pointers and int32 step offsets, (c) ftz exp/lg2/rcp for softplus and silu.
 
-    ``KS`` (a divisor of K; 0 = K): spacing of the saved states. The backward runs fastest on
-    blocks of 4 steps, the forward on 8 (a group of loads in flight while the other computes),
-    so the forward unrolls K steps and saves the state every KS of them."""
+    ``KS`` (a divisor or a multiple of K; 0 = K): spacing of the saved states. The backward runs
+    fastest on blocks of 4 steps, the forward on 8 (a group of loads in flight while the other
+    computes), so the forward unrolls K steps and saves the state every KS of them; a KS beyond K
+    (memory-bounded saving, the backward recomputing the states between) needs segments that are
+    multiples of KS."""
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -506,7 +508,12 @@ def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
         xs, dts, zs, bs, cs = grp
         for i in tl.static_range(G):
             jt = j * G + i
-            if SAVE_STATES and jt % KS == 0:
+            if SAVE_STATES and KS > K and jt == 0:
+                # one state every KS // K chunks (the backward recomputes the ones between)
+                sp = STATES + (ck0 + c // (KS // K)) * dim * dstate + dn_off
+                tl.store(sp, h.to(STATES.dtype.element_ty), mask=mask_dn
+                         & (offs_d[:, None] < tl.where(c % (KS // K) == 0, dim, 0)))
+            elif SAVE_STATES and jt % KS == 0:
                 # the state entering steps jt .. jt+KS-1, for the backward
                 sp = STATES + (ck0 + c * (K // KS) + jt // KS) * dim * dstate + dn_off
                 if CLAMP:  # blocks that start past the segment end do not exist
@@ -885,14 +892,39 @@ def _lane_sum_scatter(vals, lane, V: tl.constexpr):
 
 
 @triton.jit
+def _lanes_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride, t0, last, seqlen, dim,
+                   offs_d, mask_d, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   EVEN_D: tl.constexpr, ACC: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                   PACK: tl.constexpr, IS_BF16: tl.constexpr):
+    """The state after steps t0 .. t0+K-1 from the state ``h`` before them (a tuple of N channel
+    vectors); steps past the segment end leave it unchanged (Δ = 0)."""
+    for i in tl.static_range(K):
+        t = t0 + i
+        tc = tl.minimum(t, last)
+        md = offs_d < tl.where(t < seqlen, dim, 0)
+        off = xd_base + tc * dim + offs_d
+        x = _vec(X, off, mask_d, EVEN_D).to(ACC)
+        braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
+        _, dt = _delta(_vec(DT, off, mask_d, EVEN_D).to(ACC), bias, md, HAS_BIAS, SOFTPLUS)
+        dtx = dt * x
+        new = ()
+        for n in tl.static_range(N):
+            new = new + (tl.exp2(dt * A2[n]) * h[n]
+                         + dtx * _row_val(braw, n, PACK, IS_BF16, ACC),)
+        h = new
+    return h
+
+
+@triton.jit
 def selective_scan_bwd_lanes_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, STATES, CU, CHUNK_OFF, DY, DHT,
     DX, DDT, DZ, DB_PART, DC_PART, DA_PART, DD_PART, DH0,
     L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, total_rows, seg_len, nseg,
+    SCRATCH,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     BLOCK_D: tl.constexpr, N: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
-    PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr,
+    PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr, M: tl.constexpr = 1,
 ):
     """Backward with one lane per channel (BLOCK_D = 32, one warp), as the lanes forward.
 
@@ -905,7 +937,14 @@ def selective_scan_bwd_lanes_kernel(
 
     A program owns one segment of ``seg_len`` tokens (a multiple of K; the whole sequence when
     ``nseg == 1``): ``DHT`` is then the adjoint entering the segment from its end and ``DH0``,
-    ``DA_PART``, ``DD_PART`` are per (sequence, segment), ``(nseq * nseg, ...)``."""
+    ``DA_PART``, ``DD_PART`` are per (sequence, segment), ``(nseq * nseg, ...)``.
+
+    ``M > 1``: the forward saved one state per M blocks (K·M steps; segments are multiples of
+    K·M) to bound its memory. Per group of M blocks, in reverse, the kernel first runs the
+    forward from the saved state over the group and writes the M block-start states to the
+    program's slice of ``SCRATCH`` (``(programs, M, N, 32)`` float32, L2-resident), then handles
+    the M blocks in reverse from those states: one more pass over the exponentials, M times less
+    memory."""
     ACC = tl.float64 if USE_F64 else tl.float32
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -944,108 +983,130 @@ def selective_scan_bwd_lanes_kernel(
     M_OUT: tl.constexpr = V // 32
     nchunks = tl.cdiv(seqlen - t_begin, K)
     c_first = t_begin // K
-    for cc in range(0, nchunks):
-        c = c_first + nchunks - 1 - cc
-        t0 = c * K
-        st = STATES + (ck0 + c) * dim * dstate + offs_d
-        h = ()
-        for n in tl.static_range(N):
-            h = h + (tl.load(st + n * dim, mask=mask_d, other=0.0).to(ACC),)
-        # Recompute the block: hs[i] is the state before step i, hs[K] after the last step.
-        hs = (h,)
-        xs = ()
-        dts = ()
-        dtraws = ()
-        dys = ()
-        zs = ()
-        for i in tl.static_range(K):
-            t = t0 + i
-            tc = tl.minimum(t, last)  # steps past the end re-read the last row (Δ, dy zeroed)
-            md = offs_d < tl.where(t < seqlen, dim, 0)
-            off = xd_base + tc * dim + offs_d
-            x = _vec(X, off, mask_d, EVEN_D).to(ACC)
-            dtraw = _vec(DT, off, mask_d, EVEN_D).to(ACC)
-            dys = dys + (_vec(DY, off, mask_d, EVEN_D),)
-            if HAS_Z:
-                zs = zs + (_vec(Z, off, mask_d, EVEN_D),)
-            braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
-            dtraw, dt = _delta(dtraw, bias, md, HAS_BIAS, SOFTPLUS)
-            dtx = dt * x
-            new = ()
+    KM: tl.constexpr = K * M
+    ngroups_m = tl.cdiv(seqlen - t_begin, KM)
+    prog = ((pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(2) + pid_g).to(tl.int64)
+    scratch = SCRATCH + prog * (M * N * BLOCK_D) + tl.arange(0, BLOCK_D)
+    for gg in range(0, ngroups_m):
+        gm = ngroups_m - 1 - gg  # group of M blocks, from the last
+        nb = tl.minimum(nchunks - gm * M, M)  # its blocks inside the segment
+        if M > 1:
+            st = STATES + (ck0 + t_begin // KM + gm) * dim * dstate + offs_d
+            h = ()
             for n in tl.static_range(N):
-                new = new + (tl.exp2(dt * A2[n]) * h[n]
-                             + dtx * _row_val(braw, n, PACK, IS_BF16, ACC),)
-            h = new
-            hs = hs + (h,)
-            xs = xs + (x,)
-            dts = dts + (dt,)
-            dtraws = dtraws + (dtraw,)
-        for i in tl.static_range(K - 1, -1, -1):
-            t = t0 + i
-            valid = t < seqlen
-            tc = tl.minimum(t, last)
-            md = offs_d < tl.where(valid, dim, 0)
-            row = row0 + tc
-            off = xd_base + tc * dim + offs_d
-            x = xs[i]
-            dt = dts[i]
-            # B_t, C_t are re-read here (L1 hits) rather than kept: N registers each per step.
-            braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
-            craw = _row_raw(C, bc_base + tc * bc_stride, N, PACK)
-            dy = tl.where(md, dys[i].to(ACC), 0.0)
-            if HAS_Z:
-                z = zs[i].to(ACC)
-                y = tl.zeros([BLOCK_D], dtype=ACC)
+                h = h + (tl.load(st + n * dim, mask=mask_d, other=0.0).to(ACC),)
+            for m in range(0, nb):
                 for n in tl.static_range(N):
-                    y += hs[i + 1][n] * _row_val(craw, n, PACK, IS_BF16, ACC)
+                    tl.store(scratch + (m * N + n) * BLOCK_D, h[n])
+                h = _lanes_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride,
+                                   (c_first + gm * M + m) * K, last, seqlen, dim, offs_d,
+                                   mask_d, HAS_BIAS, SOFTPLUS, EVEN_D, ACC, N, K, PACK, IS_BF16)
+        for mm in range(0, nb):
+            c = c_first + gm * M + nb - 1 - mm
+            t0 = c * K
+            h = ()
+            if M > 1:
+                for n in tl.static_range(N):
+                    h = h + (tl.load(scratch + ((nb - 1 - mm) * N + n) * BLOCK_D),)
+            else:
+                st = STATES + (ck0 + c) * dim * dstate + offs_d
+                for n in tl.static_range(N):
+                    h = h + (tl.load(st + n * dim, mask=mask_d, other=0.0).to(ACC),)
+            # Recompute the block: hs[i] is the state before step i, hs[K] after the last step.
+            hs = (h,)
+            xs = ()
+            dts = ()
+            dtraws = ()
+            dys = ()
+            zs = ()
+            for i in tl.static_range(K):
+                t = t0 + i
+                tc = tl.minimum(t, last)  # steps past the end re-read the last row (Δ, dy zeroed)
+                md = offs_d < tl.where(t < seqlen, dim, 0)
+                off = xd_base + tc * dim + offs_d
+                x = _vec(X, off, mask_d, EVEN_D).to(ACC)
+                dtraw = _vec(DT, off, mask_d, EVEN_D).to(ACC)
+                dys = dys + (_vec(DY, off, mask_d, EVEN_D),)
+                if HAS_Z:
+                    zs = zs + (_vec(Z, off, mask_d, EVEN_D),)
+                braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
+                dtraw, dt = _delta(dtraw, bias, md, HAS_BIAS, SOFTPLUS)
+                dtx = dt * x
+                new = ()
+                for n in tl.static_range(N):
+                    new = new + (tl.exp2(dt * A2[n]) * h[n]
+                                 + dtx * _row_val(braw, n, PACK, IS_BF16, ACC),)
+                h = new
+                hs = hs + (h,)
+                xs = xs + (x,)
+                dts = dts + (dt,)
+                dtraws = dtraws + (dtraw,)
+            for i in tl.static_range(K - 1, -1, -1):
+                t = t0 + i
+                valid = t < seqlen
+                tc = tl.minimum(t, last)
+                md = offs_d < tl.where(valid, dim, 0)
+                row = row0 + tc
+                off = xd_base + tc * dim + offs_d
+                x = xs[i]
+                dt = dts[i]
+                # B_t, C_t are re-read here (L1 hits) rather than kept: N registers each per step.
+                braw = _row_raw(B, bc_base + tc * bc_stride, N, PACK)
+                craw = _row_raw(C, bc_base + tc * bc_stride, N, PACK)
+                dy = tl.where(md, dys[i].to(ACC), 0.0)
+                if HAS_Z:
+                    z = zs[i].to(ACC)
+                    y = tl.zeros([BLOCK_D], dtype=ACC)
+                    for n in tl.static_range(N):
+                        y += hs[i + 1][n] * _row_val(craw, n, PACK, IS_BF16, ACC)
+                    if HAS_D:
+                        y += Dv * x
+                    sz = _sigmoid(z)
+                    dz = dy * y * sz * (1.0 + z * (1.0 - sz))
+                    tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=md)
+                    dy = dy * z * sz
                 if HAS_D:
-                    y += Dv * x
-                sz = _sigmoid(z)
-                dz = dy * y * sz * (1.0 + z * (1.0 - sz))
-                tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=md)
-                dy = dy * z * sz
-            if HAS_D:
-                dD_acc += dy * x
-            dtx = dt * x
-            dhB = tl.zeros([BLOCK_D], dtype=ACC)
-            ddtA = tl.zeros([BLOCK_D], dtype=ACC)
-            dbs = ()
-            dcs = ()
-            new_dh = ()
-            new_acc = ()
-            for n in tl.static_range(N):
-                dhn = dh[n] + dy * _row_val(craw, n, PACK, IS_BF16, ACC)
-                dAn = tl.exp2(dt * A2[n])
-                ddA = dhn * hs[i][n] * dAn  # d/d(ΔA) of exp(ΔA) h_{t-1}
-                ddtA += ddA * A2[n]
-                new_acc = new_acc + (dA_acc[n] + ddA * dt,)
-                dhB += dhn * _row_val(braw, n, PACK, IS_BF16, ACC)
-                dbs = dbs + (dhn * dtx,)  # dB_t[n] = Σ_d dh_t[d, n] Δ_t[d] x_t[d]
-                dcs = dcs + (dy * hs[i + 1][n],)  # dC_t[n] = Σ_d dy_t[d] h_t[d, n]
-                new_dh = new_dh + (dhn * dAn,)
-            dh = new_dh
-            dA_acc = new_acc
-            vals = dbs + dcs
-            for _p in tl.static_range(V - 2 * N):
-                vals = vals + (tl.zeros([BLOCK_D], dtype=ACC),)
-            red = _lane_sum_scatter(vals, lane, V)
-            for r in tl.static_range(M_OUT):
-                idx = lane * M_OUT + r
-                part = (part_base + row) * dstate
-                # (compares against a scalar chosen by `valid`, not `mask & valid`: see above)
-                tl.store(DB_PART + part + idx, red[r].to(DB_PART.dtype.element_ty),
-                         mask=idx < tl.where(valid, N, 0))
-                tl.store(DC_PART + part + (idx - N), red[r].to(DC_PART.dtype.element_ty),
-                         mask=(idx >= N) & (idx < tl.where(valid, 2 * N, 0)))
-            # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
-            ddt = ddtA * LN2 + dhB * x
-            dx = dhB * dt
-            if HAS_D:
-                dx += Dv * dy
-            if SOFTPLUS:
-                ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * _sigmoid(dtraws[i]))
-            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=md)
-            tl.store(DDT + off, ddt.to(DDT.dtype.element_ty), mask=md)
+                    dD_acc += dy * x
+                dtx = dt * x
+                dhB = tl.zeros([BLOCK_D], dtype=ACC)
+                ddtA = tl.zeros([BLOCK_D], dtype=ACC)
+                dbs = ()
+                dcs = ()
+                new_dh = ()
+                new_acc = ()
+                for n in tl.static_range(N):
+                    dhn = dh[n] + dy * _row_val(craw, n, PACK, IS_BF16, ACC)
+                    dAn = tl.exp2(dt * A2[n])
+                    ddA = dhn * hs[i][n] * dAn  # d/d(ΔA) of exp(ΔA) h_{t-1}
+                    ddtA += ddA * A2[n]
+                    new_acc = new_acc + (dA_acc[n] + ddA * dt,)
+                    dhB += dhn * _row_val(braw, n, PACK, IS_BF16, ACC)
+                    dbs = dbs + (dhn * dtx,)  # dB_t[n] = Σ_d dh_t[d, n] Δ_t[d] x_t[d]
+                    dcs = dcs + (dy * hs[i + 1][n],)  # dC_t[n] = Σ_d dy_t[d] h_t[d, n]
+                    new_dh = new_dh + (dhn * dAn,)
+                dh = new_dh
+                dA_acc = new_acc
+                vals = dbs + dcs
+                for _p in tl.static_range(V - 2 * N):
+                    vals = vals + (tl.zeros([BLOCK_D], dtype=ACC),)
+                red = _lane_sum_scatter(vals, lane, V)
+                for r in tl.static_range(M_OUT):
+                    idx = lane * M_OUT + r
+                    part = (part_base + row) * dstate
+                    # (compares against a scalar chosen by `valid`, not `mask & valid`: see above)
+                    tl.store(DB_PART + part + idx, red[r].to(DB_PART.dtype.element_ty),
+                             mask=idx < tl.where(valid, N, 0))
+                    tl.store(DC_PART + part + (idx - N), red[r].to(DC_PART.dtype.element_ty),
+                             mask=(idx >= N) & (idx < tl.where(valid, 2 * N, 0)))
+                # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
+                ddt = ddtA * LN2 + dhB * x
+                dx = dhB * dt
+                if HAS_D:
+                    dx += Dv * dy
+                if SOFTPLUS:
+                    ddt = tl.where(dtraws[i] > 20.0, ddt, ddt * _sigmoid(dtraws[i]))
+                tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=md)
+                tl.store(DDT + off, ddt.to(DDT.dtype.element_ty), mask=md)
     for n in tl.static_range(N):
         tl.store(DH0 + seq_state_off + n * dim + offs_d, dh[n].to(DH0.dtype.element_ty),
                  mask=mask_d)
