@@ -158,3 +158,24 @@ def test_sequence_parallel_forward_batch1(dtype, tol):
     grads_r = torch.autograd.grad((yr * gy).sum() + hr.sum(), t64)
     for n, a, b in zip(NAMES, grads_r, grads):
         assert rel_err(a, b) <= 2 * tol, (n, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_memory_bounded_saved_states(dtype, tol):
+    """One saved state per 16 backward blocks (forced here; automatic beyond
+    ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy."""
+    from ssmkit.ops.selective_scan import triton as sst
+
+    ts = _inputs(2, 1000, 64, 16, 1, dtype, seed=11, grad=True)
+    prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), state_mem_limit=0))
+    try:
+        y, hT = selective_scan_triton(*ts[:8], True, ts[8], True, None)
+        gy = torch.randn_like(y, dtype=torch.float64)
+        grads = torch.autograd.grad((y.double() * gy).sum() + hT.double().sum(), ts)
+    finally:
+        sst.set_config(prev)
+    t64, yr, hr = _ref64(ts, long=True)
+    assert rel_err(yr, y) <= tol and rel_err(hr, hT) <= tol
+    grads_r = torch.autograd.grad((yr * gy).sum() + hr.sum(), t64)
+    for n, a, b in zip(NAMES, grads_r, grads):
+        assert rel_err(a, b) <= 2 * tol, (n, rel_err(a, b))
