@@ -169,6 +169,36 @@ def _load_group(X, DT, Z, B, C, xd_base, z_base, b_base, c_base, t0, last, dim, 
 
 
 @triton.jit
+def _segment_rows(CU, CHUNK_OFF, pid_s, pid_g, pid_d, L, nchunks_per_seq, seg_len,
+                  blocks_per_group, dim, dstate, z_rs, b_rs, c_rs, IS_VARLEN: tl.constexpr):
+    """Where a forward program's rows are (int64): ``(t_begin, t_end, ck0, xd_base, z_base,
+    b_base, c_base)`` for segment ``pid_g`` of sequence ``pid_s`` and the group of channel block
+    ``pid_d``. Row offsets are per sequence, so a step's address is one multiply-add; z, B and C
+    may be views with their own row strides (slices of a projection's output)."""
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
+    t_begin = pid_g.to(tl.int64) * seg_len
+    t_end = tl.minimum(t_begin + seg_len, seqlen)
+    g = pid_d // blocks_per_group
+    return (t_begin, t_end, ck0, row0 * dim, row0 * z_rs, row0 * b_rs + g * dstate,
+            row0 * c_rs + g * dstate)
+
+
+@triton.jit
+def _channel_params(D, DT_BIAS, offs_d, mask_d, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACC: tl.constexpr):
+    """D and dt_bias of the program's channels (zeros where absent)."""
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        Dv = tl.zeros(offs_d.shape, dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros(offs_d.shape, dtype=ACC)
+    return Dv, bias
+
+
+@triton.jit
 def selective_scan_fwd_tile_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, H0, Y, HT, STATES, CU, CHUNK_OFF, DSUM,
     L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, z_rs, b_rs, c_rs, seg_len, nseg,
@@ -193,10 +223,9 @@ def selective_scan_fwd_tile_kernel(
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_g = tl.program_id(2)
-    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
-    t_begin = pid_g.to(tl.int64) * seg_len
-    t_end = tl.minimum(t_begin + seg_len, seqlen)
-    g = pid_d // blocks_per_group
+    t_begin, t_end, ck0, xd_base, z_base, b_base, c_base = _segment_rows(
+        CU, CHUNK_OFF, pid_s, pid_g, pid_d, L, nchunks_per_seq, seg_len, blocks_per_group, dim,
+        dstate, z_rs, b_rs, c_rs, IS_VARLEN)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -209,23 +238,12 @@ def selective_scan_fwd_tile_kernel(
     dn_off = offs_n[:, None].to(tl.int64) * dim + offs_d[None, :]
     # exp(Δ A) = exp2(Δ · (A log2 e)): A is pre-scaled once, so a step costs one multiply per state.
     Av = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC) * LOG2E
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
-    if HAS_BIAS:
-        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = None
+    Dv, bias = _channel_params(D, DT_BIAS, offs_d, mask_d, HAS_D, HAS_BIAS, ACC)
     seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     if HAS_H0:
         h = tl.load(H0 + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
     else:
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    # Row offsets (int64) of this sequence: the per-step address is one scalar multiply-add.
-    xd_base = row0 * dim
-    # z, B and C may be views with other row strides (slices of a projection's output)
-    z_base = row0 * z_rs
-    b_base = row0 * b_rs + g * dstate
-    c_base = row0 * c_rs + g * dstate
     last = t_end - 1
     if STORE_DSUM:
         dsum = tl.zeros([BLOCK_D], dtype=ACC)
@@ -390,10 +408,9 @@ def selective_scan_fwd_tile_kernel_v2(
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_g = tl.program_id(2)
-    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
-    t_begin = pid_g.to(tl.int64) * seg_len
-    t_end = tl.minimum(t_begin + seg_len, seqlen)
-    g = pid_d // blocks_per_group
+    t_begin, t_end, ck0, xd_base, z_base, b_base, c_base = _segment_rows(
+        CU, CHUNK_OFF, pid_s, pid_g, pid_d, L, nchunks_per_seq, seg_len, blocks_per_group, dim,
+        dstate, z_rs, b_rs, c_rs, IS_VARLEN)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -403,23 +420,12 @@ def selective_scan_fwd_tile_kernel_v2(
     # vectorises these loads along d and lays the whole scan out 4 channels x 4 states per thread.
     dn_off = tl.max_contiguous(offs_d[:, None] + offs_n[None, :].to(tl.int64) * dim, [1, 1])
     Av = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC) * LOG2E
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        Dv = None
-    if HAS_BIAS:
-        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = None
+    Dv, bias = _channel_params(D, DT_BIAS, offs_d, mask_d, HAS_D, HAS_BIAS, ACC)
     seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     if HAS_H0:
         h = tl.load(H0 + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    xd_base = row0 * dim
-    z_base = row0 * z_rs
-    b_base = row0 * b_rs + g * dstate
-    c_base = row0 * c_rs + g * dstate
     last = t_end - 1
     dsum = tl.zeros([BLOCK_D], dtype=ACC)
     nchunks = tl.cdiv(t_end - t_begin, K)
