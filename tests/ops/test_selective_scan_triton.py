@@ -107,15 +107,15 @@ def test_pipelined_forward_bf16_packed_rows():
         triton_mod.set_config(prev)
 
 
-@pytest.mark.parametrize("M,K,split,pipe,L", [(4, 8, 1, 0, 37), (3, 8, 1, 0, 30),
-                                               (4, 8, 3, 0, 53), (2, 8, 1, 1, 19),
-                                               (16, 8, 1, 0, 9)])
-def test_memory_bounded_saved_states(M, K, split, pipe, L):
+@pytest.mark.parametrize("M,K,split,pipe,L,lanes", [(4, 8, 1, 0, 37, 0), (3, 8, 1, 0, 30, 0),
+                                                     (4, 8, 3, 0, 53, 0), (2, 8, 1, 1, 19, 0),
+                                                     (16, 8, 1, 0, 9, 0), (2, 8, 1, 0, 21, 1)])
+def test_memory_bounded_saved_states(M, K, split, pipe, L, lanes):
     """Beyond state_mem_limit the forward saves one state per M backward blocks and the lanes
     backward recomputes the others per group: same outputs, final state and gradients as the
     reference, with partial groups, segments and the pipelined forward."""
     cfg = triton_mod.ScanConfig(chunk=K, bwd_chunk=4, state_mem_limit=0, coarse_blocks=M,
-                                seq_split=split, fwd_pipeline=pipe)
+                                seq_split=split, fwd_pipeline=pipe, fwd_lanes=lanes)
     prev = triton_mod.set_config(cfg)
     try:
         ts = _inputs(2, L, 8, 4, 1, torch.float64)

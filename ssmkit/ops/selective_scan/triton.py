@@ -281,7 +281,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     v2 = (bool(cfg.fwd_tile_v2) and (nseg == 1 or cfg.fwd_tile_v2 > 1)) or m > 1
     k_unroll = (cfg.chunk if v2 and (cfg.chunk % spacing == 0 or spacing % cfg.chunk == 0)
                 else ks)
-    lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1
+    lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1 and m == 1
     acc = compute_dtype(x)
     y = torch.empty_like(x)
     # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
@@ -496,7 +496,7 @@ def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
                                      bool(dt_softplus), bool(return_final_state))
         return out
     y, ht, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
-                        bool(return_final_state), False, _CONFIG)
+                           bool(return_final_state), False, _CONFIG)
     return (y, ht) if return_final_state else y
 
 
