@@ -27,18 +27,19 @@ import torch  # noqa: E402
 
 
 def _model(device: str, tiny: bool):
+    """The generation benchmark's Mamba-1.4B-shaped model (bf16, on the GPU), or a tiny one."""
+    if not tiny and device == "cuda":
+        from generation import ssmkit_model
+
+        return ssmkit_model("mamba")
     from ssmkit.models.config import ModelConfig
     from ssmkit.models.lm import LanguageModel
 
-    if tiny:
-        cfg = ModelConfig(d_model=64, n_layer=2, vocab_size=1000, layer_pattern="MM")
-    else:
-        cfg = ModelConfig.from_name("mamba-1.4b")
+    cfg = (ModelConfig(d_model=64, n_layer=2, vocab_size=1000, layer_pattern="MM") if tiny
+           else ModelConfig.from_name("mamba-1.4b"))
     torch.manual_seed(0)
     with torch.device(device):
-        m = LanguageModel(cfg)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return m.to(dtype=dtype).eval()
+        return LanguageModel(cfg).eval()
 
 
 def _kernels(prof, use_cuda: bool, top: int) -> tuple[float, list[dict]]:
