@@ -654,12 +654,7 @@ def selective_scan_fwd_kernel(
                                other=0.0).to(ACC),)
         else:
             hs = hs + (tl.zeros([BLOCK_D], dtype=ACC),)
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
-    if HAS_BIAS:
-        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = None
+    Dv, bias = _channel_params(D, DT_BIAS, offs_d, mask_d, HAS_D, HAS_BIAS, ACC)
     xd_base = row0 * dim
     # z, B and C may be views with other row strides (slices of a projection's output)
     z_base = row0 * z_rs
@@ -743,12 +738,7 @@ def selective_scan_bwd_kernel(
     # these tiles are contiguous along the channels and load coalesced in this layout.
     dn_off = offs_n[:, None].to(tl.int64) * dim + offs_d[None, :]
     Av = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC)
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
-    if HAS_BIAS:
-        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = None
+    Dv, bias = _channel_params(D, DT_BIAS, offs_d, mask_d, HAS_D, HAS_BIAS, ACC)
     seq_state_off = pid_s.to(tl.int64) * dim * dstate
     if HAS_DHT:
         dh = tl.load(DHT + seq_state_off + dn_off, mask=mask_dn, other=0.0).to(ACC)
@@ -974,12 +964,7 @@ def selective_scan_bwd_lanes_kernel(
         else:
             dh = dh + (tl.zeros([BLOCK_D], dtype=ACC),)
         dA_acc = dA_acc + (tl.zeros([BLOCK_D], dtype=ACC),)
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=mask_d, other=0.0).to(ACC)
-    if HAS_BIAS:
-        bias = tl.load(DT_BIAS + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = None
+    Dv, bias = _channel_params(D, DT_BIAS, offs_d, mask_d, HAS_D, HAS_BIAS, ACC)
     dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
     part_base = pid_d.to(tl.int64) * total_rows
     xd_base = row0 * dim
