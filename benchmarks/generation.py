@@ -3,9 +3,12 @@
 
 Mamba 1.4B shape (d_model 2048, 48 layers), random weights, bf16, greedy; prompt 2048 + 128 new
 tokens at batch 1 and 64: tokens/s = batch * new_tokens / (prefill + decode wall time), median
-of ``--reps`` timed runs after a warm-up run (graph capture, Triton compilation). Then prompts 2K,
-8K, 32K at batch 1 for the Mamba model and a ~1.3B attention + SwiGLU model (24 layers, SDPA
-prefill, SDPA decode over a static KV cache in the graph). Writes JSON (``--out``).
+of ``--reps`` timed runs after a warm-up run (graph capture, Triton compilation). Prompts of at
+most 8,192 tokens (batch x length) replay a captured prefill on repeated calls (the default of
+``generate_cuda_graph`` for Mamba models); at batch 1 the run also times ssmkit with an eager
+prefill. Then prompts 2K, 8K, 32K at batch 1 for the Mamba model and a ~1.3B attention + SwiGLU
+model (24 layers, SDPA prefill, SDPA decode over a static KV cache in the graph), both with
+eager prefills. Writes JSON (``--out``).
 
 ``--count-launches`` (no GPU needed) prints the kernel launches of one decode step of the Mamba
 1.4B layer structure (a narrow model with the same ops) on the CUDA path, counted on CPU under the
@@ -29,6 +32,7 @@ _light_import.light()
 import torch  # noqa: E402
 
 NEW = 128
+PREFILL_GRAPH_MAX_TOKENS = 8192  # ssmkit.inference.cuda_graph's default (not imported: light import)
 
 
 def _time(fn, reps):
@@ -59,18 +63,21 @@ def ssmkit_model(kind: str):
     return m.to(dtype=torch.bfloat16).eval()
 
 
-def bench_ssmkit(model, batch, prompt, reps):
-    from ssmkit.inference.cuda_graph import generate_cuda_graph
+def bench_ssmkit(model, batch, prompt, reps, prefill_graph=None):
+    from ssmkit.inference.cuda_graph import clear_graphs, generate_cuda_graph
 
     ids = torch.randint(0, 50000, (batch, prompt), device="cuda")
     out = {}
+    clear_graphs()
 
     def run():
-        out["ids"] = generate_cuda_graph(model, ids, max_new_tokens=NEW)
+        out["ids"] = generate_cuda_graph(model, ids, max_new_tokens=NEW, prefill_graph=prefill_graph)
 
     t = _time(run, reps)
     # prefill alone (one new token), to tell where the time goes
-    tp = _time(lambda: generate_cuda_graph(model, ids, max_new_tokens=1), reps)
+    tp = _time(lambda: generate_cuda_graph(model, ids, max_new_tokens=1, prefill_graph=prefill_graph),
+               reps)
+    clear_graphs()
     return {"seconds": t, "tokens_per_s": batch * NEW / t, "prefill_s": tp,
             "decode_ms_per_token": 1e3 * (t - tp) / (NEW - 1)}, out["ids"]
 
@@ -139,6 +146,8 @@ def main(argv=None):
         row = {"batch": b, "prompt": 2048}
         try:
             row["ssmkit"], _ = bench_ssmkit(mamba, b, 2048, a.reps)
+            if b * 2048 <= PREFILL_GRAPH_MAX_TOKENS:  # the same without the captured prefill
+                row["ssmkit_eager_prefill"], _ = bench_ssmkit(mamba, b, 2048, a.reps, prefill_graph=False)
         except Exception as e:  # noqa: BLE001
             row["ssmkit_error"] = repr(e)
         print(row, flush=True)
@@ -154,8 +163,10 @@ def main(argv=None):
             try:
                 row["mamba_ssm"] = bench_mamba_ssm(row["batch"], 2048, a.reps)
                 torch.cuda.empty_cache()
-                if "ssmkit" in row:
-                    row["ratio"] = row["ssmkit"]["tokens_per_s"] / row["mamba_ssm"]["tokens_per_s"]
+                for k in ("", "_eager_prefill"):
+                    if "ssmkit" + k in row:
+                        row["ratio" + k] = (row["ssmkit" + k]["tokens_per_s"]
+                                            / row["mamba_ssm"]["tokens_per_s"])
             except Exception as e:  # noqa: BLE001
                 row["mamba_ssm_error"] = repr(e)
             print(row, flush=True)
@@ -167,8 +178,8 @@ def main(argv=None):
         for P in map(int, a.attn_prompts.split(",")):
             row = {"batch": 1, "prompt": P}
             for name, m in (("mamba", mamba), ("attention", attn)):
-                try:
-                    row[name], _ = bench_ssmkit(m, 1, P, max(1, a.reps - 1))
+                try:  # both with an eager prefill: the like-for-like comparison
+                    row[name], _ = bench_ssmkit(m, 1, P, max(1, a.reps - 1), prefill_graph=False)
                 except Exception as e:  # noqa: BLE001
                     row[name + "_error"] = repr(e)
                 clear_graphs()
@@ -180,9 +191,11 @@ def main(argv=None):
     print("\n| model | batch | prompt | ssmkit tok/s | mamba_ssm tok/s | ratio |")
     print("|---|---|---|---|---|---|")
     for r in res["mamba_1.4b"]:
-        s = r.get("ssmkit", {}).get("tokens_per_s", float("nan"))
         m = r.get("mamba_ssm", {}).get("tokens_per_s", float("nan"))
-        print(f"| Mamba 1.4B | {r['batch']} | 2048 | {s:.0f} | {m:.0f} | {s / m:.2f} |")
+        for k, note in (("ssmkit", ""), ("ssmkit_eager_prefill", " (eager prefill)")):
+            if k in r or k == "ssmkit":
+                s = r.get(k, {}).get("tokens_per_s", float("nan"))
+                print(f"| Mamba 1.4B{note} | {r['batch']} | 2048 | {s:.0f} | {m:.0f} | {s / m:.2f} |")
     print("\n| prompt | ssmkit Mamba tok/s | ssmkit attention tok/s | Mamba / attention |")
     print("|---|---|---|---|")
     for r in res["attention_vs_mamba"]:

@@ -79,6 +79,34 @@ def _profile(fn, use_cuda: bool, top: int) -> dict:
     return {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "top": rows}
 
 
+def _host_profile(fn, use_cuda: bool, top: int) -> list[dict]:
+    """Python functions by their own host time over one call of ``fn`` (``cProfile``): where a
+    host-bound prefill spends its time."""
+    import cProfile
+    import pstats
+
+    fn()
+    if use_cuda:
+        torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    fn()
+    if use_cuda:
+        torch.cuda.synchronize()
+    pr.disable()
+    wall = time.perf_counter() - t0
+    st = pstats.Stats(pr)
+    rows = sorted(({"function": f"{os.path.basename(k[0])}:{k[1]}({k[2]})"[:90], "calls": v[1],
+                    "self_ms": v[2] * 1e3, "cum_ms": v[3] * 1e3} for k, v in st.stats.items()),
+                  key=lambda r: -r["self_ms"])[:top]
+    print(f"\n## host time of one call under cProfile: {wall * 1e3:.1f} ms")
+    print("| function | calls | self ms | cumulative ms |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['function']} | {r['calls']} | {r['self_ms']:.2f} | {r['cum_ms']:.2f} |")
+    return rows
+
+
 def _print(name: str, r: dict) -> None:
     print(f"\n## {name}: wall {r['wall_ms']:.2f} ms, kernels busy {r['busy_ms']:.2f} ms "
           f"({100 * r['busy_ms'] / max(r['wall_ms'], 1e-9):.0f}%)")
@@ -95,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--host", action="store_true", help="also profile the prefill's host time (cProfile)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     use_cuda = a.device == "cuda"
@@ -116,6 +145,8 @@ def main(argv=None) -> int:
 
     res = {"info": info, "prefill": _profile(run_prefill, use_cuda, a.top)}
     _print(f"prefill of {a.prompt} tokens, batch {a.batch}", res["prefill"])
+    if a.host:
+        res["prefill_host"] = _host_profile(run_prefill, use_cuda, a.top)
     if use_cuda:
         from ssmkit.inference.cuda_graph import generate_cuda_graph
 

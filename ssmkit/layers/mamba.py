@@ -26,8 +26,10 @@ from torch import nn
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.state import LayerState
+from ssmkit.ops import decode_triton  # noqa: F401  (registers the fused decode forms)
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
+from ssmkit.ops.gemv_triton import norm_linear_reference
 from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
@@ -231,6 +233,42 @@ class Mamba(nn.Module):
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
                        self.dt_proj.bias, True)
         return self.out_proj(y.squeeze(1))
+
+    # Batch rows up to which a decode step on the Triton path takes the fused small-batch form
+    # (step_norm); larger batches are matrix products, where cuBLAS is the better choice.
+    FUSED_STEP_MAX_BATCH = 1
+
+    def can_step_norm(self, x_t: torch.Tensor) -> bool:
+        """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
+        small batch, Mamba's usual layout (gate, no projection biases), no autograd."""
+        return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH and self.use_gate
+                and self.in_proj.bias is None and self.out_proj.bias is None and self.x_proj.bias is None
+                and get("norm_linear", "auto", x_t) is not norm_linear_reference
+                and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
+
+    def step_norm(self, out: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                  eps: float, residual_dtype: torch.dtype | None, state: MambaState
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's residual add + RMSNorm and this layer's decode step, in four launches:
+        ``(out, residual) (batch, d_model)`` -> ``(new residual, layer output)``; updates ``state``.
+
+        1. residual add + RMSNorm + in_proj (one GEMV with the norm in its prologue);
+        2. conv update + SiLU + x_proj, split over channel blocks;
+        3. dt_proj + softplus + state update + D + gate, summing x_proj's parts;
+        4. out_proj.
+        Same arithmetic (and roundings) as add_rms_norm followed by :meth:`step`. Check
+        :meth:`can_step_norm` first.
+        """
+        xz, residual = get("norm_linear", "auto", out)(out, self.in_proj.weight, norm_weight,
+                                                      residual, eps, residual_dtype)
+        xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
+        xs, parts = get("causal_conv1d_update_proj", "auto", xs)(
+            xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
+            self.x_proj.weight)
+        y = get("selective_state_update_parts", "auto", xs)(
+            state.ssm_state, xs, parts, self._A(), self.D, z, self.dt_proj.bias, self.dt_proj.weight)
+        y, _ = get("norm_linear", "auto", y)(y, self.out_proj.weight)
+        return residual, y
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "

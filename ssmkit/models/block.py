@@ -152,8 +152,15 @@ class Block(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Carried form of :meth:`step`: ``(residual, out)`` ``(batch, d_model)`` each -> the same
         for the next block; updates ``state`` in place. Static shapes only (CUDA-graph safe)."""
-        residual, x = self._add_norm(self.norm, out, residual)
-        out = self.mixer.step(x, state)
+        fused = getattr(self.mixer, "can_step_norm", None)
+        if fused is not None and isinstance(self.norm, RMSNorm) and fused(out):
+            # add + norm inside the mixer's first GEMV (small-batch Triton decode)
+            residual, out = self.mixer.step_norm(
+                out, residual, self.norm.weight, self.norm.eps,
+                torch.float32 if self.residual_in_fp32 else None, state)
+        else:
+            residual, x = self._add_norm(self.norm, out, residual)
+            out = self.mixer.step(x, state)
         if self.mlp_kind != "none":
             residual, x = self._add_norm(self.norm2, out, residual)
             out, _ = self._mlp(x, None, dense=True)

@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens
+from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models.block import Block, add_norm, build_norm
 from ssmkit.models.config import ModelConfig
+from ssmkit.ops.dispatch import get
+from ssmkit.ops.gemv_triton import norm_linear_reference
+
+# Decode batches up to this size run the final norm inside the LM head's GEMV (Triton path).
+_FUSED_HEAD_MAX_BATCH = 1
 
 
 @dataclass
@@ -54,7 +60,9 @@ def _check_ids(name: str, ids: object, vocab: int, ndim: int) -> torch.Tensor:
     if ids.dim() != ndim:
         want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
         raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
-    if vocab and ids.numel():
+    # The range check reads the ids back (a host sync), which a CUDA graph capture may not do:
+    # a captured prefill (ssmkit.inference.cuda_graph) checks its input ids before each replay.
+    if vocab and ids.numel() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one reduction over the ids
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} must hold token ids in [0, {vocab}), got values in [{lo}, {hi}]")
@@ -113,8 +121,18 @@ class LanguageModel(nn.Module):
 
     def _head(self, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """Final add + norm + LM head on the carried ``(residual, out)`` -> float32 logits."""
-        _, x = add_norm(self.backbone.norm_f, out, residual, self.config.residual_in_fp32)
-        return self.lm_head(x.to(self.lm_head.weight.dtype)).float()
+        norm, head = self.backbone.norm_f, self.lm_head
+        if (out.dim() == 2 and out.shape[0] <= _FUSED_HEAD_MAX_BATCH and isinstance(norm, RMSNorm)
+                and head.bias is None and not (torch.is_grad_enabled() and head.weight.requires_grad)
+                and norm.weight.dtype == head.weight.dtype
+                and get("norm_linear", "auto", out) is not norm_linear_reference):
+            # small-batch decode on the GPU: the final add + norm in the head GEMV's prologue
+            logits, _ = get("norm_linear", "auto", out)(
+                out, head.weight, norm.weight, residual, norm.eps,
+                torch.float32 if self.config.residual_in_fp32 else None)
+            return logits.float()
+        _, x = add_norm(norm, out, residual, self.config.residual_in_fp32)
+        return head(x.to(head.weight.dtype)).float()
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,

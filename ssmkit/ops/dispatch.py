@@ -102,3 +102,26 @@ def get(op: str, backend: str = "auto", *tensors: torch.Tensor | None) -> Callab
     if backend == "triton" and not triton_installed():
         raise ValueError(f"backend='triton' for {op} needs triton: pip install 'ssmkit[gpu]'")
     return forms[backend]
+
+
+# Programmatic dependent launch (Hopper and newer): a decode kernel launched with it may start
+# while the kernel before it finishes, loading its weights early, and waits (griddepcontrol.wait)
+# before it reads that kernel's results. SSMKIT_PDL=0 turns it off.
+PDL = os.environ.get("SSMKIT_PDL", "1") != "0"
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def programmatic_launch(t: torch.Tensor) -> bool:
+    """Whether Triton kernels reading ``t`` launch with programmatic dependent launch: CUDA
+    compute capability 9.0 or newer, not under the Triton interpreter, and :data:`PDL` on."""
+    if not PDL or t.device.type != "cuda" or triton_interpreted():
+        return False
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_DEVICES:
+        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_DEVICES[idx]
+
+
+def launch_options(pdl: bool) -> dict:
+    """Extra launch keywords for a Triton kernel: ``launch_pdl`` when ``pdl``."""
+    return {"launch_pdl": True} if pdl else {}

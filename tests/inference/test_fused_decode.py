@@ -114,3 +114,35 @@ def test_carried_residual_forward_equals_unfused_blocks(dtype):
         full = m(ids).logits[:, -1]
         step = m.step(ids[:, -1], cache)
     assert_close("step", full, step, rel=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_batch1_step_is_four_launches_per_mamba_layer():
+    """At batch 1 the CUDA path fuses further: norm + in_proj GEMV, conv + x_proj parts, state
+    update, out_proj GEMV per layer; the LM head is a GEMV with the final norm in it."""
+    m = _model(MAMBA).to(torch.bfloat16)
+    cache = allocate_cache(m, 1, 8)
+    count_step_launches(m, cache, "triton")
+    c = count_step_launches(m, cache, "triton")
+    n = MAMBA["n_layer"]
+    assert c["triton:norm_linear"] == 2 * n + 1, dict(c)
+    assert c["triton:causal_conv1d_update_proj"] == n
+    assert c["triton:selective_state_update_parts"] == n
+    assert c["triton:add_rms_norm"] == 0
+    assert sum(c.values()) <= 4 * n + 3, dict(c)  # + embedding, float cast of the logits
+
+
+def test_fused_step_eligibility():
+    from ssmkit.inference.cuda_graph import _prefill_capturable
+
+    m = _model(MAMBA)
+    mixer = m.backbone.layers[0].mixer
+    x1, x3 = torch.randn(1, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        assert not mixer.can_step_norm(x1)  # CPU tensors: the PyTorch forms
+        with force_backend("triton"):
+            assert mixer.can_step_norm(x1)
+            assert not mixer.can_step_norm(x3)  # batch > FUSED_STEP_MAX_BATCH: cuBLAS is faster
+    with force_backend("triton"):
+        assert not mixer.can_step_norm(x1)  # autograd on: the unfused (differentiable) step
+    assert _prefill_capturable(m)
+    assert not _prefill_capturable(_model(HYBRID))  # attention, MLP: not captured automatically

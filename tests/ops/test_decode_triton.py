@@ -120,3 +120,47 @@ def test_selective_state_update_unfused_strided_vs_float64():
                                      d64["z"], d64["bias"], True)
     assert_close("y", yr, y.double(), rel=2e-5)
     assert_close("state", s64, s.double(), rel=2e-5)
+
+
+@pytest.mark.parametrize("W,bias,block_d", [(4, True, 16), (2, False, 64), (4, True, 256)])
+def test_conv_update_proj_matches_reference(W, bias, block_d, monkeypatch):
+    """Conv update + x_proj split over channel blocks: xs, the conv state and the sum of the parts
+    equal the reference (conv update, then the projection) in float64."""
+    dev = triton_device()
+    monkeypatch.setitem(dec.CONV_PROJ, "block_d", block_d)
+    g = torch.Generator().manual_seed(W * 3 + block_d)
+    dim, n_out = 70, 37
+    x = torch.randn(2, 2 * dim, generator=g, dtype=torch.float64).to(dev)[:, :dim]  # a view
+    st = torch.randn(2, dim, W - 1, generator=g, dtype=torch.float64).to(dev)
+    w = torch.randn(dim, W, generator=g, dtype=torch.float64).to(dev)
+    b = torch.randn(dim, generator=g, dtype=torch.float64).to(dev) if bias else None
+    pw = torch.randn(n_out, dim, generator=g, dtype=torch.float64).to(dev)
+    st_ref = st.clone()
+    xs_ref, parts_ref = dec.causal_conv1d_update_proj_reference(x, st_ref, w, b, "silu", pw)
+    xs, parts = dec.causal_conv1d_update_proj_triton(x, st, w, b, "silu", pw)
+    assert parts.shape == (-(-dim // block_d), 2, n_out) and parts.dtype == torch.float32
+    assert_close("xs", xs_ref, xs, rel=1e-6)  # (float32 arithmetic in the kernel)
+    assert_close("conv_state", st_ref, st, rel=0.0, atol=0.0)
+    assert_close("x_proj", parts_ref.sum(0), parts.sum(0), rel=1e-6)
+
+
+@pytest.mark.parametrize("P", [1, 5])
+def test_state_update_parts_matches_reference(P):
+    """The state update from x_proj's parts (summed, rounded), dt_proj inside, in float64."""
+    dev = triton_device()
+    g = torch.Generator().manual_seed(P)
+    bsz, dim, N, R = 2, 48, 8, 6
+    f64 = dict(generator=g, dtype=torch.float64)
+    state = torch.randn(bsz, dim, N, **f64).to(dev)
+    x = torch.randn(bsz, dim, **f64).to(dev)
+    z = torch.randn(bsz, 2 * dim, **f64).to(dev)[:, dim:]  # a view
+    parts = torch.randn(P, bsz, R + 2 * N, **f64).to(dev) / P
+    A = -torch.rand(dim, N, **f64).to(dev)
+    D = torch.randn(dim, **f64).to(dev)
+    bias = torch.randn(dim, **f64).to(dev) * 0.1
+    wdt = torch.randn(dim, R, **f64).to(dev) * 0.3
+    s_ref = state.clone()
+    y_ref = dec.selective_state_update_parts_reference(s_ref, x, parts, A, D, z, bias, wdt)
+    y = dec.selective_state_update_parts_triton(state, x, parts, A, D, z, bias, wdt)
+    assert_close("y", y_ref, y, rel=1e-6)
+    assert_close("state", s_ref, state, rel=1e-6)

@@ -36,3 +36,9 @@ def test_explicit_backend_and_errors():
     with pytest.raises(ValueError):
         with dispatch.force_backend("bogus"):
             pass
+
+
+def test_programmatic_launch_only_on_cuda():
+    assert dispatch.programmatic_launch(torch.zeros(1)) is False
+    assert dispatch.launch_options(False) == {}
+    assert dispatch.launch_options(True) == {"launch_pdl": True}

@@ -259,10 +259,8 @@ def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: tor
     return y
 
 
-# The Triton forms (("causal_conv1d", "triton") and decode_triton's ("selective_state_update",
-# "triton")) register themselves on import; they are optional, so a missing or broken Triton
-# leaves the CPU forms. decode_triton's causal_conv1d_update_triton is not registered for
-# "causal_conv1d_update": that op's "auto" is the reference form on every device.
+# The Triton forms (("causal_conv1d", "triton") and decode_triton's decode ops) register
+# themselves on import; they are optional, so a missing or broken Triton leaves the CPU forms.
 if importlib.util.find_spec("triton") is not None:
     try:
         from ssmkit.ops import decode_triton  # noqa: E402,F401

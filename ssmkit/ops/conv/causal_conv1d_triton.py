@@ -12,12 +12,17 @@ Same signature and results as the ``reference`` form in ``causal_conv1d.py``::
 
 with inputs before a sequence's start taken from ``initial_state`` (zeros without one).
 
-Kernels read a padded input: without an initial state the sequence itself with implicit zeros
-before it; with one, the state rows are prepended (one copy in torch), so every output row ``t``
-reads input rows ``t + k - (W-1) + S`` (``S = W-1`` with prepended state, else 0). The backward
-runs two kernels: ``dy_pre = dy · act'`` with per-tile partial sums of dweight and dbias (summed
-by the caller: no atomics, bitwise reproducible), then ``dx`` from ``dy_pre``. The final state
-(the last ``W-1`` inputs) is gathered with torch indexing so autograd covers it.
+On the autograd path (and with ``cu_seqlens``) the kernels read a contiguous padded input:
+without an initial state the sequence itself with implicit zeros before it; with one, the state
+rows are prepended (copies of ``x`` and the state in torch), so every output row ``t`` reads
+input rows ``t + k - (W-1) + S`` (``S = W-1`` with prepended state, else 0). When no gradient
+is needed and there is no ``cu_seqlens`` (inference prefill), no full-size copy is made: the
+forward kernel reads ``x`` through its batch and row strides (``x`` is often a strided view of a
+projection's output; only a channel stride other than 1 forces a copy) and takes the rows before
+the start (``S = 0``, rows ``< 0``) from ``initial_state`` itself, through its strides. The
+backward runs two kernels: ``dy_pre = dy · act'`` with per-tile partial sums of dweight and
+dbias (summed by the caller: no atomics, bitwise reproducible), then ``dx`` from ``dy_pre``. The
+final state (the last ``W-1`` inputs) is gathered with torch indexing so autograd covers it.
 
 Imports without Triton; the kernels compile on first use. Registered as ``("causal_conv1d",
 "triton")`` when ``ssmkit.ops.conv`` imports this module.
@@ -47,10 +52,15 @@ def _build_kernels():
 
     @triton.jit
     def conv_fwd_kernel(
-        X, W_, BIAS, Y, CU_IN, CU_OUT, L_in, L_out, dim,
+        X, W_, BIAS, Y, H0, CU_IN, CU_OUT, L_out, dim, stride_xb, stride_xl,
+        stride_hb, stride_hd, stride_hw,
         WIDTH: tl.constexpr, SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-        IS_VARLEN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_L: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
+        # X is read through (stride_xb, stride_xl, 1); varlen packs every sequence in batch row 0.
+        # With HAS_H0 (no prepended copy, SHIFT == 0) rows q < 0 come from H0 (nseq, dim, W-1), in
+        # X's dtype.
         pid_s = tl.program_id(0)
         pid_l = tl.program_id(1)
         pid_d = tl.program_id(2)
@@ -58,18 +68,27 @@ def _build_kernels():
             in0 = tl.load(CU_IN + pid_s).to(tl.int64)
             out0 = tl.load(CU_OUT + pid_s).to(tl.int64)
             seqlen = tl.load(CU_OUT + pid_s + 1).to(tl.int64) - out0
+            xbase = in0 * stride_xl
         else:
-            in0 = pid_s.to(tl.int64) * L_in
             out0 = pid_s.to(tl.int64) * L_out
-            seqlen = in0 * 0 + L_out
+            seqlen = out0 * 0 + L_out
+            xbase = pid_s.to(tl.int64) * stride_xb
         t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         md = d < dim
         acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        xt = X + xbase + t.to(tl.int64)[:, None] * stride_xl + d[None, :]  # row t of the tile
         for k in tl.static_range(WIDTH):
-            q = t + (k - (WIDTH - 1) + SHIFT)  # input row, relative to the sequence start
+            off = k - (WIDTH - 1) + SHIFT
+            q = t + off  # input row, relative to the sequence start
             m = ((q >= 0) & (t < seqlen))[:, None] & md[None, :]
-            xv = tl.load(X + (in0 + q)[:, None] * dim + d[None, :], mask=m, other=0.0)
+            xv = tl.load(xt + off * stride_xl, mask=m, other=0.0)
+            if HAS_H0:
+                if pid_l * BLOCK_L + off < 0:  # rows before the start (first tile only): H0[s, d, q + W-1]
+                    mh = ((q < 0) & (t < seqlen))[:, None] & md[None, :]
+                    hv = tl.load(H0 + pid_s.to(tl.int64) * stride_hb + d[None, :] * stride_hd
+                                 + (q + (WIDTH - 1))[:, None] * stride_hw, mask=mh, other=0.0)
+                    xv = tl.where(mh, hv, xv)
             wk = tl.load(W_ + d * WIDTH + k, mask=md, other=0.0).to(tl.float32)
             acc += xv.to(tl.float32) * wk[None, :]
         if HAS_BIAS:
@@ -175,15 +194,27 @@ class _Geo:
         self.n_dblocks = -(-self.dim // BLOCK_D)
 
 
+def _conv_fwd(xin, weight, bias, geo, shift, silu, out_dtype, h0=None):
+    """Launch the forward kernel: ``xin`` read through its batch and row strides (channel stride
+    1); ``h0`` (``(nseq, dim, W-1)`` in ``xin``'s dtype, any strides), when given, supplies the
+    rows before the start (then ``shift`` must be 0). Returns ``y`` contiguous
+    ``(batch, L_out, dim)``."""
+    fwd, _, _ = _get_kernels()
+    y = torch.empty(xin.shape[0], geo.L_out, geo.dim, device=xin.device, dtype=out_dtype)
+    hs = h0.stride() if h0 is not None else (0, 0, 0)
+    grid = (geo.nseq, geo.n_lblocks, geo.n_dblocks)
+    fwd[grid](xin, weight, bias, y, h0, geo.cu_in, geo.cu_out, geo.L_out, geo.dim,
+              xin.stride(0), xin.stride(1), *hs,
+              WIDTH=weight.shape[1], SHIFT=shift, HAS_BIAS=bias is not None, SILU=silu,
+              HAS_H0=h0 is not None, IS_VARLEN=geo.varlen, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+              num_warps=4)
+    return y
+
+
 class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xin, weight, bias, geo, shift, silu, out_dtype):
-        fwd, _, _ = _get_kernels()
-        y = torch.empty(xin.shape[0], geo.L_out, geo.dim, device=xin.device, dtype=out_dtype)
-        grid = (geo.nseq, geo.n_lblocks, geo.n_dblocks)
-        fwd[grid](xin, weight, bias, y, geo.cu_in, geo.cu_out, geo.L_in, geo.L_out, geo.dim,
-                  WIDTH=weight.shape[1], SHIFT=shift, HAS_BIAS=bias is not None, SILU=silu,
-                  IS_VARLEN=geo.varlen, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
+        y = _conv_fwd(xin, weight, bias, geo, shift, silu, out_dtype)
         ctx.save_for_backward(xin, weight, bias)
         ctx.geo, ctx.shift, ctx.silu = geo, shift, silu
         return y
@@ -234,6 +265,40 @@ def _final_state(xin, shift, W, lens_in, starts_in, init, nseq, varlen):
     return g.transpose(1, 2)
 
 
+def _needs_grad(*ts):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _forward_nocopy(x, weight, bias, silu, initial_state, return_final_state):
+    """No-autograd, non-varlen forward without the full-size copies: ``x`` is read through its
+    strides (copied only if its channel stride is not 1) and the rows before the start come from
+    ``initial_state`` in the kernel. The final state is the same (batch, dim, W-1) transposed view
+    in ``x.dtype`` as :func:`_final_state` gives on the padded path."""
+    bsz, L, dim = x.shape
+    W = weight.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    # the state in x's dtype (rounded in torch, as the padded path does; a no-op when it matches)
+    h0 = initial_state.to(x.dtype) if (initial_state is not None and W > 1) else None
+    geo = _Geo(x, L, None, None, bsz, L, L)
+    y = _conv_fwd(x, weight, bias, geo, 0, silu, x.dtype, h0=h0)
+    if not return_final_state:
+        return y
+    if W == 1:
+        return y, x.new_zeros(bsz, dim, 0)
+    if L >= W - 1:
+        f = x[:, L - (W - 1):].transpose(1, 2)
+        # A view of x. Where it is already contiguous (batch 1 and W == 2), a caller's
+        # .contiguous() would return x's own memory, which the ssmkit::causal_conv1d custom op
+        # may not return (no output may alias an input): copy those W-1 rows.
+        return y, (f.clone() if f.is_contiguous() else f)
+    if h0 is not None:  # (batch, W-1-L, dim) tail of the initial state, then x
+        head = h0[:, :, L:].transpose(1, 2)
+    else:
+        head = x.new_zeros(bsz, W - 1 - L, dim)
+    return y, torch.cat([head, x], 1).transpose(1, 2)
+
+
 @register("causal_conv1d", "triton")
 def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None,
                          return_final_state=False, cu_seqlens=None):
@@ -243,9 +308,11 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
     silu = activation in ("silu", "swish")
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    varlen = cu_seqlens is not None
+    if not varlen and not _needs_grad(x, weight, bias, initial_state):
+        return _forward_nocopy(x, weight, bias, silu, initial_state, return_final_state)
     x = x.contiguous()
     shift = 0
-    varlen = cu_seqlens is not None
     if varlen:
         cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
         lens = cu[1:] - cu[:-1]
