@@ -5,6 +5,7 @@ time would otherwise be spent finding out. Used while tuning the selective-scan 
 
     python benchmarks/kernel_report.py fwd BLOCK_D=8 K=16 G=4 num_warps=1
     python benchmarks/kernel_report.py bwd BLOCK_D=32 K=8 num_warps=2 --ttgir
+    python benchmarks/kernel_report.py gemv BLOCK_N=2 BLOCK_K=2048 num_warps=4   # decode kernels
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ssmkit.ops import decode_triton, gemv_triton  # noqa: E402
 from ssmkit.ops.selective_scan import triton_kernels as tk  # noqa: E402
 
 SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
@@ -55,10 +57,31 @@ KERNELS = {
         USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, KEEP_DECAY=False)),
 }
 
+# Decode kernels (bf16 model, float32 states): constexprs and the pointer types of their
+# arguments (every other argument is an i32).
+_DECODE = {
+    "gemv": (lambda: gemv_triton._kernel(), dict(
+        NORM=True, HAS_RES=True, USE_F64=False, PDL=True, BLOCK_N=8, BLOCK_K=1024),
+        dict(X="*bf16", RES="*fp32", NW="*bf16", W="*bf16", Y="*bf16", RES_OUT="*fp32", eps="fp32")),
+    "conv_proj": (lambda: decode_triton._kernels()[2], dict(
+        WIDTH=4, HAS_BIAS=True, SILU=True, PDL=True, BLOCK_D=256, BLOCK_O=32),
+        dict(X="*bf16", STATE="*bf16", W_="*bf16", BIAS="*bf16", XS="*bf16", PW="*bf16",
+             PARTS="*fp32")),
+    "ssm_parts": (lambda: decode_triton._kernels()[3], dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, PDL=True, BLOCK_D=32, BLOCK_N=16, BLOCK_R=128,
+        BLOCK_P=16),
+        dict(STATE="*fp32", X="*bf16", PARTS="*fp32", A="*fp32", D="*fp32", Z="*bf16",
+             DT_BIAS="*bf16", WDT="*bf16", Y="*bf16")),
+}
 
-def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False) -> dict:
-    fn, consts = KERNELS[name]
-    consts = {**consts, **overrides}
+
+def _signature(name: str, consts: dict):
+    """(kernel, {argument: type}) for a kernel of KERNELS or _DECODE."""
+    if name in _DECODE:
+        get_fn, _, types = _DECODE[name]
+        fn = get_fn()
+        return fn, {p: "constexpr" if p in consts else types.get(p, "i32") for p in fn.arg_names}
+    fn = KERNELS[name][0]
     sig = {}
     for p in fn.arg_names:
         if p in consts:
@@ -70,6 +93,12 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
                 sig[p] = "*i64"
         else:
             sig[p] = "i32"
+    return fn, sig
+
+
+def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False) -> dict:
+    consts = {**(_DECODE[name][1] if name in _DECODE else KERNELS[name][1]), **overrides}
+    fn, sig = _signature(name, consts)
     # As a launch would: pointers 16-byte aligned, int arguments divisible by 16 (dim, dstate)
     # specialised as such; ngroups (1) and the lengths are left unknown.
     attrs = {}
@@ -114,7 +143,7 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=sorted(KERNELS))
+    ap.add_argument("kernel", choices=sorted(KERNELS) + sorted(_DECODE))
     ap.add_argument("params", nargs="*", help="NAME=VALUE constexpr overrides; num_warps=N")
     ap.add_argument("--ttgir", action="store_true")
     ap.add_argument("--sass", action="store_true")

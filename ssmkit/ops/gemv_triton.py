@@ -17,6 +17,8 @@ Imports without Triton; the kernel compiles on first use.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -56,17 +58,9 @@ def norm_linear_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
     return F.linear(n.to(weight.dtype), weight), r
 
 
-_K = None
-
-
+@functools.cache
 def _kernel():
-    global _K
-    if _K is None:
-        _K = _build()
-    return _K
-
-
-def _build():
+    """The kernel, defined (and Triton imported) on first use."""
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
