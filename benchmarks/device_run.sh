@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build the peers in the background, run the GPU tests, then the benchmarks.
 # Usage on the GPU machine, from the repository root: bash benchmarks/device_run.sh STEP...
-# (steps: tests, scan, scan-sweep, generation, profile, ops). Writes logs and JSON under $OUT.
+# (steps: tests, scan, scan-sweep, generation, profile, decode, ops). Writes logs and JSON under $OUT.
 # Session 2 timings on an H100 (serial): generation ~110 s, scan-sweep 250-300 s, all GPU tests
 # > 400 s; compiling the kernels is most of both. The sweep now compiles its configurations in
 # parallel processes first and the tests run under pytest-xdist; TESTS=... picks test files.
@@ -30,8 +30,9 @@ for step in "$@"; do
       export PYTHONPATH=/tmp/peers-site:$PYTHONPATH
       case $step in
         scan) timeout ${SCAN_TIMEOUT:-300} python3 benchmarks/selective_scan_gpu.py $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
-        scan-sweep) timeout ${SCAN_TIMEOUT:-300} python3 benchmarks/selective_scan_gpu.py --sweep --prefill $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
+        scan-sweep) timeout ${SCAN_TIMEOUT:-300} python3 benchmarks/selective_scan_gpu.py --sweep --split-sweep --prefill $SCAN_ARGS --out "$OUT/gpu_selective_scan.json" 2>&1 | tee "$OUT/bench_scan.log" | grep -v Warn ;;
         profile) timeout ${PROF_TIMEOUT:-150} python3 benchmarks/profile_generation.py $PROF_ARGS --out "$OUT/gpu_profile.json" 2>&1 | tee "$OUT/bench_profile.log" ;;
+        decode) timeout ${DECODE_TIMEOUT:-200} python3 benchmarks/decode_gpu.py $DECODE_ARGS --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
         ops) timeout ${OPS_TIMEOUT:-200} python3 benchmarks/ops.py --device cuda --dtype bf16 --out "$OUT/gpu_ops.json" 2>&1 | tee "$OUT/bench_ops.log" ;;
         *) [ -f "benchmarks/$step.py" ] && timeout ${GEN_TIMEOUT:-200} python3 "benchmarks/$step.py" --reps 2 $GEN_ARGS --out "$OUT/gpu_$step.json" 2>&1 | tee "$OUT/bench_$step.log" ;;
       esac ;;
