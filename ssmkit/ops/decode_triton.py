@@ -37,6 +37,8 @@ kernels compile on first use.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ssmkit.ops.dispatch import launch_options, programmatic_launch, register
@@ -50,17 +52,9 @@ SSU_FUSED = {"block_d": 32, "num_warps": 4, "max_rows": 4}
 SSU_PLAIN = {"block_d": 32, "num_warps": 1}
 CONV_UPDATE = {"block_d": 128, "num_warps": 4}
 
-_K = None
-
-
+@functools.cache
 def _kernels():
-    global _K
-    if _K is None:
-        _K = _build()
-    return _K
-
-
-def _build():
+    """The kernels, defined (and Triton imported) on first use."""
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

@@ -13,6 +13,8 @@ models agree. Op name ``"add_rms_norm"``: ``"reference"`` (PyTorch, differentiab
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ssmkit.ops.dispatch import get, register
@@ -42,17 +44,9 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weigh
     return rms_norm(h.to(weight.dtype), weight, eps), h
 
 
-_K = None
-
-
+@functools.cache
 def _kernel():
-    global _K
-    if _K is None:
-        _K = _build()
-    return _K
-
-
-def _build():
+    """The kernels, defined (and Triton imported) on first use."""
     import triton
     import triton.language as tl
 
