@@ -122,12 +122,12 @@ class LanguageModel(nn.Module):
     def _head(self, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """Final add + norm + LM head on the carried ``(residual, out)`` -> float32 logits."""
         norm, head = self.backbone.norm_f, self.lm_head
+        gemv = get("norm_linear", "auto", out)
         if (out.dim() == 2 and out.shape[0] <= _FUSED_HEAD_MAX_BATCH and isinstance(norm, RMSNorm)
                 and head.bias is None and not (torch.is_grad_enabled() and head.weight.requires_grad)
-                and norm.weight.dtype == head.weight.dtype
-                and get("norm_linear", "auto", out) is not norm_linear_reference):
+                and norm.weight.dtype == head.weight.dtype and gemv is not norm_linear_reference):
             # small-batch decode on the GPU: the final add + norm in the head GEMV's prologue
-            logits, _ = get("norm_linear", "auto", out)(
+            logits, _ = gemv(
                 out, head.weight, norm.weight, residual, norm.eps,
                 torch.float32 if self.config.residual_in_fp32 else None)
             return logits.float()
