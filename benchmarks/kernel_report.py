@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssmkit.ops import decode_triton, gemv_triton  # noqa: E402
 from ssmkit.ops.selective_scan import triton_kernels as tk  # noqa: E402
+from ssmkit.ops.selective_scan import triton_quad as tq  # noqa: E402
 
 SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
            "seg_len", "nseg", "z_rs", "b_rs", "c_rs"}
@@ -48,6 +49,17 @@ KERNELS = {
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
         EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False, PACK=2, KS=0)),
+    "fwd_quad": (tq.selective_scan_fwd_quad_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
+        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=8, KS=8, PF=1,
+        EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=2, VEC=1, IS_BF16=True,
+        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0)),
+    # B and C as float32 copies (ScanConfig.quad_bc32)
+    "fwd_quad32": (tq.selective_scan_fwd_quad_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
+        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=8, KS=8, PF=1,
+        EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=32, VEC=4, IS_BF16=False,
+        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0)),
     "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
@@ -87,8 +99,10 @@ def _signature(name: str, consts: dict):
         if p in consts:
             sig[p] = "constexpr"
         elif p not in SCALARS:
-            sig[p] = "*fp32" if p not in ("X", "DT", "Z", "B", "C", "Y", "DY", "DX", "DDT", "DZ") \
-                else "*bf16"
+            half = ("X", "DT", "Z", "Y", "DY", "DX", "DDT", "DZ")
+            if not name.endswith("32"):
+                half += ("B", "C")
+            sig[p] = "*bf16" if p in half else "*fp32"
             if p in ("CU", "CHUNK_OFF"):
                 sig[p] = "*i64"
         else:

@@ -66,7 +66,7 @@ def bench_ours(ts, cfg=None, bwd=True):
     # agreement with the tile kernel in float32 (a different code path): relative RMS error
     y = sst.selective_scan_triton(x, dt, A, B, C, D, z, bias, True).float()
     prev = sst.set_config(dataclasses.replace(sst.get_config(), fwd_lanes=0, block_d=32,
-                                              seq_split=1))
+                                              seq_split=1, fwd_quad=0))
     yt = sst.selective_scan_triton(x.float(), dt.float(), A, B.float(), C.float(), D, z.float(),
                                    bias, True)
     sst.set_config(prev)
@@ -114,10 +114,17 @@ def bench_mamba(ts, bwd=True):
 # (A chunk of 16 would make the lanes backward a 200-second compile: forward sweeps keep 8.)
 # Session 3, call 3: v2 0.661, v2 load group 2 0.846, v2 split 2 / 4 1.091 / 0.751, old tile
 # 0.715 ms. The pipelined v2 (next block's first loads carried across the loop) is untimed.
-FWD_SWEEP = [dict(fwd_tile_v2=1), dict(fwd_tile_v2=1, fwd_pipeline=1),
-             dict(fwd_tile_v2=1, fwd_pipeline=1, load_group=2),
-             dict(fwd_tile_v2=2, seq_split=4, fwd_pipeline=1), dict(fwd_tile_v2=0)]
-BWD_SWEEP = [(8, 1, 32, 1), (4, 1, 32, 1)]
+# Session 5, call 1 (split-state forward, fwd_quad = lanes per channel, triton_quad.py): Q=4
+# 0.366 ms, Q=2 0.525, Q=8 0.482, two groups loaded ahead slower (0.476 / 0.580), v2 tile with
+# fwd_pipeline 0.545.
+# Call 2: Q=4 with the kernel specialised on the strides, float32 copies of B and C and at most
+# 128 registers 0.322 ms (uncapped 0.541; bfloat16 rows uncapped 0.396), Q=2 0.494; the v2
+# tile 0.659. Now the default; the sweep tries the register cap and the rest around it.
+FWD_SWEEP = [dict(fwd_quad=0), {}, dict(quad_maxnreg=96), dict(quad_maxnreg=80),
+             dict(quad_maxnreg=64), dict(quad_bc32=0), dict(chunk=16)]
+# the forward with a gradient to come (saves states) and the backward, compiled once
+GRAD_WARM = [{}]
+BWD_SWEEP = [(8, 1, 32, 1)]
 # --split-sweep: sequence segments for forward + backward (1 = one pass; the automatic rule gives
 # 5 at B8 D2048 on an H100 and measured 3.607 ms, 4 forced measured 3.03 in an earlier run)
 SPLIT_SWEEP = [1, 2, 3, 4, 6, 8]
@@ -174,8 +181,8 @@ def make_strided(bsz, L, dim, N, dtype=torch.bfloat16, seed=0, dt_rank=128):
 
 
 # batch-1 prefill variants (ScanConfig overrides)
-PREFILL_VARIANTS = {"auto": {}, "auto, (block_d, N) tile": dict(fwd_tile_v2=2),
-                    "5 segments": dict(seq_split=5), "one pass": dict(seq_split=1)}
+PREFILL_VARIANTS = {"auto": {}, "auto, (block_d, N) tile": dict(fwd_quad=0),
+                    "one pass": dict(seq_split=1), "8 segments": dict(seq_split=8)}
 
 
 def bench_prefill(no_peer: bool) -> list[dict]:
@@ -229,10 +236,9 @@ def main(argv=None):
     print(info)
     if a.sweep and not a.no_warm:
         base = dataclasses.asdict(sst.get_config())
+        # (with a gradient: the forward that saves states compiles too)
         cfgs = [({**base, **c}, False) for c in FWD_SWEEP]
-        cfgs += [({**base, "chunk": bk, "load_group": min(base["load_group"], bk),
-                   "bwd_lanes": bl, "bwd_block_d": bbd, "bwd_num_warps": bw}, True)
-                 for bk, bl, bbd, bw in BWD_SWEEP]
+        cfgs += [({**base, **c}, True) for c in GRAD_WARM]
         L0 = int(a.seqlens.split(",")[0])
         warm_compile(cfgs, [(bsz, L0, dim, N)])
     rows = []

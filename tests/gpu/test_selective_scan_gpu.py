@@ -160,22 +160,42 @@ def test_sequence_parallel_forward_batch1(dtype, tol):
         assert rel_err(a, b) <= 2 * tol, (n, rel_err(a, b))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
-def test_memory_bounded_saved_states(dtype, tol):
-    """One saved state per 16 backward blocks (forced here; automatic beyond
-    ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy."""
+def _check_with_config(ts, tol, **over):
+    """Forward and backward under ScanConfig overrides ``over`` (NaN-poisoned memory first),
+    against float64: outputs, final state, every gradient (2x the tolerance: they pass through
+    16-bit storage)."""
     from ssmkit.ops.selective_scan import triton as sst
 
-    ts = _inputs(2, 1000, 64, 16, 1, dtype, seed=11, grad=True)
-    prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), state_mem_limit=0))
+    prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), **over))
     try:
+        _poison_allocator()
         y, hT = selective_scan_triton(*ts[:8], True, ts[8], True, None)
         gy = torch.randn_like(y, dtype=torch.float64)
         grads = torch.autograd.grad((y.double() * gy).sum() + hT.double().sum(), ts)
     finally:
         sst.set_config(prev)
     t64, yr, hr = _ref64(ts, long=True)
-    assert rel_err(yr, y) <= tol and rel_err(hr, hT) <= tol
+    assert rel_err(yr, y) <= tol and rel_err(hr, hT) <= tol, (rel_err(yr, y), rel_err(hr, hT))
     grads_r = torch.autograd.grad((yr * gy).sum() + hr.sum(), t64)
     for n, a, b in zip(NAMES, grads_r, grads):
+        assert not b.isnan().any(), n
         assert rel_err(a, b) <= 2 * tol, (n, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_memory_bounded_saved_states(dtype, tol):
+    """One saved state per 16 backward blocks (forced here; automatic beyond
+    ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy."""
+    _check_with_config(_inputs(2, 1000, 64, 16, 1, dtype, seed=11, grad=True), tol,
+                       state_mem_limit=0)
+
+
+@pytest.mark.parametrize("over", [dict(fwd_quad=0), dict(quad_static=0, quad_bc32=1,
+                                                       quad_maxnreg=0), dict(fwd_quad=2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_forward_variants_vs_float64(over, dtype, tol):
+    """The forward kernels besides the default (split-state, Q=4, specialised on the strides,
+    16-bit B and C rows read as words, 128 registers): the (block_d, N) tile, the split-state
+    forward without the specialisations and with float32 copies of B and C, and two lanes per
+    channel; with their backward."""
+    _check_with_config(_inputs(3, 1031, 96, 16, 2, dtype, seed=5, grad=True), tol, **over)

@@ -62,7 +62,7 @@ def test_matches_reference_float64(bsz, L, dim, N, G, K, KB):
     """K: forward unroll; KB: backward block = spacing of the saved states (the forward saves
     several per unrolled block when KB divides K, and unrolls KB otherwise)."""
     prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=K, bwd_block_d=16,
-                                                       bwd_chunk=KB))
+                                                       bwd_chunk=KB, fwd_quad=0))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:
@@ -83,7 +83,7 @@ def test_pipelined_forward(K, KB, split, v2):
     """fwd_pipeline: the next block's first loads carried across the loop (masked past the end),
     packed sequences with an empty one first and last, a partial last block, float64."""
     cfg = triton_mod.ScanConfig(block_d=16, chunk=K, bwd_chunk=KB, fwd_pipeline=1,
-                                seq_split=split, fwd_tile_v2=v2)
+                                seq_split=split, fwd_tile_v2=v2, fwd_quad=0)
     prev = triton_mod.set_config(cfg)
     try:
         _check(_inputs(2, 19, 8, 4, 1, torch.float64))
@@ -95,7 +95,7 @@ def test_pipelined_forward(K, KB, split, v2):
 
 def test_pipelined_forward_bf16_packed_rows():
     """fwd_pipeline with bfloat16 B, C read as 32-bit words (the masked prefetch path)."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(fwd_pipeline=1))
+    prev = triton_mod.set_config(triton_mod.ScanConfig(fwd_pipeline=1, fwd_quad=0))
     try:
         ts = _inputs(2, 13, 8, 6, 1, torch.bfloat16)
         y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
@@ -115,7 +115,8 @@ def test_memory_bounded_saved_states(M, K, split, pipe, L, lanes):
     backward recomputes the others per group: same outputs, final state and gradients as the
     reference, with partial groups, segments and the pipelined forward."""
     cfg = triton_mod.ScanConfig(chunk=K, bwd_chunk=4, state_mem_limit=0, coarse_blocks=M,
-                                seq_split=split, fwd_pipeline=pipe, fwd_lanes=lanes)
+                                seq_split=split, fwd_pipeline=pipe, fwd_lanes=lanes,
+                                fwd_quad=4 if pipe == 0 and lanes == 0 else 0)
     prev = triton_mod.set_config(cfg)
     try:
         ts = _inputs(2, L, 8, 4, 1, torch.float64)
@@ -179,7 +180,8 @@ def test_tile_forward_kernel(lanes, v2, N):
     """Both tile forwards ((block_d, N) one channel per lane, and (N, block_d)): chosen by config,
     and for N beyond the lanes kernel."""
     prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=4, bwd_block_d=16,
-                                                       fwd_lanes=lanes, fwd_tile_v2=v2))
+                                                       fwd_lanes=lanes, fwd_tile_v2=v2,
+                                                       fwd_quad=0))
     try:
         _check(_inputs(1, 6, 8, N, 1, torch.float64))
     finally:
@@ -225,7 +227,7 @@ def test_sequence_parallel_forward(split, bsz, L, dim, N, G, pipe, v2):
     steps and saving states every 4), and with the pipelined tile forward."""
     prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4 if v2 == 1 else 8,
                                                        seq_split=split, fwd_pipeline=pipe,
-                                                       fwd_tile_v2=v2))
+                                                       fwd_tile_v2=v2, fwd_quad=0))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:
@@ -250,7 +252,7 @@ def test_sequence_split_choice():
 
 @pytest.mark.parametrize("dtype,offset", [(torch.float64, 0), (torch.bfloat16, 0),
                                           (torch.bfloat16, 1)])
-@pytest.mark.parametrize("lanes", [0, 1])
+@pytest.mark.parametrize("lanes", [0, 1, 2])  # 2: the split-state forward
 def test_strided_z_B_C_views(dtype, offset, lanes):
     """z, B and C as slices of one projection output (as in the Mamba layer) are read through
     their row strides; an odd offset makes the 16-bit rows unaligned for paired loads."""
@@ -267,7 +269,8 @@ def test_strided_z_B_C_views(dtype, offset, lanes):
              for _ in range(2))
     A = -(torch.rand(dim, N, generator=g, dtype=torch.float64) + 0.3).to(dev, dtype)
     D = torch.randn(dim, generator=g, dtype=torch.float64).to(dev, dtype)
-    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, fwd_lanes=lanes))
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, fwd_lanes=lanes % 2,
+                                                       fwd_quad=4 if lanes == 2 else 0))
     try:
         y = triton_mod.selective_scan_triton(x, dt, A, B, C, D, z, None, True)
     finally:
@@ -285,3 +288,93 @@ def test_row_stride():
     assert triton_mod.row_stride(t[..., ::2]) == -1  # inner block not contiguous
     assert triton_mod.row_stride(t[:, :1]) == 50  # one step: rows are the batch
     assert triton_mod.row_stride(torch.zeros(2, 4, 3, 6)[:, :, :, :4]) == -1  # groups not packed
+
+
+def _quad_calls(monkeypatch):
+    """Record the launches of the split-state forward kernel (Q, K, KS, PACK, VEC)."""
+    from ssmkit.ops.selective_scan import triton_quad
+
+    calls = []
+    kernel = triton_quad.selective_scan_fwd_quad_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append((kw["Q"], kw["K"], kw["KS"], kw["PACK"], kw["VEC"]))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_quad, "selective_scan_fwd_quad_kernel", _Spy())
+    return calls
+
+
+@pytest.mark.parametrize("Q,pf,static,K", [(4, 1, 1, 8), (4, 2, 0, 8), (2, 1, 1, 8),
+                                           (8, 1, 0, 8), (4, 1, 1, 16), (4, 1, 0, 4),
+                                           (4, 2, 1, 4), (2, 2, 1, 8)])
+def test_split_state_forward(monkeypatch, Q, pf, static, K):
+    """The split-state forward (a channel's states over Q lanes, triton_quad.py): outputs, final
+    state and every gradient (through the states it saves) against float64, with a partial last
+    block, a block of steps equal to Q, packed sequences with empty ones, groups, segments and
+    memory-bounded saving; and with the kernel specialised on the strides or not."""
+    calls = _quad_calls(monkeypatch)
+    cfg = triton_mod.ScanConfig(chunk=K, fwd_quad=Q, quad_prefetch=pf, quad_static=static)
+    prev = triton_mod.set_config(cfg)
+    try:
+        _check(_inputs(2, 21, 8, 8, 1, torch.float64))
+        cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
+        _check(_inputs(1, 21, 32, 8, 2, torch.float64, nseq=5), cu=cu)
+        triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
+        _check(_inputs(1, 37, 8, 16, 1, torch.float64))
+        triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0,
+                                                             coarse_blocks=4))
+        _check(_inputs(2, 45, 8, 8, 1, torch.float64))
+    finally:
+        triton_mod.set_config(prev)
+    assert {c[0] for c in calls} == {Q} and len(calls) == 5
+    assert {c[1] for c in calls} == {max(K, Q)}
+
+
+@pytest.mark.parametrize("bc32", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_state_forward_half_rows(monkeypatch, bc32, dtype):
+    """16-bit B and C in the split-state forward: read as 32-bit words of two values, or as
+    float32 copies (quad_bc32), against float64 on the same rounded inputs."""
+    calls = _quad_calls(monkeypatch)
+    prev = triton_mod.set_config(triton_mod.ScanConfig(quad_bc32=bc32))
+    try:
+        ts = _inputs(2, 13, 8, 16, 1, dtype)
+        y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
+    finally:
+        triton_mod.set_config(prev)
+    ts64 = [t.double() if t is not None else None for t in ts]
+    yr, hr = _run(selective_scan_reference, ts64, True, None)
+    assert_close("y", yr, y.double(), rel=8e-3 if dtype == torch.bfloat16 else 1e-3)
+    assert_close("final_state", hr, hT, rel=1e-5)
+    # (Q, K, KS, PACK, VEC): float32 copies 4 values per lane in one 16-byte load; 16-bit rows
+    # as two words in one 8-byte load
+    assert calls == [(4, 8, 8, 32, 4)] if bc32 else [(4, 8, 8, 2, 2)]
+
+
+def test_split_state_forward_applicability(monkeypatch):
+    """Q must divide N and a program's 32 / Q channels lie in one group; otherwise the tile
+    forward runs. On a GPU (132 SMs here) it also runs where the tile forward was not as fast:
+    not when one lane per channel fills the GPU, nor for sparse inference shorter than 8192."""
+    cfg = triton_mod.ScanConfig()
+    A16 = torch.zeros(64, 16)
+
+    def quad(bsz, L, dim, grad):
+        x = torch.zeros(bsz, L, dim, device="meta")
+        B = torch.zeros(bsz, L, 1, 16, device="meta")
+        return triton_mod._quad(cfg, x, B, torch.zeros(dim, 16), 4, grad)[0]
+
+    monkeypatch.setattr(triton_mod, "_sm_count", lambda device: 132)
+    assert quad(8, 2048, 2048, True) == 4 and quad(8, 2048, 2048, False) == 4
+    assert quad(64, 2048, 4096, False) == 0  # 8,192 warps one lane per channel
+    assert quad(1, 2048, 4096, False) == 0 and quad(1, 2048, 4096, True) == 4
+    assert quad(1, 8192, 4096, False) == 4
+    monkeypatch.undo()
+    x = torch.zeros(1, 8, 64)
+    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 16), A16, 4) == (4, 8)
+    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 6), torch.zeros(64, 6), 4) == (0, 0)
+    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 16, 16), A16, 4) == (0, 0)
+    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 8)

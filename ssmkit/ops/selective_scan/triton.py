@@ -79,6 +79,25 @@ class ScanConfig:
     # (one more pass over the exponentials).
     state_mem_limit: int = 512 * 2**20
     coarse_blocks: int = 16
+    # forward with a channel's N states split over `fwd_quad` lanes (triton_quad.py; 2, 4, 8 or
+    # 16, dividing N; 0 = off): fwd_quad times the warps of one lane per channel, no second
+    # pass; `quad_prefetch` (1 or 2) groups of its inputs loaded ahead. H100, 2026-11-27, B8
+    # D2048 N16 L2048 bf16 (session 5, call 3): 0.301 ms with the defaults below, against 0.661
+    # for the (block_d, N) tile and 0.597 for mamba_ssm; Q=2 0.494 (call 2), Q=8 0.482 (call 1).
+    fwd_quad: int = 4
+    quad_prefetch: int = 1
+    # split-state forward: read the rows of bfloat16/float16 B and C as float32 copies made up
+    # front (1), saving the unpacking of every value in every lane and step. Call 3: 0.324 ms
+    # with the copies, 0.301 without (the two conversions cost more than the unpacking)
+    quad_bc32: int = 0
+    # split-state forward: specialise the kernel on dim and the row strides of z, B and C (1),
+    # so that a step's addresses are immediate offsets (one compile per model shape); 0.396 ms
+    # against 0.825 without (bfloat16 rows, no register cap)
+    quad_static: int = 1
+    # split-state forward: register cap per thread (0 = the compiler's choice): 16 one-warp
+    # programs per SM need <= 128; 0.322 ms against 0.541 uncapped (float32 rows); 96: 0.400,
+    # 80: 0.417, 64: 0.576
+    quad_maxnreg: int = 128
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -177,6 +196,62 @@ def _coarse_blocks(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.T
     return cfg.coarse_blocks
 
 
+def _quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+          spacing: int, save_states: bool = True) -> tuple[int, int]:
+    """``(Q, K)`` of the split-state forward (:mod:`triton_quad`), or ``(0, 0)`` when it does not
+    apply: Q must divide N, a program's 32 / Q channels must lie in one group, and its block of
+    K steps (a multiple of Q) must divide or be divided by the saved-state spacing. On a GPU, the
+    tile forward runs where it measured as fast or faster (H100, 2026-11-27): where one lane per
+    channel already fills the GPU (``QUAD_BELOW_WARPS_PER_SM``), and for inference too sparse for
+    one pass shorter than ``QUAD_MIN_SPLIT_INFERENCE`` steps (batch-1 prefill at 2048: the tile
+    forward in segments 0.300 ms on the layer's views, the split-state one 0.398 in segments;
+    at 8192 0.830 against 0.756)."""
+    q = cfg.fwd_quad
+    N = A.shape[1]
+    if q not in (1, 2, 4, 8, 16) or N % q:
+        return 0, 0
+    sms = _sm_count(x.device)
+    lane_warps = x.shape[0] * -(-x.shape[2] // 32)  # warps of one lane per channel
+    if sms and lane_warps >= QUAD_BELOW_WARPS_PER_SM * sms:
+        # enough channels to fill the GPU one lane per channel: splitting the states only adds
+        # instructions (H100, Mamba-1.4B prefill at batch 64 x 2048: 0.958 s against 0.91)
+        return 0, 0
+    if (sms and not save_states and lane_warps < 2 * sms
+            and x.shape[1] < QUAD_MIN_SPLIT_INFERENCE):
+        return 0, 0
+    dpg = x.shape[2] // B.shape[2]
+    if B.shape[2] > 1 and dpg % (32 // q):
+        return 0, 0
+    k = max(cfg.chunk, q)
+    if k % q or (k % spacing and spacing % k):
+        return 0, 0
+    return q, k
+
+
+def _quad_rows(B: torch.Tensor, C: torch.Tensor, N: int, S: int) -> tuple[int, int]:
+    """``(PACK, VEC)`` for the rows of B and C in the split-state forward: 32-bit words of two
+    16-bit values (2) or of one float32 (32), else one value at a time (1); and how many words a
+    lane loads at once (4, 2 or 1: the lane's S values, its row and group offsets and the rows'
+    stride must all be aligned to that many words)."""
+    esz = B.element_size()
+    if B.dtype != C.dtype or esz not in (2, 4):
+        return 1, 1
+    if esz == 2:
+        if S % 2 or _pack(B, C, N) != 2:
+            return 1, 1
+        pack, nw = 2, S // 2
+    else:
+        if B.dtype != torch.float32:
+            return 1, 1
+        pack, nw = 32, S
+    for vec in (4, 2, 1):
+        nb = 4 * vec
+        if nw % vec == 0 and (S * esz) % nb == 0 and (N * esz) % nb == 0 and all(
+                t.data_ptr() % nb == 0 and (row_stride(t) * esz) % nb == 0 for t in (B, C)):
+            return pack, vec
+    return 1, 1
+
+
 def _pack(B: torch.Tensor, C: torch.Tensor, N: int) -> int:
     """Rows of B and C are read two 16-bit values per 32-bit load when N is even and both are
     4-byte aligned; otherwise one by one."""
@@ -198,13 +273,21 @@ _SMS: dict[int, int] = {}
 # Shortest segment worth a pass of its own in the sequence-parallel forward / backward, and the
 # warps per SM the split aims at.
 MIN_SEGMENT = 128
+# ... and for the split-state forward without a backward (H100, B1 D4096 N16 bf16, session 5,
+# call 3: at seqlen 8192 one pass 0.905 ms, 5 segments 0.574, 8 segments 0.515)
+MIN_SEGMENT_QUAD_INFERENCE = 1024
+# The split-state forward runs when one lane per channel would give fewer warps per SM than this
+QUAD_BELOW_WARPS_PER_SM = 16
+# ... and, without a backward and below 2 such warps per SM, from this sequence length on
+QUAD_MIN_SPLIT_INFERENCE = 8192
 SPLIT_WARPS_PER_SM = 16
 # the backward splits below this many warps per SM (the forward below 2)
 BWD_SPLIT_BELOW = 8
 
 
 def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
-              warps_per_block: int | None = None, below_warps_per_sm: int = 2) -> int:
+              warps_per_block: int | None = None, below_warps_per_sm: int = 2,
+              min_segment: int = MIN_SEGMENT) -> int:
     """How many segments of the sequence the forward (or backward) scans in parallel (1 = one
     pass). ``warps_per_block``: warps of one program (default: the forward's ``num_warps``);
     automatic splitting happens below ``below_warps_per_sm`` warps per SM.
@@ -225,7 +308,7 @@ def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
             return 1
         # Enough segments for about 4 warps per scheduler: with one, every step's latency is
         # exposed (H100, B1 D4096 L2048: 5 segments 0.37-0.48 ms).
-        n = min(-(-SPLIT_WARPS_PER_SM * sms // warps), geo.L // MIN_SEGMENT)
+        n = min(-(-SPLIT_WARPS_PER_SM * sms // warps), geo.L // min_segment)
     return max(1, min(n, -(-geo.L // geo.K)))
 
 
@@ -270,10 +353,15 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     m = _coarse_blocks(cfg, x, B, A, nseq) if save_states else 1
     spacing = ks * m
-    geo = _Geometry(x, B, A, cu_seqlens, cfg, cfg.block_d, spacing)
+    quad, k_quad = _quad(cfg, x, B, A, spacing, save_states)
+    geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 // quad if quad else cfg.block_d, spacing)
     # With a backward to come, the forward splits like the backward (see there): the combination
     # measured fastest for training. Without one, only when the GPU would mostly idle.
-    nseg = _segments(geo, cfg, x, below_warps_per_sm=BWD_SPLIT_BELOW if save_states else 2)
+    # (the split-state forward is fastest with 16 programs per SM: it splits below 8 either way)
+    nseg = _segments(geo, cfg, x, warps_per_block=1 if quad else None,
+                     below_warps_per_sm=BWD_SPLIT_BELOW if save_states or quad else 2,
+                     min_segment=(MIN_SEGMENT_QUAD_INFERENCE if quad and not save_states
+                                  else MIN_SEGMENT))
     # The (block_d, N) tile for one pass, the (N, block_d) tile for the segmented passes. H100,
     # 2026-11-27: one pass at B8 D2048 L2048 0.661 ms against 0.715; segmented at B1 D4096 L2048
     # 0.387 ms against 0.193 (0.395 / 0.348 on the layer's views), L8192 1.064 against 0.829.
@@ -281,7 +369,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     v2 = (bool(cfg.fwd_tile_v2) and (nseg == 1 or cfg.fwd_tile_v2 > 1)) or m > 1
     k_unroll = (cfg.chunk if v2 and (cfg.chunk % spacing == 0 or spacing % cfg.chunk == 0)
                 else ks)
-    lanes = bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1 and m == 1
+    lanes = (bool(cfg.fwd_lanes) and A.shape[1] <= LANES_MAX_N and nseg == 1 and m == 1
+             and not quad)
     acc = compute_dtype(x)
     y = torch.empty_like(x)
     # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
@@ -305,7 +394,28 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     else:
         tflags = dict(flags, BLOCK_N=geo.block_n, EVEN_N=geo.even_n, num_warps=cfg.num_warps,
                       PIPELINE=bool(cfg.fwd_pipeline))
-        if v2:
+        if quad:
+            from ssmkit.ops.selective_scan import triton_quad
+
+            tile = triton_quad.selective_scan_fwd_quad_kernel
+            S = geo.N // quad
+            if cfg.quad_bc32 and B.element_size() == 2:
+                B, C = B.float(), C.float()  # (one copy of each: 4·rows·G·N bytes)
+            pack, vec = _quad_rows(B, C, geo.N, S)
+            dims = dims[:7] + (row_stride(B), row_stride(C))
+            tflags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+                          SOFTPLUS=bool(dt_softplus), IS_VARLEN=geo.varlen,
+                          USE_F64=acc == torch.float64, Q=quad, S=S, K=k_quad, KS=geo.K,
+                          # (a prefetch must stay within the next block: PF * Q <= K)
+                          PF=2 if cfg.quad_prefetch > 1 and 2 * quad <= k_quad else 1,
+                          EVEN_D=geo.even_d, PACK=pack,
+                          VEC=vec, IS_BF16=B.dtype == torch.bfloat16, num_warps=1)
+            if cfg.quad_static:
+                tflags.update(DIM_C=geo.dim, ZRS_C=max(dims[6], 0), BRS_C=dims[7],
+                              CRS_C=dims[8])
+            if cfg.quad_maxnreg and x.device.type == "cuda":
+                tflags["maxnreg"] = cfg.quad_maxnreg
+        elif v2:
             tile = tk.selective_scan_fwd_tile_kernel_v2
             tflags.update(K=k_unroll, G=_load_group(cfg, k_unroll), KS=geo.K)
             # bfloat16 rows of B, C as 32-bit words of two values (needs N == BLOCK_N)

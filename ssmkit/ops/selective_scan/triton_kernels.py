@@ -472,6 +472,23 @@ def selective_scan_fwd_tile_kernel_v2(
 
 
 @triton.jit
+def _block_ptrs(X, DT, Y, Z, B, C, t0, last, xd_base, z_base, b_base, c_base, dim, z_rs, b_rs,
+                c_rs, HAS_Z: tl.constexpr):
+    """``(rem, X, DT, Y, Z, B, C)`` at the block starting at step ``t0`` of a forward program's
+    rows: a step of the block is then an int32 offset from these; ``rem = last - t0`` (int32),
+    steps ``<= rem`` are in the segment (z falls back to x without a gate)."""
+    rem = (last - t0).to(tl.int32)
+    xo0 = xd_base + t0 * dim
+    Xc = X + xo0
+    if HAS_Z:
+        Zc = Z + (z_base + t0 * z_rs)
+    else:
+        Zc = Xc
+    return (rem, Xc, DT + xo0, Y + xo0, Zc, B + (b_base + t0 * b_rs),
+            C + (c_base + t0 * c_rs))
+
+
+@triton.jit
 def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
                 X, DT, Z, B, C, Y, STATES, Av, Dv, bias, dim, dstate, z_rs, b_rs, c_rs,
                 offs_d, offs_w, mask_d, mask_n, dn_off, mask_dn, cur, n_lim,
@@ -485,18 +502,9 @@ def _fwd2_chunk(h, dsum, c, t_begin, last, xd_base, z_base, b_base, c_base, ck0,
     load group comes in as ``cur`` and the next chunk's first group (masked past the segment end)
     is issued before the last group computes and returned; otherwise ``cur`` is ignored and
     returned as is."""
-    t0 = t_begin + c * K
-    rem = (last - t0).to(tl.int32)  # steps j <= rem are in the segment
-    xo0 = xd_base + t0 * dim
-    Xc = X + xo0
-    DTc = DT + xo0
-    Yc = Y + xo0
-    if HAS_Z:
-        Zc = Z + (z_base + t0 * z_rs)
-    else:
-        Zc = Xc
-    Bc = B + (b_base + t0 * b_rs)
-    Cc = C + (c_base + t0 * c_rs)
+    rem, Xc, DTc, Yc, Zc, Bc, Cc = _block_ptrs(X, DT, Y, Z, B, C, t_begin + c * K, last,
+                                               xd_base, z_base, b_base, c_base, dim, z_rs,
+                                               b_rs, c_rs, HAS_Z)
     if PIPELINE:
         grp = cur
     else:
