@@ -6,6 +6,7 @@ time would otherwise be spent finding out. Used while tuning the selective-scan 
     python benchmarks/kernel_report.py fwd BLOCK_D=8 K=16 G=4 num_warps=1
     python benchmarks/kernel_report.py bwd BLOCK_D=32 K=8 num_warps=2 --ttgir
     python benchmarks/kernel_report.py gemv BLOCK_N=2 BLOCK_K=2048 num_warps=4   # decode kernels
+    python benchmarks/kernel_report.py bwd_quad DIM_C=2048 maxnreg=128 --sass
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ KERNELS = {
     "bwd_lanes": (tk.selective_scan_bwd_lanes_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
         USE_F64=False, N=16, BLOCK_D=32, K=8, EVEN_D=True, PACK=2, IS_BF16=True, V=32, M=1)),
+    "bwd_quad": (tq.selective_scan_bwd_quad_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
+        USE_F64=False, Q=4, S=4, K=4, EVEN_D=True, PACK=2, IS_BF16=True, V=8, VEC=2,
+        DIM_C=0)),
     "adjoint_local": (tk.adjoint_local_kernel, dict(
         HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, USE_F64=False, BLOCK_D=32, N=16, K=8,
         EVEN_D=True, PACK=2, IS_BF16=True)),
@@ -110,7 +115,8 @@ def _signature(name: str, consts: dict):
     return fn, sig
 
 
-def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False) -> dict:
+def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False,
+           maxnreg: int | None = None) -> dict:
     consts = {**(_DECODE[name][1] if name in _DECODE else KERNELS[name][1]), **overrides}
     fn, sig = _signature(name, consts)
     # As a launch would: pointers 16-byte aligned, int arguments divisible by 16 (dim, dstate)
@@ -123,7 +129,10 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
         src = ASTSource(fn, sig, consts, attrs)
     except TypeError:
         src = ASTSource(fn, sig, consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    opts = {"num_warps": num_warps}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     md = k.metadata
     out = {"shared": md.shared}
     ptx = k.asm["ptx"]
@@ -162,14 +171,16 @@ def main(argv=None):
     ap.add_argument("--ttgir", action="store_true")
     ap.add_argument("--sass", action="store_true")
     a = ap.parse_args(argv)
-    over, nw = {}, 1
+    over, nw, maxnreg = {}, 1, None
     for p in a.params:
         k, v = p.split("=")
         if k == "num_warps":
             nw = int(v)
+        elif k == "maxnreg":
+            maxnreg = int(v)
         else:
             over[k] = int(v) if v.lstrip("-").isdigit() else (v == "True")
-    r = report(a.kernel, over, nw, a.ttgir, a.sass)
+    r = report(a.kernel, over, nw, a.ttgir, a.sass, maxnreg)
     for k, v in r.items():
         if k == "layouts":
             for lay in v:

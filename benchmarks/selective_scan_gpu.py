@@ -122,9 +122,12 @@ def bench_mamba(ts, bwd=True):
 # tile 0.659. Now the default; the sweep tries the register cap and the rest around it.
 FWD_SWEEP = [dict(fwd_quad=0), {}, dict(quad_maxnreg=96), dict(quad_maxnreg=80),
              dict(quad_maxnreg=64), dict(quad_bc32=0), dict(chunk=16)]
-# the forward with a gradient to come (saves states) and the backward, compiled once
-GRAD_WARM = [{}]
-BWD_SWEEP = [(8, 1, 32, 1)]
+# the forward with a gradient to come (saves states) and the backward, compiled once each
+GRAD_WARM = [{}, dict(bwd_quad=4), dict(bwd_quad=2), dict(bwd_quad=4, bwd_chunk=8)]
+# Backward configurations (overrides of the best forward's ScanConfig): the lanes backward (one
+# channel per lane, split into segments: 3.006 ms forward + backward in call 3) and the
+# split-state backward (bwd_quad, written after call 4, untimed).
+BWD_SWEEP = [{}, dict(bwd_quad=4), dict(bwd_quad=2), dict(bwd_quad=4, bwd_chunk=8)]
 # --split-sweep: sequence segments for forward + backward (1 = one pass; the automatic rule gives
 # 5 at B8 D2048 on an H100 and measured 3.607 ms, 4 forced measured 3.03 in an earlier run)
 SPLIT_SWEEP = [1, 2, 3, 4, 6, 8]
@@ -268,19 +271,17 @@ def main(argv=None):
             row.setdefault("fwd_sweep", []).append({"cfg": over, **r})
             if best is None or r["fwd_ms"] < best[1]:
                 best = (cfg, r["fwd_ms"])
-        bwd_cfgs = BWD_SWEEP if sweep else [(base.chunk, base.bwd_lanes, base.bwd_block_d,
-                                              base.bwd_num_warps)]
+        bwd_cfgs = BWD_SWEEP if sweep else [{}]
         bbest = None
         if a.fwd_only:
             bwd_cfgs = []
             bbest = (best[0], {"fwd_bwd_ms": float("nan")})
-        for bk, bl, bbd, bw in bwd_cfgs:
-            cfg = dataclasses.replace(best[0], chunk=bk, load_group=min(best[0].load_group, bk),
-                                      bwd_lanes=bl, bwd_block_d=bbd, bwd_num_warps=bw)
+        for over in bwd_cfgs:
+            cfg = dataclasses.replace(best[0], **over)
             try:
                 r = bench_ours(ts, cfg, bwd=True)
             except Exception as e:  # noqa: BLE001
-                print("bwd cfg", (bk, bl, bbd, bw), "failed:", e)
+                print("bwd cfg", over, "failed:", e)
                 continue
             print(f"L={L} fwd+bwd {dataclasses.astuple(cfg)}: {r['fwd_bwd_ms']:.3f} ms "
                   f"(fwd {r['fwd_ms']:.3f})", flush=True)

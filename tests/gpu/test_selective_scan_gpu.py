@@ -191,11 +191,12 @@ def test_memory_bounded_saved_states(dtype, tol):
 
 
 @pytest.mark.parametrize("over", [dict(fwd_quad=0), dict(quad_static=0, quad_bc32=1,
-                                                       quad_maxnreg=0), dict(fwd_quad=2)])
+                                                       quad_maxnreg=0), dict(fwd_quad=2),
+                                  dict(bwd_quad=4), dict(bwd_quad=2, quad_static=0)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 def test_forward_variants_vs_float64(over, dtype, tol):
     """The forward kernels besides the default (split-state, Q=4, specialised on the strides,
     16-bit B and C rows read as words, 128 registers): the (block_d, N) tile, the split-state
     forward without the specialisations and with float32 copies of B and C, and two lanes per
-    channel; with their backward."""
+    channel; with their backward; and the split-state backward (bwd_quad)."""
     _check_with_config(_inputs(3, 1031, 96, 16, 2, dtype, seed=5, grad=True), tol, **over)

@@ -378,3 +378,60 @@ def test_split_state_forward_applicability(monkeypatch):
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 6), torch.zeros(64, 6), 4) == (0, 0)
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 16, 16), A16, 4) == (0, 0)
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 8)
+
+
+@pytest.mark.parametrize("Q,KB,fq", [(4, 4, 4), (2, 4, 0), (4, 8, 4), (8, 8, 2)])
+def test_split_state_backward(monkeypatch, Q, KB, fq):
+    """The split-state backward (bwd_quad): every gradient against float64, with partial
+    blocks, packed sequences with empty ones, groups, segments, no optional inputs, after
+    either forward; memory-bounded saving falls back to the lanes backward."""
+    from ssmkit.ops.selective_scan import triton_quad
+
+    calls = []
+    kernel = triton_quad.selective_scan_bwd_quad_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append((kw["Q"], kw["K"], kw["V"]))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_quad, "selective_scan_bwd_quad_kernel", _Spy())
+    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq)
+    prev = triton_mod.set_config(cfg)
+    try:
+        _check(_inputs(2, 11, 8, 8, 1, torch.float64))
+        cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
+        _check(_inputs(1, 21, 32, 16, 2, torch.float64, nseq=5), cu=cu)
+        _check(_inputs(2, 7, 8, 8, 1, torch.float64, with_opt=False, grouped=False),
+               softplus=False)
+        triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
+        _check(_inputs(1, 37, 8, 16, 1, torch.float64))
+        n = len(calls)
+        triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0))
+        _check(_inputs(1, 37, 8, 16, 1, torch.float64))
+        assert len(calls) == n  # memory-bounded: the lanes backward
+    finally:
+        triton_mod.set_config(prev)
+    S = 16 // Q
+    assert len(calls) == 4 and {c[:2] for c in calls} == {(Q, KB)}
+    assert calls[1][2] == max(2 * S, 32 // Q)  # dB, dC values per step, padded to the channels
+
+
+def test_split_state_backward_half_inputs():
+    """bfloat16 inputs through the split-state backward (B, C rows read as words)."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(bwd_quad=4))
+    try:
+        ts = [t.requires_grad_() if t is not None else None
+              for t in _inputs(1, 12, 32, 16, 1, torch.bfloat16)]
+        y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
+        gy = torch.randn(y.shape, dtype=torch.float64, device=y.device)
+        g = torch.autograd.grad((y.double() * gy).sum() + hT.double().sum(), ts)
+    finally:
+        triton_mod.set_config(prev)
+    ts64 = [t.detach().double().requires_grad_() if t is not None else None for t in ts]
+    yr, hr = _run(selective_scan_reference, ts64, True, None)
+    gr = torch.autograd.grad((yr * gy).sum() + hr.sum(), ts64)
+    for n, a, b in zip(NAMES, gr, g):
+        assert_close(f"grad {n}", a, b.double(), rel=2e-2)

@@ -98,6 +98,10 @@ class ScanConfig:
     # programs per SM need <= 128; 0.322 ms against 0.541 uncapped (float32 rows); 96: 0.400,
     # 80: 0.417, 64: 0.576
     quad_maxnreg: int = 128
+    # backward with a channel's states split over `bwd_quad` lanes (triton_quad.py; 0 = the
+    # lanes backward). Written in session 5 after the device time was spent: tested under the
+    # interpreter, not yet timed, so off by default.
+    bwd_quad: int = 0
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -183,6 +187,20 @@ def _bwd_lanes(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tenso
     dpg = x.shape[2] // B.shape[2]
     return (bool(cfg.bwd_lanes) and A.shape[1] <= LANES_MAX_N
             and (B.shape[2] == 1 or dpg % 32 == 0))
+
+
+def _bwd_quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+              coarse: int) -> int:
+    """Q of the split-state backward, or 0 (the lanes or tile backward): Q must divide N and the
+    backward's block of steps, a program's 32 / Q channels lie in one group, and the forward
+    must have saved a state per block (no memory-bounded saving)."""
+    q = cfg.bwd_quad
+    N = A.shape[1]
+    if q not in (1, 2, 4, 8, 16) or N % q or cfg.bwd_chunk % q or coarse > 1:
+        return 0
+    if B.shape[2] > 1 and (x.shape[2] // B.shape[2]) % (32 // q):
+        return 0
+    return q
 
 
 def _coarse_blocks(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
@@ -483,10 +501,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         B, C = B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
         cfg = ctx.cfg
-        lanes = _bwd_lanes(cfg, x, B, A)
         m = ctx.coarse  # > 1 only with the lanes backward
-        geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 if lanes else cfg.bwd_block_d,
-                        cfg.bwd_chunk * m)
+        quad = _bwd_quad(cfg, x, B, A, m)
+        lanes = _bwd_lanes(cfg, x, B, A) or bool(quad)
+        block_d = 32 // quad if quad else (32 if lanes else cfg.bwd_block_d)
+        geo = _Geometry(x, B, A, cu_seqlens, cfg, block_d, cfg.bwd_chunk * m)
         acc = compute_dtype(x)
         dy = dy.contiguous()
         if dht is not None:
@@ -520,7 +539,22 @@ class _SelectiveScanFn(torch.autograd.Function):
                      SOFTPLUS=bool(ctx.dt_softplus), HAS_DHT=dht is not None,
                      IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64, BLOCK_D=geo.block_d,
                      K=cfg.bwd_chunk)
-        if lanes:
+        if quad:
+            from ssmkit.ops.selective_scan import triton_quad
+
+            S = geo.N // quad
+            bd = 32 // quad
+            qflags = {k: v for k, v in flags.items() if k != "BLOCK_D"}
+            pack, vec = _quad_rows(B, C, geo.N, S)
+            if cfg.quad_static:
+                qflags["DIM_C"] = geo.dim
+            if cfg.quad_maxnreg and x.device.type == "cuda":
+                qflags["maxnreg"] = cfg.quad_maxnreg  # (sm_90: 128, no spills)
+            triton_quad.selective_scan_bwd_quad_kernel[(geo.nseq, geo.n_dblocks, nseg)](
+                *args, seg_len, nseg, **qflags, Q=quad, S=S, EVEN_D=geo.even_d, PACK=pack,
+                VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
+                num_warps=1)
+        elif lanes:
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # per program: the M block-start states of the group being recomputed
             scratch = (torch.empty(grid[0] * grid[1] * grid[2] * m * geo.N * 32, device=x.device,

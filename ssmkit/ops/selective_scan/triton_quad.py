@@ -1,4 +1,6 @@
-"""Forward selective scan with a channel's N states split over Q lanes ("quad" layout).
+"""Selective scan kernels with a channel's N states split over Q lanes ("quad" layout): the
+forward (:func:`selective_scan_fwd_quad_kernel`, the default) and the backward
+(:func:`selective_scan_bwd_quad_kernel`, ``ScanConfig.bwd_quad``, not yet timed on a GPU).
 
 Imported only through :mod:`ssmkit.ops.selective_scan.triton` when Triton is installed.
 
@@ -24,7 +26,7 @@ states) follows :func:`~ssmkit.ops.selective_scan.triton_kernels.selective_scan_
 whose arguments this kernel takes, so the host code swaps one for the other.
 
 Lane ``l`` of the (one-warp) program: channel ``pid_d * 32/Q + l // Q``, states
-``(l % Q) * S .. (l % Q) * S + S - 1``.
+``(l % Q) * S .. (l % Q) * S + S - 1``. The backward splits the same way (see its docstring).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import triton.language as tl
 
 from ssmkit.ops.selective_scan.triton_kernels import (
     FAST_LOG,
+    LN2,
     LOG2E,
     _block_ptrs,
     _delta,
@@ -41,6 +44,7 @@ from ssmkit.ops.selective_scan.triton_kernels import (
     _row_val,
     _scatter_level,
     _segment_rows,
+    _sequence,
     _sigmoid,
 )
 
@@ -150,6 +154,42 @@ def _quad_load(Xc, DTc, Zc, Bc, Cc, o, rem, dim, z_rs, b_rs, c_rs, oc, j, nb, la
 
 
 @triton.jit
+def _lane_params(A, H, D, DT_BIAS, h_off, nb, oc, dim, S: tl.constexpr, HAS_H: tl.constexpr,
+                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """``(A2, h, D, dt_bias)`` of a lane: its S values of ``A log2 e`` (so that exp(Δ A) =
+    exp2(Δ A2)) and of the state at ``H + h_off`` (``(.., N, dim)``; zeros without one), and its
+    channel's D and dt_bias (zeros where absent)."""
+    A2 = ()
+    h = ()
+    for k in tl.static_range(S):
+        A2 = A2 + (tl.load(A + (nb + k) * dim + oc).to(ACC) * LOG2E,)
+        if HAS_H:
+            h = h + (tl.load(H + h_off + (nb + k) * dim + oc).to(ACC),)
+        else:
+            h = h + (tl.zeros(oc.shape, dtype=ACC),)
+    if HAS_D:
+        Dv = tl.load(D + oc).to(ACC)
+    else:
+        Dv = tl.zeros(oc.shape, dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(DT_BIAS + oc).to(ACC)
+    else:
+        bias = tl.zeros(oc.shape, dtype=ACC)
+    return A2, h, Dv, bias
+
+
+@triton.jit
+def _step_delta(d, dx, base, i: tl.constexpr, Q: tl.constexpr):
+    """``(Δ, Δ x)`` of step i of the group, from the channel's lane i (``base``: the channel's
+    first lane), one shuffle each."""
+    if Q == 1:
+        out = (d, dx)
+    else:
+        out = (tl.gather(d, base + i, 0), tl.gather(dx, base + i, 0))
+    return out
+
+
+@triton.jit
 def _quad_sum_scatter(vals, lane, Q: tl.constexpr):
     """Sum Q values over the Q lanes of a channel, leaving lane j of the channel with the sum of
     value j: the butterfly of :func:`_scatter_level` over the lowest log2(Q) lane bits (at the
@@ -239,12 +279,7 @@ def _quad_block(h, dsum, pipe, c, t_begin, last, xd_base, z_base, b_base, c_base
                     sm = md
                 for k in tl.static_range(S):
                     tl.store(sp + (nb + k) * dim, h[k].to(STATES.dtype.element_ty), mask=sm)
-            if Q == 1:
-                di = d
-                dxi = dx
-            else:
-                di = tl.gather(d, base + i, 0)
-                dxi = tl.gather(dx, base + i, 0)
+            di, dxi = _step_delta(d, dx, base, i, Q)
             new = ()
             p = tl.zeros_like(di)
             for k in tl.static_range(S):
@@ -315,24 +350,9 @@ def selective_scan_fwd_quad_kernel(
     md = offs_d < dim
     oc = tl.minimum(offs_d, dim - 1)  # in-bounds channel for unmasked loads
     nb = j * S  # this lane's first state
-    A2 = ()
-    h = ()
     seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
-    for k in tl.static_range(S):
-        # exp(Δ A) = exp2(Δ · (A log2 e)): A pre-scaled once
-        A2 = A2 + (tl.load(A + (nb + k) * dim + oc).to(ACC) * LOG2E,)
-        if HAS_H0:
-            h = h + (tl.load(H0 + seq_state_off + (nb + k) * dim + oc).to(ACC),)
-        else:
-            h = h + (tl.zeros([32], dtype=ACC),)
-    if HAS_D:
-        Dv = tl.load(D + oc).to(ACC)
-    else:
-        Dv = tl.zeros([32], dtype=ACC)
-    if HAS_BIAS:
-        bias = tl.load(DT_BIAS + oc).to(ACC)
-    else:
-        bias = tl.zeros([32], dtype=ACC)
+    A2, h, Dv, bias = _lane_params(A, H0, D, DT_BIAS, seq_state_off, nb, oc, dim, S, HAS_H0,
+                                   HAS_D, HAS_BIAS, ACC)
     last = t_end - 1
     ck0 = ck0 + t_begin // KS
     dsum = tl.zeros([32], dtype=ACC)
@@ -379,3 +399,235 @@ def selective_scan_fwd_quad_kernel(
         tot = _quad_allsum(dsum, lane, Q)
         tl.store(DSUM + (pid_s.to(tl.int64) * nseg + pid_g) * dim + oc,
                  tot.to(DSUM.dtype.element_ty), mask=md & (j == 0))
+
+
+@triton.jit
+def _channel_sum_scatter(vals, lane, Q: tl.constexpr):
+    """Sum the values of a tuple over the 32 / Q channels of a warp (the lanes that share a state
+    index ``lane % Q``), leaving the lane of channel ``ch`` with the sums of values
+    ``ch * m .. ch * m + m - 1`` (``m = len(vals) * Q / 32``): :func:`_scatter_level` over the
+    lane bits above log2(Q)."""
+    V: tl.constexpr = len(vals)
+    if Q <= 1:
+        vals = _scatter_level(vals, lane, V // 2, 16)
+        vals = _scatter_level(vals, lane, V // 4, 8)
+        vals = _scatter_level(vals, lane, V // 8, 4)
+        vals = _scatter_level(vals, lane, V // 16, 2)
+        vals = _scatter_level(vals, lane, V // 32, 1)
+    elif Q == 2:
+        vals = _scatter_level(vals, lane, V // 2, 16)
+        vals = _scatter_level(vals, lane, V // 4, 8)
+        vals = _scatter_level(vals, lane, V // 8, 4)
+        vals = _scatter_level(vals, lane, V // 16, 2)
+    elif Q == 4:
+        vals = _scatter_level(vals, lane, V // 2, 16)
+        vals = _scatter_level(vals, lane, V // 4, 8)
+        vals = _scatter_level(vals, lane, V // 8, 4)
+    elif Q == 8:
+        vals = _scatter_level(vals, lane, V // 2, 16)
+        vals = _scatter_level(vals, lane, V // 4, 8)
+    else:
+        vals = _scatter_level(vals, lane, V // 2, 16)
+    return vals
+
+
+@triton.jit
+def selective_scan_bwd_quad_kernel(
+    X, DT, A, B, C, D, Z, DT_BIAS, STATES, CU, CHUNK_OFF, DY, DHT,
+    DX, DDT, DZ, DB_PART, DC_PART, DA_PART, DD_PART, DH0,
+    L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, total_rows, seg_len, nseg,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
+    Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
+    PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr = 1,
+    DIM_C: tl.constexpr = 0,
+):
+    """Backward with a channel's N states split over Q lanes, as the split-state forward; the
+    lanes backward's algorithm (``triton_kernels.selective_scan_bwd_lanes_kernel``, same
+    arguments but ``SCRATCH``, and one saved state per block of K steps).
+
+    Per block of K steps (a multiple of Q), in reverse: reload the block's start state, recompute
+    its K states (lane j of a channel computes Δ of step j of each group of Q steps, shared by
+    shuffles); the gate's backward needs ``y`` of each step, a reduce-scatter over the Q lanes as
+    in the forward. Then the adjoint ``dh_{t-1} = exp(Δ_t A) dh_t`` (``dh_t += C_t dy_t``)
+    backwards through the block. Per step, the sums over the channel's states (``Σ_n dh A h`` for
+    dΔ, ``Σ_n dh B`` for dx) are kept per lane and reduce-scattered over the Q lanes once per
+    group (lane j then finishes step j); the sums over the warp's 32 / Q channels (dB_t, dC_t:
+    2S values per lane) go through a butterfly over the lanes sharing a state index, after which
+    each lane stores ``V * Q / 32`` values (``V`` = 2S padded to a multiple of 32 / Q) into the
+    partial sums of this block of channels, added up by the caller. No atomics."""
+    ACC = tl.float64 if USE_F64 else tl.float32
+    BD: tl.constexpr = 32 // Q
+    M_OUT: tl.constexpr = V // BD
+    if DIM_C > 0:  # dim known at compile time (immediate offsets), as in the forward
+        dim = DIM_C
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    row0, seqlen, ck0 = _sequence(CU, CHUNK_OFF, pid_s, L, nchunks_per_seq, IS_VARLEN)
+    t_begin = pid_g.to(tl.int64) * seg_len
+    seqlen = tl.minimum(t_begin + seg_len, seqlen)  # from here on: the end of the segment
+    g = pid_d // blocks_per_group
+    lane = tl.arange(0, 32)
+    j = lane % Q
+    ch = lane // Q
+    base = lane - j
+    offs_d = pid_d * BD + ch
+    md = offs_d < dim
+    oc = tl.minimum(offs_d, dim - 1)
+    nb = j * S
+    seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
+    A2, dh, Dv, bias = _lane_params(A, DHT, D, DT_BIAS, seq_state_off, nb, oc, dim, S, HAS_DHT,
+                                    HAS_D, HAS_BIAS, ACC)
+    dA_acc = ()
+    for _ in tl.static_range(S):
+        dA_acc = dA_acc + (tl.zeros([32], dtype=ACC),)
+    dD_acc = tl.zeros([32], dtype=ACC)
+    part_base = pid_d.to(tl.int64) * total_rows
+    xd_base = row0 * dim
+    bc_stride = ngroups * dstate
+    bc_base = row0 * bc_stride + g * dstate
+    last = seqlen - 1
+    nchunks = tl.cdiv(seqlen - t_begin, K)
+    c_first = t_begin // K
+    NG: tl.constexpr = K // Q
+    for cc in range(0, nchunks):
+        c = c_first + nchunks - 1 - cc
+        t0 = c * K
+        st = STATES + (ck0 + c) * dim * dstate + oc
+        h = ()
+        for k in tl.static_range(S):
+            h = h + (tl.load(st + (nb + k) * dim).to(ACC),)
+        # Recompute the block. Per group: lane j's own step (x, Δ, dy, z, dtraw), and for every
+        # step of the block the shared Δ, Δx and the states before / after it.
+        hs = (h,)
+        xs = ()
+        ds = ()
+        dtraws = ()
+        dys = ()
+        zs = ()
+        dis = ()
+        dxis = ()
+        vlds = ()
+        for gi in tl.static_range(NG):
+            t = t0 + gi * Q + j
+            tc = tl.minimum(t, last)
+            vld = md & (t <= last)
+            off = xd_base + tc * dim + oc
+            x = tl.load(X + off).to(ACC)
+            dtraw, d = _delta(tl.load(DT + off).to(ACC), bias, vld, HAS_BIAS, SOFTPLUS)
+            dys = dys + (tl.where(vld, tl.load(DY + off).to(ACC), 0.0),)
+            if HAS_Z:
+                zs = zs + (tl.load(Z + off).to(ACC),)
+            xs = xs + (x,)
+            ds = ds + (d,)
+            dtraws = dtraws + (dtraw,)
+            vlds = vlds + (vld,)
+            dx = d * x
+            for i in tl.static_range(Q):
+                tci = tl.minimum(t0 + gi * Q + i, last)
+                braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
+                di, dxi = _step_delta(d, dx, base, i, Q)
+                new = ()
+                for k in tl.static_range(S):
+                    new = new + (_ex2(di * A2[k]) * h[k]
+                                 + dxi * _lane_val(braw, k, PACK, IS_BF16, ACC),)
+                h = new
+                hs = hs + (h,)
+                dis = dis + (di,)
+                dxis = dxis + (dxi,)
+        # The gate's backward, lane j of each group for its own step: dy·z·σ(z) goes on.
+        dygs = ()
+        for gi in tl.static_range(NG):
+            dyg = dys[gi]
+            if HAS_Z:
+                ps = ()
+                for i in tl.static_range(Q):
+                    tci = tl.minimum(t0 + gi * Q + i, last)
+                    craw = _lane_row(C, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
+                    p = tl.zeros([32], dtype=ACC)
+                    for k in tl.static_range(S):
+                        p += hs[gi * Q + i + 1][k] * _lane_val(craw, k, PACK, IS_BF16, ACC)
+                    ps = ps + (p,)
+                y = _quad_sum_scatter(ps, lane, Q)
+                if HAS_D:
+                    y += Dv * xs[gi]
+                z = zs[gi]
+                sz = _sigmoid(z)
+                dz = dyg * y * sz * (1.0 + z * (1.0 - sz))
+                off = xd_base + tl.minimum(t0 + gi * Q + j, last) * dim + oc
+                tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=vlds[gi])
+                dyg = dyg * z * sz
+            if HAS_D:
+                dD_acc += dyg * xs[gi]
+            dygs = dygs + (dyg,)
+        # The adjoint, backwards through the block.
+        for gi in tl.static_range(NG - 1, -1, -1):
+            pa = ()  # per step of the group: this lane's Σ_k dh A2 h exp(ΔA), Σ_k dh B
+            pb = ()
+            for i in tl.static_range(Q - 1, -1, -1):
+                t = t0 + gi * Q + i
+                valid = t <= last
+                tci = tl.minimum(t, last)
+                row = row0 + tci
+                braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
+                craw = _lane_row(C, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
+                if Q == 1:
+                    dyi = dygs[gi]
+                else:
+                    dyi = tl.gather(dygs[gi], base + i, 0)
+                di = dis[gi * Q + i]
+                dxi = dxis[gi * Q + i]
+                ddtA = tl.zeros([32], dtype=ACC)
+                dhB = tl.zeros([32], dtype=ACC)
+                dbs = ()
+                dcs = ()
+                new_dh = ()
+                new_acc = ()
+                for k in tl.static_range(S):
+                    dhn = dh[k] + dyi * _lane_val(craw, k, PACK, IS_BF16, ACC)
+                    dhp = dhn * _ex2(di * A2[k])  # dh_{t-1}
+                    ddA = dhp * hs[gi * Q + i][k]  # d/d(ΔA) of exp(ΔA) h_{t-1}, times dh_t
+                    ddtA += ddA * A2[k]
+                    new_acc = new_acc + (dA_acc[k] + ddA * di,)
+                    dhB += dhn * _lane_val(braw, k, PACK, IS_BF16, ACC)
+                    dbs = dbs + (dhn * dxi,)  # dB_t[n] = Σ_d dh_t[d, n] Δ_t[d] x_t[d]
+                    dcs = dcs + (dyi * hs[gi * Q + i + 1][k],)  # dC_t[n] = Σ_d dy_t[d] h_t[d, n]
+                    new_dh = new_dh + (dhp,)
+                dh = new_dh
+                dA_acc = new_acc
+                pa = (ddtA,) + pa
+                pb = (dhB,) + pb
+                vals = dbs + dcs
+                for _p in tl.static_range(V - 2 * S):
+                    vals = vals + (tl.zeros([32], dtype=ACC),)
+                red = _channel_sum_scatter(vals, lane, Q)
+                for r in tl.static_range(M_OUT):
+                    idx = ch * M_OUT + r  # value idx of this lane's state group
+                    part = (part_base + row) * dstate + nb
+                    tl.store(DB_PART + part + idx, red[r].to(DB_PART.dtype.element_ty),
+                             mask=idx < tl.where(valid, S, 0))
+                    tl.store(DC_PART + part + (idx - S), red[r].to(DC_PART.dtype.element_ty),
+                             mask=(idx >= S) & (idx < tl.where(valid, 2 * S, 0)))
+            # lane j finishes step gi*Q + j: dΔ and dx
+            ddtA = _quad_sum_scatter(pa, lane, Q)
+            dhB = _quad_sum_scatter(pb, lane, Q)
+            # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
+            ddt = ddtA * LN2 + dhB * xs[gi]
+            dxo = dhB * ds[gi]
+            if HAS_D:
+                dxo += Dv * dygs[gi]
+            if SOFTPLUS:
+                ddt = tl.where(dtraws[gi] > 20.0, ddt, ddt * _sigmoid(dtraws[gi]))
+            off = xd_base + tl.minimum(t0 + gi * Q + j, last) * dim + oc
+            tl.store(DX + off, dxo.to(DX.dtype.element_ty), mask=vlds[gi])
+            tl.store(DDT + off, ddt.to(DDT.dtype.element_ty), mask=vlds[gi])
+    for k in tl.static_range(S):
+        tl.store(DH0 + seq_state_off + (nb + k) * dim + oc, dh[k].to(DH0.dtype.element_ty),
+                 mask=md)
+        tl.store(DA_PART + seq_state_off + (nb + k) * dim + oc,
+                 dA_acc[k].to(DA_PART.dtype.element_ty), mask=md)
+    if HAS_D:
+        tot = _quad_allsum(dD_acc, lane, Q)
+        tl.store(DD_PART + (pid_s.to(tl.int64) * nseg + pid_g) * dim + oc,
+                 tot.to(DD_PART.dtype.element_ty), mask=md & (j == 0))
