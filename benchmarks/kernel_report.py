@@ -6,12 +6,13 @@ time would otherwise be spent finding out. Used while tuning the selective-scan 
     python benchmarks/kernel_report.py fwd BLOCK_D=8 K=16 G=4 num_warps=1
     python benchmarks/kernel_report.py bwd BLOCK_D=32 K=8 num_warps=2 --ttgir
     python benchmarks/kernel_report.py gemv BLOCK_N=2 BLOCK_K=2048 num_warps=4   # decode kernels
-    python benchmarks/kernel_report.py bwd_quad DIM_C=2048 maxnreg=128 --sass
+    python benchmarks/kernel_report.py bwd_quad DIM_C=2048 maxnreg=128 --loops
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -115,8 +116,26 @@ def _signature(name: str, consts: dict):
     return fn, sig
 
 
+def loop_counts(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """``(start, end, opcode counts)`` of every loop in a SASS listing (the span from a backward
+    branch's target to the branch): the instructions a kernel spends per iteration of its main
+    loops, what most of the tuning of the scan kernels was read from."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", ln)]
+    addr = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    out = []
+    for a, ln in zip(addr, lines):
+        m = re.search(r"BRA (0x[0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < a:
+            start = int(m.group(1), 16)
+            ops = collections.Counter(
+                re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", body).group(2)
+                for b, body in zip(addr, lines) if start <= b <= a)
+            out.append((start, a, ops))
+    return out
+
+
 def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False,
-           maxnreg: int | None = None) -> dict:
+           maxnreg: int | None = None, loops: bool = False) -> dict:
     consts = {**(_DECODE[name][1] if name in _DECODE else KERNELS[name][1]), **overrides}
     fn, sig = _signature(name, consts)
     # As a launch would: pointers 16-byte aligned, int arguments divisible by 16 (dim, dstate)
@@ -153,10 +172,14 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
             fh.write(k.asm["cubin"])
         r = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f],
                            capture_output=True, text=True)
-        if disasm:
+        if disasm or loops:
             sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f],
                                   capture_output=True, text=True).stdout
-            print(sass)
+            if disasm:
+                print(sass)
+            for start, end, ops in loop_counts(sass) if loops else ():
+                print(f"loop {start:#x}-{end:#x}: {sum(ops.values())} instructions; "
+                      + " ".join(f"{k}:{v}" for k, v in ops.most_common(14)))
     m = re.search(r"REG:(\d+)", r.stdout)
     out["n_regs"] = int(m.group(1)) if m else r.stdout[-300:] + r.stderr[-300:]
     m = re.search(r"LOCAL:(\d+)", r.stdout)
@@ -170,6 +193,8 @@ def main(argv=None):
     ap.add_argument("params", nargs="*", help="NAME=VALUE constexpr overrides; num_warps=N")
     ap.add_argument("--ttgir", action="store_true")
     ap.add_argument("--sass", action="store_true")
+    ap.add_argument("--loops", action="store_true",
+                    help="instructions per iteration of each loop, by opcode (from the SASS)")
     a = ap.parse_args(argv)
     over, nw, maxnreg = {}, 1, None
     for p in a.params:
@@ -180,7 +205,7 @@ def main(argv=None):
             maxnreg = int(v)
         else:
             over[k] = int(v) if v.lstrip("-").isdigit() else (v == "True")
-    r = report(a.kernel, over, nw, a.ttgir, a.sass, maxnreg)
+    r = report(a.kernel, over, nw, a.ttgir, a.sass, maxnreg, a.loops)
     for k, v in r.items():
         if k == "layouts":
             for lay in v:

@@ -102,6 +102,9 @@ class ScanConfig:
     # lanes backward). Written in session 5 after the device time was spent: tested under the
     # interpreter, not yet timed, so off by default.
     bwd_quad: int = 0
+    # its register cap (0 = the compiler's choice): Q=4 fits 128 without spills on sm_90, Q=2
+    # spills at 128 (benchmarks/kernel_report.py bwd_quad ... --loops)
+    bwd_quad_maxnreg: int = 128
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -548,8 +551,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             pack, vec = _quad_rows(B, C, geo.N, S)
             if cfg.quad_static:
                 qflags["DIM_C"] = geo.dim
-            if cfg.quad_maxnreg and x.device.type == "cuda":
-                qflags["maxnreg"] = cfg.quad_maxnreg  # (sm_90: 128, no spills)
+            if cfg.bwd_quad_maxnreg and x.device.type == "cuda":
+                qflags["maxnreg"] = cfg.bwd_quad_maxnreg
             triton_quad.selective_scan_bwd_quad_kernel[(geo.nseq, geo.n_dblocks, nseg)](
                 *args, seg_len, nseg, **qflags, Q=quad, S=S, EVEN_D=geo.even_d, PACK=pack,
                 VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
