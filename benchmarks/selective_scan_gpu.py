@@ -123,13 +123,13 @@ def bench_mamba(ts, bwd=True):
 FWD_SWEEP = [dict(fwd_quad=0), {}, dict(quad_maxnreg=96), dict(quad_maxnreg=80),
              dict(quad_maxnreg=64), dict(quad_bc32=0), dict(chunk=16)]
 # the forward with a gradient to come (saves states) and the backward, compiled once each
-GRAD_WARM = [{}, dict(bwd_quad=4), dict(bwd_quad=2, bwd_quad_maxnreg=0),
-             dict(bwd_quad=4, bwd_chunk=8, bwd_quad_maxnreg=0)]
+GRAD_WARM = [{}, dict(bwd_quad=4), dict(bwd_quad=4, bwd_quad_warps=1),
+             dict(bwd_quad=2, bwd_quad_maxnreg=0), dict(bwd_quad=4, bwd_chunk=8, bwd_quad_maxnreg=0)]
 # Backward configurations (overrides of the best forward's ScanConfig): the lanes backward (one
 # channel per lane, split into segments: 3.006 ms forward + backward in call 3) and the
 # split-state backward (bwd_quad, written after call 4, untimed).
-BWD_SWEEP = [{}, dict(bwd_quad=4), dict(bwd_quad=2, bwd_quad_maxnreg=0),
-             dict(bwd_quad=4, bwd_chunk=8, bwd_quad_maxnreg=0)]
+BWD_SWEEP = [{}, dict(bwd_quad=4), dict(bwd_quad=4, bwd_quad_warps=1),
+             dict(bwd_quad=2, bwd_quad_maxnreg=0), dict(bwd_quad=4, bwd_chunk=8, bwd_quad_maxnreg=0)]
 # --split-sweep: sequence segments for forward + backward (1 = one pass; the automatic rule gives
 # 5 at B8 D2048 on an H100 and measured 3.607 ms, 4 forced measured 3.03 in an earlier run)
 SPLIT_SWEEP = [1, 2, 3, 4, 6, 8]

@@ -191,12 +191,20 @@ def test_memory_bounded_saved_states(dtype, tol):
 
 
 @pytest.mark.parametrize("over", [dict(fwd_quad=0), dict(quad_static=0, quad_bc32=1,
-                                                       quad_maxnreg=0), dict(fwd_quad=2),
-                                  dict(bwd_quad=4), dict(bwd_quad=2, quad_static=0)])
+                                                       quad_maxnreg=0), dict(fwd_quad=2)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 def test_forward_variants_vs_float64(over, dtype, tol):
     """The forward kernels besides the default (split-state, Q=4, specialised on the strides,
     16-bit B and C rows read as words, 128 registers): the (block_d, N) tile, the split-state
     forward without the specialisations and with float32 copies of B and C, and two lanes per
-    channel; with their backward; and the split-state backward (bwd_quad)."""
+    channel; with their backward."""
     _check_with_config(_inputs(3, 1031, 96, 16, 2, dtype, seed=5, grad=True), tol, **over)
+
+
+@pytest.mark.parametrize("over", [dict(bwd_quad=4), dict(bwd_quad=4, bwd_quad_warps=1),
+                                  dict(bwd_quad=2, bwd_quad_warps=2, quad_static=0)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_split_state_backward_vs_float64(over, dtype, tol):
+    """The split-state backward (ScanConfig.bwd_quad; W warps per program adding their dB, dC
+    sums): every gradient against float64, 200 channels (the last program partly empty)."""
+    _check_with_config(_inputs(2, 1500, 200, 16, 1, dtype, seed=3, grad=True), tol, **over)

@@ -380,11 +380,13 @@ def test_split_state_forward_applicability(monkeypatch):
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 8)
 
 
-@pytest.mark.parametrize("Q,KB,fq", [(4, 4, 4), (2, 4, 0), (4, 8, 4), (8, 8, 2)])
-def test_split_state_backward(monkeypatch, Q, KB, fq):
-    """The split-state backward (bwd_quad): every gradient against float64, with partial
-    blocks, packed sequences with empty ones, groups, segments, no optional inputs, after
-    either forward; memory-bounded saving falls back to the lanes backward."""
+@pytest.mark.parametrize("Q,KB,fq,W", [(4, 4, 4, 4), (4, 4, 4, 1), (2, 4, 0, 2), (4, 8, 4, 1),
+                                        (8, 8, 2, 4)])
+def test_split_state_backward(monkeypatch, Q, KB, fq, W):
+    """The split-state backward (bwd_quad, W warps per program): every gradient against
+    float64, with partial blocks, channels not filling the last program, packed sequences with
+    empty ones, groups, segments, no optional inputs, after either forward; memory-bounded
+    saving falls back to the lanes backward."""
     from ssmkit.ops.selective_scan import triton_quad
 
     calls = []
@@ -393,17 +395,17 @@ def test_split_state_backward(monkeypatch, Q, KB, fq):
     class _Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                calls.append((kw["Q"], kw["K"], kw["V"]))
+                calls.append((kw["Q"], kw["K"], kw["V"], kw["W"]))
                 return kernel[grid](*args, **kw)
             return launch
 
     monkeypatch.setattr(triton_quad, "selective_scan_bwd_quad_kernel", _Spy())
-    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq)
+    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W)
     prev = triton_mod.set_config(cfg)
     try:
-        _check(_inputs(2, 11, 8, 8, 1, torch.float64))
+        _check(_inputs(2, 11, 40, 8, 1, torch.float64))
         cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
-        _check(_inputs(1, 21, 32, 16, 2, torch.float64, nseq=5), cu=cu)
+        _check(_inputs(1, 21, W * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
         _check(_inputs(2, 7, 8, 8, 1, torch.float64, with_opt=False, grouped=False),
                softplus=False)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
@@ -415,7 +417,7 @@ def test_split_state_backward(monkeypatch, Q, KB, fq):
     finally:
         triton_mod.set_config(prev)
     S = 16 // Q
-    assert len(calls) == 4 and {c[:2] for c in calls} == {(Q, KB)}
+    assert len(calls) == 4 and {c[:2] + c[3:] for c in calls} == {(Q, KB, W)}
     assert calls[1][2] == max(2 * S, 32 // Q)  # dB, dC values per step, padded to the channels
 
 

@@ -105,6 +105,11 @@ class ScanConfig:
     # its register cap (0 = the compiler's choice): Q=4 fits 128 without spills on sm_90, Q=2
     # spills at 128 (benchmarks/kernel_report.py bwd_quad ... --loops)
     bwd_quad_maxnreg: int = 128
+    # its warps per program: the warps add their dB, dC sums before storing them, so the
+    # partial sums (per block of bwd_quad_warps * 32 / bwd_quad channels) shrink that many times
+    # (at B8 L2048 D2048 N16: 134 MB written and added up per call instead of 537 with one warp)
+    # for about 8% more instructions per step (sm_90 SASS: 748 against 690 per block of 4)
+    bwd_quad_warps: int = 4
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -201,7 +206,9 @@ def _bwd_quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor
     N = A.shape[1]
     if q not in (1, 2, 4, 8, 16) or N % q or cfg.bwd_chunk % q or coarse > 1:
         return 0
-    if B.shape[2] > 1 and (x.shape[2] // B.shape[2]) % (32 // q):
+    if cfg.bwd_quad_warps not in (1, 2, 4, 8):
+        return 0
+    if B.shape[2] > 1 and (x.shape[2] // B.shape[2]) % (cfg.bwd_quad_warps * 32 // q):
         return 0
     return q
 
@@ -507,7 +514,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         m = ctx.coarse  # > 1 only with the lanes backward
         quad = _bwd_quad(cfg, x, B, A, m)
         lanes = _bwd_lanes(cfg, x, B, A) or bool(quad)
-        block_d = 32 // quad if quad else (32 if lanes else cfg.bwd_block_d)
+        block_d = (cfg.bwd_quad_warps * 32 // quad if quad
+                   else (32 if lanes else cfg.bwd_block_d))
         geo = _Geometry(x, B, A, cu_seqlens, cfg, block_d, cfg.bwd_chunk * m)
         acc = compute_dtype(x)
         dy = dy.contiguous()
@@ -546,7 +554,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             from ssmkit.ops.selective_scan import triton_quad
 
             S = geo.N // quad
-            bd = 32 // quad
+            bd = 32 // quad  # channels per warp
             qflags = {k: v for k, v in flags.items() if k != "BLOCK_D"}
             pack, vec = _quad_rows(B, C, geo.N, S)
             if cfg.quad_static:
@@ -556,7 +564,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             triton_quad.selective_scan_bwd_quad_kernel[(geo.nseq, geo.n_dblocks, nseg)](
                 *args, seg_len, nseg, **qflags, Q=quad, S=S, EVEN_D=geo.even_d, PACK=pack,
                 VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
-                num_warps=1)
+                W=cfg.bwd_quad_warps, num_warps=cfg.bwd_quad_warps)
         elif lanes:
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # per program: the M block-start states of the group being recomputed

@@ -865,8 +865,9 @@ def selective_scan_bwd_kernel(
 
 
 @triton.jit
-def _scatter_level(vals, lane, HALF: tl.constexpr, MASK: tl.constexpr):
-    """One butterfly level: keep one half of the values, send the other to lane ^ MASK, add."""
+def _scatter_level(vals, lane, HALF: tl.constexpr, MASK: tl.constexpr, AX: tl.constexpr = 0):
+    """One butterfly level: keep one half of the values, send the other to lane ^ MASK, add
+    (``AX``: the axis of the tensors that runs over a warp's lanes)."""
     upper = (lane & MASK) != 0
     new = ()
     for i in tl.static_range(HALF):
@@ -874,7 +875,7 @@ def _scatter_level(vals, lane, HALF: tl.constexpr, MASK: tl.constexpr):
         b = vals[i + HALF]
         send = tl.where(upper, a, b)
         keep = tl.where(upper, b, a)
-        new = new + (keep + tl.gather(send, lane ^ MASK, 0),)
+        new = new + (keep + tl.gather(send, lane ^ MASK, AX),)
     return new
 
 

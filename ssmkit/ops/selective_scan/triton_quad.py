@@ -179,43 +179,44 @@ def _lane_params(A, H, D, DT_BIAS, h_off, nb, oc, dim, S: tl.constexpr, HAS_H: t
 
 
 @triton.jit
-def _step_delta(d, dx, base, i: tl.constexpr, Q: tl.constexpr):
+def _step_delta(d, dx, base, i: tl.constexpr, Q: tl.constexpr, AX: tl.constexpr = 0,
+                QS: tl.constexpr = 1):
     """``(Δ, Δ x)`` of step i of the group, from the channel's lane i (``base``: the channel's
-    first lane), one shuffle each."""
+    first lane, its lanes ``QS`` apart), one shuffle each (``AX``: the lanes' axis)."""
     if Q == 1:
         out = (d, dx)
     else:
-        out = (tl.gather(d, base + i, 0), tl.gather(dx, base + i, 0))
+        out = (tl.gather(d, base + i * QS, AX), tl.gather(dx, base + i * QS, AX))
     return out
 
 
 @triton.jit
-def _quad_sum_scatter(vals, lane, Q: tl.constexpr):
-    """Sum Q values over the Q lanes of a channel, leaving lane j of the channel with the sum of
-    value j: the butterfly of :func:`_scatter_level` over the lowest log2(Q) lane bits (at the
-    level of mask m a lane holds 2m values and keeps m)."""
+def _quad_sum_scatter(vals, lane, Q: tl.constexpr, AX: tl.constexpr = 0, QS: tl.constexpr = 1):
+    """Sum Q values over the Q lanes of a channel (``QS`` apart), leaving lane j of the channel
+    with the sum of value j: the butterfly of :func:`_scatter_level` over the log2(Q) lane bits
+    of the channel's lanes (at the level of mask m a lane holds 2m values and keeps m)."""
     if Q >= 16:
-        vals = _scatter_level(vals, lane, 8, 8)
+        vals = _scatter_level(vals, lane, 8, 8 * QS, AX)
     if Q >= 8:
-        vals = _scatter_level(vals, lane, 4, 4)
+        vals = _scatter_level(vals, lane, 4, 4 * QS, AX)
     if Q >= 4:
-        vals = _scatter_level(vals, lane, 2, 2)
+        vals = _scatter_level(vals, lane, 2, 2 * QS, AX)
     if Q >= 2:
-        vals = _scatter_level(vals, lane, 1, 1)
+        vals = _scatter_level(vals, lane, 1, QS, AX)
     return vals[0]
 
 
 @triton.jit
-def _quad_allsum(v, lane, Q: tl.constexpr):
-    """Sum of ``v`` over the Q lanes of a channel, in each of them."""
+def _quad_allsum(v, lane, Q: tl.constexpr, AX: tl.constexpr = 0, QS: tl.constexpr = 1):
+    """Sum of ``v`` over the Q lanes of a channel (``QS`` apart), in each of them."""
     if Q >= 2:
-        v = v + tl.gather(v, lane ^ 1, 0)
+        v = v + tl.gather(v, lane ^ QS, AX)
     if Q >= 4:
-        v = v + tl.gather(v, lane ^ 2, 0)
+        v = v + tl.gather(v, lane ^ (2 * QS), AX)
     if Q >= 8:
-        v = v + tl.gather(v, lane ^ 4, 0)
+        v = v + tl.gather(v, lane ^ (4 * QS), AX)
     if Q >= 16:
-        v = v + tl.gather(v, lane ^ 8, 0)
+        v = v + tl.gather(v, lane ^ (8 * QS), AX)
     return v
 
 
@@ -402,32 +403,23 @@ def selective_scan_fwd_quad_kernel(
 
 
 @triton.jit
-def _channel_sum_scatter(vals, lane, Q: tl.constexpr):
-    """Sum the values of a tuple over the 32 / Q channels of a warp (the lanes that share a state
-    index ``lane % Q``), leaving the lane of channel ``ch`` with the sums of values
-    ``ch * m .. ch * m + m - 1`` (``m = len(vals) * Q / 32``): :func:`_scatter_level` over the
-    lane bits above log2(Q)."""
+def _channel_sum_scatter(vals, lane, BD: tl.constexpr, AX: tl.constexpr = 0):
+    """Sum the values of a tuple over the BD channels of a warp, which are the lanes ``lane %
+    BD`` (the lanes of one state group), leaving the lane of channel ``ch`` with the sums of
+    values ``ch * m .. ch * m + m - 1`` (``m = len(vals) / BD``): :func:`_scatter_level` over the
+    low log2(BD) lane bits."""
     V: tl.constexpr = len(vals)
-    if Q <= 1:
-        vals = _scatter_level(vals, lane, V // 2, 16)
-        vals = _scatter_level(vals, lane, V // 4, 8)
-        vals = _scatter_level(vals, lane, V // 8, 4)
-        vals = _scatter_level(vals, lane, V // 16, 2)
-        vals = _scatter_level(vals, lane, V // 32, 1)
-    elif Q == 2:
-        vals = _scatter_level(vals, lane, V // 2, 16)
-        vals = _scatter_level(vals, lane, V // 4, 8)
-        vals = _scatter_level(vals, lane, V // 8, 4)
-        vals = _scatter_level(vals, lane, V // 16, 2)
-    elif Q == 4:
-        vals = _scatter_level(vals, lane, V // 2, 16)
-        vals = _scatter_level(vals, lane, V // 4, 8)
-        vals = _scatter_level(vals, lane, V // 8, 4)
-    elif Q == 8:
-        vals = _scatter_level(vals, lane, V // 2, 16)
-        vals = _scatter_level(vals, lane, V // 4, 8)
-    else:
-        vals = _scatter_level(vals, lane, V // 2, 16)
+    # (at the level of mask m a lane holds 2 V m / BD values and keeps half)
+    if BD >= 32:
+        vals = _scatter_level(vals, lane, V * 16 // BD, 16, AX)
+    if BD >= 16:
+        vals = _scatter_level(vals, lane, V * 8 // BD, 8, AX)
+    if BD >= 8:
+        vals = _scatter_level(vals, lane, V * 4 // BD, 4, AX)
+    if BD >= 4:
+        vals = _scatter_level(vals, lane, V * 2 // BD, 2, AX)
+    if BD >= 2:
+        vals = _scatter_level(vals, lane, V // BD, 1, AX)
     return vals
 
 
@@ -440,7 +432,7 @@ def selective_scan_bwd_quad_kernel(
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
     PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr = 1,
-    DIM_C: tl.constexpr = 0,
+    DIM_C: tl.constexpr = 0, W: tl.constexpr = 1,
 ):
     """Backward with a channel's N states split over Q lanes, as the split-state forward; the
     lanes backward's algorithm (``triton_kernels.selective_scan_bwd_lanes_kernel``, same
@@ -455,7 +447,12 @@ def selective_scan_bwd_quad_kernel(
     group (lane j then finishes step j); the sums over the warp's 32 / Q channels (dB_t, dC_t:
     2S values per lane) go through a butterfly over the lanes sharing a state index, after which
     each lane stores ``V * Q / 32`` values (``V`` = 2S padded to a multiple of 32 / Q) into the
-    partial sums of this block of channels, added up by the caller. No atomics."""
+    partial sums of this block of channels, added up by the caller. No atomics.
+
+    ``W`` warps per program (``num_warps``), each with its own 32 / Q channels: tensors are
+    ``(W, 32)``, lanes along axis 1 (shuffles stay within a warp), and the warps' dB, dC sums
+    are added (through shared memory) before they are stored, so the partial sums are per block
+    of ``W * 32 / Q`` channels: W times less to write and to add up."""
     ACC = tl.float64 if USE_F64 else tl.float32
     BD: tl.constexpr = 32 // Q
     M_OUT: tl.constexpr = V // BD
@@ -468,21 +465,30 @@ def selective_scan_bwd_quad_kernel(
     t_begin = pid_g.to(tl.int64) * seg_len
     seqlen = tl.minimum(t_begin + seg_len, seqlen)  # from here on: the end of the segment
     g = pid_d // blocks_per_group
-    lane = tl.arange(0, 32)
-    j = lane % Q
-    ch = lane // Q
-    base = lane - j
-    offs_d = pid_d * BD + ch
+    # Lane l of a warp: channel l % BD, state group j = l // BD (the channels vary fastest, so
+    # that Triton keeps one layout for loads and shuffles); a channel's lanes are BD apart.
+    zw = tl.zeros([W, 32], dtype=tl.int32)
+    lane = tl.arange(0, 32)[None, :] + zw
+    j = lane // BD
+    ch = lane % BD
+    base = ch
+    offs_d = pid_d * (W * BD) + (tl.arange(0, W)[:, None] + zw) * BD + ch
     md = offs_d < dim
-    oc = tl.minimum(offs_d, dim - 1)
+    # (32,) index vectors for the stores of the warps' dB, dC sums, in the layout of a sum over
+    # the warps (reduced once here, so that the loop converts no layouts)
+    nb1 = tl.max(j * S, axis=0)
+    ch1 = tl.max(ch, axis=0)
+    # (channels contiguous in runs of BD lanes: the hint keeps Triton's stores and loads in the
+    # layout of the shuffles, one warp per row, instead of converting through shared memory)
+    oc = tl.max_contiguous(tl.minimum(offs_d, dim - 1), [1, BD])
     nb = j * S
     seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     A2, dh, Dv, bias = _lane_params(A, DHT, D, DT_BIAS, seq_state_off, nb, oc, dim, S, HAS_DHT,
                                     HAS_D, HAS_BIAS, ACC)
     dA_acc = ()
     for _ in tl.static_range(S):
-        dA_acc = dA_acc + (tl.zeros([32], dtype=ACC),)
-    dD_acc = tl.zeros([32], dtype=ACC)
+        dA_acc = dA_acc + (tl.zeros([W, 32], dtype=ACC),)
+    dD_acc = tl.zeros([W, 32], dtype=ACC)
     part_base = pid_d.to(tl.int64) * total_rows
     xd_base = row0 * dim
     bc_stride = ngroups * dstate
@@ -527,7 +533,7 @@ def selective_scan_bwd_quad_kernel(
             for i in tl.static_range(Q):
                 tci = tl.minimum(t0 + gi * Q + i, last)
                 braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-                di, dxi = _step_delta(d, dx, base, i, Q)
+                di, dxi = _step_delta(d, dx, base, i, Q, 1, BD)
                 new = ()
                 for k in tl.static_range(S):
                     new = new + (_ex2(di * A2[k]) * h[k]
@@ -545,11 +551,11 @@ def selective_scan_bwd_quad_kernel(
                 for i in tl.static_range(Q):
                     tci = tl.minimum(t0 + gi * Q + i, last)
                     craw = _lane_row(C, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-                    p = tl.zeros([32], dtype=ACC)
+                    p = tl.zeros([W, 32], dtype=ACC)
                     for k in tl.static_range(S):
                         p += hs[gi * Q + i + 1][k] * _lane_val(craw, k, PACK, IS_BF16, ACC)
                     ps = ps + (p,)
-                y = _quad_sum_scatter(ps, lane, Q)
+                y = _quad_sum_scatter(ps, lane, Q, 1, BD)
                 if HAS_D:
                     y += Dv * xs[gi]
                 z = zs[gi]
@@ -575,11 +581,11 @@ def selective_scan_bwd_quad_kernel(
                 if Q == 1:
                     dyi = dygs[gi]
                 else:
-                    dyi = tl.gather(dygs[gi], base + i, 0)
+                    dyi = tl.gather(dygs[gi], base + i * BD, 1)
                 di = dis[gi * Q + i]
                 dxi = dxis[gi * Q + i]
-                ddtA = tl.zeros([32], dtype=ACC)
-                dhB = tl.zeros([32], dtype=ACC)
+                ddtA = tl.zeros([W, 32], dtype=ACC)
+                dhB = tl.zeros([W, 32], dtype=ACC)
                 dbs = ()
                 dcs = ()
                 new_dh = ()
@@ -600,18 +606,19 @@ def selective_scan_bwd_quad_kernel(
                 pb = (dhB,) + pb
                 vals = dbs + dcs
                 for _p in tl.static_range(V - 2 * S):
-                    vals = vals + (tl.zeros([32], dtype=ACC),)
-                red = _channel_sum_scatter(vals, lane, Q)
+                    vals = vals + (tl.zeros([W, 32], dtype=ACC),)
+                red = _channel_sum_scatter(vals, lane, BD, 1)
                 for r in tl.static_range(M_OUT):
-                    idx = ch * M_OUT + r  # value idx of this lane's state group
-                    part = (part_base + row) * dstate + nb
-                    tl.store(DB_PART + part + idx, red[r].to(DB_PART.dtype.element_ty),
+                    tot = tl.sum(red[r], axis=0)  # over the program's warps
+                    idx = ch1 * M_OUT + r  # value idx of this lane's state group
+                    part = (part_base + row) * dstate + nb1
+                    tl.store(DB_PART + part + idx, tot.to(DB_PART.dtype.element_ty),
                              mask=idx < tl.where(valid, S, 0))
-                    tl.store(DC_PART + part + (idx - S), red[r].to(DC_PART.dtype.element_ty),
+                    tl.store(DC_PART + part + (idx - S), tot.to(DC_PART.dtype.element_ty),
                              mask=(idx >= S) & (idx < tl.where(valid, 2 * S, 0)))
             # lane j finishes step gi*Q + j: dΔ and dx
-            ddtA = _quad_sum_scatter(pa, lane, Q)
-            dhB = _quad_sum_scatter(pb, lane, Q)
+            ddtA = _quad_sum_scatter(pa, lane, Q, 1, BD)
+            dhB = _quad_sum_scatter(pb, lane, Q, 1, BD)
             # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
             ddt = ddtA * LN2 + dhB * xs[gi]
             dxo = dhB * ds[gi]
@@ -628,6 +635,6 @@ def selective_scan_bwd_quad_kernel(
         tl.store(DA_PART + seq_state_off + (nb + k) * dim + oc,
                  dA_acc[k].to(DA_PART.dtype.element_ty), mask=md)
     if HAS_D:
-        tot = _quad_allsum(dD_acc, lane, Q)
+        tot = _quad_allsum(dD_acc, lane, Q, 1, BD)
         tl.store(DD_PART + (pid_s.to(tl.int64) * nseg + pid_g) * dim + oc,
                  tot.to(DD_PART.dtype.element_ty), mask=md & (j == 0))
