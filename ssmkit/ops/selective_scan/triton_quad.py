@@ -26,7 +26,9 @@ states) follows :func:`~ssmkit.ops.selective_scan.triton_kernels.selective_scan_
 whose arguments this kernel takes, so the host code swaps one for the other.
 
 Lane ``l`` of the (one-warp) program: channel ``pid_d * 32/Q + l // Q``, states
-``(l % Q) * S .. (l % Q) * S + S - 1``. The backward splits the same way (see its docstring).
+``(l % Q) * S .. (l % Q) * S + S - 1``. The backward splits the states the same way but
+lays a program's W warps out as ``(W, 32)`` tiles with the channels fastest along the lanes
+(see its docstring).
 """
 
 from __future__ import annotations
@@ -404,10 +406,10 @@ def selective_scan_fwd_quad_kernel(
 
 @triton.jit
 def _channel_sum_scatter(vals, lane, BD: tl.constexpr, AX: tl.constexpr = 0):
-    """Sum the values of a tuple over the BD channels of a warp, which are the lanes ``lane %
-    BD`` (the lanes of one state group), leaving the lane of channel ``ch`` with the sums of
-    values ``ch * m .. ch * m + m - 1`` (``m = len(vals) / BD``): :func:`_scatter_level` over the
-    low log2(BD) lane bits."""
+    """Sum the values of a tuple over the BD channels of a warp, whose lanes for one state
+    group are ``j * BD .. j * BD + BD - 1`` (channel ``lane % BD``), leaving the lane of channel
+    ``ch`` with the sums of values ``ch * m .. ch * m + m - 1`` (``m = len(vals) / BD``):
+    :func:`_scatter_level` over the low log2(BD) lane bits."""
     V: tl.constexpr = len(vals)
     # (at the level of mask m a lane holds 2 V m / BD values and keeps half)
     if BD >= 32:
