@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
+from _results import write_json  # noqa: E402
 
 _light_import.light()
 
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
         res["gemv"] = gemv_sweep(a.batch)
     res["steps"] = step_times([1, 4], a.steps)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.out, res)
     return 0
 
 

@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
+from _results import write_json  # noqa: E402
 
 _light_import.light()
 
@@ -203,8 +204,7 @@ def main(argv=None):
         t = r.get("attention", {}).get("tokens_per_s", float("nan"))
         print(f"| {r['prompt']} | {s:.0f} | {t:.0f} | {s / t:.2f} |")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.out, res)
     return 0
 
 

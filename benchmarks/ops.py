@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
+from _results import write_json  # noqa: E402
 
 _light_import.light()
 
@@ -154,8 +155,7 @@ def main(argv=None) -> int:
         print(f"| {r['op']} | {r['backend']} | {shape} | {r.get('fwd_ms', float('nan')):.3f} | "
               f"{r.get('fwd_bwd_ms', float('nan')):.3f} |" + (f" {r['error'][:60]}" if "error" in r else ""))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+        write_json(a.out, {"info": info, "rows": rows})
         png = registry.plot(rows, os.path.splitext(a.out)[0] + ".png",
                             f"{info.get('gpu', info['cpu'])} {a.dtype if device.type == 'cuda' else 'fp32'}")
         if png:

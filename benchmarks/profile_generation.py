@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
+from _results import write_json  # noqa: E402
 
 _light_import.light()
 
@@ -157,8 +157,7 @@ def main(argv=None) -> int:
         res["decode"] = _profile(run_decode, use_cuda, a.top)
         _print(f"prompt of 8 + {a.steps} CUDA-graph decode steps, batch {a.batch}", res["decode"])
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.out, res)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
+from _results import write_json  # noqa: E402
 
 _light_import.light()
 
@@ -336,8 +336,7 @@ def main(argv=None):
               f"{r['fwd_floor_ms']:.3f} / {r['fwd_bwd_floor_ms']:.3f} |")
     prefill = bench_prefill(a.no_peer) if a.prefill else []
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"info": info, "rows": rows, "prefill": prefill}, f, indent=1)
+        write_json(a.out, {"info": info, "rows": rows, "prefill": prefill})
     return 0
 
 
