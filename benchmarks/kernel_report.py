@@ -47,7 +47,7 @@ KERNELS = {
     "bwd_quad": (tq.selective_scan_bwd_quad_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
         USE_F64=False, Q=4, S=4, K=4, EVEN_D=True, PACK=2, IS_BF16=True, V=8, VEC=2,
-        DIM_C=0, W=1)),
+        DIM_C=0, W=1, M=1)),
     "adjoint_local": (tk.adjoint_local_kernel, dict(
         HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, USE_F64=False, BLOCK_D=32, N=16, K=8,
         EVEN_D=True, PACK=2, IS_BF16=True)),

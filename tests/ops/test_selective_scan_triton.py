@@ -385,8 +385,8 @@ def test_split_state_forward_applicability(monkeypatch):
 def test_split_state_backward(monkeypatch, Q, KB, fq, W):
     """The split-state backward (bwd_quad, W warps per program): every gradient against
     float64, with partial blocks, channels not filling the last program, packed sequences with
-    empty ones, groups, segments, no optional inputs, after either forward; memory-bounded
-    saving falls back to the lanes backward."""
+    empty ones, groups, segments, no optional inputs, after either forward; with memory-bounded
+    saving (one state per M blocks, partial groups, segments of several groups) too."""
     from ssmkit.ops.selective_scan import triton_quad
 
     calls = []
@@ -395,7 +395,7 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W):
     class _Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                calls.append((kw["Q"], kw["K"], kw["V"], kw["W"]))
+                calls.append((kw["Q"], kw["K"], kw["V"], kw["W"], kw["M"]))
                 return kernel[grid](*args, **kw)
             return launch
 
@@ -410,14 +410,16 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W):
                softplus=False)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
         _check(_inputs(1, 37, 8, 16, 1, torch.float64))
-        n = len(calls)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0))
         _check(_inputs(1, 37, 8, 16, 1, torch.float64))
-        assert len(calls) == n  # memory-bounded: the lanes backward
+        triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0,
+                                                             coarse_blocks=3, seq_split=2))
+        _check(_inputs(2, 45, 8, 16, 1, torch.float64))
     finally:
         triton_mod.set_config(prev)
     S = 16 // Q
-    assert len(calls) == 4 and {c[:2] + c[3:] for c in calls} == {(Q, KB, W)}
+    assert [c[4] for c in calls] == [1, 1, 1, 1, cfg.coarse_blocks, 3]
+    assert len(calls) == 6 and {c[:2] + c[3:4] for c in calls} == {(Q, KB, W)}
     assert calls[1][2] == max(2 * S, 32 // Q)  # dB, dC values per step, padded to the channels
 
 
@@ -437,3 +439,4 @@ def test_split_state_backward_half_inputs():
     gr = torch.autograd.grad((yr * gy).sum() + hr.sum(), ts64)
     for n, a, b in zip(NAMES, gr, g):
         assert_close(f"grad {n}", a, b.double(), rel=2e-2)
+

@@ -75,10 +75,14 @@ class ScanConfig:
     # Memory bound of the states saved for the backward (bytes per call; float32, one per
     # bwd_chunk steps: B·L·D·N bytes at bwd_chunk 4, 537 MB at B8 L2048 D2048 N16, 1.07 GB per
     # layer for Mamba-1.4B at B8 L2048). Beyond it the forward saves one state per
-    # `coarse_blocks` backward blocks, and the lanes backward recomputes the others per group
-    # (one more pass over the exponentials).
-    state_mem_limit: int = 512 * 2**20
-    coarse_blocks: int = 16
+    # `coarse_blocks` backward blocks, and the backward recomputes the others per group (one
+    # more pass over the exponentials). H100, B8 D2048 N16 bf16, split-state backward (session
+    # 6, call 4), forward + backward: seqlen 2048 one state per block 1.910 ms, per 4 blocks
+    # 2.098, per 8 2.081, per 16 2.121, per 32 2.153; seqlen 8192 7.419, 8.170, 8.093, 8.257,
+    # 8.386. So: one per block up to 1 GiB per call (the issue's shape at 2048 fits), beyond
+    # that one per 8 blocks (8x less memory for about 10% more time).
+    state_mem_limit: int = 2**30
+    coarse_blocks: int = 8
     # forward with a channel's N states split over `fwd_quad` lanes (triton_quad.py; 2, 4, 8 or
     # 16, dividing N; 0 = off): fwd_quad times the warps of one lane per channel, no second
     # pass; `quad_prefetch` (1 or 2) groups of its inputs loaded ahead. H100, 2026-11-27, B8
@@ -99,17 +103,23 @@ class ScanConfig:
     # 80: 0.417, 64: 0.576
     quad_maxnreg: int = 128
     # backward with a channel's states split over `bwd_quad` lanes (triton_quad.py; 0 = the
-    # lanes backward). Written in session 5 after the device time was spent: tested under the
-    # interpreter, not yet timed, so off by default.
-    bwd_quad: int = 0
-    # its register cap (0 = the compiler's choice): Q=4 fits 128 without spills on sm_90, Q=2
-    # spills at 128 (benchmarks/kernel_report.py bwd_quad ... --loops)
+    # lanes backward). H100, B8 D2048 N16 bf16, forward + backward with one saved state per
+    # block (session 6, call 3): 2.031 ms against 2.676 for the lanes backward at seqlen 2048,
+    # 7.888 against 10.352 at 8192; Q = 2: 2.817 and 10.94
+    bwd_quad: int = 4
+    # its register cap (0 = the compiler's choice): Q=4 fits 128 without spills on sm_90 (0:
+    # 2.452 ms against 2.031 at seqlen 2048), Q=2 spills at 128 (benchmarks/kernel_report.py
+    # bwd_quad ... --loops)
     bwd_quad_maxnreg: int = 128
     # its warps per program: the warps add their dB, dC sums before storing them, so the
     # partial sums (per block of bwd_quad_warps * 32 / bwd_quad channels) shrink that many times
     # (at B8 L2048 D2048 N16: 134 MB written and added up per call instead of 537 with one warp)
-    # for about 8% more instructions per step (sm_90 SASS: 748 against 690 per block of 4)
+    # for about 8% more instructions per step (sm_90 SASS: 748 against 690 per block of 4);
+    # H100 (session 6, call 3): 2.031 ms against 2.075 with one warp at seqlen 2048, 7.888
+    # against 8.093 at 8192
     bwd_quad_warps: int = 4
+    # (prefetching the next block's rows into L2 or L1 in the split-state backward measured
+    # slower: 1.975 ms against 1.909 per training step, H100, session 6, call 5)
 
 
 # The lanes forward unrolls N state vectors: beyond this, the tile kernel.
@@ -197,14 +207,12 @@ def _bwd_lanes(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tenso
             and (B.shape[2] == 1 or dpg % 32 == 0))
 
 
-def _bwd_quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
-              coarse: int) -> int:
+def _bwd_quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> int:
     """Q of the split-state backward, or 0 (the lanes or tile backward): Q must divide N and the
-    backward's block of steps, a program's 32 / Q channels lie in one group, and the forward
-    must have saved a state per block (no memory-bounded saving)."""
+    backward's block of steps, and a program's W * 32 / Q channels lie in one group."""
     q = cfg.bwd_quad
     N = A.shape[1]
-    if q not in (1, 2, 4, 8, 16) or N % q or cfg.bwd_chunk % q or coarse > 1:
+    if q not in (1, 2, 4, 8, 16) or N % q or cfg.bwd_chunk % q:
         return 0
     if cfg.bwd_quad_warps not in (1, 2, 4, 8):
         return 0
@@ -216,10 +224,12 @@ def _bwd_quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor
 def _coarse_blocks(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
                    nseq: int) -> int:
     """Backward blocks per saved state: 1, or ``cfg.coarse_blocks`` when one state per block
-    would take more than ``cfg.state_mem_limit`` bytes (lanes backward only)."""
+    would take more than ``cfg.state_mem_limit`` bytes (the lanes and split-state backwards
+    recompute the states between saved ones)."""
     rows = x.shape[0] * x.shape[1]
     nbytes = (rows // cfg.bwd_chunk + nseq) * A.shape[0] * A.shape[1] * 4
-    if cfg.coarse_blocks <= 1 or nbytes <= cfg.state_mem_limit or not _bwd_lanes(cfg, x, B, A):
+    if (cfg.coarse_blocks <= 1 or nbytes <= cfg.state_mem_limit
+            or not (_bwd_lanes(cfg, x, B, A) or _bwd_quad(cfg, x, B, A))):
         return 1
     return cfg.coarse_blocks
 
@@ -511,8 +521,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         B, C = B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
         cfg = ctx.cfg
-        m = ctx.coarse  # > 1 only with the lanes backward
-        quad = _bwd_quad(cfg, x, B, A, m)
+        m = ctx.coarse  # > 1 only with the lanes or split-state backward
+        quad = _bwd_quad(cfg, x, B, A)
         lanes = _bwd_lanes(cfg, x, B, A) or bool(quad)
         block_d = (cfg.bwd_quad_warps * 32 // quad if quad
                    else (32 if lanes else cfg.bwd_block_d))
@@ -527,7 +537,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         # B8 D2048 N16 L2048 (512 warps on 132 SMs), forward + backward 3.03 ms with 4 segments
         # against 3.53 in one pass (the forward alone is faster in one pass there: 0.661 against
         # 0.751 ms).
-        nseg = (_segments(geo, cfg, x, warps_per_block=1, below_warps_per_sm=BWD_SPLIT_BELOW)
+        nseg = (_segments(geo, cfg, x, warps_per_block=cfg.bwd_quad_warps if quad else 1,
+                          below_warps_per_sm=BWD_SPLIT_BELOW)
                 if lanes else 1)
         seg_len = max(geo.L, 1) if not geo.varlen else 2**62
         if nseg > 1:
@@ -561,10 +572,14 @@ class _SelectiveScanFn(torch.autograd.Function):
                 qflags["DIM_C"] = geo.dim
             if cfg.bwd_quad_maxnreg and x.device.type == "cuda":
                 qflags["maxnreg"] = cfg.bwd_quad_maxnreg
-            triton_quad.selective_scan_bwd_quad_kernel[(geo.nseq, geo.n_dblocks, nseg)](
-                *args, seg_len, nseg, **qflags, Q=quad, S=S, EVEN_D=geo.even_d, PACK=pack,
-                VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
-                W=cfg.bwd_quad_warps, num_warps=cfg.bwd_quad_warps)
+            grid = (geo.nseq, geo.n_dblocks, nseg)
+            # per program and lane: the S states entering each of a group's M blocks
+            scratch = (torch.empty(grid[0] * grid[1] * grid[2] * m * S * cfg.bwd_quad_warps * 32,
+                                   device=x.device, dtype=acc) if m > 1 else states)
+            triton_quad.selective_scan_bwd_quad_kernel[grid](
+                *args, seg_len, nseg, scratch, **qflags, Q=quad, S=S, EVEN_D=geo.even_d,
+                PACK=pack, VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
+                W=cfg.bwd_quad_warps, M=m, num_warps=cfg.bwd_quad_warps)
         elif lanes:
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # per program: the M block-start states of the group being recomputed
@@ -582,16 +597,22 @@ class _SelectiveScanFn(torch.autograd.Function):
             dh0 = dh0.view(geo.nseq, nseg, geo.N, geo.dim)[:, 0]
         G, bpg, N = geo.G, geo.blocks_per_group, geo.N
 
-        def _group_sum(part):  # (G*bpg, rows, N) -> (bsz, L, G, N)
-            return part.view(G, bpg, rows, N).sum(1).permute(1, 0, 2).reshape(geo.bsz, geo.L, G, N)
+        def _group_sum(part, dtype):  # (G*bpg, rows, N) -> (bsz, L, G, N), one pass
+            out = torch.empty(geo.bsz, geo.L, G, N, device=part.device, dtype=dtype)
+            if rows:
+                tk.sum_partials_kernel[(-(-rows * N // 1024), G)](
+                    part, out, bpg, rows, N, G, USE_F64=acc == torch.float64, BLOCK=1024,
+                    num_warps=4)
+            return out
 
-        dB = _group_sum(db_part).to(B.dtype) if ctx.needs_input_grad[3] else None
-        dC = _group_sum(dc_part).to(C.dtype) if ctx.needs_input_grad[4] else None
+        dB = _group_sum(db_part, B.dtype) if ctx.needs_input_grad[3] else None
+        dC = _group_sum(dc_part, C.dtype) if ctx.needs_input_grad[4] else None
         dA = da_part.sum(0).t().to(A.dtype) if ctx.needs_input_grad[2] else None
         dD = dd_part.sum(0).to(D.dtype) if (D is not None and ctx.needs_input_grad[5]) else None
         dbias = None
         if dt_bias is not None and ctx.needs_input_grad[7]:
-            dbias = ddt.to(acc).sum((0, 1)).to(dt_bias.dtype)
+            # (summed in float32 without a float32 copy of ddt: 0.1 ms at B8 L2048 D2048)
+            dbias = ddt.sum((0, 1), dtype=acc).to(dt_bias.dtype)
         dinit = dh0.transpose(1, 2).to(initial_state.dtype) if initial_state is not None else None
         return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None
 
