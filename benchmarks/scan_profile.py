@@ -67,7 +67,8 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="operator table of the first config")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
+    print({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "ssmkit": os.path.dirname(sst.__file__)}, flush=True)
     base = sst.get_config()
     rows = []
     for L in map(int, a.seqlens.split(",")):

@@ -115,8 +115,8 @@ class ScanConfig:
     # partial sums (per block of bwd_quad_warps * 32 / bwd_quad channels) shrink that many times
     # (at B8 L2048 D2048 N16: 134 MB written and added up per call instead of 537 with one warp)
     # for about 8% more instructions per step (sm_90 SASS: 748 against 690 per block of 4);
-    # H100 (session 6, call 3): 2.031 ms against 2.075 with one warp at seqlen 2048, 7.888
-    # against 8.093 at 8192
+    # H100 (session 6, calls 3, 5, 8): 2.031 ms against 2.075 with one warp at seqlen 2048,
+    # 7.888 against 8.093 at 8192; 2 warps 1.913 against 1.909, 8 warps 2.094
     bwd_quad_warps: int = 4
     # (prefetching the next block's rows into L2 or L1 in the split-state backward measured
     # slower: 1.975 ms against 1.909 per training step, H100, session 6, call 5)

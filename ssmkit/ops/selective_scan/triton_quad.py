@@ -1,6 +1,8 @@
 """Selective scan kernels with a channel's N states split over Q lanes ("quad" layout): the
-forward (:func:`selective_scan_fwd_quad_kernel`, the default) and the backward
-(:func:`selective_scan_bwd_quad_kernel`, ``ScanConfig.bwd_quad``, not yet timed on a GPU).
+forward (:func:`selective_scan_fwd_quad_kernel`) and the backward
+(:func:`selective_scan_bwd_quad_kernel`), both the defaults on CUDA (``ScanConfig.fwd_quad``,
+``ScanConfig.bwd_quad``; H100 at B8 D2048 N16 L2048 bf16: forward 0.30 ms, forward + backward
+1.91 ms, against 0.60 and 3.06 for mamba_ssm).
 
 Imported only through :mod:`ssmkit.ops.selective_scan.triton` when Triton is installed.
 
