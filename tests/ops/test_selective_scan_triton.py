@@ -380,13 +380,16 @@ def test_split_state_forward_applicability(monkeypatch):
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 8)
 
 
-@pytest.mark.parametrize("Q,KB,fq,W", [(4, 4, 4, 4), (4, 4, 4, 1), (2, 4, 0, 2), (4, 8, 4, 1),
-                                        (8, 8, 2, 4)])
-def test_split_state_backward(monkeypatch, Q, KB, fq, W):
+@pytest.mark.parametrize("Q,KB,fq,W,dn", [(4, 4, 4, 4, 0), (4, 4, 4, 1, 0), (2, 4, 0, 2, 0),
+                                           (4, 8, 4, 1, 0), (8, 8, 2, 4, 0), (4, 4, 4, 4, 1),
+                                           (8, 8, 2, 4, 1), (2, 4, 0, 2, 1)])
+def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn):
     """The split-state backward (bwd_quad, W warps per program): every gradient against
     float64, with partial blocks, channels not filling the last program, packed sequences with
     empty ones, groups, segments, no optional inputs, after either forward; with memory-bounded
-    saving (one state per M blocks, partial groups, segments of several groups) too."""
+    saving (one state per M blocks, partial groups, segments of several groups) too; saved
+    states in either layout (dn: (dim, N), used when the forward splits the states too and
+    saves one per block)."""
     from ssmkit.ops.selective_scan import triton_quad
 
     calls = []
@@ -400,7 +403,8 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W):
             return launch
 
     monkeypatch.setattr(triton_quad, "selective_scan_bwd_quad_kernel", _Spy())
-    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W)
+    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W,
+                                state_dn=dn)
     prev = triton_mod.set_config(cfg)
     try:
         _check(_inputs(2, 11, 40, 8, 1, torch.float64))

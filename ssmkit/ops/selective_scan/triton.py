@@ -118,6 +118,12 @@ class ScanConfig:
     # H100 (session 6, calls 3, 5, 8): 2.031 ms against 2.075 with one warp at seqlen 2048,
     # 7.888 against 8.093 at 8192; 2 warps 1.913 against 1.909, 8 warps 2.094
     bwd_quad_warps: int = 4
+    # saved states in a (dim, N) layout when both the forward and the backward split the states
+    # and one is saved per block (a lane's 4 states adjacent: one 16-byte store / load per lane
+    # instead of 4 scattered over 4 rows). H100, B8 D2048 N16 (session 6, call 13): training
+    # forward 0.454 ms against 0.499 at seqlen 2048, step 1.857 against 1.907; at 8192 7.242
+    # against 7.410; with one state per 8 blocks no gain (8.053 against 8.005), so not then
+    state_dn: int = 1
     # (prefetching the next block's rows into L2 or L1 in the split-state backward measured
     # slower: 1.975 ms against 1.909 per training step, H100, session 6, call 5)
 
@@ -411,6 +417,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
              and not quad)
     acc = compute_dtype(x)
     y = torch.empty_like(x)
+    dn = False  # saved states (dim, N) rather than (N, dim): split-state forward and backward
     # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
     At = A.t().contiguous()
     ht = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc) if want_final else None
@@ -451,6 +458,9 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             if cfg.quad_static:
                 tflags.update(DIM_C=geo.dim, ZRS_C=max(dims[6], 0), BRS_C=dims[7],
                               CRS_C=dims[8])
+            # (the split-state backward reads the states in the layout saved here)
+            dn = bool(save_states and cfg.state_dn and m == 1 and _bwd_quad(cfg, x, B, A))
+            tflags["STATE_DN"] = dn
             if cfg.quad_maxnreg and x.device.type == "cuda":
                 tflags["maxnreg"] = cfg.quad_maxnreg
         elif v2:
@@ -494,7 +504,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                 ht = hts.view(geo.nseq, nseg, geo.N, geo.dim)[:, -1]
     if ht is not None:
         ht = ht.transpose(1, 2).contiguous()  # (nseq, dim, N), the public layout
-    return y, ht, states, m
+    return y, ht, states, m, dn
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -502,12 +512,13 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus,
                 return_final_state):
         cfg = _CONFIG
-        y, ht, states, m = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
+        y, ht, states, m, dn = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
                                     cu_seqlens, return_final_state, True, cfg)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states)
         ctx.dt_softplus = dt_softplus
         ctx.cfg = cfg
         ctx.coarse = m  # backward blocks per saved state
+        ctx.state_dn = dn  # their layout: (dim, N) or (N, dim)
         if return_final_state:
             return y, ht
         return y
@@ -579,7 +590,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             triton_quad.selective_scan_bwd_quad_kernel[grid](
                 *args, seg_len, nseg, scratch, **qflags, Q=quad, S=S, EVEN_D=geo.even_d,
                 PACK=pack, VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
-                W=cfg.bwd_quad_warps, M=m, num_warps=cfg.bwd_quad_warps)
+                W=cfg.bwd_quad_warps, M=m, STATE_DN=ctx.state_dn, num_warps=cfg.bwd_quad_warps)
         elif lanes:
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # per program: the M block-start states of the group being recomputed
@@ -671,7 +682,7 @@ def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         out = _SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens,
                                      bool(dt_softplus), bool(return_final_state))
         return out
-    y, ht, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+    y, ht, _, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
                            bool(return_final_state), False, _CONFIG)
     return (y, ht) if return_final_state else y
 

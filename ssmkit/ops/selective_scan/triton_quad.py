@@ -225,12 +225,51 @@ def _quad_allsum(v, lane, Q: tl.constexpr, AX: tl.constexpr = 0, QS: tl.constexp
 
 
 @triton.jit
-def _save_state(sp, h, nb, dim, mask, S: tl.constexpr):
-    """Store this lane's S states (rows ``nb ..`` of an ``(N, dim)`` state at ``sp``).
-    (Streaming stores here and evict-first loads in the backward measured no faster: H100,
-    session 6, call 5, 1.956 ms against 1.909 per training step at B8 L2048 D2048.)"""
-    for k in tl.static_range(S):
-        tl.store(sp + (nb + k) * dim, h[k].to(sp.dtype.element_ty), mask=mask)
+def _save_state(sb, h, oc, nb, dim, dstate, mask, S: tl.constexpr, DN: tl.constexpr):
+    """Store this lane's S states (``nb ..`` of channel ``oc``) into the saved state at ``sb``:
+    ``(N, dim)`` (S stores, 4 rows per warp store), or with ``DN`` ``(dim, N)``, where a lane's
+    S values are adjacent and the warp's 512 bytes contiguous: one vector store per lane on the
+    GPU. (Streaming stores measured no faster: H100, session 6, call 5, 1.956 ms against 1.909
+    per training step at B8 L2048 D2048.)"""
+    if DN:
+        P = sb + oc * dstate + nb
+        if FAST_LOG and S == 4 and P.dtype.element_ty == tl.float32:
+            # (predicated: the mask as a 32-bit operand)
+            # (all operands integers: inline asm broadcasts its operands like a binary op,
+            # which refuses a pointer beside a float)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $6, 0; "
+                "@p st.global.v4.b32 [$1], {$2, $3, $4, $5}; }\n\tmov.u32 $0, 0;",
+                "=r,l,r,r,r,r,r",
+                [P.to(tl.int64), h[0].to(tl.int32, bitcast=True), h[1].to(tl.int32, bitcast=True),
+                 h[2].to(tl.int32, bitcast=True), h[3].to(tl.int32, bitcast=True),
+                 mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            for k in tl.static_range(S):
+                tl.store(P + k, h[k].to(P.dtype.element_ty), mask=mask)
+    else:
+        for k in tl.static_range(S):
+            tl.store(sb + (nb + k) * dim + oc, h[k].to(sb.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_state(sb, oc, nb, dim, dstate, S: tl.constexpr, ACC, DN: tl.constexpr):
+    """This lane's S states from the saved state at ``sb`` (layout as :func:`_save_state`);
+    ``oc`` must be an in-bounds channel (unmasked loads)."""
+    h = ()
+    if DN:
+        P = sb + oc * dstate + nb
+        if FAST_LOG and S == 4 and P.dtype.element_ty == tl.float32:
+            w = _ld_words(P.to(tl.pointer_type(tl.int32)), oc >= 0, 4, False)
+            for k in tl.static_range(S):
+                h = h + (w[k].to(tl.float32, bitcast=True).to(ACC),)
+        else:
+            for k in tl.static_range(S):
+                h = h + (tl.load(P + k).to(ACC),)
+    else:
+        for k in tl.static_range(S):
+            h = h + (tl.load(sb + (nb + k) * dim + oc).to(ACC),)
+    return h
 
 
 @triton.jit
@@ -242,7 +281,8 @@ def _quad_block(h, dsum, pipe, c, t_begin, last, xd_base, z_base, b_base, c_base
                 Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                 PF: tl.constexpr, EVEN_D: tl.constexpr, STORE_Y: tl.constexpr,
                 STORE_DSUM: tl.constexpr, PACK: tl.constexpr, IS_BF16: tl.constexpr,
-                VEC: tl.constexpr, CLAMP: tl.constexpr, NEXT_CLAMP: tl.constexpr):
+                VEC: tl.constexpr, CLAMP: tl.constexpr, NEXT_CLAMP: tl.constexpr,
+                DN: tl.constexpr = 0):
     """Block ``c`` of K steps (K // Q groups). ``pipe``: the inputs of the next PF groups, loaded
     ahead; each group issues the loads of the group PF later (the next block's first ones in the
     last groups; PF * Q <= K, so they lie in the next block) before it computes, and returns the
@@ -280,17 +320,17 @@ def _quad_block(h, dsum, pipe, c, t_begin, last, xd_base, z_base, b_base, c_base
             jt = g * Q + i
             if SAVE_STATES and KS > K and jt == 0:
                 # one state every KS // K blocks (the backward recomputes the ones between)
-                sp = STATES + (ck0 + c // (KS // K)) * dim * dstate + oc
+                sb = STATES + (ck0 + c // (KS // K)) * dim * dstate
                 sm = md & (lane < tl.where(c % (KS // K) == 0, 32, 0))
-                _save_state(sp, h, nb, dim, sm, S)
+                _save_state(sb, h, oc, nb, dim, dstate, sm, S, DN)
             elif SAVE_STATES and KS <= K and jt % KS == 0:
                 # the state entering steps jt .. jt+KS-1, for the backward
-                sp = STATES + (ck0 + c * (K // KS) + jt // KS) * dim * dstate + oc
+                sb = STATES + (ck0 + c * (K // KS) + jt // KS) * dim * dstate
                 if CLAMP:  # blocks that start past the segment end do not exist
                     sm = md & (lane < tl.where(rem >= jt, 32, 0))
                 else:
                     sm = md
-                _save_state(sp, h, nb, dim, sm, S)
+                _save_state(sb, h, oc, nb, dim, dstate, sm, S, DN)
             di, dxi = _step_delta(d, dx, base, i, Q)
             new = ()
             p = tl.zeros_like(di)
@@ -330,7 +370,7 @@ def selective_scan_fwd_quad_kernel(
     EVEN_D: tl.constexpr, STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
     PACK: tl.constexpr, IS_BF16: tl.constexpr, VEC: tl.constexpr = 1,
     DIM_C: tl.constexpr = 0, ZRS_C: tl.constexpr = 0, BRS_C: tl.constexpr = 0,
-    CRS_C: tl.constexpr = 0,
+    CRS_C: tl.constexpr = 0, STATE_DN: tl.constexpr = 0,
 ):
     """One program: sequence ``program_id(0)``, channels ``program_id(1) * 32/Q ..`` (one warp),
     segment ``program_id(2)`` of ``seg_len`` steps. ``Q`` lanes per channel with ``S = N / Q``
@@ -388,21 +428,21 @@ def selective_scan_fwd_quad_kernel(
                                     dstate, z_rs, b_rs, c_rs, oc, md, j, nb, lane, base, HAS_D,
                                     HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, Q, S, K, KS,
                                     PF, EVEN_D, STORE_Y, STORE_DSUM, PACK, IS_BF16, VEC, False,
-                                    False)
+                                    False, STATE_DN)
     for c in range(tl.maximum(nfull - 1, 0), nfull):  # the last full block
         h, dsum, pipe = _quad_block(h, dsum, pipe, c, t_begin, last, xd_base, z_base, b_base,
                                     c_base, ck0, X, DT, Z, B, C, Y, STATES, A2, Dv, bias, dim,
                                     dstate, z_rs, b_rs, c_rs, oc, md, j, nb, lane, base, HAS_D,
                                     HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, Q, S, K, KS,
                                     PF, EVEN_D, STORE_Y, STORE_DSUM, PACK, IS_BF16, VEC, False,
-                                    True)
+                                    True, STATE_DN)
     for c in range(nfull, nblocks):
         h, dsum, pipe = _quad_block(h, dsum, pipe, c, t_begin, last, xd_base, z_base, b_base,
                                     c_base, ck0, X, DT, Z, B, C, Y, STATES, A2, Dv, bias, dim,
                                     dstate, z_rs, b_rs, c_rs, oc, md, j, nb, lane, base, HAS_D,
                                     HAS_Z, HAS_BIAS, SOFTPLUS, SAVE_STATES, ACC, Q, S, K, KS,
                                     PF, EVEN_D, STORE_Y, STORE_DSUM, PACK, IS_BF16, VEC, True,
-                                    True)
+                                    True, STATE_DN)
     if STORE_HT:
         for k in tl.static_range(S):
             tl.store(HT + seq_state_off + (nb + k) * dim + oc, h[k].to(HT.dtype.element_ty),
@@ -470,6 +510,7 @@ def selective_scan_bwd_quad_kernel(
     Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
     PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr = 1,
     DIM_C: tl.constexpr = 0, W: tl.constexpr = 1, M: tl.constexpr = 1,
+    STATE_DN: tl.constexpr = 0,
 ):
     """Backward with a channel's N states split over Q lanes, as the split-state forward; the
     lanes backward's algorithm (``triton_kernels.selective_scan_bwd_lanes_kernel``, same
@@ -548,10 +589,8 @@ def selective_scan_bwd_quad_kernel(
             nblk = tl.minimum(nchunks - gm * M, M)  # its blocks inside the segment
             # the group's block-start states, from its saved state (the last one is not
             # advanced past: its block is the first handled below)
-            st = STATES + (ck0 + t_begin // KM + gm) * dim * dstate + oc
-            h = ()
-            for k in tl.static_range(S):
-                h = h + (tl.load(st + (nb + k) * dim).to(ACC),)
+            h = _load_state(STATES + (ck0 + t_begin // KM + gm) * dim * dstate, oc, nb, dim,
+                            dstate, S, ACC, STATE_DN)
             for m in range(0, nblk - 1):
                 for k in tl.static_range(S):
                     tl.store(slot + (m * S + k) * (W * 32), h[k])
@@ -570,9 +609,8 @@ def selective_scan_bwd_quad_kernel(
                 for k in tl.static_range(S):
                     h = h + (tl.load(slot + ((nblk - 1 - mm) * S + k) * (W * 32)),)
             else:
-                st = STATES + (ck0 + c) * dim * dstate + oc
-                for k in tl.static_range(S):
-                    h = h + (tl.load(st + (nb + k) * dim).to(ACC),)
+                h = _load_state(STATES + (ck0 + c) * dim * dstate, oc, nb, dim, dstate, S, ACC,
+                                STATE_DN)
             # Recompute the block. Per group: lane j's own step (x, Δ, dy, z, dtraw), and for every
             # step of the block the shared Δ, Δx and the states before / after it.
             hs = (h,)
