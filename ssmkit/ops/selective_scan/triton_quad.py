@@ -486,17 +486,36 @@ def _quad_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride, t0, last, 
         off = xd_base + tl.minimum(t, last) * dim + oc
         x = tl.load(X + off).to(ACC)
         _, d = _delta(tl.load(DT + off).to(ACC), bias, md & (t <= last), HAS_BIAS, SOFTPLUS)
-        dx = d * x
-        for i in tl.static_range(Q):
-            tci = tl.minimum(t0 + gi * Q + i, last)
-            braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-            di, dxi = _step_delta(d, dx, base, i, Q, 1, BD)
-            new = ()
-            for k in tl.static_range(S):
-                new = new + (_ex2(di * A2[k]) * h[k]
-                             + dxi * _lane_val(braw, k, PACK, IS_BF16, ACC),)
-            h = new
+        hg, _, _ = _quad_group_states(h, d, d * x, B, A2, t0 + gi * Q, last, bc_base,
+                                      bc_stride, nb, base, lane, ACC, Q, S, PACK, VEC,
+                                      IS_BF16, BD)
+        h = hg[Q - 1]
     return h
+
+
+@triton.jit
+def _quad_group_states(h, d, dx, B, A2, tg, last, bc_base, bc_stride, nb, base, lane, ACC,
+                       Q: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, VEC: tl.constexpr,
+                       IS_BF16: tl.constexpr, BD: tl.constexpr):
+    """The Q steps of the group from step ``tg`` in the backward's lane mapping, from this
+    lane's states ``h`` before it and its own step's ``Δ, Δ x`` (``d, dx``; the other steps'
+    by shuffles): ``h_t[n] = exp(Δ_t A[n]) h_{t-1}[n] + Δ_t x_t B_t[n]``. Returns the states
+    after each step and each step's Δ and Δx (rows past ``last`` re-read the last one)."""
+    hs = ()
+    dis = ()
+    dxis = ()
+    for i in tl.static_range(Q):
+        tci = tl.minimum(tg + i, last)
+        braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
+        di, dxi = _step_delta(d, dx, base, i, Q, 1, BD)
+        new = ()
+        for k in tl.static_range(S):
+            new = new + (_ex2(di * A2[k]) * h[k] + dxi * _lane_val(braw, k, PACK, IS_BF16, ACC),)
+        h = new
+        hs = hs + (h,)
+        dis = dis + (di,)
+        dxis = dxis + (dxi,)
+    return hs, dis, dxis
 
 
 @triton.jit
@@ -636,19 +655,13 @@ def selective_scan_bwd_quad_kernel(
                 ds = ds + (d,)
                 dtraws = dtraws + (dtraw,)
                 vlds = vlds + (vld,)
-                dx = d * x
-                for i in tl.static_range(Q):
-                    tci = tl.minimum(t0 + gi * Q + i, last)
-                    braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-                    di, dxi = _step_delta(d, dx, base, i, Q, 1, BD)
-                    new = ()
-                    for k in tl.static_range(S):
-                        new = new + (_ex2(di * A2[k]) * h[k]
-                                     + dxi * _lane_val(braw, k, PACK, IS_BF16, ACC),)
-                    h = new
-                    hs = hs + (h,)
-                    dis = dis + (di,)
-                    dxis = dxis + (dxi,)
+                hg, dg, dxg = _quad_group_states(h, d, d * x, B, A2, t0 + gi * Q, last, bc_base,
+                                                 bc_stride, nb, base, lane, ACC, Q, S, PACK,
+                                                 VEC, IS_BF16, BD)
+                h = hg[Q - 1]
+                hs = hs + hg
+                dis = dis + dg
+                dxis = dxis + dxg
             # The gate's backward, lane j of each group for its own step: dy·z·σ(z) goes on.
             dygs = ()
             for gi in tl.static_range(NG):
