@@ -444,3 +444,7 @@ def test_split_state_backward_half_inputs():
     for n, a, b in zip(NAMES, gr, g):
         assert_close(f"grad {n}", a, b.double(), rel=2e-2)
 
+
+def test_backward_one_token():
+    """A single token (one row: arguments equal to 1 become compile-time constants)."""
+    _check(_inputs(1, 1, 8, 4, 1, torch.float64))

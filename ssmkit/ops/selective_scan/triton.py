@@ -512,8 +512,8 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus,
                 return_final_state):
         cfg = _CONFIG
-        y, ht, states, m, dn = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
-                                    cu_seqlens, return_final_state, True, cfg)
+        y, ht, states, m, dn = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                        initial_state, cu_seqlens, return_final_state, True, cfg)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states)
         ctx.dt_softplus = dt_softplus
         ctx.cfg = cfg
@@ -612,7 +612,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             out = torch.empty(geo.bsz, geo.L, G, N, device=part.device, dtype=dtype)
             if rows:
                 tk.sum_partials_kernel[(-(-rows * N // 1024), G)](
-                    part, out, bpg, rows, N, G, USE_F64=acc == torch.float64, BLOCK=1024,
+                    part, out, bpg, rows * N, N, G, USE_F64=acc == torch.float64, BLOCK=1024,
                     num_warps=4)
             return out
 
@@ -682,8 +682,8 @@ def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         out = _SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens,
                                      bool(dt_softplus), bool(return_final_state))
         return out
-    y, ht, _, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
-                           bool(return_final_state), False, _CONFIG)
+    y, ht, _, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
+                              cu_seqlens, bool(return_final_state), False, _CONFIG)
     return (y, ht) if return_final_state else y
 
 
