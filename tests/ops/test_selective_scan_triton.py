@@ -290,21 +290,23 @@ def test_row_stride():
     assert triton_mod.row_stride(torch.zeros(2, 4, 3, 6)[:, :, :, :4]) == -1  # groups not packed
 
 
-def _quad_calls(monkeypatch):
-    """Record the launches of the split-state forward kernel (Q, K, KS, PACK, VEC)."""
+def _quad_calls(monkeypatch, name="selective_scan_fwd_quad_kernel",
+                keys=("Q", "K", "KS", "PACK", "VEC")):
+    """Record the launches of a split-state kernel of ``triton_quad`` (default: the forward's
+    Q, K, KS, PACK, VEC) and let them run."""
     from ssmkit.ops.selective_scan import triton_quad
 
     calls = []
-    kernel = triton_quad.selective_scan_fwd_quad_kernel
+    kernel = getattr(triton_quad, name)
 
     class _Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                calls.append((kw["Q"], kw["K"], kw["KS"], kw["PACK"], kw["VEC"]))
+                calls.append(tuple(kw[k] for k in keys))
                 return kernel[grid](*args, **kw)
             return launch
 
-    monkeypatch.setattr(triton_quad, "selective_scan_fwd_quad_kernel", _Spy())
+    monkeypatch.setattr(triton_quad, name, _Spy())
     return calls
 
 
@@ -390,19 +392,7 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn):
     saving (one state per M blocks, partial groups, segments of several groups) too; saved
     states in either layout (dn: (dim, N), used when the forward splits the states too and
     saves one per block)."""
-    from ssmkit.ops.selective_scan import triton_quad
-
-    calls = []
-    kernel = triton_quad.selective_scan_bwd_quad_kernel
-
-    class _Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                calls.append((kw["Q"], kw["K"], kw["V"], kw["W"], kw["M"]))
-                return kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(triton_quad, "selective_scan_bwd_quad_kernel", _Spy())
+    calls = _quad_calls(monkeypatch, "selective_scan_bwd_quad_kernel", ("Q", "K", "V", "W", "M"))
     cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W,
                                 state_dn=dn)
     prev = triton_mod.set_config(cfg)

@@ -2,7 +2,7 @@
 forward (:func:`selective_scan_fwd_quad_kernel`) and the backward
 (:func:`selective_scan_bwd_quad_kernel`), both the defaults on CUDA (``ScanConfig.fwd_quad``,
 ``ScanConfig.bwd_quad``; H100 at B8 D2048 N16 L2048 bf16: forward 0.30 ms, forward + backward
-1.91 ms, against 0.60 and 3.06 for mamba_ssm).
+1.86 ms, against 0.60 and 3.04 for mamba_ssm).
 
 Imported only through :mod:`ssmkit.ops.selective_scan.triton` when Triton is installed.
 
@@ -57,8 +57,9 @@ from ssmkit.ops.selective_scan.triton_kernels import (
 def _ld_words(P32, ok, VEC: tl.constexpr, MASKED: tl.constexpr):
     """``VEC`` (1, 2 or 4) consecutive 32-bit words at ``P32`` (per lane) as a tuple; zeros where
     ``ok`` is false when ``MASKED``. On the GPU one vector load through the read-only path
-    (``ld.global.nc.v2/v4``, B and C are never written here): Triton issues one load per word
-    for a tuple of scalars, each with its own 64-bit address arithmetic."""
+    (``ld.global.nc.v2/v4``: B, C and the saved states are never written by the kernel reading
+    them): Triton issues one load per word for a tuple of scalars, each with its own 64-bit
+    address arithmetic."""
     if FAST_LOG and VEC == 2 and not MASKED:
         out = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [P32],
                                         dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
