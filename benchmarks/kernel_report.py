@@ -47,7 +47,8 @@ KERNELS = {
     "bwd_quad": (tq.selective_scan_bwd_quad_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
         USE_F64=False, Q=4, S=4, K=4, EVEN_D=True, PACK=2, IS_BF16=True, V=8, VEC=2,
-        DIM_C=0, W=1, M=1)),
+        DIM_C=0, W=1, M=1, STATE_DN=0, CPL=1, BCS_C=0, DBIAS=0, A_DN=0, PFB=0,
+        XW=0)),
     "adjoint_local": (tk.adjoint_local_kernel, dict(
         HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, USE_F64=False, BLOCK_D=32, N=16, K=8,
         EVEN_D=True, PACK=2, IS_BF16=True)),
@@ -59,13 +60,13 @@ KERNELS = {
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=8, KS=8, PF=1,
         EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=2, VEC=1, IS_BF16=True,
-        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0, STATE_DN=0)),
+        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0, STATE_DN=0, A_DN=0)),
     # B and C as float32 copies (ScanConfig.quad_bc32)
     "fwd_quad32": (tq.selective_scan_fwd_quad_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=8, KS=8, PF=1,
         EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=32, VEC=4, IS_BF16=False,
-        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0, STATE_DN=0)),
+        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0, STATE_DN=0, A_DN=0)),
     "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,

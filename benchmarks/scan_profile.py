@@ -1,7 +1,7 @@
 """Where the time of one selective-scan training step goes, per kernel, for several ScanConfigs.
 
-Runs forward + backward at B8 D2048 N16 bf16 (the issue's shape) under ``torch.profiler`` and
-prints, per configuration, the median step time (``do_bench``) and the GPU time of every kernel
+Runs forward + backward (``--fwd``: the inference forward) at B8 D2048 N16 bf16 (the issue's
+shape) under ``torch.profiler`` and prints, per configuration, the median step time (``do_bench``) and the GPU time of every kernel
 per step. Writes JSON (``--out``). GPU only.
 
     python benchmarks/scan_profile.py --seqlens 2048,8192 --configs "bwd_quad=4;bwd_quad=4,seq_split=1"
@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--configs", default="", help="';'-separated ScanConfig overrides")
     p.add_argument("--peer", action="store_true", help="also time mamba_ssm (same run)")
     p.add_argument("--ops", action="store_true", help="operator table of the first config")
+    p.add_argument("--fwd", action="store_true",
+                   help="time the inference forward (no gradient) instead of a training step")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -85,6 +87,9 @@ def main() -> None:
         gy = torch.randn_like(ts[0])
 
         def step(leaves=leaves, gy=gy, clear=False):
+            if a.fwd:
+                with torch.no_grad():
+                    return sst.selective_scan_triton(*leaves, True)
             if clear:  # (as do_bench's grad_to_none: no accumulation into earlier gradients)
                 for t in leaves:
                     t.grad = None
@@ -104,8 +109,10 @@ def main() -> None:
             finally:
                 for t in leaves:
                     t.grad = None
-            rows.append({"seqlen": L, "config": over, "fwd_bwd_ms": ms, "kernels_ms": kernels})
-            print(f"\nL={L} {over or 'default'}: {ms:.3f} ms per step", flush=True)
+            rows.append({"seqlen": L, "config": over, ("fwd_ms" if a.fwd else "fwd_bwd_ms"): ms,
+                         "kernels_ms": kernels})
+            print(f"\nL={L} {over or 'default'}: {ms:.3f} ms per {'forward' if a.fwd else 'step'}",
+                  flush=True)
             for name, t in list(kernels.items())[:8]:
                 print(f"  {t:7.3f}  {name}")
         del ts, leaves, gy, step

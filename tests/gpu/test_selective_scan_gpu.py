@@ -202,9 +202,53 @@ def test_forward_variants_vs_float64(over, dtype, tol):
 
 
 @pytest.mark.parametrize("over", [dict(bwd_quad=4), dict(bwd_quad=4, bwd_quad_warps=1),
-                                  dict(bwd_quad=2, bwd_quad_warps=2, quad_static=0)])
+                                  dict(bwd_quad=2, bwd_quad_warps=2, quad_static=0),
+                                  dict(bwd_quad_xw=0, bwd_quad_prefetch=0),
+                                  dict(bwd_quad_warps=8), dict(bwd_quad_cpl=2),
+                                  dict(bwd_quad_warps=2, bwd_chunk=8, bwd_quad_prefetch=1)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 def test_split_state_backward_vs_float64(over, dtype, tol):
     """The split-state backward (ScanConfig.bwd_quad; W warps per program adding their dB, dC
-    sums): every gradient against float64, 200 channels (the last program partly empty)."""
+    sums through the kernel's own shared buffer, or Triton's reduction at every step; loads a
+    block ahead or not; 8 warps for blocks of 4 steps, 2 for blocks of 8; two channels per lane):
+    every gradient against float64, 200 channels (the last program partly empty)."""
     _check_with_config(_inputs(2, 1500, 200, 16, 1, dtype, seed=3, grad=True), tol, **over)
+
+
+@pytest.mark.parametrize("over", [dict(), dict(bwd_quad_warps=8), dict(bwd_quad_warps=2,
+                                                                     bwd_chunk=8),
+                                  dict(bwd_quad=8, bwd_chunk=8), dict(bwd_quad_cpl=2)])
+def test_split_state_backward_shared_buffer(monkeypatch, over):
+    """The backward's own shared buffer (ScanConfig.bwd_quad_xw) is used only where it lies
+    inside the shared memory Triton gives the kernel (2 halves of K * V * Q / 32 * W * 32
+    float32 values), and by default."""
+    from ssmkit.ops.selective_scan import triton as sst
+    from ssmkit.ops.selective_scan import triton_quad
+
+    seen = []
+    kernel = triton_quad.selective_scan_bwd_quad_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw, kernel[grid](*args, **kw)))
+                return seen[-1][1]
+            return launch
+
+        def warmup(self, *args, **kw):  # (the host's check of the shared buffer's size)
+            return kernel.warmup(*args, **kw)
+
+    monkeypatch.setattr(triton_quad, "selective_scan_bwd_quad_kernel", _Spy())
+    prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), **over))
+    try:
+        ts = _inputs(2, 300, 256, 16, 1, torch.bfloat16, seed=2, grad=True)
+        y = selective_scan_triton(*ts[:8], True)
+        y.sum().backward()
+    finally:
+        sst.set_config(prev)
+    (kw, compiled), = seen
+    words = 2 * kw["K"] * (kw["V"] * kw["Q"] // 32) * kw["W"] * 32
+    assert kw["XW"] == 0 or compiled.metadata.shared >= 4 * words, (compiled.metadata.shared,
+                                                                     words)
+    if not over:  # the default configuration gets it
+        assert kw["XW"] == 1

@@ -306,20 +306,24 @@ def _quad_calls(monkeypatch, name="selective_scan_fwd_quad_kernel",
                 return kernel[grid](*args, **kw)
             return launch
 
+        def warmup(self, *args, **kw):  # (compiles only: on a GPU, the backward's size check)
+            return kernel.warmup(*args, **kw)
+
     monkeypatch.setattr(triton_quad, name, _Spy())
     return calls
 
 
 @pytest.mark.parametrize("Q,pf,static,K", [(4, 1, 1, 8), (4, 2, 0, 8), (2, 1, 1, 8),
                                            (8, 1, 0, 8), (4, 1, 1, 16), (4, 1, 0, 4),
-                                           (4, 2, 1, 4), (2, 2, 1, 8)])
+                                           (4, 2, 1, 4), (2, 2, 1, 8), (4, 3, 1, 16),
+                                           (2, 4, 0, 8)])
 def test_split_state_forward(monkeypatch, Q, pf, static, K):
     """The split-state forward (a channel's states over Q lanes, triton_quad.py): outputs, final
     state and every gradient (through the states it saves) against float64, with a partial last
     block, a block of steps equal to Q, packed sequences with empty ones, groups, segments and
     memory-bounded saving; and with the kernel specialised on the strides or not."""
     calls = _quad_calls(monkeypatch)
-    cfg = triton_mod.ScanConfig(chunk=K, fwd_quad=Q, quad_prefetch=pf, quad_static=static)
+    cfg = triton_mod.ScanConfig(quad_chunk=K, fwd_quad=Q, quad_prefetch=pf, quad_static=static)
     prev = triton_mod.set_config(cfg)
     try:
         _check(_inputs(2, 21, 8, 8, 1, torch.float64))
@@ -354,7 +358,7 @@ def test_split_state_forward_half_rows(monkeypatch, bc32, dtype):
     assert_close("final_state", hr, hT, rel=1e-5)
     # (Q, K, KS, PACK, VEC): float32 copies 4 values per lane in one 16-byte load; 16-bit rows
     # as two words in one 8-byte load
-    assert calls == [(4, 8, 8, 32, 4)] if bc32 else [(4, 8, 8, 2, 2)]
+    assert calls == [(4, 16, 8, 32, 4)] if bc32 else [(4, 16, 8, 2, 2)]
 
 
 def test_split_state_forward_applicability(monkeypatch):
@@ -376,30 +380,34 @@ def test_split_state_forward_applicability(monkeypatch):
     assert quad(1, 8192, 4096, False) == 4
     monkeypatch.undo()
     x = torch.zeros(1, 8, 64)
-    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 16), A16, 4) == (4, 8)
+    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 16), A16, 4) == (4, 16)
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 6), torch.zeros(64, 6), 4) == (0, 0)
     assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 16, 16), A16, 4) == (0, 0)
-    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 8)
+    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 16)
 
 
-@pytest.mark.parametrize("Q,KB,fq,W,dn", [(4, 4, 4, 4, 0), (4, 4, 4, 1, 0), (2, 4, 0, 2, 0),
-                                           (4, 8, 4, 1, 0), (8, 8, 2, 4, 0), (4, 4, 4, 4, 1),
-                                           (8, 8, 2, 4, 1), (2, 4, 0, 2, 1)])
-def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn):
+@pytest.mark.parametrize("Q,KB,fq,W,dn,cpl,pf", [
+    (4, 4, 4, 4, 0, 1, 0), (4, 4, 4, 1, 0, 1, 2), (2, 4, 0, 2, 0, 1, 0), (4, 8, 4, 1, 0, 1, 0),
+    (8, 8, 2, 4, 0, 1, 1), (4, 4, 4, 4, 1, 1, 1), (8, 8, 2, 4, 1, 1, 2), (2, 4, 0, 2, 1, 1, 1),
+    (4, 4, 4, 2, 1, 2, 1), (4, 8, 0, 1, 0, 2, 2), (8, 8, 2, 1, 1, 4, 1)])
+def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn, cpl, pf):
     """The split-state backward (bwd_quad, W warps per program): every gradient against
     float64, with partial blocks, channels not filling the last program, packed sequences with
     empty ones, groups, segments, no optional inputs, after either forward; with memory-bounded
     saving (one state per M blocks, partial groups, segments of several groups) too; saved
     states in either layout (dn: (dim, N), used when the forward splits the states too and
-    saves one per block)."""
-    calls = _quad_calls(monkeypatch, "selective_scan_bwd_quad_kernel", ("Q", "K", "V", "W", "M"))
+    saves one per block); cpl channels per lane; pf: each block's loads issued a block ahead
+    (2: its rows of B too). (The warps' sums through the kernel's own shared buffer, XW, run on
+    the GPU only: tests/gpu.)"""
+    calls = _quad_calls(monkeypatch, "selective_scan_bwd_quad_kernel",
+                        ("Q", "K", "V", "W", "M", "CPL", "PFB"))
     cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W,
-                                state_dn=dn)
+                                state_dn=dn, bwd_quad_cpl=cpl, bwd_quad_prefetch=pf)
     prev = triton_mod.set_config(cfg)
     try:
         _check(_inputs(2, 11, 40, 8, 1, torch.float64))
         cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
-        _check(_inputs(1, 21, W * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
+        _check(_inputs(1, 21, W * cpl * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
         _check(_inputs(2, 7, 8, 8, 1, torch.float64, with_opt=False, grouped=False),
                softplus=False)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
@@ -413,7 +421,7 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn):
         triton_mod.set_config(prev)
     S = 16 // Q
     assert [c[4] for c in calls] == [1, 1, 1, 1, cfg.coarse_blocks, 3]
-    assert len(calls) == 6 and {c[:2] + c[3:4] for c in calls} == {(Q, KB, W)}
+    assert len(calls) == 6 and {c[:2] + c[3:4] + c[5:] for c in calls} == {(Q, KB, W, cpl, pf)}
     assert calls[1][2] == max(2 * S, 32 // Q)  # dB, dC values per step, padded to the channels
 
 

@@ -85,11 +85,16 @@ class ScanConfig:
     coarse_blocks: int = 8
     # forward with a channel's N states split over `fwd_quad` lanes (triton_quad.py; 2, 4, 8 or
     # 16, dividing N; 0 = off): fwd_quad times the warps of one lane per channel, no second
-    # pass; `quad_prefetch` (1 or 2) groups of its inputs loaded ahead. H100, 2026-11-27, B8
-    # D2048 N16 L2048 bf16 (session 5, call 3): 0.301 ms with the defaults below, against 0.661
-    # for the (block_d, N) tile and 0.597 for mamba_ssm; Q=2 0.494 (call 2), Q=8 0.482 (call 1).
+    # pass; it unrolls `quad_chunk` steps per iteration and loads the inputs of `quad_prefetch`
+    # groups of fwd_quad steps ahead (at most quad_chunk / fwd_quad). H100, 2026-11-27, B8 D2048
+    # N16 L2048 bf16 (session 5, call 3): 0.301 ms against 0.661 for the (block_d, N) tile and
+    # 0.597 for mamba_ssm; Q=2 0.494, Q=8 0.482. Session 7 (calls 3, 4, 10): inference at seqlen
+    # 2048 / 8192 with 16 steps and 3 groups ahead 0.270 / 1.059 ms, 8 steps and 2 ahead 0.295 /
+    # 1.184, 8 and 1 0.298 / 1.169, 12 and 3 0.296 / 1.183; training forward (saving states) at
+    # 2048: 0.395, 0.401, 0.453 ms
     fwd_quad: int = 4
-    quad_prefetch: int = 1
+    quad_chunk: int = 16
+    quad_prefetch: int = 3
     # split-state forward: read the rows of bfloat16/float16 B and C as float32 copies made up
     # front (1), saving the unpacking of every value in every lane and step. Call 3: 0.324 ms
     # with the copies, 0.301 without (the two conversions cost more than the unpacking)
@@ -118,6 +123,24 @@ class ScanConfig:
     # H100 (session 6, calls 3, 5, 8): 2.031 ms against 2.075 with one warp at seqlen 2048,
     # 7.888 against 8.093 at 8192; 2 warps 1.913 against 1.909, 8 warps 2.094
     bwd_quad_warps: int = 4
+    # its channels per lane (1, 2 or 4): a lane's dB, dC values are first added over its own
+    # channels, so the butterfly, the warps' sums, the partial-sum stores and the rows of B and
+    # C serve that many times the channels, for that many times the registers per lane (and
+    # half the warps). H100, session 7, calls 1-2, split-state backward kernel at B8 L2048
+    # (before the prefetch and XW below): 2 channels per lane 1.15-1.28 ms against 1.21 (7.75
+    # warps per SM: too few to hide latency); in segments 1.01 ms plus 0.32 for the adjoint
+    # pass that segments need
+    bwd_quad_cpl: int = 1
+    # its loads of a block's saved state and own-step rows issued one block ahead (1), and the
+    # block's rows of B too (2); one saved state per block only. Session 7 (calls 5, 6, 12):
+    # kernel 1.203 / 1.186 ms against 1.222 without; with bwd_quad_xw 1.007 (1) and 0.927 (2)
+    bwd_quad_prefetch: int = 2
+    # the warps' dB, dC sums through a shared-memory buffer of the kernel's own, once per block
+    # of bwd_chunk steps with one barrier (1), instead of Triton's reduction over the warps at
+    # every step (3 barriers and 4-way bank conflicts each; GPU and float32 only). Session 7,
+    # call 12: kernel 0.927 ms against 1.184 (the per-step reduction took 0.27 of it, call 11),
+    # training step 1.418 against 1.680; 8 warps 0.992 (+0.039 partial sums), 2 warps 1.017
+    bwd_quad_xw: int = 1
     # saved states in a (dim, N) layout when both the forward and the backward split the states
     # and one is saved per block (a lane's 4 states adjacent: one 16-byte store / load per lane
     # instead of 4 scattered over 4 rows). H100, B8 D2048 N16 (session 6, call 13): training
@@ -222,9 +245,31 @@ def _bwd_quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor
         return 0
     if cfg.bwd_quad_warps not in (1, 2, 4, 8):
         return 0
-    if B.shape[2] > 1 and (x.shape[2] // B.shape[2]) % (cfg.bwd_quad_warps * 32 // q):
+    if cfg.bwd_quad_cpl not in (1, 2, 4):
+        return 0
+    if B.shape[2] > 1 and (x.shape[2] // B.shape[2]) % (cfg.bwd_quad_warps * cfg.bwd_quad_cpl
+                                                        * 32 // q):
         return 0
     return q
+
+
+# Whether the split-state backward's own shared buffer (ScanConfig.bwd_quad_xw) fits the
+# shared memory Triton allocated for a compiled specialisation, by its constexprs
+_XW_FITS: dict[tuple, bool] = {}
+
+
+def _xw_fits(kernel, grid, args, kw: dict) -> bool:
+    """Compile (without launching) the backward with ``XW=1`` and check that its shared memory
+    holds the buffer: 2 halves of K * V * Q / 32 * W * 32 float32 values. Triton sizes that
+    memory from its own needs (the kernel provokes an allocation of about the right size but
+    cannot state one); where it falls short, the backward uses Triton's reduction (XW=0)."""
+    key = tuple(sorted((k, v) for k, v in kw.items() if k != "XW"))
+    if key not in _XW_FITS:
+        xkw = dict(kw, XW=1)
+        compiled = kernel.warmup(*args, grid=grid, **xkw)
+        need = 2 * xkw["K"] * (xkw["V"] * xkw["Q"] // 32) * xkw["W"] * 32 * 4
+        _XW_FITS[key] = compiled.metadata.shared >= need
+    return _XW_FITS[key]
 
 
 def _coarse_blocks(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
@@ -266,7 +311,7 @@ def _quad(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     dpg = x.shape[2] // B.shape[2]
     if B.shape[2] > 1 and dpg % (32 // q):
         return 0, 0
-    k = max(cfg.chunk, q)
+    k = max(cfg.quad_chunk, q)
     if k % q or (k % spacing and spacing % k):
         return 0, 0
     return q, k
@@ -418,8 +463,10 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     acc = compute_dtype(x)
     y = torch.empty_like(x)
     dn = False  # saved states (dim, N) rather than (N, dim): split-state forward and backward
-    # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous.
-    At = A.t().contiguous()
+    # Kernel-side layout of A and of every state: (..., N, dim), channels contiguous (the
+    # split-state forward reads A in its own (dim, N) layout: no transposed copy).
+    At = None if quad and nseg == 1 else A.t().contiguous()
+    Ak = A if quad else At
     ht = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc) if want_final else None
     states = (torch.empty(max(geo.total_chunks, 1), geo.N, geo.dim, device=x.device, dtype=acc)
               if save_states else None)
@@ -452,7 +499,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
                           SOFTPLUS=bool(dt_softplus), IS_VARLEN=geo.varlen,
                           USE_F64=acc == torch.float64, Q=quad, S=S, K=k_quad, KS=geo.K,
                           # (a prefetch must stay within the next block: PF * Q <= K)
-                          PF=2 if cfg.quad_prefetch > 1 and 2 * quad <= k_quad else 1,
+                          PF=max(1, min(cfg.quad_prefetch, k_quad // quad)),
                           EVEN_D=geo.even_d, PACK=pack,
                           VEC=vec, IS_BF16=B.dtype == torch.bfloat16, num_warps=1)
             if cfg.quad_static:
@@ -461,6 +508,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             # (the split-state backward reads the states in the layout saved here)
             dn = bool(save_states and cfg.state_dn and m == 1 and _bwd_quad(cfg, x, B, A))
             tflags["STATE_DN"] = dn
+            tflags["A_DN"] = geo.N
             if cfg.quad_maxnreg and x.device.type == "cuda":
                 tflags["maxnreg"] = cfg.quad_maxnreg
         elif v2:
@@ -475,7 +523,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             # one segment: the whole sequence (any length, packed sequences too)
             seg_len = max(geo.L, 1) if not geo.varlen else 2**62
             tile[(geo.nseq, geo.n_dblocks, 1)](
-                x, dt, At, B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off, None,
+                x, dt, Ak, B, C, D, z, dt_bias, h0, y, ht, states, geo.cu, geo.chunk_off, None,
                 *dims, seg_len, 1, **tflags, HAS_H0=h0 is not None, STORE_HT=want_final,
                 SAVE_STATES=save_states, STORE_Y=True, STORE_DSUM=False)
         else:
@@ -484,7 +532,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             # pass 1: each segment from a zero state -> its end state and ΣΔ
             hloc = torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
             dsum = torch.empty(geo.nseq * nseg, geo.dim, device=x.device, dtype=acc)
-            tile[grid](x, dt, At, B, C, D, z, dt_bias, None, y, hloc, None, geo.cu,
+            tile[grid](x, dt, Ak, B, C, D, z, dt_bias, None, y, hloc, None, geo.cu,
                        geo.chunk_off, dsum, *dims, seg_len, nseg, **tflags, HAS_H0=False,
                        STORE_HT=True, SAVE_STATES=False, STORE_Y=False, STORE_DSUM=True)
             # pass 2: chain the segments, start_s = exp(A ΣΔ_{s-1}) start_{s-1} + hloc_{s-1}
@@ -496,7 +544,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
             # pass 3: every segment from its start state -> y (and the saved/final states)
             hts = (torch.empty(geo.nseq * nseg, geo.N, geo.dim, device=x.device, dtype=acc)
                    if want_final else None)
-            tile[grid](x, dt, At, B, C, D, z, dt_bias, starts, y, hts, states, geo.cu,
+            tile[grid](x, dt, Ak, B, C, D, z, dt_bias, starts, y, hts, states, geo.cu,
                        geo.chunk_off, None, *dims, seg_len, nseg, **tflags, HAS_H0=True,
                        STORE_HT=want_final, SAVE_STATES=save_states, STORE_Y=True,
                        STORE_DSUM=False)
@@ -535,7 +583,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         m = ctx.coarse  # > 1 only with the lanes or split-state backward
         quad = _bwd_quad(cfg, x, B, A)
         lanes = _bwd_lanes(cfg, x, B, A) or bool(quad)
-        block_d = (cfg.bwd_quad_warps * 32 // quad if quad
+        block_d = (cfg.bwd_quad_warps * cfg.bwd_quad_cpl * 32 // quad if quad
                    else (32 if lanes else cfg.bwd_block_d))
         geo = _Geometry(x, B, A, cu_seqlens, cfg, block_d, cfg.bwd_chunk * m)
         acc = compute_dtype(x)
@@ -543,20 +591,24 @@ class _SelectiveScanFn(torch.autograd.Function):
         if dht is not None:
             dht = dht.transpose(1, 2).contiguous()
         rows = geo.bsz * geo.L
-        At = A.t().contiguous()
         # The backward (and the forward before it) splits below 8 warps per SM: H100, 2026-11-27,
         # B8 D2048 N16 L2048 (512 warps on 132 SMs), forward + backward 3.03 ms with 4 segments
         # against 3.53 in one pass (the forward alone is faster in one pass there: 0.661 against
         # 0.751 ms).
-        nseg = (_segments(geo, cfg, x, warps_per_block=cfg.bwd_quad_warps if quad else 1,
+        # (a split-state program's warps count once per channel of a lane: the same work)
+        nseg = (_segments(geo, cfg, x,
+                          warps_per_block=cfg.bwd_quad_warps * cfg.bwd_quad_cpl if quad else 1,
                           below_warps_per_sm=BWD_SPLIT_BELOW)
                 if lanes else 1)
         seg_len = max(geo.L, 1) if not geo.varlen else 2**62
+        # A as (N, dim) for the kernels but the split-state backward, which reads it as it is
+        At = A.t().contiguous() if nseg > 1 or not quad else None
         if nseg > 1:
             seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
             dht = _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, ctx.dt_softplus,
                                         acc, seg_len, nseg, B, cfg.bwd_chunk)
         nout = geo.nseq * nseg
+        dbias_part = None
         dx = torch.empty_like(x)
         ddt = torch.empty_like(dt)
         dz = torch.empty_like(z) if z is not None else None
@@ -565,7 +617,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         da_part = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
         dd_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc) if D is not None else None
         dh0 = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
-        args = (x, dt, At, B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
+        args = (x, dt, A if quad else At, B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
                 dht, dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
                 geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows)
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
@@ -581,16 +633,29 @@ class _SelectiveScanFn(torch.autograd.Function):
             pack, vec = _quad_rows(B, C, geo.N, S)
             if cfg.quad_static:
                 qflags["DIM_C"] = geo.dim
+                qflags["BCS_C"] = geo.G * geo.N
             if cfg.bwd_quad_maxnreg and x.device.type == "cuda":
                 qflags["maxnreg"] = cfg.bwd_quad_maxnreg
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # per program and lane: the S states entering each of a group's M blocks
-            scratch = (torch.empty(grid[0] * grid[1] * grid[2] * m * S * cfg.bwd_quad_warps * 32,
-                                   device=x.device, dtype=acc) if m > 1 else states)
-            triton_quad.selective_scan_bwd_quad_kernel[grid](
-                *args, seg_len, nseg, scratch, **qflags, Q=quad, S=S, EVEN_D=geo.even_d,
-                PACK=pack, VEC=vec, IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
-                W=cfg.bwd_quad_warps, M=m, STATE_DN=ctx.state_dn, num_warps=cfg.bwd_quad_warps)
+            cpl = cfg.bwd_quad_cpl
+            scratch = (torch.empty(grid[0] * grid[1] * grid[2] * m * cpl * S
+                                   * cfg.bwd_quad_warps * 32, device=x.device, dtype=acc)
+                       if m > 1 else states)
+            # dt_bias's gradient summed in the kernel, per (sequence, segment) and channel
+            if dt_bias is not None and ctx.needs_input_grad[7]:
+                dbias_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc)
+            kernel = triton_quad.selective_scan_bwd_quad_kernel
+            kw = dict(qflags, Q=quad, S=S, EVEN_D=geo.even_d, PACK=pack, VEC=vec,
+                      IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd,
+                      W=cfg.bwd_quad_warps, M=m, STATE_DN=ctx.state_dn, CPL=cpl,
+                      DBIAS=dbias_part is not None, A_DN=geo.N, PFB=cfg.bwd_quad_prefetch,
+                      XW=0, num_warps=cfg.bwd_quad_warps)
+            qargs = (*args, seg_len, nseg, scratch, dbias_part)
+            if (cfg.bwd_quad_xw and x.device.type == "cuda" and acc == torch.float32
+                    and cfg.bwd_quad_warps > 1):
+                kw["XW"] = int(_xw_fits(kernel, grid, qargs, kw))
+            kernel[grid](*qargs, **kw)
         elif lanes:
             grid = (geo.nseq, geo.n_dblocks, nseg)
             # per program: the M block-start states of the group being recomputed
@@ -621,8 +686,10 @@ class _SelectiveScanFn(torch.autograd.Function):
         dA = da_part.sum(0).t().to(A.dtype) if ctx.needs_input_grad[2] else None
         dD = dd_part.sum(0).to(D.dtype) if (D is not None and ctx.needs_input_grad[5]) else None
         dbias = None
-        if dt_bias is not None and ctx.needs_input_grad[7]:
-            # (summed in float32 without a float32 copy of ddt: 0.1 ms at B8 L2048 D2048)
+        if dbias_part is not None:
+            dbias = dbias_part.sum(0).to(dt_bias.dtype)
+        elif dt_bias is not None and ctx.needs_input_grad[7]:
+            # (summed in float32 without a float32 copy of ddt: 0.05 ms at B8 L2048 D2048)
             dbias = ddt.sum((0, 1), dtype=acc).to(dt_bias.dtype)
         dinit = dh0.transpose(1, 2).to(initial_state.dtype) if initial_state is not None else None
         return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None

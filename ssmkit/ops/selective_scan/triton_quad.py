@@ -1,8 +1,8 @@
 """Selective scan kernels with a channel's N states split over Q lanes ("quad" layout): the
 forward (:func:`selective_scan_fwd_quad_kernel`) and the backward
 (:func:`selective_scan_bwd_quad_kernel`), both the defaults on CUDA (``ScanConfig.fwd_quad``,
-``ScanConfig.bwd_quad``; H100 at B8 D2048 N16 L2048 bf16: forward 0.30 ms, forward + backward
-1.86 ms, against 0.60 and 3.04 for mamba_ssm).
+``ScanConfig.bwd_quad``; H100 at B8 D2048 N16 L2048 bf16: forward 0.27 ms, forward + backward
+1.41 ms, against 0.60 and 3.05 for mamba_ssm).
 
 Imported only through :mod:`ssmkit.ops.selective_scan.triton` when Triton is installed.
 
@@ -160,14 +160,20 @@ def _quad_load(Xc, DTc, Zc, Bc, Cc, o, rem, dim, z_rs, b_rs, c_rs, oc, j, nb, la
 
 @triton.jit
 def _lane_params(A, H, D, DT_BIAS, h_off, nb, oc, dim, S: tl.constexpr, HAS_H: tl.constexpr,
-                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                 A_DN: tl.constexpr = 0):
     """``(A2, h, D, dt_bias)`` of a lane: its S values of ``A log2 e`` (so that exp(Δ A) =
-    exp2(Δ A2)) and of the state at ``H + h_off`` (``(.., N, dim)``; zeros without one), and its
-    channel's D and dt_bias (zeros where absent)."""
+    exp2(Δ A2); A ``(N, dim)``, or ``(dim, A_DN)`` with ``A_DN = N``: the caller's own layout,
+    no transposed copy) and of the state at ``H + h_off`` (``(.., N, dim)``; zeros without one),
+    and its channel's D and dt_bias (zeros where absent)."""
     A2 = ()
     h = ()
     for k in tl.static_range(S):
-        A2 = A2 + (tl.load(A + (nb + k) * dim + oc).to(ACC) * LOG2E,)
+        if A_DN > 0:
+            a = tl.load(A + oc * A_DN + (nb + k))
+        else:
+            a = tl.load(A + (nb + k) * dim + oc)
+        A2 = A2 + (a.to(ACC) * LOG2E,)
         if HAS_H:
             h = h + (tl.load(H + h_off + (nb + k) * dim + oc).to(ACC),)
         else:
@@ -303,10 +309,10 @@ def _quad_block(h, dsum, pipe, c, t_begin, last, xd_base, z_base, b_base, c_base
                          j, nb, lane, HAS_Z, Q, S, PACK, VEC,
                          1 if (CLAMP or (NEXT_CLAMP and g + PF >= NG)) else 0)
         xr, dtr, zr, bs, cs = pipe[0]
-        if PF == 1:
-            pipe = (nxt,)
-        else:
-            pipe = (pipe[1], nxt)
+        shifted = ()
+        for q in tl.static_range(1, PF):
+            shifted = shifted + (pipe[q],)
+        pipe = shifted + (nxt,)
         if CLAMP:
             vld = md & (g * Q + j <= rem)
         else:
@@ -371,7 +377,7 @@ def selective_scan_fwd_quad_kernel(
     EVEN_D: tl.constexpr, STORE_Y: tl.constexpr, STORE_DSUM: tl.constexpr,
     PACK: tl.constexpr, IS_BF16: tl.constexpr, VEC: tl.constexpr = 1,
     DIM_C: tl.constexpr = 0, ZRS_C: tl.constexpr = 0, BRS_C: tl.constexpr = 0,
-    CRS_C: tl.constexpr = 0, STATE_DN: tl.constexpr = 0,
+    CRS_C: tl.constexpr = 0, STATE_DN: tl.constexpr = 0, A_DN: tl.constexpr = 0,
 ):
     """One program: sequence ``program_id(0)``, channels ``program_id(1) * 32/Q ..`` (one warp),
     segment ``program_id(2)`` of ``seg_len`` steps. ``Q`` lanes per channel with ``S = N / Q``
@@ -405,7 +411,7 @@ def selective_scan_fwd_quad_kernel(
     nb = j * S  # this lane's first state
     seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
     A2, h, Dv, bias = _lane_params(A, H0, D, DT_BIAS, seq_state_off, nb, oc, dim, S, HAS_H0,
-                                   HAS_D, HAS_BIAS, ACC)
+                                   HAS_D, HAS_BIAS, ACC, A_DN)
     last = t_end - 1
     ck0 = ck0 + t_begin // KS
     dsum = tl.zeros([32], dtype=ACC)
@@ -417,9 +423,9 @@ def selective_scan_fwd_quad_kernel(
     Cb = C + (c_base + t_begin * c_rs)
     pipe = (_quad_load(X + xo, DT + xo, Zb, Bb, Cb, 0, rem0, dim, z_rs, b_rs, c_rs, oc, j, nb,
                        lane, HAS_Z, Q, S, PACK, VEC, 2),)
-    if PF == 2:
-        pipe = pipe + (_quad_load(X + xo, DT + xo, Zb, Bb, Cb, Q, rem0, dim, z_rs, b_rs, c_rs,
-                                  oc, j, nb, lane, HAS_Z, Q, S, PACK, VEC, 2),)
+    for q in tl.static_range(1, PF):
+        pipe = pipe + (_quad_load(X + xo, DT + xo, Zb, Bb, Cb, q * Q, rem0, dim, z_rs, b_rs,
+                                  c_rs, oc, j, nb, lane, HAS_Z, Q, S, PACK, VEC, 2),)
     # full blocks without clamps, then at most one partial block with them
     nfull = (t_end - t_begin) // K
     nblocks = tl.cdiv(t_end - t_begin, K)
@@ -476,47 +482,390 @@ def _channel_sum_scatter(vals, lane, BD: tl.constexpr, AX: tl.constexpr = 0):
 
 
 @triton.jit
+def _bwd_block(t0, last, xd_base, bc_base, dim, bc_stride):
+    """``(rem, xo, bo)`` of the backward's block from step ``t0``: ``rem = last - t0`` (int32;
+    the block's steps ``s <= rem`` are in the segment, rows past it re-read row ``rem``) and the
+    64-bit offsets of the block's first row in the ``(rows, dim)`` arrays and in B and C. A
+    step's address is then a 32-bit offset from a per-block (uniform) pointer."""
+    rem = (last - t0).to(tl.int32)
+    return rem, xd_base + t0 * dim, bc_base + t0 * bc_stride
+
+
+@triton.jit
 def _quad_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride, t0, last, dim, oc, md,
                   nb, j, base, lane, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC,
                   Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, PACK: tl.constexpr,
-                  VEC: tl.constexpr, IS_BF16: tl.constexpr, BD: tl.constexpr):
-    """This lane's S states after the block of K steps from ``t0`` (steps past ``last`` leave
-    them unchanged: Δ = 0), in the backward's lane mapping (a channel's lanes BD apart)."""
+                  VEC: tl.constexpr, IS_BF16: tl.constexpr, BD: tl.constexpr,
+                  CPL: tl.constexpr):
+    """This lane's states (a tuple over its CPL channels of S states) after the block of K steps
+    from ``t0`` (steps past ``last`` leave them unchanged: Δ = 0), in the backward's lane
+    mapping (a channel's lanes BD apart)."""
+    rem, xo, bo = _bwd_block(t0, last, xd_base, bc_base, dim, bc_stride)
+    Xb = X + xo
+    DTb = DT + xo
     for gi in tl.static_range(K // Q):
-        t = t0 + gi * Q + j
-        off = xd_base + tl.minimum(t, last) * dim + oc
-        x = tl.load(X + off).to(ACC)
-        _, d = _delta(tl.load(DT + off).to(ACC), bias, md & (t <= last), HAS_BIAS, SOFTPLUS)
-        hg, _, _ = _quad_group_states(h, d, d * x, B, A2, t0 + gi * Q, last, bc_base,
-                                      bc_stride, nb, base, lane, ACC, Q, S, PACK, VEC,
-                                      IS_BF16, BD)
+        r = tl.minimum(gi * Q + j, rem)
+        ds = ()
+        dxs = ()
+        for c in tl.static_range(CPL):
+            off = r * dim + oc[c]
+            x = tl.load(Xb + off).to(ACC)
+            _, d = _delta(tl.load(DTb + off).to(ACC), bias[c], md[c] & (gi * Q + j <= rem),
+                          HAS_BIAS, SOFTPLUS)
+            ds = ds + (d,)
+            dxs = dxs + (d * x,)
+        hg, _, _ = _quad_group_states(h, ds, dxs, B + bo, A2, gi * Q, rem, bc_stride, nb, base,
+                                      lane, ACC, Q, S, PACK, VEC, IS_BF16, BD, CPL)
         h = hg[Q - 1]
     return h
 
 
 @triton.jit
-def _quad_group_states(h, d, dx, B, A2, tg, last, bc_base, bc_stride, nb, base, lane, ACC,
+def _quad_group_states(h, d, dx, Bb, A2, s0, rem, bc_stride, nb, base, lane, ACC,
                        Q: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, VEC: tl.constexpr,
-                       IS_BF16: tl.constexpr, BD: tl.constexpr):
-    """The Q steps of the group from step ``tg`` in the backward's lane mapping, from this
-    lane's states ``h`` before it and its own step's ``Δ, Δ x`` (``d, dx``; the other steps'
-    by shuffles): ``h_t[n] = exp(Δ_t A[n]) h_{t-1}[n] + Δ_t x_t B_t[n]``. Returns the states
-    after each step and each step's Δ and Δx (rows past ``last`` re-read the last one)."""
+                       IS_BF16: tl.constexpr, BD: tl.constexpr, CPL: tl.constexpr,
+                       brows=None):
+    """The Q steps of the group from step ``s0`` of the block whose first row of B is at ``Bb``,
+    in the backward's lane mapping, from this lane's states ``h`` before it and its own step's
+    ``Δ, Δ x`` (``d, dx``; the other steps' by shuffles), each a tuple over the lane's CPL
+    channels: ``h_t[n] = exp(Δ_t A[n]) h_{t-1}[n] + Δ_t x_t B_t[n]``. A row of B is loaded once
+    for the CPL channels. Returns, per step, the states after it and its Δ and Δx (tuples over
+    the channels; rows past ``rem`` re-read row ``rem``)."""
     hs = ()
     dis = ()
     dxis = ()
     for i in tl.static_range(Q):
-        tci = tl.minimum(tg + i, last)
-        braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-        di, dxi = _step_delta(d, dx, base, i, Q, 1, BD)
-        new = ()
-        for k in tl.static_range(S):
-            new = new + (_ex2(di * A2[k]) * h[k] + dxi * _lane_val(braw, k, PACK, IS_BF16, ACC),)
-        h = new
+        if brows is None:
+            braw = _lane_row(Bb, tl.minimum(s0 + i, rem) * bc_stride + nb, lane, S, PACK,
+                             VEC, False)
+        else:  # (the rows loaded ahead by the caller)
+            braw = brows[s0 + i]
+        hn = ()
+        dn = ()
+        dxn = ()
+        for c in tl.static_range(CPL):
+            di, dxi = _step_delta(d[c], dx[c], base, i, Q, 1, BD)
+            new = ()
+            for k in tl.static_range(S):
+                new = new + (_ex2(di * A2[c][k]) * h[c][k]
+                             + dxi * _lane_val(braw, k, PACK, IS_BF16, ACC),)
+            hn = hn + (new,)
+            dn = dn + (di,)
+            dxn = dxn + (dxi,)
+        h = hn
         hs = hs + (h,)
-        dis = dis + (di,)
-        dxis = dxis + (dxi,)
+        dis = dis + (dn,)
+        dxis = dxis + (dxn,)
     return hs, dis, dxis
+
+
+@triton.jit
+def _channel_sum_scatter(vals, lane, BD: tl.constexpr, AX: tl.constexpr = 0):
+    """Sum the values of a tuple over the BD channels of a warp, whose lanes for one state
+    group are ``j * BD .. j * BD + BD - 1`` (channel ``lane % BD``), leaving the lane of channel
+    ``ch`` with the sums of values ``ch * m .. ch * m + m - 1`` (``m = len(vals) / BD``):
+    :func:`_scatter_level` over the low log2(BD) lane bits."""
+    V: tl.constexpr = len(vals)
+    # (at the level of mask m a lane holds 2 V m / BD values and keeps half)
+    if BD >= 32:
+        vals = _scatter_level(vals, lane, V * 16 // BD, 16, AX)
+    if BD >= 16:
+        vals = _scatter_level(vals, lane, V * 8 // BD, 8, AX)
+    if BD >= 8:
+        vals = _scatter_level(vals, lane, V * 4 // BD, 4, AX)
+    if BD >= 4:
+        vals = _scatter_level(vals, lane, V * 2 // BD, 2, AX)
+    if BD >= 2:
+        vals = _scatter_level(vals, lane, V // BD, 1, AX)
+    return vals
+
+
+@triton.jit
+def _bwd_fetch(X, DT, DY, Z, cb, last, xd_base, dim, oc, j, HAS_Z: tl.constexpr,
+               Q: tl.constexpr, K: tl.constexpr, CPL: tl.constexpr, MASKED: tl.constexpr):
+    """The inputs a lane reads for its own steps of the backward's block ``cb`` (``x, dt, dy,
+    z`` as stored, per group and channel); ``MASKED``: zeros where the block lies outside the
+    segment (a prefetch before the loop, where the segment may be empty)."""
+    rem = (last - cb * K).to(tl.int32)
+    xo = xd_base + cb * K * dim
+    raws = ()
+    for gi in tl.static_range(K // Q):
+        r = tl.minimum(gi * Q + j, rem)
+        ok = r >= 0
+        rc = ()
+        for c in tl.static_range(CPL):
+            off = r * dim + oc[c]
+            if MASKED:
+                x = tl.load(X + xo + off, mask=ok, other=0.0)
+                dt = tl.load(DT + xo + off, mask=ok, other=0.0)
+                dy = tl.load(DY + xo + off, mask=ok, other=0.0)
+                if HAS_Z:
+                    z = tl.load(Z + xo + off, mask=ok, other=0.0)
+                else:
+                    z = x
+            else:
+                x = tl.load(X + xo + off)
+                dt = tl.load(DT + xo + off)
+                dy = tl.load(DY + xo + off)
+                if HAS_Z:
+                    z = tl.load(Z + xo + off)
+                else:
+                    z = x
+            rc = rc + ((x, dt, dy, z),)
+        raws = raws + (rc,)
+    return raws
+
+
+@triton.jit
+def _bwd_fetch_rows(B, bo, rem, bc_stride, nb, lane, S: tl.constexpr, K: tl.constexpr,
+                    PACK: tl.constexpr, VEC: tl.constexpr):
+    """This lane's words of the K rows of B from offset ``bo`` (rows past ``rem`` re-read it)."""
+    rem = rem.to(tl.int32)
+    Bb = B + bo
+    rows = ()
+    for i in tl.static_range(K):
+        rows = rows + (_lane_row(Bb, tl.minimum(i, rem) * bc_stride + nb, lane, S, PACK, VEC,
+                                 False),)
+    return rows
+
+
+@triton.jit
+def _bwd_fetch_state(STATES, ck0, cb, oc, nb, dim, S: tl.constexpr, NST: tl.constexpr, ACC,
+                     STATE_DN: tl.constexpr, CPL: tl.constexpr):
+    """The saved state entering block ``cb`` (one per block), per channel of the lane."""
+    h = ()
+    for c in tl.static_range(CPL):
+        h = h + (_load_state(STATES + (ck0 + cb) * dim * NST, oc[c], nb, dim, NST, S, ACC,
+                             STATE_DN),)
+    return h
+
+
+@triton.jit
+def _bwd_quad_block(h, raws, brows, cb, dh, dA_acc, dD_acc, db_acc, B, C, DX, DDT, DZ, DB_PART,
+                    DC_PART, A2, Dv, bias, oc, md, nb, nb1, ch1, j, base, lane, last, xd_base,
+                    bc_base, bc_stride, part_base, row0, dim,
+                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SOFTPLUS: tl.constexpr, ACC, Q: tl.constexpr, S: tl.constexpr,
+                    K: tl.constexpr, PACK: tl.constexpr, VEC: tl.constexpr,
+                    IS_BF16: tl.constexpr, BD: tl.constexpr, CPL: tl.constexpr, V: tl.constexpr,
+                    W: tl.constexpr, DBIAS: tl.constexpr, XW: tl.constexpr = 0):
+    """Block ``cb`` of the split-state backward (see the kernel), from the state entering it
+    (``h``), the lane's own-step inputs (``raws``, :func:`_bwd_fetch`) and its words of the
+    block's rows of B (``brows``, or None: loaded here): returns the adjoint
+    state before it and the updated sums of dA, dD and dt_bias; ``XW``: see the kernel."""
+    NG: tl.constexpr = K // Q
+    M_OUT: tl.constexpr = V // BD
+    NST: tl.constexpr = Q * S
+    rem, xo, bo = _bwd_block(cb * K, last, xd_base, bc_base, dim, bc_stride)
+    Bb = B + bo
+    Cb = C + bo
+    if XW:
+        buf = (cb % 2).to(tl.int32)  # the half of the shared buffer this block uses
+        wid = tl.arange(0, W)[:, None] + lane * 0
+    # the block's rows of the dB, dC partial sums (the lane's state group added below)
+    DBb = DB_PART + (part_base + row0 + cb * K) * NST + nb1
+    DCb = DC_PART + (part_base + row0 + cb * K) * NST + nb1
+    # Recompute the block. Per group and channel: lane j's own step (x, Δ, dy, z,
+    # dtraw), and for every step of the block the shared Δ, Δx and the states before /
+    # after it (tuples over the lane's channels).
+    hs = (h,)
+    xs = ()
+    ds = ()
+    dtraws = ()
+    dys = ()
+    zs = ()
+    dis = ()
+    dxis = ()
+    vlds = ()
+    for gi in tl.static_range(NG):
+        r = tl.minimum(gi * Q + j, rem)
+        xg = ()
+        dg_ = ()
+        dxg_ = ()
+        dtg = ()
+        dyg = ()
+        zg = ()
+        vg = ()
+        for c in tl.static_range(CPL):
+            vld = md[c] & (gi * Q + j <= rem)
+            raw = raws[gi][c]  # x, dt, dy, z of lane j's step (fetched by the caller)
+            x = raw[0].to(ACC)
+            dtraw, d = _delta(raw[1].to(ACC), bias[c], vld, HAS_BIAS, SOFTPLUS)
+            dyg = dyg + (tl.where(vld, raw[2].to(ACC), 0.0),)
+            if HAS_Z:
+                zg = zg + (raw[3].to(ACC),)
+            xg = xg + (x,)
+            dg_ = dg_ + (d,)
+            dxg_ = dxg_ + (d * x,)
+            dtg = dtg + (dtraw,)
+            vg = vg + (vld,)
+        xs = xs + (xg,)
+        ds = ds + (dg_,)
+        dtraws = dtraws + (dtg,)
+        dys = dys + (dyg,)
+        zs = zs + (zg,)
+        vlds = vlds + (vg,)
+        hg, dg, dxg = _quad_group_states(h, dg_, dxg_, Bb, A2, gi * Q, rem, bc_stride, nb,
+                                         base, lane, ACC, Q, S, PACK, VEC, IS_BF16, BD,
+                                         CPL, brows)
+        h = hg[Q - 1]
+        hs = hs + hg
+        dis = dis + dg
+        dxis = dxis + dxg
+    # The gate's backward, lane j of each group for its own step: dy·z·σ(z) goes on.
+    dygs = ()
+    for gi in tl.static_range(NG):
+        r = tl.minimum(gi * Q + j, rem)
+        if HAS_Z:
+            ps = ()
+            for i in tl.static_range(Q):
+                craw = _lane_row(Cb, tl.minimum(gi * Q + i, rem) * bc_stride + nb, lane,
+                                 S, PACK, VEC, False)
+                pc = ()
+                for c in tl.static_range(CPL):
+                    p = tl.zeros([W, 32], dtype=ACC)
+                    for k in tl.static_range(S):
+                        p += hs[gi * Q + i + 1][c][k] * _lane_val(craw, k, PACK, IS_BF16,
+                                                                  ACC)
+                    pc = pc + (p,)
+                ps = ps + (pc,)
+        dyc = ()
+        for c in tl.static_range(CPL):
+            dyg = dys[gi][c]
+            if HAS_Z:
+                pcs = ()
+                for i in tl.static_range(Q):
+                    pcs = pcs + (ps[i][c],)
+                y = _quad_sum_scatter(pcs, lane, Q, 1, BD)
+                if HAS_D:
+                    y += Dv[c] * xs[gi][c]
+                z = zs[gi][c]
+                sz = _sigmoid(z)
+                dz = dyg * y * sz * (1.0 + z * (1.0 - sz))
+                tl.store(DZ + xo + (r * dim + oc[c]), dz.to(DZ.dtype.element_ty),
+                         mask=vlds[gi][c])
+                dyg = dyg * z * sz
+            if HAS_D:
+                dD_acc = _tuple_add(dD_acc, c, dyg * xs[gi][c])
+            dyc = dyc + (dyg,)
+        dygs = dygs + (dyc,)
+    # The adjoint, backwards through the block.
+    for gi in tl.static_range(NG - 1, -1, -1):
+        # per step of the group and channel: this lane's Σ_k dh A2 h exp(ΔA), Σ_k dh B
+        pa = ()
+        pb = ()
+        for i in tl.static_range(Q - 1, -1, -1):
+            rs = tl.minimum(gi * Q + i, rem)
+            if brows is None:
+                braw = _lane_row(Bb, rs * bc_stride + nb, lane, S, PACK, VEC, False)
+            else:
+                braw = brows[gi * Q + i]
+            craw = _lane_row(Cb, rs * bc_stride + nb, lane, S, PACK, VEC, False)
+            dbs = ()
+            dcs = ()
+            new_dh = ()
+            new_acc = ()
+            pac = ()
+            pbc = ()
+            for c in tl.static_range(CPL):
+                if Q == 1:
+                    dyi = dygs[gi][c]
+                else:
+                    dyi = tl.gather(dygs[gi][c], base + i * BD, 1)
+                di = dis[gi * Q + i][c]
+                dxi = dxis[gi * Q + i][c]
+                ddtA = tl.zeros([W, 32], dtype=ACC)
+                dhB = tl.zeros([W, 32], dtype=ACC)
+                ndh = ()
+                nacc = ()
+                for k in tl.static_range(S):
+                    dhn = dh[c][k] + dyi * _lane_val(craw, k, PACK, IS_BF16, ACC)
+                    dhp = dhn * _ex2(di * A2[c][k])  # dh_{t-1}
+                    ddA = dhp * hs[gi * Q + i][c][k]  # d/d(ΔA) of exp(ΔA) h_{t-1}, times dh_t
+                    ddtA += ddA * A2[c][k]
+                    nacc = nacc + (dA_acc[c][k] + ddA * di,)
+                    dhB += dhn * _lane_val(braw, k, PACK, IS_BF16, ACC)
+                    # dB_t[n] = Σ_d dh_t[d, n] Δ_t[d] x_t[d]; dC_t[n] = Σ_d dy_t[d] h_t[d, n]
+                    # (this lane's channels added here)
+                    if c == 0:
+                        dbs = dbs + (dhn * dxi,)
+                        dcs = dcs + (dyi * hs[gi * Q + i + 1][c][k],)
+                    else:
+                        dbs = _tuple_add(dbs, k, dhn * dxi)
+                        dcs = _tuple_add(dcs, k, dyi * hs[gi * Q + i + 1][c][k])
+                    ndh = ndh + (dhp,)
+                new_dh = new_dh + (ndh,)
+                new_acc = new_acc + (nacc,)
+                pac = pac + (ddtA,)
+                pbc = pbc + (dhB,)
+            dh = new_dh
+            dA_acc = new_acc
+            pa = (pac,) + pa
+            pb = (pbc,) + pb
+            vals = dbs + dcs
+            for _p in tl.static_range(V - 2 * S):
+                vals = vals + (tl.zeros([W, 32], dtype=ACC),)
+            red = _channel_sum_scatter(vals, lane, BD, 1)
+            if XW:
+                # into this block's half of the shared buffer, summed over the warps below
+                for rr in tl.static_range(M_OUT):
+                    _sts(((((buf * K + gi * Q + i) * M_OUT + rr) * W + wid) * 32 + lane) * 4,
+                         red[rr])
+            else:
+                for rr in tl.static_range(M_OUT):
+                    tot = tl.sum(red[rr], axis=0)  # over the program's warps
+                    idx = ch1 * M_OUT + rr  # value idx of this lane's state group
+                    lim = tl.where(gi * Q + i <= rem, S, 0)  # rows past the segment: not stored
+                    tl.store(DBb + (rs * NST + idx), tot.to(DB_PART.dtype.element_ty),
+                             mask=idx < lim)
+                    tl.store(DCb + (rs * NST + idx - S), tot.to(DC_PART.dtype.element_ty),
+                             mask=(idx >= S) & (idx < 2 * lim))
+        # lane j finishes step gi*Q + j of each channel: dΔ and dx
+        r = tl.minimum(gi * Q + j, rem)
+        for c in tl.static_range(CPL):
+            pa_c = ()
+            pb_c = ()
+            for i in tl.static_range(Q):
+                pa_c = pa_c + (pa[i][c],)
+                pb_c = pb_c + (pb[i][c],)
+            ddtA = _quad_sum_scatter(pa_c, lane, Q, 1, BD)
+            dhB = _quad_sum_scatter(pb_c, lane, Q, 1, BD)
+            # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
+            ddt = ddtA * LN2 + dhB * xs[gi][c]
+            dxo = dhB * ds[gi][c]
+            if HAS_D:
+                dxo += Dv[c] * dygs[gi][c]
+            if SOFTPLUS:
+                ddt = tl.where(dtraws[gi][c] > 20.0, ddt, ddt * _sigmoid(dtraws[gi][c]))
+            if DBIAS:
+                db_acc = _tuple_add(db_acc, c, tl.where(vlds[gi][c], ddt, 0.0))
+            off = r * dim + oc[c]
+            tl.store(DX + xo + off, dxo.to(DX.dtype.element_ty), mask=vlds[gi][c])
+            tl.store(DDT + xo + off, ddt.to(DDT.dtype.element_ty), mask=vlds[gi][c])
+    if XW:
+        # The warps' dB, dC sums of the whole block: warp w adds up step w (and w + W, ...) of
+        # every warp from shared memory and stores it; one barrier per block (the other half of
+        # the buffer takes the next block, so no second one before it is written again).
+        tl.debug_barrier()
+        wid = tl.arange(0, W)[:, None] + lane * 0
+        ch = lane % BD
+        P = DB_PART + (part_base + row0 + cb * K) * NST + nb
+        PC = DC_PART + (part_base + row0 + cb * K) * NST + nb
+        for s0 in tl.static_range(0, K, W):
+            st = s0 + wid  # the block's step this warp adds up
+            okw = st < K
+            sa = tl.minimum(st, K - 1)
+            rs = tl.minimum(sa, rem)
+            lim = tl.where(okw & (st <= rem), S, 0)
+            for rr in tl.static_range(M_OUT):
+                tot = _lds(((((buf * K + sa) * M_OUT + rr) * W) * 32 + lane) * 4)
+                for w2 in tl.static_range(1, W):
+                    tot += _lds(((((buf * K + sa) * M_OUT + rr) * W + w2) * 32 + lane) * 4)
+                idx = ch * M_OUT + rr
+                tl.store(P + (rs * NST + idx), tot.to(DB_PART.dtype.element_ty), mask=idx < lim)
+                tl.store(PC + (rs * NST + idx - S), tot.to(DC_PART.dtype.element_ty),
+                         mask=(idx >= S) & (idx < 2 * lim))
+    return dh, dA_acc, dD_acc, db_acc
 
 
 @triton.jit
@@ -524,21 +873,23 @@ def selective_scan_bwd_quad_kernel(
     X, DT, A, B, C, D, Z, DT_BIAS, STATES, CU, CHUNK_OFF, DY, DHT,
     DX, DDT, DZ, DB_PART, DC_PART, DA_PART, DD_PART, DH0,
     L, dim, dstate, ngroups, blocks_per_group, nchunks_per_seq, total_rows, seg_len, nseg,
-    SCRATCH,
+    SCRATCH, DBIAS_PART,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_F64: tl.constexpr,
     Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
     PACK: tl.constexpr, IS_BF16: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr = 1,
     DIM_C: tl.constexpr = 0, W: tl.constexpr = 1, M: tl.constexpr = 1,
-    STATE_DN: tl.constexpr = 0,
+    STATE_DN: tl.constexpr = 0, CPL: tl.constexpr = 1, BCS_C: tl.constexpr = 0,
+    DBIAS: tl.constexpr = 0, A_DN: tl.constexpr = 0,
+    PFB: tl.constexpr = 0, XW: tl.constexpr = 0,
 ):
     """Backward with a channel's N states split over Q lanes, as the split-state forward; the
     lanes backward's algorithm (``triton_kernels.selective_scan_bwd_lanes_kernel``, same
     arguments), with one saved state per block of K steps or, ``M > 1``, per M blocks
     (memory-bounded saving): per group of M blocks, in reverse, the program first runs the
     forward from the saved state over the group and keeps the block-start states in its slice
-    of ``SCRATCH`` (``(programs, M, S, W * 32)``, each lane reading back what it wrote; small
-    enough to stay in L2), then walks the group's blocks in reverse from those.
+    of ``SCRATCH`` (``(programs, M, CPL, S, W * 32)``, each lane reading back what it wrote;
+    small enough to stay in L2), then walks the group's blocks in reverse from those.
 
     Per block of K steps (a multiple of Q), in reverse: reload the block's start state, recompute
     its K states (lane j of a channel computes Δ of step j of each group of Q steps, shared by
@@ -546,20 +897,36 @@ def selective_scan_bwd_quad_kernel(
     in the forward. Then the adjoint ``dh_{t-1} = exp(Δ_t A) dh_t`` (``dh_t += C_t dy_t``)
     backwards through the block. Per step, the sums over the channel's states (``Σ_n dh A h`` for
     dΔ, ``Σ_n dh B`` for dx) are kept per lane and reduce-scattered over the Q lanes once per
-    group (lane j then finishes step j); the sums over the warp's 32 / Q channels (dB_t, dC_t:
-    2S values per lane) go through a butterfly over the lanes sharing a state index, after which
-    each lane stores ``V * Q / 32`` values (``V`` = 2S padded to a multiple of 32 / Q) into the
-    partial sums of this block of channels, added up by the caller. No atomics.
+    group (lane j then finishes step j); the sums over the warp's channels (dB_t, dC_t: 2S values
+    per lane) go through a butterfly over the lanes sharing a state index, after which each lane
+    stores ``V * Q / 32`` values (``V`` = 2S padded to a multiple of 32 / Q) into the partial
+    sums of this block of channels, added up by the caller. No atomics.
 
-    ``W`` warps per program (``num_warps``), each with its own 32 / Q channels: tensors are
+    ``CPL`` channels per lane (``CPL * 32 / Q`` per warp; lane l of warp w holds channels
+    ``(w * CPL + c) * 32 / Q + l % (32 / Q)``): a lane's dB_t, dC_t values are first added over
+    its own channels (in the multiply-adds that form them), so the butterfly, the warps' sums,
+    the stores of the partial sums and every row of B and C serve CPL times the channels; the
+    price is CPL times the registers per lane.
+
+    ``W`` warps per program (``num_warps``), each with its own channels: tensors are
     ``(W, 32)``, lanes along axis 1 (shuffles stay within a warp), and the warps' dB, dC sums
     are added (through shared memory) before they are stored, so the partial sums are per block
-    of ``W * 32 / Q`` channels: W times less to write and to add up."""
+    of ``W * CPL * 32 / Q`` channels: by Triton's reduction at every step, or (``XW``, GPU and
+    float32 only, where the host has checked the compiled kernel's shared memory) through a
+    buffer of the kernel's own, once per block with one barrier (see :func:`_sts`).
+    ``DBIAS``: dt_bias's gradient summed here per channel (``DBIAS_PART``, ``(nseq * nseg,
+    dim)`` as ``DD_PART``) instead of by a pass over dΔ. ``A_DN``: A read as ``(dim, N)``.
+    ``PFB``: each block's saved state and own-step rows (and, 2, its rows of B) loaded a block
+    ahead, so that their latency falls on the block before."""
     ACC = tl.float64 if USE_F64 else tl.float32
     BD: tl.constexpr = 32 // Q
     M_OUT: tl.constexpr = V // BD
+    NST: tl.constexpr = Q * S  # = dstate
     if DIM_C > 0:  # dim known at compile time (immediate offsets), as in the forward
         dim = DIM_C
+    bc_stride = ngroups * NST
+    if BCS_C > 0:
+        bc_stride = BCS_C
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_g = tl.program_id(2)
@@ -574,188 +941,225 @@ def selective_scan_bwd_quad_kernel(
     j = lane // BD
     ch = lane % BD
     base = ch
-    offs_d = pid_d * (W * BD) + (tl.arange(0, W)[:, None] + zw) * BD + ch
-    md = offs_d < dim
+    d0 = pid_d * (W * BD * CPL) + (tl.arange(0, W)[:, None] + zw) * (BD * CPL) + ch
+    nb = j * S
+    seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * NST
     # (32,) index vectors for the stores of the warps' dB, dC sums, in the layout of a sum over
     # the warps (reduced once here, so that the loop converts no layouts)
     nb1 = tl.max(j * S, axis=0)
     ch1 = tl.max(ch, axis=0)
-    # (channels contiguous in runs of BD lanes: the hint keeps Triton's stores and loads in the
-    # layout of the shuffles, one warp per row, instead of converting through shared memory)
-    oc = tl.max_contiguous(tl.minimum(offs_d, dim - 1), [1, BD])
-    nb = j * S
-    seq_state_off = (pid_s.to(tl.int64) * nseg + pid_g) * dim * dstate
-    A2, dh, Dv, bias = _lane_params(A, DHT, D, DT_BIAS, seq_state_off, nb, oc, dim, S, HAS_DHT,
-                                    HAS_D, HAS_BIAS, ACC)
+    # per channel of the lane: offset (channels contiguous in runs of BD lanes: the hint keeps
+    # Triton's stores and loads in the layout of the shuffles, one warp per row, instead of
+    # converting through shared memory), mask and parameters
+    oc = ()
+    md = ()
+    A2 = ()
+    dh = ()
+    Dv = ()
+    bias = ()
     dA_acc = ()
-    for _ in tl.static_range(S):
-        dA_acc = dA_acc + (tl.zeros([W, 32], dtype=ACC),)
-    dD_acc = tl.zeros([W, 32], dtype=ACC)
+    dD_acc = ()
+    db_acc = ()
+    for c in tl.static_range(CPL):
+        offs_d = d0 + c * BD
+        if EVEN_D:
+            occ = tl.max_contiguous(offs_d, [1, BD])
+            mdc = zw == 0
+        else:
+            occ = tl.max_contiguous(tl.minimum(offs_d, dim - 1), [1, BD])
+            mdc = offs_d < dim
+        A2c, dhc, Dvc, biasc = _lane_params(A, DHT, D, DT_BIAS, seq_state_off, nb, occ, dim, S,
+                                            HAS_DHT, HAS_D, HAS_BIAS, ACC, A_DN)
+        oc = oc + (occ,)
+        md = md + (mdc,)
+        A2 = A2 + (A2c,)
+        dh = dh + (dhc,)
+        Dv = Dv + (Dvc,)
+        bias = bias + (biasc,)
+        zs_ = ()
+        for _ in tl.static_range(S):
+            zs_ = zs_ + (tl.zeros([W, 32], dtype=ACC),)
+        dA_acc = dA_acc + (zs_,)
+        dD_acc = dD_acc + (tl.zeros([W, 32], dtype=ACC),)
+        db_acc = db_acc + (tl.zeros([W, 32], dtype=ACC),)
     part_base = pid_d.to(tl.int64) * total_rows
+    # XW: the warps' dB, dC sums through a shared buffer of our own (GPU, float32, W > 1), two
+    # halves of K * M_OUT * W * 32 values at the start of the kernel's shared memory. Triton
+    # sizes that memory from its own needs: a reduction over the warps here makes it allocate
+    # (its result only joins a comparison that is never true, which keeps it), and the host
+    # checks the compiled kernel's size before using XW (selective_scan/triton.py); our
+    # accesses start after a barrier, and Triton's own use none inside the loop.
+    XWE: tl.constexpr = XW and FAST_LOG and not USE_F64 and W > 1
+    if XWE:
+        # ((W, 32, 2, 2, ...): the lanes' layout with 2 K M_OUT values per thread, reduced over
+        # the warps: W * 32 * 2 K M_OUT words of scratch)
+        XWV: tl.constexpr = 2 * K * M_OUT
+        big = lane + pid_s
+        if XWV >= 2:
+            big = tl.join(big, big + 1)
+        if XWV >= 4:
+            big = tl.join(big, big + 1)
+        if XWV >= 8:
+            big = tl.join(big, big + 1)
+        if XWV >= 16:
+            big = tl.join(big, big + 1)
+        if XWV >= 32:
+            big = tl.join(big, big + 1)
+        if XWV >= 64:
+            big = tl.join(big, big + 1)
+        big = tl.ravel(tl.max(big, axis=0), can_reorder=True)
+        part_base += tl.where(tl.max(big, axis=0) < 0, 1, 0)
+        tl.debug_barrier()
     xd_base = row0 * dim
-    bc_stride = ngroups * dstate
-    bc_base = row0 * bc_stride + g * dstate
+    bc_base = row0 * bc_stride + g * NST
     last = seqlen - 1
     nchunks = tl.cdiv(seqlen - t_begin, K)
     c_first = t_begin // K
-    NG: tl.constexpr = K // Q
     KM: tl.constexpr = K * M
     ngroups_m = tl.cdiv(seqlen - t_begin, KM)
     prog = ((pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(2) + pid_g).to(tl.int64)
-    slot = SCRATCH + prog * (M * S * W * 32) + (tl.arange(0, W)[:, None] + zw) * 32 + lane
-    for gg in range(0, ngroups_m):
-        gm = ngroups_m - 1 - gg  # group of M blocks, from the last
-        if M > 1:
-            nblk = tl.minimum(nchunks - gm * M, M)  # its blocks inside the segment
-            # the group's block-start states, from its saved state (the last one is not
-            # advanced past: its block is the first handled below)
-            h = _load_state(STATES + (ck0 + t_begin // KM + gm) * dim * dstate, oc, nb, dim,
-                            dstate, S, ACC, STATE_DN)
-            for m in range(0, nblk - 1):
-                for k in tl.static_range(S):
-                    tl.store(slot + (m * S + k) * (W * 32), h[k])
-                h = _quad_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride,
-                                  (c_first + gm * M + m) * K, last, dim, oc, md, nb, j, base,
-                                  lane, HAS_BIAS, SOFTPLUS, ACC, Q, S, K, PACK, VEC, IS_BF16, BD)
-            for k in tl.static_range(S):
-                tl.store(slot + ((nblk - 1) * S + k) * (W * 32), h[k])
-        else:
-            nblk = 1
-        for mm in range(0, nblk):
-            c = c_first + gm * M + nblk - 1 - mm
-            t0 = c * K
-            h = ()
+    slot = (SCRATCH + prog * (M * CPL * S * W * 32)
+            + (tl.arange(0, W)[:, None] + zw) * 32 + lane)
+    if M == 1 and PFB:
+        # One saved state per block, and each block's loads issued a block ahead: the saved
+        # state and the own-step rows come from DRAM (and, PFB = 2, the rows of B from L2), so
+        # their latency falls on the block before.
+        cb0 = c_first + nchunks - 1
+        # (the segment may be empty: then the first saved state, which always exists, stands
+        # in; unmasked, so that the state keeps the layout of the loads in the loop)
+        nxt_h = _bwd_fetch_state(STATES, ck0, tl.where(nchunks > 0, cb0, -ck0), oc, nb, dim, S,
+                                 NST, ACC, STATE_DN, CPL)
+        nxt_r = _bwd_fetch(X, DT, DY, Z, cb0, last, xd_base, dim, oc, j, HAS_Z, Q, K, CPL, True)
+        nxt_b = ()
+        if PFB > 1:  # the block's rows of B too (an empty segment reads B's first row)
+            nxt_b = _bwd_fetch_rows(B, tl.where(nchunks > 0, bc_base + cb0 * K * bc_stride,
+                                                g * NST),
+                                    tl.where(nchunks > 0, last - cb0 * K, 0), bc_stride, nb,
+                                    lane, S, K, PACK, VEC)
+        for gg in range(0, nchunks):
+            h = nxt_h
+            raws = nxt_r
+            brows = nxt_b if PFB > 1 else None
+            # (the first block's "block before" is itself again: a harmless re-read)
+            cn = tl.maximum(cb0 - gg - 1, c_first)
+            nxt_h = _bwd_fetch_state(STATES, ck0, cn, oc, nb, dim, S, NST, ACC, STATE_DN, CPL)
+            nxt_r = _bwd_fetch(X, DT, DY, Z, cn, last, xd_base, dim, oc, j, HAS_Z, Q, K, CPL,
+                               False)
+            if PFB > 1:
+                nxt_b = _bwd_fetch_rows(B, bc_base + cn * K * bc_stride, last - cn * K,
+                                        bc_stride, nb, lane, S, K, PACK, VEC)
+            dh, dA_acc, dD_acc, db_acc = _bwd_quad_block(
+                h, raws, brows, cb0 - gg, dh, dA_acc, dD_acc, db_acc, B, C, DX, DDT, DZ, DB_PART,
+                DC_PART, A2, Dv, bias, oc, md, nb, nb1, ch1, j, base, lane, last, xd_base,
+                bc_base, bc_stride, part_base, row0, dim, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                ACC, Q, S, K, PACK, VEC, IS_BF16, BD, CPL, V, W, DBIAS, XWE)
+    else:
+        for gg in range(0, ngroups_m):
+            gm = ngroups_m - 1 - gg  # group of M blocks, from the last
             if M > 1:
-                for k in tl.static_range(S):
-                    h = h + (tl.load(slot + ((nblk - 1 - mm) * S + k) * (W * 32)),)
-            else:
-                h = _load_state(STATES + (ck0 + c) * dim * dstate, oc, nb, dim, dstate, S, ACC,
-                                STATE_DN)
-            # Recompute the block. Per group: lane j's own step (x, Δ, dy, z, dtraw), and for every
-            # step of the block the shared Δ, Δx and the states before / after it.
-            hs = (h,)
-            xs = ()
-            ds = ()
-            dtraws = ()
-            dys = ()
-            zs = ()
-            dis = ()
-            dxis = ()
-            vlds = ()
-            for gi in tl.static_range(NG):
-                t = t0 + gi * Q + j
-                tc = tl.minimum(t, last)
-                vld = md & (t <= last)
-                off = xd_base + tc * dim + oc
-                x = tl.load(X + off).to(ACC)
-                dtraw, d = _delta(tl.load(DT + off).to(ACC), bias, vld, HAS_BIAS, SOFTPLUS)
-                dys = dys + (tl.where(vld, tl.load(DY + off).to(ACC), 0.0),)
-                if HAS_Z:
-                    zs = zs + (tl.load(Z + off).to(ACC),)
-                xs = xs + (x,)
-                ds = ds + (d,)
-                dtraws = dtraws + (dtraw,)
-                vlds = vlds + (vld,)
-                hg, dg, dxg = _quad_group_states(h, d, d * x, B, A2, t0 + gi * Q, last, bc_base,
-                                                 bc_stride, nb, base, lane, ACC, Q, S, PACK,
-                                                 VEC, IS_BF16, BD)
-                h = hg[Q - 1]
-                hs = hs + hg
-                dis = dis + dg
-                dxis = dxis + dxg
-            # The gate's backward, lane j of each group for its own step: dy·z·σ(z) goes on.
-            dygs = ()
-            for gi in tl.static_range(NG):
-                dyg = dys[gi]
-                if HAS_Z:
-                    ps = ()
-                    for i in tl.static_range(Q):
-                        tci = tl.minimum(t0 + gi * Q + i, last)
-                        craw = _lane_row(C, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-                        p = tl.zeros([W, 32], dtype=ACC)
+                nblk = tl.minimum(nchunks - gm * M, M)  # its blocks inside the segment
+                # the group's block-start states, from its saved state (the last one is not
+                # advanced past: its block is the first handled below)
+                h = ()
+                for c in tl.static_range(CPL):
+                    h = h + (_load_state(STATES + (ck0 + t_begin // KM + gm) * dim * NST, oc[c],
+                                         nb, dim, NST, S, ACC, STATE_DN),)
+                for m in range(0, nblk - 1):
+                    for c in tl.static_range(CPL):
                         for k in tl.static_range(S):
-                            p += hs[gi * Q + i + 1][k] * _lane_val(craw, k, PACK, IS_BF16, ACC)
-                        ps = ps + (p,)
-                    y = _quad_sum_scatter(ps, lane, Q, 1, BD)
-                    if HAS_D:
-                        y += Dv * xs[gi]
-                    z = zs[gi]
-                    sz = _sigmoid(z)
-                    dz = dyg * y * sz * (1.0 + z * (1.0 - sz))
-                    off = xd_base + tl.minimum(t0 + gi * Q + j, last) * dim + oc
-                    tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=vlds[gi])
-                    dyg = dyg * z * sz
-                if HAS_D:
-                    dD_acc += dyg * xs[gi]
-                dygs = dygs + (dyg,)
-            # The adjoint, backwards through the block.
-            for gi in tl.static_range(NG - 1, -1, -1):
-                pa = ()  # per step of the group: this lane's Σ_k dh A2 h exp(ΔA), Σ_k dh B
-                pb = ()
-                for i in tl.static_range(Q - 1, -1, -1):
-                    t = t0 + gi * Q + i
-                    valid = t <= last
-                    tci = tl.minimum(t, last)
-                    row = row0 + tci
-                    braw = _lane_row(B, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-                    craw = _lane_row(C, bc_base + tci * bc_stride + nb, lane, S, PACK, VEC, False)
-                    if Q == 1:
-                        dyi = dygs[gi]
-                    else:
-                        dyi = tl.gather(dygs[gi], base + i * BD, 1)
-                    di = dis[gi * Q + i]
-                    dxi = dxis[gi * Q + i]
-                    ddtA = tl.zeros([W, 32], dtype=ACC)
-                    dhB = tl.zeros([W, 32], dtype=ACC)
-                    dbs = ()
-                    dcs = ()
-                    new_dh = ()
-                    new_acc = ()
+                            tl.store(slot + ((m * CPL + c) * S + k) * (W * 32), h[c][k])
+                    h = _quad_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride,
+                                      (c_first + gm * M + m) * K, last, dim, oc, md, nb, j, base,
+                                      lane, HAS_BIAS, SOFTPLUS, ACC, Q, S, K, PACK, VEC, IS_BF16,
+                                      BD, CPL)
+                for c in tl.static_range(CPL):
                     for k in tl.static_range(S):
-                        dhn = dh[k] + dyi * _lane_val(craw, k, PACK, IS_BF16, ACC)
-                        dhp = dhn * _ex2(di * A2[k])  # dh_{t-1}
-                        ddA = dhp * hs[gi * Q + i][k]  # d/d(ΔA) of exp(ΔA) h_{t-1}, times dh_t
-                        ddtA += ddA * A2[k]
-                        new_acc = new_acc + (dA_acc[k] + ddA * di,)
-                        dhB += dhn * _lane_val(braw, k, PACK, IS_BF16, ACC)
-                        dbs = dbs + (dhn * dxi,)  # dB_t[n] = Σ_d dh_t[d, n] Δ_t[d] x_t[d]
-                        dcs = dcs + (dyi * hs[gi * Q + i + 1][k],)  # dC_t[n] = Σ_d dy_t[d] h_t[d, n]
-                        new_dh = new_dh + (dhp,)
-                    dh = new_dh
-                    dA_acc = new_acc
-                    pa = (ddtA,) + pa
-                    pb = (dhB,) + pb
-                    vals = dbs + dcs
-                    for _p in tl.static_range(V - 2 * S):
-                        vals = vals + (tl.zeros([W, 32], dtype=ACC),)
-                    red = _channel_sum_scatter(vals, lane, BD, 1)
-                    for r in tl.static_range(M_OUT):
-                        tot = tl.sum(red[r], axis=0)  # over the program's warps
-                        idx = ch1 * M_OUT + r  # value idx of this lane's state group
-                        part = (part_base + row) * dstate + nb1
-                        tl.store(DB_PART + part + idx, tot.to(DB_PART.dtype.element_ty),
-                                 mask=idx < tl.where(valid, S, 0))
-                        tl.store(DC_PART + part + (idx - S), tot.to(DC_PART.dtype.element_ty),
-                                 mask=(idx >= S) & (idx < tl.where(valid, 2 * S, 0)))
-                # lane j finishes step gi*Q + j: dΔ and dx
-                ddtA = _quad_sum_scatter(pa, lane, Q, 1, BD)
-                dhB = _quad_sum_scatter(pb, lane, Q, 1, BD)
-                # A2 = A log2 e, so Σ_n ddA A_n = ln 2 Σ_n ddA A2_n
-                ddt = ddtA * LN2 + dhB * xs[gi]
-                dxo = dhB * ds[gi]
-                if HAS_D:
-                    dxo += Dv * dygs[gi]
-                if SOFTPLUS:
-                    ddt = tl.where(dtraws[gi] > 20.0, ddt, ddt * _sigmoid(dtraws[gi]))
-                off = xd_base + tl.minimum(t0 + gi * Q + j, last) * dim + oc
-                tl.store(DX + off, dxo.to(DX.dtype.element_ty), mask=vlds[gi])
-                tl.store(DDT + off, ddt.to(DDT.dtype.element_ty), mask=vlds[gi])
-    for k in tl.static_range(S):
-        tl.store(DH0 + seq_state_off + (nb + k) * dim + oc, dh[k].to(DH0.dtype.element_ty),
-                 mask=md)
-        tl.store(DA_PART + seq_state_off + (nb + k) * dim + oc,
-                 dA_acc[k].to(DA_PART.dtype.element_ty), mask=md)
-    if HAS_D:
-        tot = _quad_allsum(dD_acc, lane, Q, 1, BD)
-        tl.store(DD_PART + (pid_s.to(tl.int64) * nseg + pid_g) * dim + oc,
-                 tot.to(DD_PART.dtype.element_ty), mask=md & (j == 0))
+                        tl.store(slot + (((nblk - 1) * CPL + c) * S + k) * (W * 32), h[c][k])
+            else:
+                nblk = 1
+            # (PFB: within the group, each block's own-step rows and rows of B are loaded a
+            # block ahead, as in the loop above; the states come from the L2 scratch)
+            cg = c_first + gm * M  # the group's first block
+            nxt_r = _bwd_fetch(X, DT, DY, Z, cg + nblk - 1, last, xd_base, dim, oc, j, HAS_Z, Q,
+                               K, CPL, False)
+            nxt_b = ()
+            if PFB > 1:
+                nxt_b = _bwd_fetch_rows(B, bc_base + (cg + nblk - 1) * K * bc_stride,
+                                        last - (cg + nblk - 1) * K, bc_stride, nb, lane, S, K,
+                                        PACK, VEC)
+            for mm in range(0, nblk):
+                cb = cg + nblk - 1 - mm
+                if M > 1:
+                    h = ()
+                    for c in tl.static_range(CPL):
+                        hc = ()
+                        for k in tl.static_range(S):
+                            hc = hc + (tl.load(slot + (((nblk - 1 - mm) * CPL + c) * S + k)
+                                               * (W * 32)),)
+                        h = h + (hc,)
+                else:
+                    h = _bwd_fetch_state(STATES, ck0, cb, oc, nb, dim, S, NST, ACC, STATE_DN,
+                                         CPL)
+                if PFB:
+                    raws = nxt_r
+                    brows = nxt_b if PFB > 1 else None
+                    cn = tl.maximum(cb - 1, cg)
+                    nxt_r = _bwd_fetch(X, DT, DY, Z, cn, last, xd_base, dim, oc, j, HAS_Z, Q, K,
+                                       CPL, False)
+                    if PFB > 1:
+                        nxt_b = _bwd_fetch_rows(B, bc_base + cn * K * bc_stride, last - cn * K,
+                                                bc_stride, nb, lane, S, K, PACK, VEC)
+                else:
+                    raws = _bwd_fetch(X, DT, DY, Z, cb, last, xd_base, dim, oc, j, HAS_Z, Q, K,
+                                      CPL, False)
+                    brows = None
+                dh, dA_acc, dD_acc, db_acc = _bwd_quad_block(
+                    h, raws, brows, cb, dh, dA_acc, dD_acc, db_acc, B, C, DX, DDT, DZ, DB_PART,
+                    DC_PART, A2, Dv, bias, oc, md, nb, nb1, ch1, j, base, lane, last, xd_base,
+                    bc_base, bc_stride, part_base, row0, dim, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                    ACC, Q, S, K, PACK, VEC, IS_BF16, BD, CPL, V, W, DBIAS, XWE)
+    po = (pid_s.to(tl.int64) * nseg + pid_g) * dim
+    for c in tl.static_range(CPL):
+        for k in tl.static_range(S):
+            tl.store(DH0 + seq_state_off + (nb + k) * dim + oc[c],
+                     dh[c][k].to(DH0.dtype.element_ty), mask=md[c])
+            tl.store(DA_PART + seq_state_off + (nb + k) * dim + oc[c],
+                     dA_acc[c][k].to(DA_PART.dtype.element_ty), mask=md[c])
+        if HAS_D:
+            tot = _quad_allsum(dD_acc[c], lane, Q, 1, BD)
+            tl.store(DD_PART + po + oc[c], tot.to(DD_PART.dtype.element_ty),
+                     mask=md[c] & (j == 0))
+        if DBIAS:
+            tot = _quad_allsum(db_acc[c], lane, Q, 1, BD)
+            tl.store(DBIAS_PART + po + oc[c], tot.to(DBIAS_PART.dtype.element_ty),
+                     mask=md[c] & (j == 0))
+
+
+@triton.jit
+def _sts(off, v):
+    """Store float32 ``v`` at byte ``off`` of the kernel's shared memory (the buffer Triton
+    allocates, ``global_smem``; see the backward's ``XW``)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; st.shared.b32 [a], $2; }"
+        "\n\tmov.u32 $0, 0;", "=r,r,r", [off, v.to(tl.int32, bitcast=True)], dtype=tl.int32,
+        is_pure=False, pack=1)
+
+
+@triton.jit
+def _lds(off):
+    """The float32 at byte ``off`` of the kernel's shared memory (see :func:`_sts`)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }",
+        "=r,r", [off], dtype=tl.int32, is_pure=False, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tuple_add(t, i: tl.constexpr, v):
+    """The tuple ``t`` with ``v`` added to element ``i``."""
+    out = ()
+    for n in tl.static_range(len(t)):
+        if n == i:
+            out = out + (t[n] + v,)
+        else:
+            out = out + (t[n],)
+    return out
