@@ -560,27 +560,6 @@ def _quad_group_states(h, d, dx, Bb, A2, s0, rem, bc_stride, nb, base, lane, ACC
 
 
 @triton.jit
-def _channel_sum_scatter(vals, lane, BD: tl.constexpr, AX: tl.constexpr = 0):
-    """Sum the values of a tuple over the BD channels of a warp, whose lanes for one state
-    group are ``j * BD .. j * BD + BD - 1`` (channel ``lane % BD``), leaving the lane of channel
-    ``ch`` with the sums of values ``ch * m .. ch * m + m - 1`` (``m = len(vals) / BD``):
-    :func:`_scatter_level` over the low log2(BD) lane bits."""
-    V: tl.constexpr = len(vals)
-    # (at the level of mask m a lane holds 2 V m / BD values and keeps half)
-    if BD >= 32:
-        vals = _scatter_level(vals, lane, V * 16 // BD, 16, AX)
-    if BD >= 16:
-        vals = _scatter_level(vals, lane, V * 8 // BD, 8, AX)
-    if BD >= 8:
-        vals = _scatter_level(vals, lane, V * 4 // BD, 4, AX)
-    if BD >= 4:
-        vals = _scatter_level(vals, lane, V * 2 // BD, 2, AX)
-    if BD >= 2:
-        vals = _scatter_level(vals, lane, V // BD, 1, AX)
-    return vals
-
-
-@triton.jit
 def _bwd_fetch(X, DT, DY, Z, cb, last, xd_base, dim, oc, j, HAS_Z: tl.constexpr,
                Q: tl.constexpr, K: tl.constexpr, CPL: tl.constexpr, MASKED: tl.constexpr):
     """The inputs a lane reads for its own steps of the backward's block ``cb`` (``x, dt, dy,
