@@ -826,7 +826,6 @@ def _bwd_quad_block(h, raws, brows, cb, dh, dA_acc, dD_acc, db_acc, B, C, DX, DD
         # every warp from shared memory and stores it; one barrier per block (the other half of
         # the buffer takes the next block, so no second one before it is written again).
         tl.debug_barrier()
-        wid = tl.arange(0, W)[:, None] + lane * 0
         ch = lane % BD
         P = DB_PART + (part_base + row0 + cb * K) * NST + nb
         PC = DC_PART + (part_base + row0 + cb * K) * NST + nb
