@@ -382,7 +382,7 @@ def selective_scan_fwd_quad_kernel(
     """One program: sequence ``program_id(0)``, channels ``program_id(1) * 32/Q ..`` (one warp),
     segment ``program_id(2)`` of ``seg_len`` steps. ``Q`` lanes per channel with ``S = N / Q``
     states each; ``K`` steps per loop iteration (a multiple of Q); ``KS`` the spacing of the
-    saved states (a divisor or a multiple of K); ``PF`` (1 or 2) groups loaded ahead.
+    saved states (a divisor or a multiple of K); ``PF`` groups loaded ahead (PF * Q <= K).
     Shapes as the tile kernels: x, dt, z, y ``(rows, dim)`` (z, B, C with row strides
     ``z_rs, b_rs, c_rs``), A and the states ``(.., N, dim)``, B and C ``(rows, G, N)``."""
     ACC = tl.float64 if USE_F64 else tl.float32
