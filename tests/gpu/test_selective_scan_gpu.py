@@ -182,12 +182,14 @@ def _check_with_config(ts, tol, **over):
         assert rel_err(a, b) <= 2 * tol, (n, rel_err(a, b))
 
 
+@pytest.mark.parametrize("pf", [2, 3])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
-def test_memory_bounded_saved_states(dtype, tol):
-    """One saved state per 16 backward blocks (forced here; automatic beyond
-    ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy."""
+def test_memory_bounded_saved_states(dtype, tol, pf):
+    """One saved state per ScanConfig.coarse_blocks backward blocks (forced here; automatic
+    beyond ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy, with
+    each level of loads issued ahead (bwd_quad_prefetch)."""
     _check_with_config(_inputs(2, 1000, 64, 16, 1, dtype, seed=11, grad=True), tol,
-                       state_mem_limit=0)
+                       state_mem_limit=0, bwd_quad_prefetch=pf)
 
 
 @pytest.mark.parametrize("over", [dict(fwd_quad=0), dict(quad_static=0, quad_bc32=1,

@@ -387,9 +387,9 @@ def test_split_state_forward_applicability(monkeypatch):
 
 
 @pytest.mark.parametrize("Q,KB,fq,W,dn,cpl,pf", [
-    (4, 4, 4, 4, 0, 1, 0), (4, 4, 4, 1, 0, 1, 2), (2, 4, 0, 2, 0, 1, 0), (4, 8, 4, 1, 0, 1, 0),
+    (4, 4, 4, 4, 0, 1, 0), (4, 4, 4, 1, 0, 1, 3), (2, 4, 0, 2, 0, 1, 0), (4, 8, 4, 1, 0, 1, 0),
     (8, 8, 2, 4, 0, 1, 1), (4, 4, 4, 4, 1, 1, 1), (8, 8, 2, 4, 1, 1, 2), (2, 4, 0, 2, 1, 1, 1),
-    (4, 4, 4, 2, 1, 2, 1), (4, 8, 0, 1, 0, 2, 2), (8, 8, 2, 1, 1, 4, 1)])
+    (4, 4, 4, 2, 1, 2, 1), (4, 8, 0, 1, 0, 2, 3), (8, 8, 2, 1, 1, 4, 1)])
 def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn, cpl, pf):
     """The split-state backward (bwd_quad, W warps per program): every gradient against
     float64, with partial blocks, channels not filling the last program, packed sequences with
@@ -397,8 +397,8 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn, cpl, pf):
     saving (one state per M blocks, partial groups, segments of several groups) too; saved
     states in either layout (dn: (dim, N), used when the forward splits the states too and
     saves one per block); cpl channels per lane; pf: each block's loads issued a block ahead
-    (2: its rows of B too). (The warps' sums through the kernel's own shared buffer, XW, run on
-    the GPU only: tests/gpu.)"""
+    (2: its rows of B too; 3: memory-bounded saving's too). (The warps' sums
+    through the kernel's own shared buffer, XW, run on the GPU only: tests/gpu.)"""
     calls = _quad_calls(monkeypatch, "selective_scan_bwd_quad_kernel",
                         ("Q", "K", "V", "W", "M", "CPL", "PFB"))
     cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W,
@@ -414,14 +414,15 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn, cpl, pf):
         _check(_inputs(1, 37, 8, 16, 1, torch.float64))
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0))
         _check(_inputs(1, 37, 8, 16, 1, torch.float64))
+        _check(_inputs(1, 21, W * cpl * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0,
                                                              coarse_blocks=3, seq_split=2))
         _check(_inputs(2, 45, 8, 16, 1, torch.float64))
     finally:
         triton_mod.set_config(prev)
     S = 16 // Q
-    assert [c[4] for c in calls] == [1, 1, 1, 1, cfg.coarse_blocks, 3]
-    assert len(calls) == 6 and {c[:2] + c[3:4] + c[5:] for c in calls} == {(Q, KB, W, cpl, pf)}
+    assert [c[4] for c in calls] == [1, 1, 1, 1, cfg.coarse_blocks, cfg.coarse_blocks, 3]
+    assert len(calls) == 7 and {c[:2] + c[3:4] + c[5:] for c in calls} == {(Q, KB, W, cpl, pf)}
     assert calls[1][2] == max(2 * S, 32 // Q)  # dB, dC values per step, padded to the channels
 
 

@@ -80,7 +80,11 @@ class ScanConfig:
     # 6, call 4), forward + backward: seqlen 2048 one state per block 1.910 ms, per 4 blocks
     # 2.098, per 8 2.081, per 16 2.121, per 32 2.153; seqlen 8192 7.419, 8.170, 8.093, 8.257,
     # 8.386. So: one per block up to 1 GiB per call (the issue's shape at 2048 fits), beyond
-    # that one per 8 blocks (8x less memory for about 10% more time).
+    # that one per 8 blocks (8x less memory for about 10% more time). Session 8, split-state
+    # backward, seqlen 8192: call 4 (the current code) per 8 blocks 6.175 ms, per 4 6.425, one
+    # per block 5.477; calls 2-3 (before the recompute dropped its row clamps) per 8 blocks
+    # 6.27-6.32, per 2 6.883 (the forward writes more states and the backward pays more per
+    # group), per 16 6.402.
     state_mem_limit: int = 2**30
     coarse_blocks: int = 8
     # forward with a channel's N states split over `fwd_quad` lanes (triton_quad.py; 2, 4, 8 or
@@ -132,9 +136,14 @@ class ScanConfig:
     # pass that segments need
     bwd_quad_cpl: int = 1
     # its loads of a block's saved state and own-step rows issued one block ahead (1), and the
-    # block's rows of B too (2); one saved state per block only. Session 7 (calls 5, 6, 12):
-    # kernel 1.203 / 1.186 ms against 1.222 without; with bwd_quad_xw 1.007 (1) and 0.927 (2)
-    bwd_quad_prefetch: int = 2
+    # block's rows of B too (2), and (3) in memory-bounded saving (coarse_blocks) also the
+    # recompute's inputs a block ahead, each group's saved state a group ahead and its first
+    # handled block's inputs before the recompute. Session 7 (calls 5, 6, 12), one state per
+    # block: kernel 1.203 / 1.186 ms against 1.222 without; with bwd_quad_xw 1.007 (1) and
+    # 0.927 (2). Session 8 (call 4), seqlen 8192, one state per 8 blocks: training step 6.175
+    # ms (3) against 6.276 (2); more loads ahead (the states from the scratch, x and dt across
+    # groups) lost: they add instructions to an issue-bound loop (docs/gpu.md)
+    bwd_quad_prefetch: int = 3
     # the warps' dB, dC sums through a shared-memory buffer of the kernel's own, once per block
     # of bwd_chunk steps with one barrier (1), instead of Triton's reduction over the warps at
     # every step (3 barriers and 4-way bank conflicts each; GPU and float32 only). Session 7,

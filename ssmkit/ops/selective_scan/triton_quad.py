@@ -492,30 +492,57 @@ def _bwd_block(t0, last, xd_base, bc_base, dim, bc_stride):
 
 
 @triton.jit
-def _quad_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride, t0, last, dim, oc, md,
-                  nb, j, base, lane, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC,
+def _adv_fetch(X, DT, B, cb, xd_base, bc_base, bc_stride, dim, oc, j, nb, lane, rem,
+               Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, CPL: tl.constexpr,
+               PACK: tl.constexpr, VEC: tl.constexpr, CLAMP: tl.constexpr):
+    """What :func:`_quad_advance` reads of block ``cb`` of the segment: ``x, dt`` of the lane's
+    own steps (per group and channel) and its words of the block's rows of B. The recompute
+    advances past full blocks only (never the segment's last, the only partial one), so rows
+    are not clamped, but with ``CLAMP`` (a fetch that may land on the last block, unused
+    then): rows past ``rem`` re-read it."""
+    xo = xd_base + cb * K * dim
+    xdt = ()
+    for gi in tl.static_range(K // Q):
+        r = gi * Q + j
+        if CLAMP:
+            r = tl.minimum(r, rem)
+        rc = ()
+        for c in tl.static_range(CPL):
+            off = r * dim + oc[c]
+            rc = rc + ((tl.load(X + xo + off), tl.load(DT + xo + off)),)
+        xdt = xdt + (rc,)
+    Bb = B + bc_base + cb * K * bc_stride
+    rows = ()
+    for i in tl.static_range(K):
+        if CLAMP:
+            rows = rows + (_lane_row(Bb, tl.minimum(i, rem) * bc_stride + nb, lane, S, PACK,
+                                     VEC, False),)
+        else:
+            rows = rows + (_lane_row(Bb, i * bc_stride + nb, lane, S, PACK, VEC, False),)
+    return xdt, rows
+
+
+@triton.jit
+def _quad_advance(h, fetched, A2, bias, md, nb, j, base, lane, bc_stride,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC,
                   Q: tl.constexpr, S: tl.constexpr, K: tl.constexpr, PACK: tl.constexpr,
                   VEC: tl.constexpr, IS_BF16: tl.constexpr, BD: tl.constexpr,
                   CPL: tl.constexpr):
-    """This lane's states (a tuple over its CPL channels of S states) after the block of K steps
-    from ``t0`` (steps past ``last`` leave them unchanged: Δ = 0), in the backward's lane
-    mapping (a channel's lanes BD apart)."""
-    rem, xo, bo = _bwd_block(t0, last, xd_base, bc_base, dim, bc_stride)
-    Xb = X + xo
-    DTb = DT + xo
+    """This lane's states (a tuple over its CPL channels of S states) after a full block of K
+    steps, in the backward's lane mapping (a channel's lanes BD apart), from the block's inputs
+    read by :func:`_adv_fetch` (``fetched``)."""
+    xdt, brows = fetched
     for gi in tl.static_range(K // Q):
-        r = tl.minimum(gi * Q + j, rem)
         ds = ()
         dxs = ()
         for c in tl.static_range(CPL):
-            off = r * dim + oc[c]
-            x = tl.load(Xb + off).to(ACC)
-            _, d = _delta(tl.load(DTb + off).to(ACC), bias[c], md[c] & (gi * Q + j <= rem),
-                          HAS_BIAS, SOFTPLUS)
+            x = xdt[gi][c][0].to(ACC)
+            _, d = _delta(xdt[gi][c][1].to(ACC), bias[c], md[c], HAS_BIAS, SOFTPLUS)
             ds = ds + (d,)
             dxs = dxs + (d * x,)
-        hg, _, _ = _quad_group_states(h, ds, dxs, B + bo, A2, gi * Q, rem, bc_stride, nb, base,
-                                      lane, ACC, Q, S, PACK, VEC, IS_BF16, BD, CPL)
+        # (the rows come in brows: no B, no clamping)
+        hg, _, _ = _quad_group_states(h, ds, dxs, None, A2, gi * Q, K - 1, bc_stride, nb, base,
+                                      lane, ACC, Q, S, PACK, VEC, IS_BF16, BD, CPL, brows)
         h = hg[Q - 1]
     return h
 
@@ -1032,24 +1059,60 @@ def selective_scan_bwd_quad_kernel(
                 bc_base, bc_stride, part_base, row0, dim, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                 ACC, Q, S, K, PACK, VEC, IS_BF16, BD, CPL, V, W, DBIAS, XWE)
     else:
+        # PFB > 2, memory-bounded saving (M > 1): each group's saved state loaded a group
+        # ahead, its first handled block's inputs before the recompute, and the recompute's
+        # inputs a block ahead
+        CPF: tl.constexpr = M > 1 and PFB > 2
+        if CPF:
+            nxt_s = ()
+            for c in tl.static_range(CPL):  # (an empty segment: the first state, never used)
+                nxt_s = nxt_s + (_load_state(
+                    STATES + tl.where(ngroups_m > 0, ck0 + t_begin // KM + ngroups_m - 1, 0)
+                    * dim * NST, oc[c], nb, dim, NST, S, ACC, STATE_DN),)
         for gg in range(0, ngroups_m):
             gm = ngroups_m - 1 - gg  # group of M blocks, from the last
+            cg = c_first + gm * M  # the group's first block
             if M > 1:
                 nblk = tl.minimum(nchunks - gm * M, M)  # its blocks inside the segment
                 # the group's block-start states, from its saved state (the last one is not
                 # advanced past: its block is the first handled below)
-                h = ()
-                for c in tl.static_range(CPL):
-                    h = h + (_load_state(STATES + (ck0 + t_begin // KM + gm) * dim * NST, oc[c],
-                                         nb, dim, NST, S, ACC, STATE_DN),)
+                if CPF:
+                    h = nxt_s
+                    nxt_s = ()
+                    for c in tl.static_range(CPL):
+                        nxt_s = nxt_s + (_load_state(
+                            STATES + (ck0 + t_begin // KM + tl.maximum(gm - 1, 0)) * dim * NST,
+                            oc[c], nb, dim, NST, S, ACC, STATE_DN),)
+                    # (clamped: a group of one block is the segment's last, maybe partial)
+                    nxt_a = _adv_fetch(X, DT, B, cg, xd_base, bc_base, bc_stride, dim, oc, j, nb,
+                                       lane, (last - cg * K).to(tl.int32), Q, S, K, CPL, PACK,
+                                       VEC, True)
+                    nxt_r = _bwd_fetch(X, DT, DY, Z, cg + nblk - 1, last, xd_base, dim, oc, j,
+                                       HAS_Z, Q, K, CPL, False)
+                    nxt_b = _bwd_fetch_rows(B, bc_base + (cg + nblk - 1) * K * bc_stride,
+                                            last - (cg + nblk - 1) * K, bc_stride, nb, lane, S,
+                                            K, PACK, VEC)
+                else:
+                    h = ()
+                    for c in tl.static_range(CPL):
+                        h = h + (_load_state(STATES + (ck0 + t_begin // KM + gm) * dim * NST,
+                                             oc[c], nb, dim, NST, S, ACC, STATE_DN),)
                 for m in range(0, nblk - 1):
                     for c in tl.static_range(CPL):
                         for k in tl.static_range(S):
                             tl.store(slot + ((m * CPL + c) * S + k) * (W * 32), h[c][k])
-                    h = _quad_advance(h, X, DT, B, A2, bias, xd_base, bc_base, bc_stride,
-                                      (c_first + gm * M + m) * K, last, dim, oc, md, nb, j, base,
-                                      lane, HAS_BIAS, SOFTPLUS, ACC, Q, S, K, PACK, VEC, IS_BF16,
-                                      BD, CPL)
+                    if CPF:
+                        cur = nxt_a
+                        # (the next block to advance past; at the group's last, itself again)
+                        nxt_a = _adv_fetch(X, DT, B, tl.minimum(cg + m + 1, cg + nblk - 2),
+                                           xd_base, bc_base, bc_stride, dim, oc, j, nb, lane, 0,
+                                           Q, S, K, CPL, PACK, VEC, False)
+                    else:
+                        cur = _adv_fetch(X, DT, B, cg + m, xd_base, bc_base, bc_stride, dim, oc,
+                                         j, nb, lane, 0, Q, S, K, CPL, PACK, VEC, False)
+                    h = _quad_advance(h, cur, A2, bias, md, nb, j, base, lane, bc_stride,
+                                      HAS_BIAS, SOFTPLUS, ACC, Q, S, K, PACK, VEC, IS_BF16, BD,
+                                      CPL)
                 for c in tl.static_range(CPL):
                     for k in tl.static_range(S):
                         tl.store(slot + (((nblk - 1) * CPL + c) * S + k) * (W * 32), h[c][k])
@@ -1057,27 +1120,27 @@ def selective_scan_bwd_quad_kernel(
                 nblk = 1
             # (PFB: within the group, each block's own-step rows and rows of B are loaded a
             # block ahead, as in the loop above; the states come from the L2 scratch)
-            cg = c_first + gm * M  # the group's first block
-            nxt_r = _bwd_fetch(X, DT, DY, Z, cg + nblk - 1, last, xd_base, dim, oc, j, HAS_Z, Q,
-                               K, CPL, False)
-            nxt_b = ()
-            if PFB > 1:
-                nxt_b = _bwd_fetch_rows(B, bc_base + (cg + nblk - 1) * K * bc_stride,
-                                        last - (cg + nblk - 1) * K, bc_stride, nb, lane, S, K,
-                                        PACK, VEC)
+            if not CPF:
+                nxt_r = _bwd_fetch(X, DT, DY, Z, cg + nblk - 1, last, xd_base, dim, oc, j,
+                                   HAS_Z, Q, K, CPL, False)
+                nxt_b = ()
+                if PFB > 1:
+                    nxt_b = _bwd_fetch_rows(B, bc_base + (cg + nblk - 1) * K * bc_stride,
+                                            last - (cg + nblk - 1) * K, bc_stride, nb, lane, S,
+                                            K, PACK, VEC)
             for mm in range(0, nblk):
                 cb = cg + nblk - 1 - mm
                 if M > 1:
-                    h = ()
+                    hb = ()
                     for c in tl.static_range(CPL):
                         hc = ()
                         for k in tl.static_range(S):
                             hc = hc + (tl.load(slot + (((nblk - 1 - mm) * CPL + c) * S + k)
                                                * (W * 32)),)
-                        h = h + (hc,)
+                        hb = hb + (hc,)
                 else:
-                    h = _bwd_fetch_state(STATES, ck0, cb, oc, nb, dim, S, NST, ACC, STATE_DN,
-                                         CPL)
+                    hb = _bwd_fetch_state(STATES, ck0, cb, oc, nb, dim, S, NST, ACC, STATE_DN,
+                                          CPL)
                 if PFB:
                     raws = nxt_r
                     brows = nxt_b if PFB > 1 else None
@@ -1092,7 +1155,7 @@ def selective_scan_bwd_quad_kernel(
                                       CPL, False)
                     brows = None
                 dh, dA_acc, dD_acc, db_acc = _bwd_quad_block(
-                    h, raws, brows, cb, dh, dA_acc, dD_acc, db_acc, B, C, DX, DDT, DZ, DB_PART,
+                    hb, raws, brows, cb, dh, dA_acc, dD_acc, db_acc, B, C, DX, DDT, DZ, DB_PART,
                     DC_PART, A2, Dv, bias, oc, md, nb, nb1, ch1, j, base, lane, last, xd_base,
                     bc_base, bc_stride, part_base, row0, dim, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                     ACC, Q, S, K, PACK, VEC, IS_BF16, BD, CPL, V, W, DBIAS, XWE)
