@@ -397,7 +397,7 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn, cpl, pf):
     saving (one state per M blocks, partial groups, segments of several groups) too; saved
     states in either layout (dn: (dim, N), used when the forward splits the states too and
     saves one per block); cpl channels per lane; pf: each block's loads issued a block ahead
-    (2: its rows of B too; 3: memory-bounded saving's too). (The warps' sums
+    (2: its rows of B too; 3: in memory-bounded saving the recompute's too). (The warps' sums
     through the kernel's own shared buffer, XW, run on the GPU only: tests/gpu.)"""
     calls = _quad_calls(monkeypatch, "selective_scan_bwd_quad_kernel",
                         ("Q", "K", "V", "W", "M", "CPL", "PFB"))

@@ -511,14 +511,13 @@ def _adv_fetch(X, DT, B, cb, xd_base, bc_base, bc_stride, dim, oc, j, nb, lane, 
             off = r * dim + oc[c]
             rc = rc + ((tl.load(X + xo + off), tl.load(DT + xo + off)),)
         xdt = xdt + (rc,)
-    Bb = B + bc_base + cb * K * bc_stride
-    rows = ()
-    for i in tl.static_range(K):
-        if CLAMP:
-            rows = rows + (_lane_row(Bb, tl.minimum(i, rem) * bc_stride + nb, lane, S, PACK,
-                                     VEC, False),)
-        else:
-            rows = rows + (_lane_row(Bb, i * bc_stride + nb, lane, S, PACK, VEC, False),)
+    bo = bc_base + cb * K * bc_stride
+    if CLAMP:
+        rows = _bwd_fetch_rows(B, bo, rem, bc_stride, nb, lane, S, K, PACK, VEC)
+    else:
+        rows = ()
+        for i in tl.static_range(K):
+            rows = rows + (_lane_row(B + bo, i * bc_stride + nb, lane, S, PACK, VEC, False),)
     return xdt, rows
 
 
