@@ -1,9 +1,11 @@
 """Evaluate a training checkpoint on its task (or another one), at the training length or longer.
 
-Example::
+Examples:
+  ssmkit eval runs/ih --lengths 32 128 512 2048
+  ssmkit eval runs/sc/checkpoint-00000500.pt --task selective-copying --task-arg length=128
 
-    ssmkit eval runs/ih --lengths 32 128 512 2048
-    ssmkit eval runs/sc/checkpoint-00000500.pt --task selective-copying --task-arg length=128
+CHECKPOINT is a run directory written by ssmkit train (its newest checkpoint) or one
+checkpoint-<step>.pt file.
 """
 
 from __future__ import annotations
@@ -11,61 +13,83 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ssmkit.cli import args as A
+
 NAME = "eval"
 HELP = "evaluate a training checkpoint on a task"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ssmkit.cli.train import _kv
-
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory (its newest checkpoint)")
+    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint-<step>.pt file")
     p.add_argument("--task", help="task name (default: the one the checkpoint was trained on)")
-    p.add_argument("--task-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--lengths", type=int, nargs="+", help="evaluate at these sequence lengths")
-    p.add_argument("--sequences", type=int, default=256, help="sequences per length (default 256)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--task-arg", type=A.key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="a task setting, e.g. length=128 (repeatable)")
+    p.add_argument("--lengths", type=A.int_range(2), nargs="+", help="evaluate at these sequence lengths "
+                   "(default: the training length)")
+    p.add_argument("--sequences", type=A.positive_int, default=256, help="sequences per length")
+    p.add_argument("--batch-size", type=A.positive_int, default=32, help="sequences per forward pass")
+    p.add_argument("--seed", type=A.nonneg_int, default=1234, help="seed of the evaluation batches")
+    p.add_argument("--device", type=A.device(), default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _load(path: Path) -> dict:
+    from ssmkit.training import checkpoint as ckpt
+
+    if path.is_dir():
+        state = ckpt.load_latest(path)
+        if state is None:
+            raise A.CLIError(f"{path}: no checkpoint-*.pt in this directory (is it a run directory of ssmkit train?)")
+        return state
+    if not path.exists():
+        raise A.CLIError(f"{path} does not exist")
+    return ckpt.load_checkpoint(path)
 
 
 def run(args: argparse.Namespace) -> int:
     import math
+    import sys
 
     import torch
+    from tqdm.auto import tqdm
 
+    from ssmkit.cli.train import check_task_args
     from ssmkit.models.config import ModelConfig
     from ssmkit.models.lm import LanguageModel
     from ssmkit.tasks import get_task
-    from ssmkit.training import checkpoint as ckpt
     from ssmkit.training.trainer import TrainConfig, Trainer
 
     path = Path(args.checkpoint)
-    if path.is_dir():
-        state = ckpt.load_latest(path)
-        if state is None:
-            raise FileNotFoundError(f"no checkpoint found in {path}")
-    else:
-        state = ckpt.load_checkpoint(path)
+    state = _load(path)
     if not state.get("model_config"):
-        raise ValueError(f"{path} has no model_config (was it written by ssmkit train?)")
+        raise A.CLIError(f"{path} has no model_config (was it written by ssmkit train?)")
     saved_task = state.get("task") or {}
     name = args.task or saved_task.get("name")
     if not name or name == "bytes":
-        raise ValueError("give --task NAME (the checkpoint's own task is not a synthetic task)")
+        raise A.CLIError("give --task NAME (the checkpoint's own task is not a synthetic task)")
     kwargs = {k: v for k, v in saved_task.items() if k != "name"} if name == saved_task.get("name") else {}
-    kwargs.update(dict(args.task_arg))
+    kwargs.update(check_task_args(name, args.task_arg))
     task = get_task(name, **kwargs)
+    lengths = args.lengths or [task.seqlen]
+    tasks = [task.with_seqlen(L) if L != task.seqlen else task for L in lengths]  # checks each length first
     model = LanguageModel(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise A.CLIError(f"{path}: the weights do not match the checkpoint's model_config ({A.one_line(e)})") from None
     cfg = TrainConfig(steps=1, batch_size=args.batch_size, progress=False, device=args.device, eval_seed=args.seed)
     trainer = Trainer(model, task, cfg)
-    lengths = args.lengths or [task.seqlen]
+    bs = min(args.batch_size, args.sequences)
+    n_batches = math.ceil(args.sequences / bs)
     print(f"checkpoint step {state['step']}; task {task.describe()}")
-    print(f"{'length':>8} {'acc':>8} {'seq_acc':>8} {'loss':>8}")
+    rows = []
+    bar = tqdm(total=len(lengths) * n_batches, unit="batch", file=sys.stderr, disable=args.quiet or None,
+               desc="eval", leave=False)
     with torch.no_grad():
-        for L in lengths:
-            t = task.with_seqlen(L) if L != task.seqlen else task
-            bs = min(args.batch_size, args.sequences)
-            res = trainer.evaluate(t, n_batches=math.ceil(args.sequences / bs), batch_size=bs)
-            print(f"{L:>8} {res['acc']:>8.2%} {res['seq_acc']:>8.2%} {res['loss']:>8.4f}")
+        for L, t in zip(lengths, tasks):
+            rows.append((L, trainer.evaluate(t, n_batches=n_batches, batch_size=bs, on_batch=bar.update)))
+    bar.close()
+    print(f"{'length':>8} {'acc':>8} {'seq_acc':>8} {'loss':>8}")
+    for L, res in rows:
+        print(f"{L:>8} {res['acc']:>8.2%} {res['seq_acc']:>8.2%} {res['loss']:>8.4f}")
     return 0

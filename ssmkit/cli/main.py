@@ -1,35 +1,41 @@
 """``ssmkit`` command line: one module per command under ``ssmkit/cli/``.
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-User errors (bad flags, missing files, invalid values) print one line and exit 2, no traceback.
+User errors (bad flags, missing files, invalid values) print one line and exit 2, no traceback;
+flags are checked by the converters in :mod:`ssmkit.cli.args` before any work starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from ssmkit.cli.args import CLIError, Parser, one_line, print_error
+
+__all__ = ["CLIError", "build_parser", "main"]
 
 # Command modules, in the order ``ssmkit --help`` lists them.
 COMMAND_MODULES = [
     "ssmkit.cli.info",
     "ssmkit.cli.generate",
     "ssmkit.cli.convert",
-    # --- training (issue 5) ---
     "ssmkit.cli.train",
     "ssmkit.cli.eval",
     "ssmkit.cli.reproduce",
-    # --- gpu kernels and benchmarks (issue 6) ---
     "ssmkit.cli.bench",
 ]
 
 
-class CLIError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
+class Interrupted(Exception):
+    """A command stopped by a signal after saving its work: ``message`` is printed, ``code`` returned."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="ssmkit",
         description="State space sequence models (S4, Mamba, Mamba-2, DeltaNet, hybrids) on CPU and GPU.",
     )
@@ -54,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("ssmkit: interrupted", file=sys.stderr)
+        print(f"ssmkit {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
-            NotADirectoryError, IsADirectoryError) as e:
-        print(f"ssmkit {args.command}: error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"ssmkit {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except (CLIError, ValueError, TypeError, OSError, ImportError) as e:
+        print_error(args.command, one_line(e))
         return 2
 
 

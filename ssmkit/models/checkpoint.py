@@ -234,7 +234,7 @@ def resolve_path(path_or_repo_id: str | os.PathLike, revision: str | None = None
             f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         raise CheckpointError(
             f"cannot load {s!r}: {why}. On a machine with network access run "
-            f"`huggingface-cli download {s} --local-dir DIR` (config.json + model.safetensors or "
+            f"`hf download {s} --local-dir DIR` (config.json + model.safetensors or "
             f"pytorch_model.bin, plus tokenizer.json if any), copy DIR here and pass DIR instead") from e
     return Path(local)
 
@@ -273,12 +273,15 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, device: torch.device | s
     """Load a :class:`~ssmkit.LanguageModel` from a directory or Hugging Face repo id.
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
-    checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
+    checkpoints, detected from ``config.json`` (or forced by ``format``), and run directories of
+    ``ssmkit train``: their model files, or (runs without them) the newest ``checkpoint-<step>.pt``. ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.
     """
     from ssmkit.models.lm import LanguageModel
 
     d = resolve_path(path_or_repo_id, revision)
+    if not (d / CONFIG).exists() and _run_checkpoints(d):
+        return _from_run_checkpoint(d, device, dtype)
     cfg = read_config(d)
     fmt_name = format or detect_format(cfg)
     fmt = get_format(fmt_name)
@@ -296,6 +299,44 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, device: torch.device | s
     model.checkpoint_format = fmt_name
     model.checkpoint_path = str(d)
     return model.eval()
+
+
+_RUN_CKPT = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def _run_checkpoints(d: Path) -> list[Path]:
+    """The training checkpoints ``checkpoint-<step>.pt`` in ``d``, newest first."""
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _RUN_CKPT.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _from_run_checkpoint(d: Path, device, dtype):
+    """The model of the newest readable training checkpoint in run directory ``d``."""
+    from ssmkit.models.lm import LanguageModel
+
+    errors = []
+    for f in _run_checkpoints(d):
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as e:  # unreadable (truncated, not a checkpoint): try the previous one
+            errors.append(f"{f.name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            continue
+        if not isinstance(state, dict) or not state.get("model_config") or not isinstance(state.get("model"), dict):
+            errors.append(f"{f.name}: not an ssmkit train checkpoint of a LanguageModel")
+            continue
+        try:
+            config = ModelConfig.from_dict(state["model_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{f}: invalid model_config: {e}") from e
+        sd = state["model"]
+        model = _build_empty(LanguageModel, config, _resolve_dtype(dtype, sd))
+        load_into(model, sd, lambda k: k, source=str(f))
+        if device is not None:
+            model = model.to(device)
+        model.checkpoint_format = "ssmkit"
+        model.checkpoint_path = str(d)
+        return model.eval()
+    raise CheckpointError(f"{d}: no loadable model ({'; '.join(errors)})")
 
 
 def save_pretrained(model, path: str | os.PathLike, format: str = "ssmkit", tokenizer: Any = None,

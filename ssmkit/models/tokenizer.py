@@ -30,8 +30,13 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
-    def save(self, directory: str) -> None:  # nothing to write: the byte tokenizer is built in
-        pass
+    def save(self, directory: str) -> None:
+        """Write ``tokenizer_config.json`` saying the model reads UTF-8 bytes (nothing else to save)."""
+        from ssmkit.models.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(directory) / "tokenizer_config.json",
+                          json.dumps({"tokenizer_class": "ByteTokenizer", "ssmkit_tokenizer": "bytes",
+                                      "eos_token_id": self.eos_token_id}, indent=2) + "\n")
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=257, eos_token_id=256)"
@@ -94,16 +99,24 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, eos_token_id: int | None = None):
-    """``tokenizer.json`` in directory ``path`` (or the file itself) when present, else the byte tokenizer."""
-    if path is not None:
-        p = Path(path)
-        f = p if p.is_file() else p / "tokenizer.json"
-        if f.name == "tokenizer.json" and f.exists():
-            try:
-                return HFTokenizer(f, eos_token_id)
-            except ImportError:  # tokenizers not installed: fall back, the caller sees a ByteTokenizer
-                pass
-    return ByteTokenizer()
+    """The tokenizer of ``path``: a tokenizer JSON file (any name), or a directory's ``tokenizer.json``;
+    the byte tokenizer for None or a directory without one.
+
+    A ``path`` that does not exist raises ``FileNotFoundError``; a file that is not a tokenizer
+    raises ``ValueError``.
+    """
+    if path is None:
+        return ByteTokenizer()
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer {p} does not exist")
+    f = p if p.is_file() else p / "tokenizer.json"
+    if not f.exists():
+        return ByteTokenizer()
+    try:
+        return HFTokenizer(f, eos_token_id)
+    except ImportError as e:
+        raise ImportError(f"reading {f} needs the tokenizers package: pip install 'ssmkit[hf]'") from e
 
 
 class StreamDecoder:

@@ -6,8 +6,15 @@ object with ``.logits`` and optionally ``.aux_loss``, like :class:`ssmkit.Langua
 
 Features: AdamW with SSM-aware parameter groups, warmup + cosine schedule, gradient clipping,
 gradient accumulation, bf16 autocast on GPU, periodic evaluation on fixed evaluation batches,
-a progress line (loss, accuracy, tokens/s), metrics as JSON lines, atomic checkpoints that make
-resuming bit-exact in deterministic CPU mode, and DDP/FSDP under torchrun.
+a progress bar (tqdm: loss, accuracy, tokens/s), metrics as JSON lines (and optionally TensorBoard or
+Weights & Biases), atomic checkpoints that make resuming bit-exact in deterministic CPU mode, and
+DDP/FSDP under torchrun.
+
+With ``out_dir`` set, the trainer writes a checkpoint at the end of :meth:`Trainer.train` (and every
+``checkpoint_every`` steps), and a :class:`ssmkit.LanguageModel` is also written there as a
+loadable model directory (see :mod:`ssmkit.training.rundir`). SIGINT or SIGTERM during
+:meth:`Trainer.train` finishes the current step, writes a checkpoint and raises
+:class:`TrainingInterrupted`; under torchrun every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +38,7 @@ from ssmkit._checks import check_positive_int
 from ssmkit.tasks.base import Batch, Task, masked_cross_entropy, token_accuracy_counts, token_accuracy_tensors
 from ssmkit.training import checkpoint as ckpt
 from ssmkit.training import distributed as ddp
+from ssmkit.training import rundir
 from ssmkit.training.optim import build_optimizer
 from ssmkit.training.schedule import build_scheduler
 
@@ -61,6 +71,7 @@ class TrainConfig:
     strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
     progress: bool = True
     stop_at_acc: float | None = None  # stop early once the periodic evaluation reaches this
+    log: str | None = None  # also log metrics to "tensorboard" (out_dir/tb) or "wandb" (offline-able)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum_steps", "eval_batches", "log_every", "keep_checkpoints"):
@@ -77,6 +88,18 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.log not in (None, "tensorboard", "wandb"):
+            raise ValueError(f"log must be None, 'tensorboard' or 'wandb', got {self.log!r}")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped :meth:`Trainer.train`; ``path`` is the checkpoint written (or None)."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        where = f"checkpoint {path}" if path else "no checkpoint (no out_dir)"
+        super().__init__(f"stopped by {name} after step {step}; wrote {where}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,37 +124,38 @@ def model_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class Progress:
-    """A one-line progress display on a terminal; periodic plain lines otherwise (logs, CI)."""
+    """A tqdm progress bar on a terminal; periodic plain lines otherwise (logs, CI, parallel runs)."""
 
-    def __init__(self, total: int, enabled: bool = True, prefix: str = "", stream=None, lines: bool = False):
+    def __init__(self, total: int, enabled: bool = True, prefix: str = "", stream=None, lines: bool = False,
+                 initial: int = 0):
         self.total, self.enabled, self.prefix = total, enabled, prefix
         self.stream = stream or sys.stderr
         self.tty = not lines and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
-        self._open = False
+        self.bar = None
+        if self.enabled and self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=prefix.strip() or None, file=self.stream,
+                            unit="step", dynamic_ncols=True, leave=True)
 
     def update(self, step: int, **fields) -> None:
         if not self.enabled:
             return
+        parts = {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in fields.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(parts, refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
         el = time.perf_counter() - self.t0
-        frac = step / max(self.total, 1)
-        eta = el / frac - el if frac > 0 else 0.0
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
-        if self.tty:
-            width = 20
-            bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-            line = f"\r{self.prefix}[{bar}] {step}/{self.total} " + " ".join(parts) + f" eta {eta:4.0f}s"
-            self.stream.write(line[:160].ljust(100))
-            self._open = True
-        else:
-            self.stream.write(f"{self.prefix}step {step}/{self.total} " + " ".join(parts) + f" ({el:.0f}s)\n")
+        self.stream.write(f"{self.prefix}step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in parts.items())
+                          + f" ({el:.0f}s)\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def set_deterministic(threads: int | None = None) -> None:
@@ -156,6 +180,7 @@ class Trainer:
         eval_tasks: dict[str, Task] | None = None,
         model_config: dict | None = None,
         forward: Callable | None = None,
+        tokenizer=None,
     ):
         self.config = cfg = config or TrainConfig()
         if not isinstance(model, nn.Module):
@@ -198,6 +223,14 @@ class Trainer:
         # callers that run several trainers at once, e.g. ``ssmkit reproduce``).
         self.progress_prefix = ""
         self.progress_lines = False
+        # ``model_config`` of a LanguageModel: the run directory also gets a loadable model dir.
+        self.tokenizer = tokenizer
+        self._signal: int | None = None
+        self._logger = None
+        if cfg.log is not None and self.dist.is_main:
+            from ssmkit.training.loggers import make_logger
+
+            self._logger = make_logger(cfg.log, self.out_dir, dataclasses.asdict(cfg))
 
     # ----------------------------------------------------------------------------------------
     def autocast(self):
@@ -215,6 +248,8 @@ class Trainer:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self._logger is not None:
+            self._logger.log(record)
 
     # ----------------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -246,7 +281,10 @@ class Trainer:
                 loss.backward()
             loss_sum += s.detach().double()
             counts += token_accuracy_tensors(logits.detach(), mb)[:2].double()
-        stats = torch.cat([loss_sum.reshape(1), counts])
+        # A pending SIGINT/SIGTERM rides along with the statistics: every rank learns of it in the
+        # same step, so all of them stop (and save) together.
+        stop = torch.full((1,), float(self._signal is not None), dtype=torch.float64, device=self.device)
+        stats = torch.cat([loss_sum.reshape(1), counts, stop])
         ddp.all_reduce_sum(stats, info)
         if cfg.grad_clip is not None:
             gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -266,12 +304,15 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(gnorm),
             "tokens": cfg.batch_size * global_batch.inputs.shape[1],
+            "stop": bool(stats[3] > 0),
         }
 
     @torch.no_grad()
     def evaluate(self, task: Task | None = None, n_batches: int | None = None,
-                 batch_size: int | None = None) -> dict[str, float]:
-        """Loss and accuracy on fixed batches of ``task`` (default: the training task)."""
+                 batch_size: int | None = None, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
+        """Loss and accuracy on fixed batches of ``task`` (default: the training task).
+
+        ``on_batch`` is called after each batch (e.g. to advance a progress bar)."""
         cfg = self.config
         task = task or self.task
         n_batches = n_batches or cfg.eval_batches
@@ -290,6 +331,8 @@ class Trainer:
                 loss_sum += float(masked_cross_entropy(logits, batch, reduction="sum"))
                 for k, v in token_accuracy_counts(logits, batch).items():
                     tot[k] += v
+                if on_batch is not None:
+                    on_batch()
         finally:
             model.train(was_training)
         return {
@@ -333,13 +376,19 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0 writes; all ranks wait)."""
+        """Write a checkpoint of the current step, and the model directory beside it.
+
+        Every rank must call it (FSDP gathers the full state with collectives; all ranks wait at
+        a barrier); rank 0 writes. Returns the checkpoint's path on rank 0, None elsewhere.
+        """
         if self.out_dir is None:
             raise ValueError("out_dir is not set: cannot save a checkpoint")
         state = self.state_dict()
         path = None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, state, keep=self.config.keep_checkpoints)
+            if self.model_config and hasattr(self.module, "save_pretrained"):
+                rundir.save_model(self.out_dir, self.model_config, state["model"], self.tokenizer)
         ddp.barrier(self.dist)
         return path
 
@@ -385,14 +434,19 @@ class Trainer:
         cfg = self.config
         end = cfg.steps if steps is None else min(self.step + steps, cfg.steps)
         progress = Progress(end, enabled=cfg.progress and self.dist.is_main, prefix=self.progress_prefix,
-                            lines=self.progress_lines)
+                            lines=self.progress_lines, initial=self.step)
         t_start = time.perf_counter()
         tok_window, t_window = 0, time.perf_counter()
         losses: list[float] = []
         stopped_early = False
+        restore = self._catch_signals()
         try:
             while self.step < end:
                 rec = self.train_step()
+                if rec["stop"]:
+                    progress.close()
+                    path = self.save() if self.out_dir is not None else None
+                    raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, path)
                 losses.append(rec["loss"])
                 tok_window += rec["tokens"]
                 if not math.isfinite(rec["loss"]):
@@ -413,8 +467,10 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
+            restore()
         final = self.evaluate_all()
-        if self.out_dir is not None and cfg.checkpoint_every:
+        if self.out_dir is not None:
+            # Every rank decides alike (the same step), so all of them reach save()'s collectives.
             if not ckpt.list_checkpoints(self.out_dir) or ckpt.list_checkpoints(self.out_dir)[-1][0] != self.step:
                 self.save()
         return {
@@ -425,5 +481,31 @@ class Trainer:
             "stopped_early": stopped_early,
         }
 
+    def _catch_signals(self) -> Callable[[], None]:
+        """Turn SIGINT/SIGTERM into a stop request checked after each step; returns the undo.
+
+        A second SIGINT while the checkpoint is being written interrupts at once (KeyboardInterrupt).
+        Signal handlers can only be set from the main thread: elsewhere this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        self._signal = None
+
+        def on_signal(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
     def close(self) -> None:
+        if self._logger is not None:
+            self._logger.close()
+            self._logger = None
         ddp.cleanup(self.dist)
