@@ -53,7 +53,12 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a flag error (one line already printed) returns 2; --help/--version exit 0
+        if e.code == 2:
+            return 2
+        raise
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0

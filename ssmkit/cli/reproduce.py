@@ -3,15 +3,26 @@
 Trains a small 2-layer model per row (S4D without gating, S6 without gating, Mamba, Mamba-2,
 attention with RoPE) on selective copying (Mamba paper Table 1) and induction heads (Table 2,
 evaluated at 1x to 256x the training length), prints the table beside the paper's numbers and
-writes reproduce.json, reproduce.md and reproduce.png. Seeds and thread counts are fixed, so a
-rerun prints the same table. ``--full`` uses the paper's sizes (for a GPU).
+writes reproduce.json, reproduce.md and reproduce.png into --out (default ./reproduce_out/).
+Seeds and thread counts are fixed, so a rerun on the same machine prints the same table (another
+CPU may round differently and differ in a few cells).
+
+Sizes:
+  (default)  CPU scale: about 9 minutes on 2 cores
+  --quick    a seconds-long smoke test of the pipeline: its numbers mean nothing, no verdicts
+  --full     the paper's sizes: for a GPU (hours; days on a CPU)
+
+Examples:
+  ssmkit reproduce
+  ssmkit reproduce induction-heads --rows mamba attention --out results/ih
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+
+from ssmkit.cli import args as A
 
 NAME = "reproduce"
 HELP = "re-run the Mamba paper's selective-copying and induction-heads experiments"
@@ -24,14 +35,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"which experiments (default: all of {', '.join(EXPERIMENTS)})")
     p.add_argument("--rows", nargs="+", metavar="ROW", help=f"which models (default: all of {', '.join(ROWS)})")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="the paper's sizes (needs a GPU; hours)")
+    size.add_argument("--full", action="store_true", help="the paper's sizes (for a GPU; hours)")
     size.add_argument("--quick", action="store_true", help="a seconds-long smoke test (numbers mean nothing)")
-    p.add_argument("--out", default="reproduce_out", help="output directory (default ./reproduce_out)")
-    p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: CPU cores)")
-    p.add_argument("--threads", type=int, default=1, help="threads per worker (default 1; fixed for rerun equality)")
-    p.add_argument("--steps", type=int, default=None, help="override the training steps of every row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --full when available, else cpu)")
+    p.add_argument("--out", default="reproduce_out", metavar="DIR",
+                   help="output directory for reproduce.json, .md and .png")
+    p.add_argument("--force", action="store_true", help="overwrite the results of an earlier run in --out")
+    p.add_argument("--jobs", type=A.positive_int, default=None,
+                   help="parallel worker processes (default: CPU cores / --threads; 1 for --quick)")
+    p.add_argument("--threads", type=A.positive_int, default=1, help="threads per worker (fixed for rerun equality)")
+    p.add_argument("--steps", type=A.positive_int, default=None, help="override the training steps of every row")
+    p.add_argument("--seed", type=A.nonneg_int, default=0, help="seed of every row")
+    p.add_argument("--device", type=A.device(allow_auto=False), default=None,
+                   help="cpu or cuda (default: cuda for --full when available, else cpu)")
+
+
+def _split(args: argparse.Namespace, experiments: tuple, rows: dict) -> tuple[list[str], list[str]]:
+    """Experiments and rows; experiment names typed after --rows (which takes several) count as experiments."""
+    exps = list(args.experiments)
+    rws = []
+    for r in args.rows or []:
+        (exps if r in experiments else rws).append(r)
+    for e in exps:
+        if e not in experiments:
+            hint = " (a row: give it after --rows)" if e in rows else ""
+            raise A.CLIError(f"unknown experiment {e!r}{hint}: choose from {', '.join(experiments)}")
+    for r in rws:
+        if r not in rows:
+            raise A.CLIError(f"--rows: unknown row {r!r}: choose from {', '.join(rows)}")
+    if args.rows and not rws:
+        raise A.CLIError(f"--rows: no row given (choose from {', '.join(rows)})")
+    return exps or list(experiments), rws or list(rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,33 +72,30 @@ def run(args: argparse.Namespace) -> int:
 
     from ssmkit.training import reproduce as rp
 
-    experiments = args.experiments or list(rp.EXPERIMENTS)
-    for e in experiments:
-        if e not in rp.EXPERIMENTS:
-            raise ValueError(f"unknown experiment {e!r}: choose from {', '.join(rp.EXPERIMENTS)}")
-    rows = args.rows or list(rp.ROWS)
-    for r in rows:
-        if r not in rp.ROWS:
-            raise ValueError(f"unknown row {r!r}: choose from {', '.join(rp.ROWS)}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    experiments, rows = _split(args, rp.EXPERIMENTS, rp.ROWS)
     size = "full" if args.full else "quick" if args.quick else "default"
     device = args.device or ("cuda" if size == "full" and torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+    out = A.check_output_dir("--out", args.out)
+    earlier = [p.name for p in (out / "reproduce.json", out / "reproduce.md", out / "reproduce.png") if p.exists()]
+    if earlier and not args.force:
+        raise A.CLIError(f"--out {out} already holds results ({', '.join(earlier)}); pass --force to overwrite "
+                         "them or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs if args.jobs is not None else (1 if size == "quick" else None)
     print(f"ssmkit reproduce ({size} size): {', '.join(experiments)}; rows {', '.join(rows)}; device {device}; "
-          f"{jobs or 'auto'} job(s) x {args.threads} thread(s); results in {args.out}/", flush=True)
-    t0 = time.perf_counter()
+          f"{jobs or 'auto'} job(s) x {args.threads} thread(s); results in {out}/", flush=True)
+    if size == "quick":
+        print("--quick is a smoke test of the pipeline: its numbers mean nothing and get no verdict.", flush=True)
+    if size == "full" and device == "cpu":
+        print("--full on the CPU: the paper's sizes (up to 400,000 steps per row) take days here; "
+              "use a GPU (--device cuda) or drop --full.", file=sys.stderr, flush=True)
     report = rp.reproduce(experiments, rows, size=size, jobs=jobs, threads=args.threads, seed=args.seed,
                           device=device, steps=args.steps, progress=True)
-    paths = rp.write_outputs(report, args.out)
+    paths = rp.write_outputs(report, out)
     print()
     print(report["tables"])
-    print("Claims (from the issue; reported, never tuned):")
-    print(rp.format_claims(report["claims"]))
-    print(f"\nwall time {time.perf_counter() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print("Claims (reported as measured, never tuned):")
+    print(rp.format_claims(report["claims"], size))
+    print(f"\nwall time {report['wall_seconds']:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))
     sys.stdout.flush()
     return 0

@@ -44,7 +44,7 @@ def test_generate_streams_text_and_reports_speed(ckpt, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["generate", "{tmp}/nope", "--prompt", "x"], "no checkpoint directory"),
     (["generate", "{tmp}/src", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
-    (["generate", "{tmp}/src", "--prompt", "x", "--top-p", "2"], "top_p"),
+    (["generate", "{tmp}/src", "--prompt", "x", "--top-p", "2"], "argument --top-p: expected a number in (0, 1]"),
     (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], None),
     (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], "already holds a checkpoint"),
 ])

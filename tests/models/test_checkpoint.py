@@ -194,7 +194,7 @@ def test_hub_repo_id_offline_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-    with pytest.raises(CheckpointError, match="offline.*huggingface-cli download state-spaces/mamba-130m"):
+    with pytest.raises(CheckpointError, match="offline.*`hf download state-spaces/mamba-130m"):
         ssmkit.from_pretrained("state-spaces/mamba-130m")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         ssmkit.from_pretrained("./does/not/exist")
