@@ -198,7 +198,9 @@ def _check_resume_matches(out: Path, mcfg) -> None:
         raise A.CLIError(f"--resume: no readable checkpoint in {out}")
     saved = state.get("model_config") or {}
     now = mcfg.to_dict()
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    first = ["layer_pattern", "d_model", "n_layer", "vocab_size", "mlp"]
+    keys = first + sorted((set(saved) | set(now)) - set(first))
+    diff = [k for k in keys if saved.get(k) != now.get(k)]
     if diff:
         k = diff[0]
         raise A.CLIError(f"--resume: the run in {out} has a model with {k}={saved.get(k)!r}, these flags build "
