@@ -64,6 +64,10 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+# Methods besides ``forward`` through which a model may call its blocks.
+FORWARD_METHODS = ("forward_residual",)
+
+
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", device: torch.device | None = None) -> nn.Module:
     """Wrap ``model`` for data parallel training: ``"ddp"`` or ``"fsdp"`` (sharded parameters,
     gradients and optimizer state; use for models that do not fit one device)."""
@@ -75,13 +79,18 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", device: 
     if strategy == "fsdp":
         # FSDP2 (per-parameter sharding): works on CPU with gloo as well as on GPUs with NCCL.
         # Each block of a ModuleList (the model's layers) is its own shard group, then the root.
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for m in list(model.modules()):
             if isinstance(m, nn.ModuleList):
                 for block in m:
                     if any(True for _ in block.parameters()):
                         fully_shard(block)
+                        # Blocks that the model calls through another method than forward
+                        # (LanguageModel's forward_residual) gather their shards there too.
+                        for name in FORWARD_METHODS:
+                            if callable(getattr(block, name, None)):
+                                register_fsdp_forward_method(block, name)
         fully_shard(model)
         return model
     raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")

@@ -226,6 +226,7 @@ class Trainer:
         # ``model_config`` of a LanguageModel: the run directory also gets a loadable model dir.
         self.tokenizer = tokenizer
         self._signal: int | None = None
+        self._saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         self._logger = None
         if cfg.log is not None and self.dist.is_main:
             from ssmkit.training.loggers import make_logger
@@ -390,6 +391,7 @@ class Trainer:
             if self.model_config and hasattr(self.module, "save_pretrained"):
                 rundir.save_model(self.out_dir, self.model_config, state["model"], self.tokenizer)
         ddp.barrier(self.dist)
+        self._saved_step = self.step
         return path
 
     def load_state_dict(self, state: dict) -> None:
@@ -409,6 +411,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["data"]["generator"])
         self.step = int(state["step"])
+        self._saved_step = self.step
         ckpt.set_rng_state(state["rng"])
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
@@ -469,10 +472,10 @@ class Trainer:
             progress.close()
             restore()
         final = self.evaluate_all()
-        if self.out_dir is not None:
-            # Every rank decides alike (the same step), so all of them reach save()'s collectives.
-            if not ckpt.list_checkpoints(self.out_dir) or ckpt.list_checkpoints(self.out_dir)[-1][0] != self.step:
-                self.save()
+        if self.out_dir is not None and self._saved_step != self.step:
+            # Decided from memory, not from the files rank 0 may be writing right now: every rank
+            # decides alike and reaches save()'s collectives.
+            self.save()
         return {
             "steps": self.step,
             "losses": losses,
