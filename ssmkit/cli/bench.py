@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device).type
     if args.out:
+        A.check_output_file("--out", args.out)
         if not args.out.endswith(".json"):
             raise A.CLIError(f"--out {args.out}: expected a .json file name (the PNG goes beside it)")
-        A.check_output_file("--out", args.out)
     sys.path.insert(0, _benchmarks_dir())
     import ops  # benchmarks/ops.py
 
