@@ -1,6 +1,7 @@
 """The paths a user walks: train -> generate / convert / eval on the run directory; runs that never
 mix; a README DDP command that exits 0 on every rank; Ctrl-C / SIGTERM that keep the work."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -179,3 +180,10 @@ def test_python_dash_m_exit_status_and_one_line(tmp_path):
     assert r.stderr.strip() == ("ssmkit generate: error: argument --temperature: expected a number >= 0, "
                                 "got '-1' (see ssmkit generate --help)")
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_train_log_tensorboard_writes_events_into_the_run(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), *TINY, "--steps", "2", "--out", str(run), "--log", "tensorboard"]) == 0
+    assert list((run / "tb").glob("events.out.tfevents.*"))
