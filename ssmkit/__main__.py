@@ -1,5 +1,3 @@
-import sys
+from ssmkit.cli.main import entry
 
-from ssmkit.cli.main import main
-
-sys.exit(main())
+entry()

@@ -8,11 +8,18 @@ flags are checked by the converters in :mod:`ssmkit.cli.args` before any work st
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from ssmkit.cli.args import CLIError, Parser, one_line, print_error
 
-__all__ = ["CLIError", "build_parser", "main"]
+__all__ = ["CLIError", "build_parser", "entry", "main"]
+
+# Set by a command that ran in a torch.distributed process group (``ssmkit train`` under torchrun):
+# the process then leaves without interpreter-exit destructors, after its files are written and
+# flushed. A worker's C++ threads (gloo, FSDP) still joinable at that point have aborted the
+# process ("terminate called without an active exception", SIGABRT) after all of its work was done.
+hard_exit = False
 
 # Command modules, in the order ``ssmkit --help`` lists them.
 COMMAND_MODULES = [
@@ -75,5 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """``ssmkit`` and ``python -m ssmkit``: run :func:`main` and exit with its status."""
+    rc = main()
+    if hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

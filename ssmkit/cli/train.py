@@ -261,4 +261,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{out} (ssmkit generate {out} --prompt ..., ssmkit eval {out})")
     finally:
         trainer.close()
+        if trainer.dist.initialized_here:
+            from ssmkit.cli import main as cli_main
+
+            cli_main.hard_exit = True
     return 0

@@ -82,7 +82,19 @@ def test_reproduce_quick_smoke(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "| Mamba |" in text and "Attention (RoPE)" in text and "99.8%" in text
+    assert "numbers mean nothing" in text and "NOT reproduced" not in text and "no verdict" in text
+    assert "Claims (reported as measured, never tuned)" in text and "1 jobs" not in (tmp_path / "reproduce.md").read_text()
     report = json.loads((tmp_path / "reproduce.json").read_text())
     assert {(r["experiment"], r["row"]) for r in report["results"]} == {
         (e, r) for e in ("selective-copying", "induction-heads") for r in ("mamba", "attention")}
     assert (tmp_path / "reproduce.md").exists() and (tmp_path / "reproduce.png").exists()
+
+
+def test_reproduce_experiment_names_after_rows_are_experiments():
+    import argparse
+
+    from ssmkit.cli.reproduce import _split
+    from ssmkit.training.reproduce import EXPERIMENTS, ROWS
+
+    ns = argparse.Namespace(experiments=[], rows=["mamba", "induction-heads"])
+    assert _split(ns, EXPERIMENTS, ROWS) == (["induction-heads"], ["mamba"])

@@ -40,7 +40,22 @@ def test_tokenizer_json_is_used_when_present(tmp_path):
     out.mkdir()
     t.save(str(out))
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
-    assert isinstance(load_tokenizer(tmp_path / "nothing-here"), ByteTokenizer)
+    # A path that does not exist is an error, not a silent fall-back to bytes; a directory without
+    # tokenizer.json means bytes; a tokenizer file of any name is read.
+    with pytest.raises(FileNotFoundError, match="nothing-here does not exist"):
+        load_tokenizer(tmp_path / "nothing-here")
+    assert isinstance(load_tokenizer(tmp_path / "copy" / ".."/ "copy"), HFTokenizer)
+    (tmp_path / "empty").mkdir()
+    assert isinstance(load_tokenizer(tmp_path / "empty"), ByteTokenizer)
+    (tmp_path / "tokenizer.json").rename(tmp_path / "words.json")
+    assert load_tokenizer(tmp_path / "words.json").encode("world hello") == [1, 0]
+    (tmp_path / "words.json").rename(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_byte_tokenizer_marks_a_directory(tmp_path):
+    ByteTokenizer().save(str(tmp_path))
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["ssmkit_tokenizer"] == "bytes"
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)

@@ -1,4 +1,4 @@
-"""The reproduce experiment definitions: configs build, claims are judged as the issue states."""
+"""The reproduce experiment definitions: configs build, claims are judged by the stated thresholds."""
 
 import pytest
 
@@ -10,7 +10,7 @@ def fake(exp, row, acc):
             "planned_steps": 1, "task": {"name": exp, "length": 32}, "acc": acc}
 
 
-def test_claims_follow_the_issue_thresholds():
+def test_claims_follow_the_stated_thresholds():
     results = [
         fake("selective-copying", "mamba", {"1": 0.97}),
         fake("selective-copying", "s4d", {"1": 0.70}),
