@@ -130,10 +130,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+        raise ValueError(f"checkpoint {path} cannot be read: truncated, corrupted, or not written by ssmkit "
+                         f"train ({type(e).__name__}: {_reason(e)}); nothing in it was executed") from e
     if not isinstance(state, dict) or state.get("format") != "ssmkit-train-1":
         raise ValueError(f"{path} is not an ssmkit training checkpoint")
     return state
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a load error: torch's ``weights_only`` failures bury it after advice."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if "Weights only load failed" in str(e):
+        after = [ln for ln in lines[1:] if not ln.startswith(("Please file", "Check the documentation"))]
+        return after[0] if after else "not a plain tensor checkpoint"
+    return lines[0] if lines else "unreadable"
 
 
 def load_latest(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict | None:
