@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssmkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Interrupted as e:
-        print(f"ssmkit {args.command}: {e}", file=sys.stderr)
+        if str(e):  # (other ranks than rank 0 of a torchrun job say nothing)
+            print(f"ssmkit {args.command}: {e}", file=sys.stderr)
         return e.code
     except (CLIError, ValueError, TypeError, OSError, ImportError) as e:
         print_error(args.command, one_line(e))

@@ -253,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = trainer.train()
         except TrainingInterrupted as e:
-            raise Interrupted(f"{e}; continue with --resume --out {out}", 128 + int(e.signum)) from None
+            msg = f"{e}; continue with --resume --out {out}" if main else ""
+            raise Interrupted(msg, 128 + int(e.signum)) from None
         if main:
             for name, res in result["eval"].items():
                 print(f"{name}: loss {res['loss']:.4f}  acc {res['acc']:.2%}  seq_acc {res['seq_acc']:.2%}")

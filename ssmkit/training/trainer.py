@@ -95,10 +95,10 @@ class TrainConfig:
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM stopped :meth:`Trainer.train`; ``path`` is the checkpoint written (or None)."""
 
-    def __init__(self, signum: int, step: int, path: Path | None):
+    def __init__(self, signum: int, step: int, path: Path | None, saved: bool = False):
         self.signum, self.step, self.path = signum, step, path
         name = signal.Signals(signum).name
-        where = f"checkpoint {path}" if path else "no checkpoint (no out_dir)"
+        where = f"checkpoint {path}" if path else "the checkpoint on rank 0" if saved else "no checkpoint (no out_dir)"
         super().__init__(f"stopped by {name} after step {step}; wrote {where}")
 
 
@@ -449,7 +449,8 @@ class Trainer:
                 if rec["stop"]:
                     progress.close()
                     path = self.save() if self.out_dir is not None else None
-                    raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, path)
+                    raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, path,
+                                              saved=self.out_dir is not None)
                 losses.append(rec["loss"])
                 tok_window += rec["tokens"]
                 if not math.isfinite(rec["loss"]):

@@ -187,3 +187,27 @@ def test_train_log_tensorboard_writes_events_into_the_run(tmp_path, corpus):
     run = tmp_path / "run"
     assert main(["train", "--data", str(corpus), *TINY, "--steps", "2", "--out", str(run), "--log", "tensorboard"]) == 0
     assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, corpus):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "ssmkit", "train", "--data", str(corpus), "--out", str(run), *TINY, "--steps", "100000"]
+    p = subprocess.Popen(cmd, env=ssmkit_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while not (run / "metrics.jsonl").exists():
+            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+        _, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    said = [ln for ln in err.splitlines() if ln.startswith("ssmkit train: stopped by SIGTERM")]
+    assert len(said) == 1, err[-3000:]  # rank 0 only
+    ckpts = sorted(run.glob("checkpoint-*.pt"))
+    assert len(ckpts) == 1 and ckpts[0].name in said[0]
+    ssmkit.from_pretrained(run)
