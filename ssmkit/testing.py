@@ -56,6 +56,21 @@ def assert_close(
     return err
 
 
+def matmul_error_bound(a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Worst-case rounding error of ``a @ w.T`` summed in ``dtype`` (default: ``a``'s), elementwise.
+
+    Any summation order of a length-``k`` dot product in a floating-point type with unit roundoff
+    ``u`` is within ``gamma_k * sum_i |a_i w_i|`` of the exact value, ``gamma_k = k u / (1 - k u)``
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, eq. 3.5). Two GEMMs of different
+    shapes (different blockings) over the same rows therefore agree to twice this bound.
+    ``a (..., k)``, ``w (n, k)`` -> ``(..., n)`` in float64.
+    """
+    u = torch.finfo(dtype or a.dtype).eps / 2
+    k = a.shape[-1]
+    gamma = k * u / (1 - k * u)
+    return gamma * (a.detach().double().abs() @ w.detach().double().abs().T)
+
+
 def use_triton_interpreter() -> bool:
     """Turn on Triton's CPU interpreter when no CUDA device is present.
 

@@ -69,6 +69,7 @@ def test_hybrid_cannot_be_converted_to_hf(tmp_path, capsys):
     assert "cannot save this model in Hugging Face format" in capsys.readouterr().err
 
 
+@pytest.mark.peer
 def test_convert_copies_the_tokenizer_and_generate_uses_it(ckpt, capsys):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers

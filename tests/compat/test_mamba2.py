@@ -58,10 +58,13 @@ def test_cu_seqlens_varlen_states():
         mamba_chunk_scan_combined(x, dt, A, B, C, 4, return_varlen_states=True)
 
 
+@pytest.mark.peer
 def test_matches_hugging_face_torch_fallback():
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     from transformers.models.mamba2 import modeling_mamba2
 
+    if not hasattr(modeling_mamba2, "mamba2_chunk_scan"):
+        pytest.skip(f"transformers {transformers.__version__} has no torch chunk-scan function to compare with")
     x, dt, A, B, C = inputs(b=1, l=11, h=4, g=1)
     D, bias, h0 = torch.randn(4, dtype=x.dtype), torch.randn(4, dtype=x.dtype), torch.randn(1, 4, 3, 5, dtype=x.dtype)
     fn = getattr(modeling_mamba2.mamba2_chunk_scan, "__wrapped__", modeling_mamba2.mamba2_chunk_scan)

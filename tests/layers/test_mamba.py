@@ -49,6 +49,7 @@ def test_parameter_names_shapes_and_init():
     assert m2.conv1d.bias is None and m2.dt_proj.weight.shape == (d_inner, 7)
 
 
+@pytest.mark.peer
 def test_matches_huggingface_mamba_mixer():
     transformers = pytest.importorskip("transformers")
     from transformers.models.mamba.modeling_mamba import MambaMixer

@@ -189,6 +189,7 @@ def test_stale_weights_of_another_kind_are_removed(tmp_path):
     assert ssmkit.from_pretrained(tmp_path).config.vocab_size == 40
 
 
+@pytest.mark.peer
 def test_hub_repo_id_offline_gives_a_clear_message(tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,13 +1,13 @@
 """Parity with Hugging Face transformers: HF -> ssmkit and ssmkit -> HF, logits and greedy tokens."""
 
-import inspect
-
 import pytest
 import torch
 
 import ssmkit
+from tests.peers import hf_mamba2_norm_per_group, hf_mamba2_norm_skip_reason
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.peer
 
 
 def tiny_hf(kind: str, n_groups: int = 1):
@@ -21,17 +21,10 @@ def tiny_hf(kind: str, n_groups: int = 1):
     return transformers.Mamba2ForCausalLM(cfg).eval()
 
 
-def hf_groups_the_gated_norm() -> bool:
-    from transformers.models.mamba2 import modeling_mamba2
-
-    return "group_size" in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters
-
-
 @pytest.mark.parametrize("kind, n_groups", [("mamba", 1), ("mamba2", 1), ("mamba2", 2)])
 def test_hf_checkpoint_loads_with_same_logits_and_generations(tmp_path, kind, n_groups):
-    if n_groups > 1 and not hf_groups_the_gated_norm():
-        pytest.skip(f"transformers {transformers.__version__} normalises Mamba-2's gated norm over all of "
-                    "d_inner, ignoring n_groups (mamba_ssm, ssmkit's reference, normalises per group)")
+    if n_groups > 1 and hf_mamba2_norm_per_group() is False:
+        pytest.skip(hf_mamba2_norm_skip_reason())
     hf = tiny_hf(kind, n_groups)
     hf.save_pretrained(tmp_path / "hf")
     m = ssmkit.from_pretrained(tmp_path / "hf")

@@ -25,6 +25,7 @@ def test_stream_decoder_never_splits_a_character():
     assert s.push(list(b"c")) == "c"
 
 
+@pytest.mark.peer
 def test_tokenizer_json_is_used_when_present(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers

@@ -4,14 +4,13 @@ import torch
 from ssmkit.ops import dispatch
 
 
-@dispatch.register("_toy", "reference")
-def _toy_ref(x):
-    return "reference"
-
-
-@dispatch.register("_toy", "chunked")
-def _toy_chunked(x):
-    return "chunked"
+@pytest.fixture(autouse=True)
+def _toy_op():
+    """A toy op with two forms, registered for each test and removed after it."""
+    dispatch.register("_toy", "reference")(lambda x: "reference")
+    dispatch.register("_toy", "chunked")(lambda x: "chunked")
+    yield
+    dispatch._registry.pop("_toy")
 
 
 def test_auto_picks_chunked_on_cpu():
