@@ -58,6 +58,8 @@ class WandbLogger:
 
         d = Path(out_dir or ".")
         d.mkdir(parents=True, exist_ok=True)
+        # wandb records its background service in os.environ; close() puts the environment back.
+        self._env = {k: v for k, v in os.environ.items() if k.startswith("WANDB")}
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ssmkit"), dir=str(d), config=config,
                               name=d.name if out_dir else None)
 
@@ -65,7 +67,13 @@ class WandbLogger:
         self.run.log(_flatten(record), step=int(record.get("step", 0)))
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # stop the background service this process started
+        for k in [k for k in os.environ if k.startswith("WANDB") and k not in self._env]:
+            del os.environ[k]
+        os.environ.update(self._env)
 
 
 def make_logger(kind: str, out_dir: Path | None, config: dict):
