@@ -422,14 +422,22 @@ def reproduce(experiments: list[str] | tuple[str, ...] = EXPERIMENTS, rows: list
     order = sorted(range(len(work)), key=lambda i: -est(i))
     jobs = jobs or max(1, min(len(work), (os.cpu_count() or 1) // threads))
     t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    # Rows done, with the time left (on a terminal; the rows' own lines go to logs as well).
+    bar = tqdm(total=len(work), unit="row", desc="reproduce", file=sys.stderr, disable=None if progress else True)
     if jobs == 1 or device != "cpu":
         # In this process: restore the thread count and determinism flag afterwards.
         saved_threads, saved_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
         try:
-            results_by_i = {i: _run_row_star(work[i]) for i in order}
+            results_by_i = {}
+            for i in order:
+                results_by_i[i] = _run_row_star(work[i])
+                bar.update(1)
         finally:
             torch.set_num_threads(saved_threads)
             torch.use_deterministic_algorithms(saved_det)
+            bar.close()
     else:
         # Spawned workers read these at start-up (before Numba or OpenMP create their pools).
         saved = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
@@ -437,9 +445,11 @@ def reproduce(experiments: list[str] | tuple[str, ...] = EXPERIMENTS, rows: list
         try:
             ctx = mp.get_context("spawn")
             with ctx.Pool(jobs, maxtasksperchild=1) as pool:
-                futures = {i: pool.apply_async(_run_row_star, (work[i],)) for i in order}
+                futures = {i: pool.apply_async(_run_row_star, (work[i],), callback=lambda _: bar.update(1))
+                           for i in order}
                 results_by_i = {i: f.get() for i, f in futures.items()}
         finally:
+            bar.close()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
