@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ssmkit {args.command}: {e}", file=sys.stderr)
         return e.code
     except (CLIError, ValueError, TypeError, OSError, ImportError) as e:
-        print_error(args.command, one_line(e))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it
+            print_error(args.command, one_line(e))
         return 2
 
 
