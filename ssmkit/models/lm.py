@@ -62,7 +62,9 @@ def _check_ids(name: str, ids: object, vocab: int, ndim: int) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
     # The range check reads the ids back (a host sync), which a CUDA graph capture may not do:
     # a captured prefill (ssmkit.inference.cuda_graph) checks its input ids before each replay.
-    if vocab and ids.numel() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+    # Under torch.compile the check is left out too (it would break the graph).
+    if (vocab and ids.numel() and not torch.compiler.is_compiling()
+            and not (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one reduction over the ids
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} must hold token ids in [0, {vocab}), got values in [{lo}, {hi}]")

@@ -373,6 +373,29 @@ def _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, softplus, acc
     return rev.flip(1).contiguous().view(geo.nseq * nseg, geo.N, geo.dim)
 
 
+def saved_states_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, spacing: int) -> int:
+    """Rows of the saved-states buffer, from shapes alone (so that a traced graph knows it): one
+    per ``spacing`` steps of each sequence; with packed sequences an upper bound (each sequence
+    may end in a partial block)."""
+    blocks = -(-x.shape[1] // spacing)
+    if cu_seqlens is None:
+        return max(x.shape[0] * blocks, 1)
+    return blocks + cu_seqlens.shape[0] - 1
+
+
+def saved_states_layout(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                        cu_seqlens: torch.Tensor | None) -> tuple[tuple[int, int, int], int, bool]:
+    """What the training forward saves for the backward, from shapes alone: the shape of the
+    states ``(rows, N, dim)``, the backward blocks per saved state ``m`` and whether they are
+    laid out ``(dim, N)`` (the split-state forward and backward, one state per block). ``B``
+    ``(batch, seqlen, G, N)``."""
+    nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    m = _coarse_blocks(cfg, x, A, nseq)
+    spacing = cfg.bwd_chunk * m
+    dn = bool(m == 1 and _fwd_split(cfg, x, B, A, spacing)[0] and _bwd_split(cfg, x, B, A)[0])
+    return (saved_states_rows(x, cu_seqlens, spacing), A.shape[1], x.shape[2]), m, dn
+
+
 def _load_group(K: int) -> int:
     """Steps whose inputs the tile forward loads together: TILE_LOAD_GROUP or a divisor of K."""
     g = max(1, min(TILE_LOAD_GROUP, K))
@@ -410,8 +433,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     At = None if quad and nseg == 1 else A.t().contiguous()
     Ak = A if quad else At
     ht = torch.empty(geo.nseq, geo.N, geo.dim, device=x.device, dtype=acc) if want_final else None
-    states = (torch.empty(max(geo.total_chunks, 1), geo.N, geo.dim, device=x.device, dtype=acc)
-              if save_states else None)
+    states = (torch.empty(saved_states_rows(x, cu_seqlens, geo.K), geo.N, geo.dim,
+                          device=x.device, dtype=acc) if save_states else None)
     h0 = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None
     dims = (geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq,
             row_stride(z), row_stride(B), row_stride(C))
@@ -498,91 +521,100 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dht=None):
-        from ssmkit.ops.selective_scan import triton_tile as tk
-
-        x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
-        # the backward kernels read z, B and C contiguous (the forward took views)
-        B, C = B.contiguous(), C.contiguous()
-        z = z.contiguous() if z is not None else None
-        cfg = ctx.cfg
-        m = ctx.coarse
-        quad, warps = _bwd_split(cfg, x, B, A)
-        if not quad and m > 1:
-            # the tile backward reads one state per block: recompute them from the coarse ones
-            # by a forward pass that saves every block (memory-bounded: they live only now)
-            states = _forward(x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state,
-                              cu_seqlens, False, True,
-                              dataclasses.replace(cfg, state_mem_limit=2**62))[2]
-            m = 1
-        block_d = warps * 32 // quad if quad else TILE_BWD_BLOCK_D
-        geo = _Geometry(x, B, A, cu_seqlens, cfg, block_d, cfg.bwd_chunk * m)
-        acc = compute_dtype(x)
-        dy = dy.contiguous()
-        if dht is not None:
-            dht = dht.transpose(1, 2).contiguous()
-        rows = geo.bsz * geo.L
-        # The backward (and the forward before it) splits below 8 warps per SM: H100, 2026-11-27,
-        # B8 D2048 N16 L2048 (512 warps on 132 SMs), forward + backward 3.03 ms with 4 segments
-        # against 3.53 in one pass. (A split-state program's warps count once: the same work.)
-        nseg = (_segments(geo, cfg, x, warps_per_block=warps, below_warps_per_sm=BWD_SPLIT_BELOW)
-                if quad else 1)
-        seg_len = max(geo.L, 1) if not geo.varlen else 2**62
-        # A as (N, dim) for the kernels but the split-state backward, which reads it as it is
-        At = A.t().contiguous() if nseg > 1 or not quad else None
-        if nseg > 1:
-            seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
-            dht = _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, ctx.dt_softplus,
-                                        acc, seg_len, nseg, B, cfg.bwd_chunk)
-        nout = geo.nseq * nseg
-        dbias_part = None
-        dx = torch.empty_like(x)
-        ddt = torch.empty_like(dt)
-        dz = torch.empty_like(z) if z is not None else None
-        db_part = torch.empty(geo.n_dblocks, rows, geo.N, device=x.device, dtype=acc)
-        dc_part = torch.empty_like(db_part)
-        da_part = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
-        dd_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc) if D is not None else None
-        dh0 = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
-        args = (x, dt, A if quad else At, B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
-                dht, dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
-                geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows)
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-                     SOFTPLUS=bool(ctx.dt_softplus), HAS_DHT=dht is not None,
-                     IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64, K=cfg.bwd_chunk)
-        if quad:
-            dbias_part = _backward_split_state(ctx, cfg, geo, quad, warps, m, nseg, seg_len,
-                                               args, flags, x, B, C, dt_bias, states, acc, nout)
-        else:
-            tk.selective_scan_bwd_kernel[(geo.nseq, geo.n_dblocks)](
-                *args, **flags, BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, num_warps=1)
-        if nseg > 1:
-            dh0 = dh0.view(geo.nseq, nseg, geo.N, geo.dim)[:, 0]
-        G, bpg, N = geo.G, geo.blocks_per_group, geo.N
-
-        def _group_sum(part, dtype):  # (G*bpg, rows, N) -> (bsz, L, G, N), one pass
-            out = torch.empty(geo.bsz, geo.L, G, N, device=part.device, dtype=dtype)
-            if rows:
-                tk.sum_partials_kernel[(-(-rows * N // 1024), G)](
-                    part, out, bpg, rows * N, N, G, USE_F64=acc == torch.float64, BLOCK=1024,
-                    num_warps=4)
-            return out
-
-        dB = _group_sum(db_part, B.dtype) if ctx.needs_input_grad[3] else None
-        dC = _group_sum(dc_part, C.dtype) if ctx.needs_input_grad[4] else None
-        dA = da_part.sum(0).t().to(A.dtype) if ctx.needs_input_grad[2] else None
-        dD = dd_part.sum(0).to(D.dtype) if (D is not None and ctx.needs_input_grad[5]) else None
-        dbias = None
-        if dbias_part is not None:
-            dbias = dbias_part.sum(0).to(dt_bias.dtype)
-        elif dt_bias is not None and ctx.needs_input_grad[7]:
-            # (summed in float32 without a float32 copy of ddt: 0.05 ms at B8 L2048 D2048)
-            dbias = ddt.sum((0, 1), dtype=acc).to(dt_bias.dtype)
-        dinit = dh0.transpose(1, 2).to(initial_state.dtype) if initial_state is not None else None
-        return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None
+        grads = backward_from_states(ctx.saved_tensors, dy, dht, ctx.dt_softplus, ctx.coarse,
+                                     ctx.state_dn, ctx.needs_input_grad[:9], ctx.cfg)
+        return (*grads, None, None, None)
 
 
-def _backward_split_state(ctx, cfg, geo, quad, warps, m, nseg, seg_len, args, flags, x, B, C,
-                          dt_bias, states, acc, nout):
+def backward_from_states(saved, dy, dht, dt_softplus, m, dn, needs, cfg=None):
+    """The backward pass from what the forward saved: ``saved`` = ``(x, dt, A, B, C, D, z,
+    dt_bias, initial_state, cu_seqlens, states)`` (B, C 4-D), ``m`` backward blocks per saved
+    state and ``dn`` their layout (:func:`saved_states_layout`); ``needs``: which of the 9
+    inputs want a gradient. Returns the 9 gradients (None where not needed or no input)."""
+    from ssmkit.ops.selective_scan import triton_tile as tk
+
+    cfg = cfg if cfg is not None else _CONFIG
+    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = saved
+    # the backward kernels read z, B and C contiguous (the forward took views)
+    B, C = B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
+    quad, warps = _bwd_split(cfg, x, B, A)
+    if not quad and (m > 1 or dn):
+        # the tile backward reads one state per block, (N, dim): recompute them from the saved
+        # ones by a forward pass that saves every block (memory-bounded: they live only now)
+        states = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state,
+                          cu_seqlens, False, True, dataclasses.replace(cfg, state_mem_limit=2**62))[2]
+        m, dn = 1, False
+    block_d = warps * 32 // quad if quad else TILE_BWD_BLOCK_D
+    geo = _Geometry(x, B, A, cu_seqlens, cfg, block_d, cfg.bwd_chunk * m)
+    acc = compute_dtype(x)
+    dy = dy.contiguous()
+    if dht is not None:
+        dht = dht.transpose(1, 2).contiguous()
+    rows = geo.bsz * geo.L
+    # The backward (and the forward before it) splits below 8 warps per SM: H100, 2026-11-27,
+    # B8 D2048 N16 L2048 (512 warps on 132 SMs), forward + backward 3.03 ms with 4 segments
+    # against 3.53 in one pass. (A split-state program's warps count once: the same work.)
+    nseg = (_segments(geo, cfg, x, warps_per_block=warps, below_warps_per_sm=BWD_SPLIT_BELOW)
+            if quad else 1)
+    seg_len = max(geo.L, 1) if not geo.varlen else 2**62
+    # A as (N, dim) for the kernels but the split-state backward, which reads it as it is
+    At = A.t().contiguous() if nseg > 1 or not quad else None
+    if nseg > 1:
+        seg_len, nseg = _segment_length(geo.L, nseg, geo.K)
+        dht = _adjoint_segment_ends(tk, geo, At, C, z, dt, dt_bias, dy, dht, dt_softplus,
+                                    acc, seg_len, nseg, B, cfg.bwd_chunk)
+    nout = geo.nseq * nseg
+    dbias_part = None
+    dx = torch.empty_like(x)
+    ddt = torch.empty_like(dt)
+    dz = torch.empty_like(z) if z is not None else None
+    db_part = torch.empty(geo.n_dblocks, rows, geo.N, device=x.device, dtype=acc)
+    dc_part = torch.empty_like(db_part)
+    da_part = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
+    dd_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc) if D is not None else None
+    dh0 = torch.empty(nout, geo.N, geo.dim, device=x.device, dtype=acc)
+    args = (x, dt, A if quad else At, B, C, D, z, dt_bias, states, geo.cu, geo.chunk_off, dy,
+            dht, dx, ddt, dz, db_part, dc_part, da_part, dd_part, dh0,
+            geo.L, geo.dim, geo.N, geo.G, geo.blocks_per_group, geo.nchunks_per_seq, rows)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+                 SOFTPLUS=bool(dt_softplus), HAS_DHT=dht is not None,
+                 IS_VARLEN=geo.varlen, USE_F64=acc == torch.float64, K=cfg.bwd_chunk)
+    if quad:
+        dbias_part = _backward_split_state(geo, quad, warps, m, dn, nseg, seg_len, args, flags,
+                                           x, B, C, dt_bias is not None and needs[7], states,
+                                           acc, nout)
+    else:
+        tk.selective_scan_bwd_kernel[(geo.nseq, geo.n_dblocks)](
+            *args, **flags, BLOCK_D=geo.block_d, BLOCK_N=geo.block_n, num_warps=1)
+    if nseg > 1:
+        dh0 = dh0.view(geo.nseq, nseg, geo.N, geo.dim)[:, 0]
+    G, bpg, N = geo.G, geo.blocks_per_group, geo.N
+
+    def _group_sum(part, dtype):  # (G*bpg, rows, N) -> (bsz, L, G, N), one pass
+        out = torch.empty(geo.bsz, geo.L, G, N, device=part.device, dtype=dtype)
+        if rows:
+            tk.sum_partials_kernel[(-(-rows * N // 1024), G)](
+                part, out, bpg, rows * N, N, G, USE_F64=acc == torch.float64, BLOCK=1024,
+                num_warps=4)
+        return out
+
+    dB = _group_sum(db_part, B.dtype) if needs[3] else None
+    dC = _group_sum(dc_part, C.dtype) if needs[4] else None
+    dA = da_part.sum(0).t().to(A.dtype) if needs[2] else None
+    dD = dd_part.sum(0).to(D.dtype) if (D is not None and needs[5]) else None
+    dbias = None
+    if dbias_part is not None:
+        dbias = dbias_part.sum(0).to(dt_bias.dtype)
+    elif dt_bias is not None and needs[7]:
+        # (summed in float32 without a float32 copy of ddt: 0.05 ms at B8 L2048 D2048)
+        dbias = ddt.sum((0, 1), dtype=acc).to(dt_bias.dtype)
+    dinit = dh0.transpose(1, 2).to(initial_state.dtype) if initial_state is not None else None
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
+
+
+def _backward_split_state(geo, quad, warps, m, dn, nseg, seg_len, args, flags, x, B, C,
+                          want_dbias, states, acc, nout):
     """Launch the split-state backward; returns dt_bias's per-(sequence, segment) partial
     gradient when the kernel sums it (else None: the caller sums dΔ)."""
     from ssmkit.ops.selective_scan import triton_split_state_bwd
@@ -594,14 +626,12 @@ def _backward_split_state(ctx, cfg, geo, quad, warps, m, nseg, seg_len, args, fl
     scratch = (torch.empty(grid[0] * grid[1] * grid[2] * m * S * warps * 32, device=x.device,
                            dtype=acc) if m > 1 else states)
     # dt_bias's gradient summed in the kernel, per (sequence, segment) and channel
-    dbias_part = None
-    if dt_bias is not None and ctx.needs_input_grad[7]:
-        dbias_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc)
+    dbias_part = torch.empty(nout, geo.dim, device=x.device, dtype=acc) if want_dbias else None
     kernel = triton_split_state_bwd.selective_scan_bwd_quad_kernel
     bd = 32 // quad  # channels per warp
     kw = dict(flags, Q=quad, S=S, EVEN_D=geo.even_d, PACK=pack, VEC=vec,
               IS_BF16=B.dtype == torch.bfloat16, V=-(-2 * S // bd) * bd, W=warps, M=m,
-              STATE_DN=ctx.state_dn, DBIAS=dbias_part is not None, A_DN=geo.N,
+              STATE_DN=dn, DBIAS=dbias_part is not None, A_DN=geo.N,
               DIM_C=geo.dim, BCS_C=geo.G * geo.N, XW=0, num_warps=warps)
     if x.device.type == "cuda":
         kw["maxnreg"] = MAX_REGISTERS
@@ -652,6 +682,17 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_state):
     x, dt, A, D, dt_bias = cont
     # z, B and C are read through their row strides (no copy of a projection's slices)
     return x, dt, A, _rows(B), _rows(C), D, _rows(z), dt_bias, initial_state, squeeze
+
+
+def forward_with_states(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens):
+    """The training forward outside autograd: ``(y, final_state, states, m, dn)``, the states
+    saved for :func:`backward_from_states` as :func:`saved_states_layout` describes them (for
+    ``torch.library`` ops, whose backward is a separate op)."""
+    x, dt, A, B, C, D, z, dt_bias, initial_state, _ = _prepare(x, dt, A, B, C, D, z, dt_bias,
+                                                              initial_state)
+    cfg = _CONFIG
+    return _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens, True,
+                    True, cfg, state_dn=_bwd_split(cfg, x, B, A)[0] > 0)
 
 
 @register("selective_scan", "triton")
