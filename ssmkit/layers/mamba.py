@@ -213,7 +213,8 @@ class Mamba(nn.Module):
         # and its backward reads the states the forward saved.
         scan = get("selective_scan", "auto", xs)
         if scan is selective_scan_triton:
-            scan = functools.partial(custom_ops.selective_scan, backend="triton")
+            scan = functools.partial(custom_ops.selective_scan, backend="triton",
+                                     state_mem_limit=self.scan_state_mem_limit)
         y, ssm_state = scan(xs, dt, self._A(), B, C, self.D, z, dt_bias, softplus,
                             None if state is None else state.ssm_state, True, cu_seqlens)
         out = self.out_proj(y)
@@ -246,6 +247,11 @@ class Mamba(nn.Module):
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
                        self.dt_proj.bias, True)
         return self.out_proj(y.squeeze(1))
+
+    # Bytes of scan states one training forward of this layer may keep for its backward on the
+    # Triton path (None: ScanConfig.state_mem_limit); LanguageModel.set_scan_state_budget
+    # shares a model's budget among its Mamba layers.
+    scan_state_mem_limit: int | None = None
 
     # Batch rows up to which a decode step on the Triton path takes the fused small-batch form
     # (step_norm); larger batches are matrix products, where cuBLAS is the better choice.

@@ -77,32 +77,35 @@ def _bc4(M: Tensor) -> Tensor:
 def _scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
              z: Tensor | None, dt_bias: Tensor | None, initial_state: Tensor | None,
              cu_seqlens: Tensor | None, dt_softplus: bool, backend: str,
-             save_states: bool) -> tuple[Tensor, Tensor, Tensor]:
+             save_states: bool, state_mem_limit: int) -> tuple[Tensor, Tensor, Tensor]:
     fn = _resolve("selective_scan", backend, x)
     if save_states and _triton_scan(fn):
         from ssmkit.ops.selective_scan import triton as sst
 
-        y, hT, states, _, _ = sst.forward_with_states(x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                                      initial_state, cu_seqlens)
+        y, hT, states, _, _ = sst.forward_with_states(
+            x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+            None if state_mem_limit < 0 else state_mem_limit)
         return y, hT, states
     with torch.no_grad():
         y, hT = fn(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, True, cu_seqlens)
     return y.contiguous(), hT.contiguous(), x.new_empty(0, dtype=compute_dtype(x))
 
 
-def _saved_layout(x, B, A, cu_seqlens, backend, save_states):
+def _saved_layout(x, B, A, cu_seqlens, backend, save_states, state_mem_limit):
     """``(shape, m, dn)`` of the states the Triton forward saves, or None (nothing saved)."""
     if not (save_states and _triton_scan(_resolve("selective_scan", backend, x))):
         return None
     from ssmkit.ops.selective_scan import triton as sst
 
-    return sst.saved_states_layout(sst.get_config(), x, _bc4(B), A, cu_seqlens)
+    cfg = sst.config_with_limit(None if state_mem_limit < 0 else state_mem_limit)
+    return sst.saved_states_layout(cfg, x, _bc4(B), A, cu_seqlens)
 
 
 @_scan_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend, save_states):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend, save_states,
+      state_mem_limit):
     nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    layout = _saved_layout(x, B, A, cu_seqlens, backend, save_states)
+    layout = _saved_layout(x, B, A, cu_seqlens, backend, save_states, state_mem_limit)
     acc = compute_dtype(x)
     states = x.new_empty(layout[0] if layout else (0,), dtype=acc)
     return torch.empty_like(x), x.new_empty(nseq, x.shape[2], A.shape[1], dtype=acc), states
@@ -147,9 +150,10 @@ def _(dy, dhT, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states,
 
 
 def _scan_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend, save = inputs
+    (x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend, save,
+     limit) = inputs
     states = output[2]
-    layout = _saved_layout(x, B, A, cu_seqlens, backend, save) if states.numel() else None
+    layout = _saved_layout(x, B, A, cu_seqlens, backend, save, limit) if states.numel() else None
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states)
     ctx.dt_softplus, ctx.backend = dt_softplus, backend
     ctx.m, ctx.dn = (layout[1], layout[2]) if layout else (1, False)
@@ -162,7 +166,7 @@ def _scan_backward(ctx, dy, dhT, dstates):
                          ctx.backend, ctx.m, ctx.dn)
     ins = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     res = [g if t is not None else None for g, t in zip(grads, ins)]
-    return (*res, None, None, None, None)
+    return (*res, None, None, None, None, None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
@@ -171,17 +175,20 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
                    initial_state: Tensor | None = None, return_final_state: bool = False,
-                   cu_seqlens: Tensor | None = None, backend: str = "auto"):
+                   cu_seqlens: Tensor | None = None, backend: str = "auto", *,
+                   state_mem_limit: int | None = None):
     """:func:`ssmkit.ops.selective_scan` as one custom op (traceable; validates shapes only).
     With the Triton form and a gradient to come, the forward saves the states its backward
-    reads (the backward op runs the Triton backward on them, no second forward)."""
+    reads (the backward op runs the Triton backward on them, no second forward);
+    ``state_mem_limit`` (bytes) overrides ``ScanConfig.state_mem_limit`` for this call."""
     if B.dim() != C.dim() or B.dim() not in (3, 4):
         raise ValueError(f"B and C must both be (batch, seqlen, N) or (batch, seqlen, G, N), got "
                          f"{tuple(B.shape)} and {tuple(C.shape)}")
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, hT, _ = torch.ops.ssmkit.selective_scan(x, dt, A, B, C, D, z, dt_bias, initial_state,
-                                               cu_seqlens, bool(dt_softplus), backend, save)
+                                               cu_seqlens, bool(dt_softplus), backend, save,
+                                               -1 if state_mem_limit is None else int(state_mem_limit))
     return (y, hT) if return_final_state else y
 
 

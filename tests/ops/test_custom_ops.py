@@ -83,7 +83,7 @@ def test_opcheck(fn):
     if fn.startswith("selective_scan"):
         triton = fn.endswith("triton")
         cu = torch.tensor([0, 2, 5]) if triton else None
-        args = tuple(_scan_inputs(1, 5, 4, 2)[:8]) + (None, cu, True, "triton" if triton else "chunked", triton)
+        args = tuple(_scan_inputs(1, 5, 4, 2)[:8]) + (None, cu, True, "triton" if triton else "chunked", triton, -1)
         op = torch.ops.ssmkit.selective_scan.default
     else:
         args = (torch.randn(1, 5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),

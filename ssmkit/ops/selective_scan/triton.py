@@ -684,13 +684,23 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_state):
     return x, dt, A, _rows(B), _rows(C), D, _rows(z), dt_bias, initial_state, squeeze
 
 
-def forward_with_states(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens):
+def config_with_limit(state_mem_limit: int | None) -> ScanConfig:
+    """The current config, with ``state_mem_limit`` replaced when given (a model's per-layer
+    share of its budget for saved states)."""
+    if state_mem_limit is None:
+        return _CONFIG
+    return dataclasses.replace(_CONFIG, state_mem_limit=int(state_mem_limit))
+
+
+def forward_with_states(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+                        state_mem_limit=None):
     """The training forward outside autograd: ``(y, final_state, states, m, dn)``, the states
     saved for :func:`backward_from_states` as :func:`saved_states_layout` describes them (for
-    ``torch.library`` ops, whose backward is a separate op)."""
+    ``torch.library`` ops, whose backward is a separate op); ``state_mem_limit`` overrides the
+    config's bound on their bytes."""
     x, dt, A, B, C, D, z, dt_bias, initial_state, _ = _prepare(x, dt, A, B, C, D, z, dt_bias,
                                                               initial_state)
-    cfg = _CONFIG
+    cfg = config_with_limit(state_mem_limit)
     return _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens, True,
                     True, cfg, state_dn=_bwd_split(cfg, x, B, A)[0] > 0)
 
