@@ -6,7 +6,7 @@ time would otherwise be spent finding out. Used while tuning the selective-scan 
     python benchmarks/kernel_report.py fwd BLOCK_D=8 K=16 G=4 num_warps=1
     python benchmarks/kernel_report.py bwd BLOCK_D=32 K=8 num_warps=2 --ttgir
     python benchmarks/kernel_report.py gemv BLOCK_N=2 BLOCK_K=2048 num_warps=4   # decode kernels
-    python benchmarks/kernel_report.py bwd_quad DIM_C=2048 maxnreg=128 --loops
+    python benchmarks/kernel_report.py bwd_quad maxnreg=128 num_warps=4 --loops
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssmkit.ops import decode_triton, gemv_triton  # noqa: E402
-from ssmkit.ops.selective_scan import triton_kernels as tk  # noqa: E402
-from ssmkit.ops.selective_scan import triton_quad as tq  # noqa: E402
+from ssmkit.ops.selective_scan import triton_split_state as tq  # noqa: E402
+from ssmkit.ops.selective_scan import triton_split_state_bwd as tqb  # noqa: E402
+from ssmkit.ops.selective_scan import triton_tile as tk  # noqa: E402
 
 SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
            "seg_len", "nseg", "z_rs", "b_rs", "c_rs"}
@@ -36,44 +37,26 @@ KERNELS = {
     "fwd": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
-        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False)),
-    "fwd_lanes": (tk.selective_scan_fwd_kernel, dict(
-        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
-        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, N=16, BLOCK_D=32, K=8, G=2,
-        EVEN_D=True, PACK=2, IS_BF16=True)),
-    "bwd_lanes": (tk.selective_scan_bwd_lanes_kernel, dict(
-        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
-        USE_F64=False, N=16, BLOCK_D=32, K=8, EVEN_D=True, PACK=2, IS_BF16=True, V=32, M=1)),
-    "bwd_quad": (tq.selective_scan_bwd_quad_kernel, dict(
-        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
-        USE_F64=False, Q=4, S=4, K=4, EVEN_D=True, PACK=2, IS_BF16=True, V=8, VEC=2,
-        DIM_C=0, W=1, M=1, STATE_DN=0, CPL=1, BCS_C=0, DBIAS=0, A_DN=0, PFB=0,
-        XW=0)),
-    "adjoint_local": (tk.adjoint_local_kernel, dict(
-        HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, USE_F64=False, BLOCK_D=32, N=16, K=8,
-        EVEN_D=True, PACK=2, IS_BF16=True)),
-    "fwd2": (tk.selective_scan_fwd_tile_kernel_v2, dict(
-        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
-        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
-        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False, PACK=2, KS=0)),
-    "fwd_quad": (tq.selective_scan_fwd_quad_kernel, dict(
-        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
-        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=8, KS=8, PF=1,
-        EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=2, VEC=1, IS_BF16=True,
-        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0, STATE_DN=0, A_DN=0)),
-    # B and C as float32 copies (ScanConfig.quad_bc32)
-    "fwd_quad32": (tq.selective_scan_fwd_quad_kernel, dict(
-        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
-        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=8, KS=8, PF=1,
-        EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=32, VEC=4, IS_BF16=False,
-        DIM_C=0, ZRS_C=0, BRS_C=0, CRS_C=0, STATE_DN=0, A_DN=0)),
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PACK=2, KS=0)),
     "fwd_save": (tk.selective_scan_fwd_tile_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
         SAVE_STATES=True, IS_VARLEN=False, USE_F64=False, BLOCK_N=16, BLOCK_D=32, K=8, G=4,
-        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PIPELINE=False)),
+        EVEN_D=True, EVEN_N=True, STORE_Y=True, STORE_DSUM=False, PACK=2, KS=4)),
     "bwd": (tk.selective_scan_bwd_kernel, dict(
         HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
-        USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=8, KEEP_DECAY=False)),
+        USE_F64=False, BLOCK_N=16, BLOCK_D=16, K=4)),
+    "fwd_quad": (tq.selective_scan_fwd_quad_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=False, STORE_HT=False,
+        SAVE_STATES=False, IS_VARLEN=False, USE_F64=False, Q=4, S=4, K=16, KS=8, PF=3,
+        EVEN_D=True, STORE_Y=True, STORE_DSUM=False, PACK=2, VEC=2, IS_BF16=True,
+        DIM_C=2048, ZRS_C=4096, BRS_C=160, CRS_C=160, STATE_DN=0, A_DN=16)),
+    "bwd_quad": (tqb.selective_scan_bwd_quad_kernel, dict(
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_DHT=False, IS_VARLEN=False,
+        USE_F64=False, Q=4, S=4, K=4, EVEN_D=True, PACK=2, IS_BF16=True, V=8, VEC=2,
+        DIM_C=2048, W=4, M=1, STATE_DN=1, BCS_C=16, DBIAS=1, A_DN=16, XW=0)),
+    "adjoint_local": (tk.adjoint_local_kernel, dict(
+        HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, USE_F64=False, BLOCK_D=32, N=16, K=4,
+        EVEN_D=True, PACK=2, IS_BF16=True)),
 }
 
 # Decode kernels (bf16 model, float32 states): constexprs and the pointer types of their

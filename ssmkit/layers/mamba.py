@@ -17,6 +17,7 @@ log-uniformly in [dt_min, dt_max] and stored as its softplus preimage in ``dt_pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -26,11 +27,15 @@ from torch import nn
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.state import LayerState
-from ssmkit.ops import decode_triton  # noqa: F401  (registers the fused decode forms)
+from ssmkit.ops import (
+    custom_ops,
+    decode_triton,  # noqa: F401  (registers the fused decode forms)
+)
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.gemv_triton import norm_linear_reference
 from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
+from ssmkit.ops.selective_scan.triton import selective_scan_triton
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba", "MambaState"]
@@ -182,7 +187,11 @@ class Mamba(nn.Module):
         xs, z = self._split_in(self.in_proj(x))
         if mask is not None:
             xs = xs * mask.to(xs.dtype)[..., None]
-        xs, conv_state = causal_conv1d(
+        # (Triton forms as torch.library ops: see the scan below)
+        conv = causal_conv1d
+        if getattr(get("causal_conv1d", "auto", xs), "__name__", "") == "causal_conv1d_triton":
+            conv = functools.partial(custom_ops.causal_conv1d, backend="triton")
+        xs, conv_state = conv(
             xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
             initial_state=None if state is None else state.conv_state, return_final_state=True,
             cu_seqlens=cu_seqlens,
@@ -200,7 +209,12 @@ class Mamba(nn.Module):
         # The layer built every input itself (and checked x, state, cu_seqlens and mask above), so
         # the dispatched form is called directly: the public op's check that A <= 0 reads A back
         # from the GPU, a host sync per layer per call (A = -exp(A_log) is non-positive anyway).
+        # The Triton form runs as a torch.library op: torch.compile(fullgraph=True) sees one node,
+        # and its backward reads the states the forward saved.
         scan = get("selective_scan", "auto", xs)
+        if scan is selective_scan_triton:
+            scan = functools.partial(custom_ops.selective_scan, backend="triton",
+                                     state_mem_limit=self.scan_state_mem_limit)
         y, ssm_state = scan(xs, dt, self._A(), B, C, self.D, z, dt_bias, softplus,
                             None if state is None else state.ssm_state, True, cu_seqlens)
         out = self.out_proj(y)
@@ -233,6 +247,11 @@ class Mamba(nn.Module):
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
                        self.dt_proj.bias, True)
         return self.out_proj(y.squeeze(1))
+
+    # Bytes of scan states one training forward of this layer may keep for its backward on the
+    # Triton path (None: ScanConfig.state_mem_limit); LanguageModel.set_scan_state_budget
+    # shares a model's budget among its Mamba layers.
+    scan_state_mem_limit: int | None = None
 
     # Batch rows up to which a decode step on the Triton path takes the fused small-batch form
     # (step_norm); larger batches are matrix products, where cuBLAS is the better choice.

@@ -20,6 +20,7 @@ from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models.block import Block, add_norm, build_norm
 from ssmkit.models.config import ModelConfig
+from ssmkit.ops.cross_entropy import linear_cross_entropy
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.gemv_triton import norm_linear_reference
 
@@ -32,13 +33,13 @@ class LMOutput:
     """What :meth:`LanguageModel.forward` returns.
 
     logits: ``(batch, seqlen, padded_vocab_size)`` float32 (``seqlen`` = ``logits_to_keep`` when
-    that is set). loss: mean next-token cross entropy
+    that is set; None with ``return_logits=False``). loss: mean next-token cross entropy
     over labels != -100 (labels aligned with input_ids, shifted inside), or None. aux_loss: sum of
     the MoE layers' load-balancing losses (not added to ``loss``; scale it yourself), or None.
     cache: the cache passed in, updated in place, or None.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     cache: Any = None
@@ -62,7 +63,9 @@ def _check_ids(name: str, ids: object, vocab: int, ndim: int) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
     # The range check reads the ids back (a host sync), which a CUDA graph capture may not do:
     # a captured prefill (ssmkit.inference.cuda_graph) checks its input ids before each replay.
-    if vocab and ids.numel() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+    # Under torch.compile the check is left out too (it would break the graph).
+    if (vocab and ids.numel() and not torch.compiler.is_compiling()
+            and not (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one reduction over the ids
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} must hold token ids in [0, {vocab}), got values in [{lo}, {hi}]")
@@ -88,6 +91,22 @@ class LanguageModel(nn.Module):
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self.set_scan_state_budget(self.DEFAULT_SCAN_STATE_BUDGET)
+
+    # Bytes of Mamba scan states (float32) one training forward keeps for its backward, for the
+    # whole model (GPU path). Each Mamba layer may keep its share; beyond it the scan saves one
+    # state per ScanConfig.coarse_blocks blocks and the backward recomputes the rest. At the
+    # 130M shape, batch 8 x 2048, one state per block would be 9.7 GB (0.4 GB per layer).
+    DEFAULT_SCAN_STATE_BUDGET = 2**31
+
+    def set_scan_state_budget(self, nbytes: int | None) -> None:
+        """Share ``nbytes`` of saved scan states among the model's Mamba layers (None: each layer
+        follows ``ScanConfig.state_mem_limit``, a per-call bound)."""
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+            raise ValueError(f"nbytes must be an int >= 0 or None, got {nbytes!r}")
+        mixers = [blk.mixer for blk in self.backbone.layers if hasattr(blk.mixer, "scan_state_mem_limit")]
+        for mixer in mixers:
+            mixer.scan_state_mem_limit = None if nbytes is None else nbytes // len(mixers)
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -136,9 +155,11 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> LMOutput:
+                logits_to_keep: int = 0, return_logits: bool = True) -> LMOutput:
         """See the class docstring. ``logits_to_keep``: 0 = logits for every position, ``k > 0`` =
-        only for the last ``k`` (prefill keeps 1 and skips the ``(batch, seqlen, vocab)`` head)."""
+        only for the last ``k`` (prefill keeps 1 and skips the ``(batch, seqlen, vocab)`` head).
+        ``return_logits=False`` (with ``labels``): the loss only, by a chunked cross entropy that
+        never holds every position's float32 logits at once (training memory)."""
         ids = _check_ids("input_ids", input_ids, self.config.padded_vocab_size, 2)
         B, L = ids.shape
         if L == 0:
@@ -147,6 +168,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep must be 0 with labels (the loss needs every position's logits)")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (it computes the loss only)")
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
@@ -180,12 +203,21 @@ class LanguageModel(nn.Module):
             # the head (final norm + lm_head) on the kept positions only
             out = out[:, L - logits_to_keep:]
             residual = residual[:, L - logits_to_keep:] if residual is not None else None
-        logits = self._head(residual, out)
-        loss = None
+        lab = None
         if labels is not None:
             lab = _check_ids("labels", labels, 0, 2)
             if tuple(lab.shape) != (B, L):
                 raise ValueError(f"labels must have the shape of input_ids {(B, L)}, got {tuple(lab.shape)}")
+        if not return_logits:
+            # HF convention: labels are aligned with input_ids; position t predicts labels[t + 1].
+            _, x = add_norm(self.backbone.norm_f, out, residual, self.config.residual_in_fp32)
+            head = self.lm_head
+            x = x[:, :-1].to(head.weight.dtype).reshape(-1, x.shape[-1])
+            loss = linear_cross_entropy(x, head.weight, lab[:, 1:].reshape(-1).to(x.device))
+            return LMOutput(logits=None, loss=loss, aux_loss=aux_total, cache=cache)
+        logits = self._head(residual, out)
+        loss = None
+        if labels is not None:
             # HF convention: labels are aligned with input_ids; position t predicts labels[t + 1].
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    lab[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)

@@ -5,12 +5,14 @@ Ops (namespace ``ssmkit``), each with a fake (meta) implementation for tracing a
 formula:
 
 * ``ssmkit::selective_scan(x, dt, A, B, C, D?, z?, dt_bias?, initial_state?, cu_seqlens?,
-  dt_softplus, backend) -> (y, final_state)`` and its backward ``ssmkit::selective_scan_bwd``.
+  dt_softplus, backend, save_states) -> (y, final_state, saved_states)`` and its backward
+  ``ssmkit::selective_scan_bwd``.
 * ``ssmkit::causal_conv1d(x, weight, bias?, initial_state?, cu_seqlens?, silu, backend)
   -> (y, final_state)`` and ``ssmkit::causal_conv1d_bwd``.
 
-The backward ops recompute the forward of the chosen form under autograd and differentiate it
-(one extra forward; memory stays that of the form). They dispatch through
+With the Triton form, the forward op also returns the states its backward reads and the backward
+op runs the Triton backward on them; the CPU forms' backward ops recompute the forward under
+autograd and differentiate it (one extra forward; memory stays that of the form). They dispatch through
 :mod:`ssmkit.ops.dispatch`, so ``backend="auto"`` means Triton on CUDA and the chunked form on
 CPU, as elsewhere.
 
@@ -63,66 +65,108 @@ def _autograd_inside_op():
 # ----------------------------------------------------------------------------- selective scan
 
 
+def _triton_scan(fn) -> bool:
+    return getattr(fn, "__name__", "") == "selective_scan_triton"
+
+
+def _bc4(M: Tensor) -> Tensor:
+    return M.unsqueeze(2) if M.dim() == 3 else M
+
+
 @torch.library.custom_op("ssmkit::selective_scan", mutates_args=())
 def _scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
              z: Tensor | None, dt_bias: Tensor | None, initial_state: Tensor | None,
-             cu_seqlens: Tensor | None, dt_softplus: bool, backend: str) -> tuple[Tensor, Tensor]:
+             cu_seqlens: Tensor | None, dt_softplus: bool, backend: str,
+             save_states: bool, state_mem_limit: int) -> tuple[Tensor, Tensor, Tensor]:
     fn = _resolve("selective_scan", backend, x)
+    if save_states and _triton_scan(fn):
+        from ssmkit.ops.selective_scan import triton as sst
+
+        y, hT, states, _, _ = sst.forward_with_states(
+            x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens,
+            None if state_mem_limit < 0 else state_mem_limit)
+        return y, hT, states
     with torch.no_grad():
         y, hT = fn(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, True, cu_seqlens)
-    return y.contiguous(), hT.contiguous()
+    return y.contiguous(), hT.contiguous(), x.new_empty(0, dtype=compute_dtype(x))
+
+
+def _saved_layout(x, B, A, cu_seqlens, backend, save_states, state_mem_limit):
+    """``(shape, m, dn)`` of the states the Triton forward saves, or None (nothing saved)."""
+    if not (save_states and _triton_scan(_resolve("selective_scan", backend, x))):
+        return None
+    from ssmkit.ops.selective_scan import triton as sst
+
+    cfg = sst.config_with_limit(None if state_mem_limit < 0 else state_mem_limit)
+    return sst.saved_states_layout(cfg, x, _bc4(B), A, cu_seqlens)
 
 
 @_scan_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend, save_states,
+      state_mem_limit):
     nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(x), x.new_empty(nseq, x.shape[2], A.shape[1], dtype=compute_dtype(x))
+    layout = _saved_layout(x, B, A, cu_seqlens, backend, save_states, state_mem_limit)
+    acc = compute_dtype(x)
+    states = x.new_empty(layout[0] if layout else (0,), dtype=acc)
+    return torch.empty_like(x), x.new_empty(nseq, x.shape[2], A.shape[1], dtype=acc), states
 
 
 @torch.library.custom_op("ssmkit::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(dy: Tensor, dhT: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                 D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None,
-                 initial_state: Tensor | None, cu_seqlens: Tensor | None, dt_softplus: bool,
-                 backend: str) -> list[Tensor]:
-    fn = _resolve("selective_scan", backend, x)
+def _scan_bwd_op(dy: Tensor, dhT: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                 C: Tensor, D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None,
+                 initial_state: Tensor | None, cu_seqlens: Tensor | None, states: Tensor,
+                 dt_softplus: bool, backend: str, m: int, dn: bool) -> list[Tensor]:
     ins = [x, dt, A, B, C, D, z, dt_bias, initial_state]
-    with _autograd_inside_op():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
-        y, hT = fn(*leaves[:8], dt_softplus, leaves[8], True, cu_seqlens)
-        live = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad((y, hT), live, (dy, dhT), allow_unused=True)
-    it = iter(grads)
-    out = []
-    for t in leaves:  # one tensor per input; zeros (never used) where the input was None
-        if t is None:
-            out.append(x.new_zeros(0))
-        else:
-            g = next(it)
-            out.append(torch.zeros_like(t) if g is None else g.contiguous())
-    return out
+    if states.numel():
+        # the Triton backward from the states the forward saved (no second forward)
+        from ssmkit.ops.selective_scan import triton as sst
+
+        xp, dtp, Ap, Bp, Cp, Dp, zp, bp, h0, _ = sst._prepare(x, dt, A, B, C, D, z, dt_bias,
+                                                             initial_state)
+        grads = sst.backward_from_states((xp, dtp, Ap, Bp, Cp, Dp, zp, bp, h0, cu_seqlens, states),
+                                         dy, dhT, dt_softplus, m, dn, (True,) * 9)
+        grads = [g.view_as(t) if g is not None and t is not None else g for g, t in zip(grads, ins)]
+    else:
+        fn = _resolve("selective_scan", backend, x)
+        if dhT is None:
+            dhT = x.new_zeros(x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1,
+                              x.shape[2], A.shape[1], dtype=compute_dtype(x))
+        with _autograd_inside_op():
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
+            y, hT = fn(*leaves[:8], dt_softplus, leaves[8], True, cu_seqlens)
+            live = [t for t in leaves if t is not None]
+            it = iter(torch.autograd.grad((y, hT), live, (dy, dhT), allow_unused=True))
+            grads = [next(it) if t is not None else None for t in leaves]
+    # one tensor per input; empty where the input was None, zeros where it got no gradient
+    return [x.new_zeros(0) if t is None else torch.zeros_like(t) if g is None else g.contiguous()
+            for g, t in zip(grads, ins)]
 
 
 @_scan_bwd_op.register_fake
-def _(dy, dhT, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend):
+def _(dy, dhT, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states, dt_softplus,
+      backend, m, dn):
     return [torch.empty_like(t) if t is not None else x.new_empty(0)
             for t in (x, dt, A, B, C, D, z, dt_bias, initial_state)]
 
 
 def _scan_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
+    (x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, backend, save,
+     limit) = inputs
+    states = output[2]
+    layout = _saved_layout(x, B, A, cu_seqlens, backend, save, limit) if states.numel() else None
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states)
     ctx.dt_softplus, ctx.backend = dt_softplus, backend
+    ctx.m, ctx.dn = (layout[1], layout[2]) if layout else (1, False)
 
 
-def _scan_backward(ctx, dy, dhT):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens = ctx.saved_tensors
-    if dhT is None:
-        dhT = x.new_zeros(1).expand(0)  # never reached in practice: autograd passes zeros
-    grads = _scan_bwd_op(dy.contiguous(), dhT.contiguous(), x, dt, A, B, C, D, z, dt_bias,
-                         initial_state, cu_seqlens, ctx.dt_softplus, ctx.backend)
+def _scan_backward(ctx, dy, dhT, dstates):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, states = ctx.saved_tensors
+    grads = _scan_bwd_op(dy.contiguous(), None if dhT is None else dhT.contiguous(), x, dt, A, B,
+                         C, D, z, dt_bias, initial_state, cu_seqlens, states, ctx.dt_softplus,
+                         ctx.backend, ctx.m, ctx.dn)
     ins = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     res = [g if t is not None else None for g, t in zip(grads, ins)]
-    return (*res, None, None, None)
+    return (*res, None, None, None, None, None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
@@ -131,13 +175,20 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
                    initial_state: Tensor | None = None, return_final_state: bool = False,
-                   cu_seqlens: Tensor | None = None, backend: str = "auto"):
-    """:func:`ssmkit.ops.selective_scan` as one custom op (traceable; validates shapes only)."""
+                   cu_seqlens: Tensor | None = None, backend: str = "auto", *,
+                   state_mem_limit: int | None = None):
+    """:func:`ssmkit.ops.selective_scan` as one custom op (traceable; validates shapes only).
+    With the Triton form and a gradient to come, the forward saves the states its backward
+    reads (the backward op runs the Triton backward on them, no second forward);
+    ``state_mem_limit`` (bytes) overrides ``ScanConfig.state_mem_limit`` for this call."""
     if B.dim() != C.dim() or B.dim() not in (3, 4):
         raise ValueError(f"B and C must both be (batch, seqlen, N) or (batch, seqlen, G, N), got "
                          f"{tuple(B.shape)} and {tuple(C.shape)}")
-    y, hT = torch.ops.ssmkit.selective_scan(x, dt, A, B, C, D, z, dt_bias, initial_state,
-                                            cu_seqlens, bool(dt_softplus), backend)
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, hT, _ = torch.ops.ssmkit.selective_scan(x, dt, A, B, C, D, z, dt_bias, initial_state,
+                                               cu_seqlens, bool(dt_softplus), backend, save,
+                                               -1 if state_mem_limit is None else int(state_mem_limit))
     return (y, hT) if return_final_state else y
 
 

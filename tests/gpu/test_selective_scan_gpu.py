@@ -182,38 +182,33 @@ def _check_with_config(ts, tol, **over):
         assert rel_err(a, b) <= 2 * tol, (n, rel_err(a, b))
 
 
-@pytest.mark.parametrize("pf", [2, 3])
+@pytest.mark.parametrize("bq", [4, 0])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
-def test_memory_bounded_saved_states(dtype, tol, pf):
+def test_memory_bounded_saved_states(dtype, tol, bq):
     """One saved state per ScanConfig.coarse_blocks backward blocks (forced here; automatic
-    beyond ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy, with
-    each level of loads issued ahead (bwd_quad_prefetch)."""
+    beyond ScanConfig.state_mem_limit): the backward recomputes the rest, same accuracy, in the
+    split-state backward and in the tile backward (the fallback)."""
     _check_with_config(_inputs(2, 1000, 64, 16, 1, dtype, seed=11, grad=True), tol,
-                       state_mem_limit=0, bwd_quad_prefetch=pf)
+                       state_mem_limit=0, bwd_quad=bq)
 
 
-@pytest.mark.parametrize("over", [dict(fwd_quad=0), dict(quad_static=0, quad_bc32=1,
-                                                       quad_maxnreg=0), dict(fwd_quad=2)])
+@pytest.mark.parametrize("over", [dict(fwd_quad=0), dict(fwd_quad=2), dict(fwd_quad=0, bwd_quad=0)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 def test_forward_variants_vs_float64(over, dtype, tol):
-    """The forward kernels besides the default (split-state, Q=4, specialised on the strides,
-    16-bit B and C rows read as words, 128 registers): the (block_d, N) tile, the split-state
-    forward without the specialisations and with float32 copies of B and C, and two lanes per
-    channel; with their backward."""
+    """The forward kernels besides the default (split-state, Q=4): the tile forward, two lanes
+    per channel, and the tile forward with the tile backward; with their backward."""
     _check_with_config(_inputs(3, 1031, 96, 16, 2, dtype, seed=5, grad=True), tol, **over)
 
 
 @pytest.mark.parametrize("over", [dict(bwd_quad=4), dict(bwd_quad=4, bwd_quad_warps=1),
-                                  dict(bwd_quad=2, bwd_quad_warps=2, quad_static=0),
-                                  dict(bwd_quad_xw=0, bwd_quad_prefetch=0),
-                                  dict(bwd_quad_warps=8), dict(bwd_quad_cpl=2),
-                                  dict(bwd_quad_warps=2, bwd_chunk=8, bwd_quad_prefetch=1)])
+                                  dict(bwd_quad=2, bwd_quad_warps=2), dict(bwd_quad=1, bwd_quad_warps=1),
+                                  dict(bwd_quad_warps=8), dict(bwd_quad_warps=2, bwd_chunk=8)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
 def test_split_state_backward_vs_float64(over, dtype, tol):
-    """The split-state backward (ScanConfig.bwd_quad; W warps per program adding their dB, dC
-    sums through the kernel's own shared buffer, or Triton's reduction at every step; loads a
-    block ahead or not; 8 warps for blocks of 4 steps, 2 for blocks of 8; two channels per lane):
-    every gradient against float64, 200 channels (the last program partly empty)."""
+    """The split-state backward (ScanConfig.bwd_quad lanes per channel; W warps per program
+    adding their dB, dC sums through the kernel's own shared buffer where it fits, else Triton's
+    reduction at every step; 8 warps for blocks of 4 steps, 2 for blocks of 8): every gradient
+    against float64, 200 channels (the last program partly empty)."""
     _check_with_config(_inputs(2, 1500, 200, 16, 1, dtype, seed=3, grad=True), tol, **over)
 
 
@@ -221,17 +216,16 @@ def test_split_state_backward_vs_float64(over, dtype, tol):
 # 2 warps with blocks of 8 fall back; None: not checked)
 @pytest.mark.parametrize("over,xw", [(dict(), 1), (dict(bwd_quad_warps=8), 1),
                                      (dict(bwd_quad_warps=2, bwd_chunk=8), 0),
-                                     (dict(bwd_quad=8, bwd_chunk=8), None),
-                                     (dict(bwd_quad_cpl=2), 1)])
+                                     (dict(bwd_quad=8, bwd_chunk=8), None)])
 def test_split_state_backward_shared_buffer(monkeypatch, over, xw):
-    """The backward's own shared buffer (ScanConfig.bwd_quad_xw) is used only where it lies
+    """The backward's own shared buffer (XW) is used only where it lies
     inside the shared memory Triton gives the kernel (2 halves of K * V * Q / 32 * W * 32
     float32 values), and by default."""
     from ssmkit.ops.selective_scan import triton as sst
-    from ssmkit.ops.selective_scan import triton_quad
+    from ssmkit.ops.selective_scan import triton_split_state_bwd
 
     seen = []
-    kernel = triton_quad.selective_scan_bwd_quad_kernel
+    kernel = triton_split_state_bwd.selective_scan_bwd_quad_kernel
 
     class _Spy:
         def __getitem__(self, grid):
@@ -243,7 +237,7 @@ def test_split_state_backward_shared_buffer(monkeypatch, over, xw):
         def warmup(self, *args, **kw):  # (the host's check of the shared buffer's size)
             return kernel.warmup(*args, **kw)
 
-    monkeypatch.setattr(triton_quad, "selective_scan_bwd_quad_kernel", _Spy())
+    monkeypatch.setattr(triton_split_state_bwd, "selective_scan_bwd_quad_kernel", _Spy())
     prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), **over))
     try:
         ts = _inputs(2, 300, 256, 16, 1, torch.bfloat16, seed=2, grad=True)

@@ -134,3 +134,35 @@ def test_packed_sequences_with_cu_seqlens_equal_separate_sequences():
         y = m(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 5, 12])).logits
         assert_close("seq a", m(a).logits, y[:, :5], rel=1e-5)
         assert_close("seq b", m(b).logits, y[:, 5:], rel=1e-5)
+
+
+def test_loss_without_logits_equals_the_loss_from_logits():
+    """return_logits=False: the loss by the chunked cross entropy (no (batch, seqlen, vocab)
+    logits), equal to the loss from the logits, with the same gradients; ignored labels too."""
+    torch.manual_seed(0)
+    m = LanguageModel(ModelConfig(d_model=16, n_layer=2, vocab_size=50, layer_pattern="MA",
+                                  attn_cfg={"n_heads": 2}))
+    ids = torch.randint(0, 50, (2, 11))
+    labels = ids.clone()
+    labels[0, 3:6] = -100
+    full = m(ids, labels=labels)
+    g_full = torch.autograd.grad(full.loss, list(m.parameters()))
+    lean = m(ids, labels=labels, return_logits=False)
+    assert lean.logits is None
+    g_lean = torch.autograd.grad(lean.loss, list(m.parameters()))
+    assert_close("loss", full.loss, lean.loss, rel=1e-6)
+    for a, b in zip(g_full, g_lean):
+        assert_close("grad", a, b, rel=1e-5)
+    with pytest.raises(ValueError, match="return_logits=False needs labels"):
+        m(ids, return_logits=False)
+
+
+def test_scan_state_budget_is_shared_among_mamba_layers():
+    m = LanguageModel(ModelConfig(d_model=16, n_layer=4, vocab_size=50, layer_pattern="MAMM",
+                                  attn_cfg={"n_heads": 2}))
+    mambas = [blk.mixer for blk in m.backbone.layers if blk.mixer.__class__.__name__ == "Mamba"]
+    assert [x.scan_state_mem_limit for x in mambas] == [LanguageModel.DEFAULT_SCAN_STATE_BUDGET // 3] * 3
+    m.set_scan_state_budget(None)
+    assert all(x.scan_state_mem_limit is None for x in mambas)
+    with pytest.raises(ValueError, match="nbytes"):
+        m.set_scan_state_budget(-1)

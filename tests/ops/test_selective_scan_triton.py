@@ -52,17 +52,19 @@ def _check(ts, softplus=True, cu=None, rel=1e-10):
         assert_close(f"grad {n}", a, b, rel=rel)
 
 
+TILES = dict(fwd_quad=0, bwd_quad=0)  # the tile forward and the tile backward
+
+
 @pytest.mark.parametrize(
     "bsz,L,dim,N,G,K,KB",
     [(2, 11, 8, 4, 1, 4, 4), (1, 1, 5, 3, 1, 8, 4), (1, 19, 12, 5, 3, 8, 4),
-     (2, 9, 40, 16, 1, 4, 4), (2, 13, 8, 4, 1, 8, 2), (1, 17, 8, 4, 1, 8, 8),
-     (1, 10, 8, 4, 1, 4, 8)],
+     (2, 13, 8, 4, 1, 8, 2), (1, 17, 8, 4, 1, 8, 8), (1, 10, 8, 4, 1, 4, 8)],
 )
-def test_matches_reference_float64(bsz, L, dim, N, G, K, KB):
-    """K: forward unroll; KB: backward block = spacing of the saved states (the forward saves
-    several per unrolled block when KB divides K, and unrolls KB otherwise)."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=K, bwd_block_d=16,
-                                                       bwd_chunk=KB, fwd_quad=0))
+def test_tile_kernels_match_reference_float64(bsz, L, dim, N, G, K, KB):
+    """The tile forward and backward. K: forward unroll; KB: backward block = spacing of the
+    saved states (the forward saves several per unrolled block when KB divides K, and unrolls
+    KB otherwise)."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=K, bwd_chunk=KB, **TILES))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:
@@ -78,50 +80,20 @@ def test_cu_seqlens_packed_sequences():
     _check(_inputs(1, 13, 8, 4, 2, torch.float64, nseq=3), cu=cu)
 
 
-@pytest.mark.parametrize("K,KB,split,v2", [(8, 4, 1, 1), (4, 4, 1, 1), (8, 4, 3, 2)])
-def test_pipelined_forward(K, KB, split, v2):
-    """fwd_pipeline: the next block's first loads carried across the loop (masked past the end),
-    packed sequences with an empty one first and last, a partial last block, float64."""
-    cfg = triton_mod.ScanConfig(block_d=16, chunk=K, bwd_chunk=KB, fwd_pipeline=1,
-                                seq_split=split, fwd_tile_v2=v2, fwd_quad=0)
-    prev = triton_mod.set_config(cfg)
-    try:
-        _check(_inputs(2, 19, 8, 4, 1, torch.float64))
-        cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
-        _check(_inputs(1, 21, 8, 4, 2, torch.float64, nseq=5), cu=cu)
-    finally:
-        triton_mod.set_config(prev)
-
-
-def test_pipelined_forward_bf16_packed_rows():
-    """fwd_pipeline with bfloat16 B, C read as 32-bit words (the masked prefetch path)."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(fwd_pipeline=1, fwd_quad=0))
-    try:
-        ts = _inputs(2, 13, 8, 6, 1, torch.bfloat16)
-        y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
-        ts64 = [t.double() if t is not None else None for t in ts]
-        yr, hr = _run(selective_scan_reference, ts64, True, None)
-        assert_close("y", yr, y.double(), rel=8e-3)
-        assert_close("final_state", hr, hT, rel=1e-5)
-    finally:
-        triton_mod.set_config(prev)
-
-
-@pytest.mark.parametrize("M,K,split,pipe,L,lanes", [(4, 8, 1, 0, 37, 0), (3, 8, 1, 0, 30, 0),
-                                                     (4, 8, 3, 0, 53, 0), (2, 8, 1, 1, 19, 0),
-                                                     (16, 8, 1, 0, 9, 0), (2, 8, 1, 0, 21, 1)])
-def test_memory_bounded_saved_states(M, K, split, pipe, L, lanes):
-    """Beyond state_mem_limit the forward saves one state per M backward blocks and the lanes
-    backward recomputes the others per group: same outputs, final state and gradients as the
-    reference, with partial groups, segments and the pipelined forward."""
-    cfg = triton_mod.ScanConfig(chunk=K, bwd_chunk=4, state_mem_limit=0, coarse_blocks=M,
-                                seq_split=split, fwd_pipeline=pipe, fwd_lanes=lanes,
-                                fwd_quad=4 if pipe == 0 and lanes == 0 else 0)
+@pytest.mark.parametrize("M,L,fq,bq,split", [(4, 37, 4, 4, 1), (3, 30, 0, 4, 1), (4, 53, 4, 4, 3),
+                                              (16, 9, 4, 4, 1), (2, 21, 4, 0, 1), (3, 30, 0, 0, 1),
+                                              (2, 41, 0, 0, 3)])
+def test_memory_bounded_saved_states(M, L, fq, bq, split):
+    """Beyond state_mem_limit the forward saves one state per M backward blocks and the backward
+    recomputes the others (the split-state backward per group; the tile backward by a forward
+    pass saving every block): same outputs, final state and gradients as the reference, with
+    partial groups and segments, after either forward."""
+    cfg = triton_mod.ScanConfig(chunk=8, bwd_chunk=4, state_mem_limit=0, coarse_blocks=M,
+                                seq_split=split, fwd_quad=fq, bwd_quad=bq)
     prev = triton_mod.set_config(cfg)
     try:
         ts = _inputs(2, L, 8, 4, 1, torch.float64)
-        x, _, A, B = ts[:4]
-        assert triton_mod._coarse_blocks(cfg, x, B.unsqueeze(2) if B.dim() == 3 else B, A, 2) == M
+        assert triton_mod._coarse_blocks(cfg, ts[0], ts[2], 2) == M
         _check(ts)
     finally:
         triton_mod.set_config(prev)
@@ -174,30 +146,25 @@ def test_half_inputs_packed_rows(dtype, N):
     assert_close("final_state", hr, hT, rel=1e-5)
 
 
-@pytest.mark.parametrize("lanes,v2,N", [(0, 1, 4), (0, 0, 4), (0, 0, 5),
-                                         (1, 1, triton_mod.LANES_MAX_N + 1)])
-def test_tile_forward_kernel(lanes, v2, N):
-    """Both tile forwards ((block_d, N) one channel per lane, and (N, block_d)): chosen by config,
-    and for N beyond the lanes kernel."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=4, bwd_block_d=16,
-                                                       fwd_lanes=lanes, fwd_tile_v2=v2,
-                                                       fwd_quad=0))
+@pytest.mark.parametrize("N", [4, 5, triton_mod.MAX_STATES_PER_LANE + 1])
+def test_tile_forward_kernel(N):
+    """The tile forward with the split-state backward, any N (beyond the split-state kernels'
+    states per lane, both run the tile kernels)."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(block_d=16, chunk=4, fwd_quad=0))
     try:
         _check(_inputs(1, 6, 8, N, 1, torch.float64))
     finally:
         triton_mod.set_config(prev)
 
 
-@pytest.mark.parametrize("bwd_lanes,bsz,L,dim,N,G", [
-    (1, 1, 10, 64, 17, 2),  # lanes backward with groups of 32 channels, 2N > 32 values per step
-    (0, 2, 9, 40, 4, 1),  # the tile backward
-])
-def test_backward_kernels(bwd_lanes, bsz, L, dim, N, G):
-    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, bwd_lanes=bwd_lanes))
-    try:
-        _check(_inputs(bsz, L, dim, N, G, torch.float64))
-    finally:
-        triton_mod.set_config(prev)
+def test_tile_backward_groups_beyond_split_state():
+    """Groups of 5 channels: no power-of-two lane split keeps a program's channels in one
+    group, so both passes run the tile kernels."""
+    cfg = triton_mod.ScanConfig()
+    ts = _inputs(1, 10, 10, 17, 2, torch.float64)
+    assert triton_mod._bwd_split(cfg, ts[0], ts[3], ts[2]) == (0, 0)
+    assert triton_mod._fwd_split(cfg, ts[0], ts[3], ts[2], 4) == (0, 0)
+    _check(ts)
 
 
 def test_half_inputs_gradients():
@@ -217,17 +184,14 @@ def test_half_inputs_gradients():
         assert_close(f"grad {n}", a, b.double(), rel=2e-2)
 
 
-@pytest.mark.parametrize("split,bsz,L,dim,N,G,pipe,v2", [
-    (3, 2, 19, 8, 4, 1, 0, 1), (5, 1, 5, 12, 5, 3, 1, 1), (4, 1, 33, 40, 16, 1, 0, 1),
-    (1, 2, 11, 40, 3, 1, 1, 1), (3, 2, 37, 8, 4, 1, 0, 2), (4, 1, 33, 40, 16, 1, 0, 2)])
-def test_sequence_parallel_forward(split, bsz, L, dim, N, G, pipe, v2):
-    """Segments scanned in parallel and chained (outputs, final state, and the gradients that use
-    the states saved by the segmented pass, through the segmented backward) equal the reference;
-    with either tile forward in the segmented passes (v2=2: the (block_d, N) one, unrolling 8
-    steps and saving states every 4), and with the pipelined tile forward."""
-    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4 if v2 == 1 else 8,
-                                                       seq_split=split, fwd_pipeline=pipe,
-                                                       fwd_tile_v2=v2, fwd_quad=0))
+@pytest.mark.parametrize("split,bsz,L,dim,N,G,K", [
+    (3, 2, 19, 8, 4, 1, 4), (5, 1, 5, 12, 5, 3, 4), (4, 1, 33, 40, 16, 1, 8), (3, 2, 37, 8, 4, 1, 8)])
+def test_sequence_parallel_tile_forward(split, bsz, L, dim, N, G, K):
+    """Segments scanned in parallel by the tile forward and chained (outputs, final state, and
+    the gradients that use the states saved by the segmented pass, through the segmented
+    split-state backward where it applies) equal the reference; unrolling K steps and saving
+    states every 4."""
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=K, seq_split=split, fwd_quad=0))
     try:
         _check(_inputs(bsz, L, dim, N, G, torch.float64))
     finally:
@@ -252,8 +216,8 @@ def test_sequence_split_choice():
 
 @pytest.mark.parametrize("dtype,offset", [(torch.float64, 0), (torch.bfloat16, 0),
                                           (torch.bfloat16, 1)])
-@pytest.mark.parametrize("lanes", [0, 1, 2])  # 2: the split-state forward
-def test_strided_z_B_C_views(dtype, offset, lanes):
+@pytest.mark.parametrize("fq", [0, 4])  # the tile forward, the split-state forward
+def test_strided_z_B_C_views(dtype, offset, fq):
     """z, B and C as slices of one projection output (as in the Mamba layer) are read through
     their row strides; an odd offset makes the 16-bit rows unaligned for paired loads."""
     bsz, L, dim, N = 2, 9, 8, 4
@@ -269,8 +233,7 @@ def test_strided_z_B_C_views(dtype, offset, lanes):
              for _ in range(2))
     A = -(torch.rand(dim, N, generator=g, dtype=torch.float64) + 0.3).to(dev, dtype)
     D = torch.randn(dim, generator=g, dtype=torch.float64).to(dev, dtype)
-    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, fwd_lanes=lanes % 2,
-                                                       fwd_quad=4 if lanes == 2 else 0))
+    prev = triton_mod.set_config(triton_mod.ScanConfig(chunk=4, fwd_quad=fq))
     try:
         y = triton_mod.selective_scan_triton(x, dt, A, B, C, D, z, None, True)
     finally:
@@ -292,12 +255,13 @@ def test_row_stride():
 
 def _quad_calls(monkeypatch, name="selective_scan_fwd_quad_kernel",
                 keys=("Q", "K", "KS", "PACK", "VEC")):
-    """Record the launches of a split-state kernel of ``triton_quad`` (default: the forward's
-    Q, K, KS, PACK, VEC) and let them run."""
-    from ssmkit.ops.selective_scan import triton_quad
+    """Record the launches of a split-state kernel (default: the forward's Q, K, KS, PACK, VEC)
+    and let them run."""
+    from ssmkit.ops.selective_scan import triton_split_state, triton_split_state_bwd
 
+    module = triton_split_state_bwd if "bwd" in name else triton_split_state
     calls = []
-    kernel = getattr(triton_quad, name)
+    kernel = getattr(module, name)
 
     class _Spy:
         def __getitem__(self, grid):
@@ -309,26 +273,23 @@ def _quad_calls(monkeypatch, name="selective_scan_fwd_quad_kernel",
         def warmup(self, *args, **kw):  # (compiles only: on a GPU, the backward's size check)
             return kernel.warmup(*args, **kw)
 
-    monkeypatch.setattr(triton_quad, name, _Spy())
+    monkeypatch.setattr(module, name, _Spy())
     return calls
 
 
-@pytest.mark.parametrize("Q,pf,static,K", [(4, 1, 1, 8), (4, 2, 0, 8), (2, 1, 1, 8),
-                                           (8, 1, 0, 8), (4, 1, 1, 16), (4, 1, 0, 4),
-                                           (4, 2, 1, 4), (2, 2, 1, 8), (4, 3, 1, 16),
-                                           (2, 4, 0, 8)])
-def test_split_state_forward(monkeypatch, Q, pf, static, K):
-    """The split-state forward (a channel's states over Q lanes, triton_quad.py): outputs, final
-    state and every gradient (through the states it saves) against float64, with a partial last
-    block, a block of steps equal to Q, packed sequences with empty ones, groups, segments and
-    memory-bounded saving; and with the kernel specialised on the strides or not."""
+@pytest.mark.parametrize("Q,K", [(4, 8), (2, 8), (8, 8), (4, 16), (4, 4), (1, 8)])
+def test_split_state_forward(monkeypatch, Q, K):
+    """The split-state forward (a channel's states over Q lanes): outputs, final state and every
+    gradient (through the states it saves) against float64, with a partial last block, a block
+    of steps equal to Q, packed sequences with empty ones, groups, segments and memory-bounded
+    saving."""
     calls = _quad_calls(monkeypatch)
-    cfg = triton_mod.ScanConfig(quad_chunk=K, fwd_quad=Q, quad_prefetch=pf, quad_static=static)
+    cfg = triton_mod.ScanConfig(quad_chunk=K, fwd_quad=Q)
     prev = triton_mod.set_config(cfg)
     try:
         _check(_inputs(2, 21, 8, 8, 1, torch.float64))
         cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
-        _check(_inputs(1, 21, 32, 8, 2, torch.float64, nseq=5), cu=cu)
+        _check(_inputs(1, 21, 64, 8, 2, torch.float64, nseq=5), cu=cu)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
         _check(_inputs(1, 37, 8, 16, 1, torch.float64))
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0,
@@ -340,90 +301,92 @@ def test_split_state_forward(monkeypatch, Q, pf, static, K):
     assert {c[1] for c in calls} == {max(K, Q)}
 
 
-@pytest.mark.parametrize("bc32", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_split_state_forward_half_rows(monkeypatch, bc32, dtype):
-    """16-bit B and C in the split-state forward: read as 32-bit words of two values, or as
-    float32 copies (quad_bc32), against float64 on the same rounded inputs."""
+def test_split_state_forward_half_rows(monkeypatch, dtype):
+    """16-bit B and C in the split-state forward, read as 32-bit words of two values, against
+    float64 on the same rounded inputs."""
     calls = _quad_calls(monkeypatch)
-    prev = triton_mod.set_config(triton_mod.ScanConfig(quad_bc32=bc32))
-    try:
-        ts = _inputs(2, 13, 8, 16, 1, dtype)
-        y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
-    finally:
-        triton_mod.set_config(prev)
+    ts = _inputs(2, 13, 8, 16, 1, dtype)
+    y, hT = _run(triton_mod.selective_scan_triton, ts, True, None)
     ts64 = [t.double() if t is not None else None for t in ts]
     yr, hr = _run(selective_scan_reference, ts64, True, None)
     assert_close("y", yr, y.double(), rel=8e-3 if dtype == torch.bfloat16 else 1e-3)
     assert_close("final_state", hr, hT, rel=1e-5)
-    # (Q, K, KS, PACK, VEC): float32 copies 4 values per lane in one 16-byte load; 16-bit rows
-    # as two words in one 8-byte load
-    assert calls == [(4, 16, 8, 32, 4)] if bc32 else [(4, 16, 8, 2, 2)]
+    # (Q, K, KS, PACK, VEC): 16-bit rows as two words in one 8-byte load
+    assert calls == [(4, 16, 8, 2, 2)]
 
 
-def test_split_state_forward_applicability(monkeypatch):
-    """Q must divide N and a program's 32 / Q channels lie in one group; otherwise the tile
-    forward runs. On a GPU (132 SMs here) it also runs where the tile forward was not as fast:
-    not when one lane per channel fills the GPU, nor for sparse inference shorter than 8192."""
+def test_split_state_applicability(monkeypatch):
+    """Q: the largest power of two <= the configured one dividing N with at most
+    MAX_STATES_PER_LANE states per lane and a program's channels in one group (fewer warps per
+    program in the backward first); none: the tile kernels. On a GPU (132 SMs here) the forward
+    also leaves to the tile forward what one lane per channel fills."""
     cfg = triton_mod.ScanConfig()
-    A16 = torch.zeros(64, 16)
 
-    def quad(bsz, L, dim, grad):
-        x = torch.zeros(bsz, L, dim, device="meta")
-        B = torch.zeros(bsz, L, 1, 16, device="meta")
-        return triton_mod._quad(cfg, x, B, torch.zeros(dim, 16), 4, grad)[0]
+    def fwd(bsz, dim, N, G=1, device="cpu"):
+        x = torch.zeros(bsz, 8, dim, device=device)
+        return triton_mod._fwd_split(cfg, x, torch.zeros(bsz, 8, G, N, device=device),
+                                     torch.zeros(dim, N, device=device), 4)
 
+    def bwd(dim, N, G=1):
+        return triton_mod._bwd_split(cfg, torch.zeros(1, 8, dim), torch.zeros(1, 8, G, N),
+                                     torch.zeros(dim, N))
+
+    assert fwd(1, 64, 16) == (4, 16) and fwd(1, 64, 6) == (2, 16) and fwd(1, 64, 5) == (1, 16)
+    assert fwd(1, 64, 16, G=16) == (0, 0) and fwd(1, 64, 16, G=8) == (4, 16)  # 4 channels a group
+    assert fwd(1, 64, 4 * triton_mod.MAX_STATES_PER_LANE + 4) == (0, 0)
+    assert bwd(64, 16) == (4, 4) and bwd(64, 6) == (2, 4) and bwd(64, 5) == (1, 4)
+    assert bwd(64, 16, G=2) == (4, 4) and bwd(64, 16, G=4) == (4, 2) and bwd(64, 16, G=8) == (4, 1)
+    assert bwd(64, 5, G=2) == (1, 1) and bwd(10, 16, G=2) == (0, 0)
     monkeypatch.setattr(triton_mod, "_sm_count", lambda device: 132)
-    assert quad(8, 2048, 2048, True) == 4 and quad(8, 2048, 2048, False) == 4
-    assert quad(64, 2048, 4096, False) == 0  # 8,192 warps one lane per channel
-    assert quad(1, 2048, 4096, False) == 0 and quad(1, 2048, 4096, True) == 4
-    assert quad(1, 8192, 4096, False) == 4
-    monkeypatch.undo()
-    x = torch.zeros(1, 8, 64)
-    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 16), A16, 4) == (4, 16)
-    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 1, 6), torch.zeros(64, 6), 4) == (0, 0)
-    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 16, 16), A16, 4) == (0, 0)
-    assert triton_mod._quad(cfg, x, torch.zeros(1, 8, 8, 16), A16, 4) == (4, 16)
+    assert fwd(8, 2048, 16, device="meta") == (4, 16)
+    assert fwd(64, 4096, 16, device="meta") == (0, 0)  # 8,192 warps one lane per channel
 
 
-@pytest.mark.parametrize("Q,KB,fq,W,dn,cpl,pf", [
-    (4, 4, 4, 4, 0, 1, 0), (4, 4, 4, 1, 0, 1, 3), (2, 4, 0, 2, 0, 1, 0), (4, 8, 4, 1, 0, 1, 0),
-    (8, 8, 2, 4, 0, 1, 1), (4, 4, 4, 4, 1, 1, 1), (8, 8, 2, 4, 1, 1, 2), (2, 4, 0, 2, 1, 1, 1),
-    (4, 4, 4, 2, 1, 2, 1), (4, 8, 0, 1, 0, 2, 3), (8, 8, 2, 1, 1, 4, 1)])
-def test_split_state_backward(monkeypatch, Q, KB, fq, W, dn, cpl, pf):
+@pytest.mark.parametrize("Q,KB,fq,W", [(4, 4, 4, 4), (4, 4, 4, 1), (2, 4, 0, 2), (4, 8, 4, 1),
+                                       (8, 8, 2, 4), (1, 4, 4, 1)])
+def test_split_state_backward(monkeypatch, Q, KB, fq, W):
     """The split-state backward (bwd_quad, W warps per program): every gradient against
     float64, with partial blocks, channels not filling the last program, packed sequences with
     empty ones, groups, segments, no optional inputs, after either forward; with memory-bounded
     saving (one state per M blocks, partial groups, segments of several groups) too; saved
-    states in either layout (dn: (dim, N), used when the forward splits the states too and
-    saves one per block); cpl channels per lane; pf: each block's loads issued a block ahead
-    (2: its rows of B too; 3: in memory-bounded saving the recompute's too). (The warps' sums
-    through the kernel's own shared buffer, XW, run on the GPU only: tests/gpu.)"""
+    states laid out (dim, N) when the forward splits the states too and saves one per block.
+    (The warps' sums through the kernel's own shared buffer, XW, run on the GPU only:
+    tests/gpu.)"""
     calls = _quad_calls(monkeypatch, "selective_scan_bwd_quad_kernel",
-                        ("Q", "K", "V", "W", "M", "CPL", "PFB"))
-    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W,
-                                state_dn=dn, bwd_quad_cpl=cpl, bwd_quad_prefetch=pf)
+                        ("Q", "K", "V", "W", "M", "STATE_DN"))
+    cfg = triton_mod.ScanConfig(bwd_chunk=KB, bwd_quad=Q, fwd_quad=fq, bwd_quad_warps=W)
     prev = triton_mod.set_config(cfg)
     try:
         _check(_inputs(2, 11, 40, 8, 1, torch.float64))
         cu = torch.tensor([0, 0, 5, 5, 21, 21], device=triton_device())
-        _check(_inputs(1, 21, W * cpl * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
+        _check(_inputs(1, 21, W * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
         _check(_inputs(2, 7, 8, 8, 1, torch.float64, with_opt=False, grouped=False),
                softplus=False)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, seq_split=3))
         _check(_inputs(1, 37, 8, 16, 1, torch.float64))
-        triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0))
-        _check(_inputs(1, 37, 8, 16, 1, torch.float64))
-        _check(_inputs(1, 21, W * cpl * 64 // Q, 16, 2, torch.float64, nseq=5), cu=cu)
         triton_mod.set_config(triton_mod.dataclasses.replace(cfg, state_mem_limit=0,
                                                              coarse_blocks=3, seq_split=2))
         _check(_inputs(2, 45, 8, 16, 1, torch.float64))
     finally:
         triton_mod.set_config(prev)
     S = 16 // Q
-    assert [c[4] for c in calls] == [1, 1, 1, 1, cfg.coarse_blocks, cfg.coarse_blocks, 3]
-    assert len(calls) == 7 and {c[:2] + c[3:4] + c[5:] for c in calls} == {(Q, KB, W, cpl, pf)}
+    assert [c[4] for c in calls] == [1, 1, 1, 1, 3]
+    assert {c[:2] + c[3:4] for c in calls} == {(Q, KB, W)}
     assert calls[1][2] == max(2 * S, 32 // Q)  # dB, dC values per step, padded to the channels
+    assert {c[5] for c in calls[:4]} == {bool(fq)} and not calls[4][5]
+
+
+def test_config_from_environment_text():
+    cfg = triton_mod.parse_config("bwd_quad=0, seq_split=3")
+    assert cfg.bwd_quad == 0 and cfg.seq_split == 3 and cfg.fwd_quad == triton_mod.ScanConfig().fwd_quad
+    assert triton_mod.parse_config("") == triton_mod.ScanConfig()
+    with pytest.raises(ValueError, match="name=value"):
+        triton_mod.parse_config("bwd_quad")
+    with pytest.raises(ValueError, match="name=value"):
+        triton_mod.parse_config("nope=1")
+    with pytest.raises(ValueError, match="bwd_quad must be an integer"):
+        triton_mod.parse_config("bwd_quad=four")
 
 
 def test_split_state_backward_half_inputs():

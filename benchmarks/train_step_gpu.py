@@ -1,0 +1,139 @@
+"""One language-model training step on the GPU: ssmkit vs ``mamba_ssm.MambaLMHeadModel`` in the
+same run, tokens/s and peak memory.
+
+Mamba 130M shape (d_model 768, 24 layers, vocab 50,280), random weights, float32 parameters with
+bfloat16 autocast, AdamW, batch 8 x 2048 tokens: median step time of ``--steps`` timed steps after
+``--warmup`` steps, and ``torch.cuda.max_memory_allocated`` over them. ssmkit variants:
+
+* ``default``: the model's default saved-state budget (``LanguageModel.set_scan_state_budget``)
+  and the loss without logits (``return_logits=False``: chunked cross entropy);
+* ``per-call bound, logits``: the scan bounded per call only and every position's float32 logits
+  (the behaviour before the model-level budget);
+* ``default, compiled``: the default under ``torch.compile(model, fullgraph=True)``.
+
+    pip install mamba-ssm --no-build-isolation      # the peer (optional: --no-peer)
+    python benchmarks/train_step_gpu.py --out-dir results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _results import write_json  # noqa: E402
+
+
+def _step_fn(model, opt, ids, loss_fn):
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def _measure(step, warmup, steps, tokens):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"step_ms": t * 1e3, "tokens_per_s": tokens / t,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def ssmkit_variant(name, ids, args):
+    from ssmkit.models.config import ModelConfig
+    from ssmkit.models.lm import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.from_name("mamba-130m")).cuda()
+    if name.startswith("per-call"):
+        model.set_scan_state_budget(None)
+
+        def loss_fn(m, x):
+            return m(x, labels=x).loss
+    else:
+        def loss_fn(m, x):
+            return m(x, labels=x, return_logits=False).loss
+    run = torch.compile(model, fullgraph=True) if name.endswith("compiled") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return _measure(_step_fn(run, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
+
+
+def mamba_ssm_variant(ids, args):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={"layer": "Mamba1"},
+                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    model = MambaLMHeadModel(cfg, device="cuda")
+
+    def loss_fn(m, x):
+        logits = m(x).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return _measure(_step_fn(model, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
+
+
+VARIANTS = ("default", "per-call bound, logits", "default, compiled")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="ssmkit variants, comma-separated")
+    p.add_argument("--no-peer", action="store_true", help="leave mamba_ssm out")
+    p.add_argument("--out-dir", default=".", help="where train_step_gpu.json goes (default .)")
+    a = p.parse_args(argv)
+    os.makedirs(a.out_dir, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    info = {"device": props.name, "torch": torch.__version__, "host": platform.node(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "shape": f"mamba-130m, batch {a.batch} x {a.seqlen}, bf16 autocast, AdamW"}
+    print(info, flush=True)
+    ids = torch.randint(0, 50277, (a.batch, a.seqlen), device="cuda")
+    rows = {}
+    if not a.no_peer:
+        try:
+            rows["mamba_ssm"] = mamba_ssm_variant(ids, a)
+        except Exception as e:  # noqa: BLE001
+            print("mamba_ssm failed:", repr(e), flush=True)
+        print("mamba_ssm", rows.get("mamba_ssm"), flush=True)
+        torch.cuda.empty_cache()
+    for name in filter(None, a.variants.split(",")):
+        try:
+            rows[f"ssmkit {name}"] = ssmkit_variant(name.strip(), ids, a)
+        except Exception as e:  # noqa: BLE001
+            print(name, "failed:", repr(e), flush=True)
+        print(name, rows.get(f"ssmkit {name}"), flush=True)
+        torch.cuda.empty_cache()
+    print("\n| variant | step ms | tokens/s | peak GiB |\n|---|---:|---:|---:|")
+    for k, r in rows.items():
+        print(f"| {k} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} |")
+    write_json(os.path.join(a.out_dir, "train_step_gpu.json"), {"info": info, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
