@@ -247,7 +247,6 @@ def main(argv=None):
         base = sst.get_config()
         for over in (FWD_SWEEP if sweep else [{}]):
             cfg = dataclasses.replace(base, **over)
-            cfg.load_group = min(cfg.load_group, cfg.chunk)
             try:
                 r = bench_ours(make(bsz, L, dim, N), cfg, bwd=False)
             except Exception as e:  # noqa: BLE001

@@ -7,9 +7,12 @@ bfloat16 autocast, AdamW, batch 8 x 2048 tokens: median step time of ``--steps``
 
 * ``default``: the model's default saved-state budget (``LanguageModel.set_scan_state_budget``)
   and the loss without logits (``return_logits=False``: chunked cross entropy);
-* ``per-call bound, logits``: the scan bounded per call only and every position's float32 logits
-  (the behaviour before the model-level budget);
-* ``default, compiled``: the default under ``torch.compile(model, fullgraph=True)``.
+* ``per-call-logits``: the scan bounded per call only and every position's float32 logits (the
+  behaviour before the model-level budget);
+* ``compiled``: the default under ``torch.compile(model, fullgraph=True)``.
+
+Each variant runs in a process of its own (``--variants`` picks them), so that one's memory and
+compiled code do not affect the next.
 
     pip install mamba-ssm --no-build-isolation      # the peer (optional: --no-peer)
     python benchmarks/train_step_gpu.py --out-dir results/
@@ -18,9 +21,11 @@ bfloat16 autocast, AdamW, batch 8 x 2048 tokens: median step time of ``--steps``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -63,15 +68,16 @@ def ssmkit_variant(name, ids, args):
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig.from_name("mamba-130m")).cuda()
-    if name.startswith("per-call"):
-        model.set_scan_state_budget(None)
+    if name == "per-call-logits":
+        if hasattr(model, "set_scan_state_budget"):
+            model.set_scan_state_budget(None)
 
         def loss_fn(m, x):
             return m(x, labels=x).loss
     else:
         def loss_fn(m, x):
             return m(x, labels=x, return_logits=False).loss
-    run = torch.compile(model, fullgraph=True) if name.endswith("compiled") else model
+    run = torch.compile(model, fullgraph=True) if name == "compiled" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return _measure(_step_fn(run, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
 
@@ -93,7 +99,15 @@ def mamba_ssm_variant(ids, args):
     return _measure(_step_fn(model, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
 
 
-VARIANTS = ("default", "per-call bound, logits", "default, compiled")
+VARIANTS = ("default", "per-call-logits", "compiled")
+
+
+def _one(name: str, a) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50277, (a.batch, a.seqlen), device="cuda")
+    if name == "mamba_ssm":
+        return mamba_ssm_variant(ids, a)
+    return ssmkit_variant(name, ids, a)
 
 
 def main(argv=None):
@@ -102,32 +116,33 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="ssmkit variants, comma-separated")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="ssmkit variants, comma-separated (default: all; each in a process of its own)")
     p.add_argument("--no-peer", action="store_true", help="leave mamba_ssm out")
     p.add_argument("--out-dir", default=".", help="where train_step_gpu.json goes (default .)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # (a variant, in this process)
     a = p.parse_args(argv)
+    if a.one:
+        print("RESULT " + json.dumps(_one(a.one, a)), flush=True)
+        return 0
     os.makedirs(a.out_dir, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "torch": torch.__version__, "host": platform.node(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "shape": f"mamba-130m, batch {a.batch} x {a.seqlen}, bf16 autocast, AdamW"}
     print(info, flush=True)
-    ids = torch.randint(0, 50277, (a.batch, a.seqlen), device="cuda")
+    names = ([] if a.no_peer else ["mamba_ssm"]) + [n.strip() for n in a.variants.split(",") if n.strip()]
     rows = {}
-    if not a.no_peer:
-        try:
-            rows["mamba_ssm"] = mamba_ssm_variant(ids, a)
-        except Exception as e:  # noqa: BLE001
-            print("mamba_ssm failed:", repr(e), flush=True)
-        print("mamba_ssm", rows.get("mamba_ssm"), flush=True)
-        torch.cuda.empty_cache()
-    for name in filter(None, a.variants.split(",")):
-        try:
-            rows[f"ssmkit {name}"] = ssmkit_variant(name.strip(), ids, a)
-        except Exception as e:  # noqa: BLE001
-            print(name, "failed:", repr(e), flush=True)
-        print(name, rows.get(f"ssmkit {name}"), flush=True)
-        torch.cuda.empty_cache()
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--batch", str(a.batch),
+               "--seqlen", str(a.seqlen), "--warmup", str(a.warmup), "--steps", str(a.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        res = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if res:
+            rows[name if name == "mamba_ssm" else f"ssmkit {name}"] = json.loads(res[-1][7:])
+        else:
+            print(name, "failed:", out.stderr.strip().splitlines()[-1:] or out.returncode, flush=True)
+        print(name, rows.get(name if name == "mamba_ssm" else f"ssmkit {name}"), flush=True)
     print("\n| variant | step ms | tokens/s | peak GiB |\n|---|---:|---:|---:|")
     for k, r in rows.items():
         print(f"| {k} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} |")

@@ -16,7 +16,6 @@ environment variable ``SSMKIT_BACKEND``; an explicit ``backend=`` argument alway
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -47,9 +46,13 @@ def available(op: str) -> list[str]:
     return sorted(_registry.get(op, {}))
 
 
-@functools.lru_cache(maxsize=1)
+# (looked up once at import: a cached call would still be traced by torch.compile, which cannot
+# trace importlib)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:
