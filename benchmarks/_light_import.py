@@ -17,7 +17,7 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def light(packages=("ssmkit", "ssmkit.ops", "ssmkit.ops.selective_scan", "ssmkit.ops.conv",
+def light(packages=("ssmkit", "ssmkit.bench", "ssmkit.ops", "ssmkit.ops.selective_scan", "ssmkit.ops.conv",
                     "ssmkit.inference", "ssmkit.layers", "ssmkit.models")) -> bool:
     """Try the real ``import ssmkit``; on failure fall back to bare packages. Returns True if real."""
     if ROOT not in sys.path:

@@ -1,10 +1,13 @@
 """Selective scan on the GPU: ssmkit's Triton kernels vs ``mamba_ssm.selective_scan_fn``, same run.
 
-B8 D2048 N16 bf16 with z, D, dt_bias and softplus (the issue's shape), L in {2048, 8192}: forward
+B8 D2048 N16 bf16 with z, D, dt_bias and softplus (the reference shape), L in {2048, 8192}: forward
 and forward+backward medians from ``triton.testing.do_bench``, a sweep of launch configurations,
 the floors (exponentials and bytes) and the ratios. Writes JSON (``--out``).
 
-    python benchmarks/selective_scan_gpu.py --out docs/benchmarks/gpu_selective_scan.json
+    python benchmarks/selective_scan_gpu.py --out-dir docs/benchmarks
+
+Peer: ``pip install mamba-ssm --no-build-isolation`` (builds its CUDA extension against the
+installed torch, a few minutes; needs nvcc). Without it ``--no-peer`` times ssmkit alone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
-from _results import write_json  # noqa: E402
+from _results import result_path, write_json  # noqa: E402
 
 _light_import.light()
 
@@ -107,32 +110,15 @@ def bench_mamba(ts, bwd=True):
     return res
 
 
-# Forward configurations swept (overrides of ScanConfig). Each compiles a large unrolled kernel
-# (10-30 s): keep the list short. H100, 2026-11-27 (session 3, call 1): the (N, block_d) tile at
-# chunk 8, load group 4: 0.738 ms one pass, 0.693 ms with seq_split=4; the (block_d, N) tile
-# (fwd_tile_v2, one channel per lane) was written after that call.
-# (A chunk of 16 would make the lanes backward a 200-second compile: forward sweeps keep 8.)
-# Session 3, call 3: v2 0.661, v2 load group 2 0.846, v2 split 2 / 4 1.091 / 0.751, old tile
-# 0.715 ms. The pipelined v2 (next block's first loads carried across the loop) is untimed.
-# Session 5, call 1 (split-state forward, fwd_quad = lanes per channel, triton_quad.py): Q=4
-# 0.366 ms, Q=2 0.525, Q=8 0.482, two groups loaded ahead slower (0.476 / 0.580), v2 tile with
-# fwd_pipeline 0.545.
-# Call 2: Q=4 with the kernel specialised on the strides, float32 copies of B and C and at most
-# 128 registers 0.322 ms (uncapped 0.541; bfloat16 rows uncapped 0.396), Q=2 0.494; the v2
-# tile 0.659.
-# Call 3: 128 registers 0.324 ms (96: 0.400, 80: 0.417, 64: 0.576), without the float32 copies
-# of B and C 0.301 (now the default), chunk 16 0.323, the one-lane-per-channel tile 0.661.
-# The forward is settled: the sweep keeps the default and the tile as a reference.
+# Forward configurations swept (overrides of ScanConfig): the default and the one-lane-per-channel
+# tile as a reference. Each compiles a large unrolled kernel (10-30 s): keep the list short.
 FWD_SWEEP = [{}, dict(fwd_quad=0)]
 # the forward with a gradient to come (saves states) and the backward, compiled once each
 GRAD_WARM = [{}, dict(bwd_quad=0), dict(bwd_quad_warps=8)]
-# Backward configurations (overrides of the best forward's ScanConfig): the split-state backward
-# (the default since session 6: 1.91 ms forward + backward at seqlen 2048), with 8 warps per
-# program (half the partial sums of 4), and the lanes backward (one channel per lane, split
-# into segments: 2.88 ms in session 6, call 4).
+# Backward configurations (overrides of the forward's ScanConfig): the split-state backward (the
+# default), with 8 warps per program (half the partial sums of 4), and the lanes backward.
 BWD_SWEEP = [{}, dict(bwd_quad_warps=8), dict(bwd_quad=0)]
-# --split-sweep: sequence segments for forward + backward (1 = one pass; the automatic rule gives
-# 5 at B8 D2048 on an H100 and measured 3.607 ms, 4 forced measured 3.03 in an earlier run)
+# --split-sweep: sequence segments for forward + backward (1 = one pass)
 SPLIT_SWEEP = [1, 2, 3, 4, 6, 8]
 
 
@@ -156,7 +142,7 @@ def _warm_one(job) -> str:
 def warm_compile(cfgs: list[tuple[dict, bool]], shapes: list[tuple], workers: int = 8) -> None:
     """Compile every (configuration, shape) in parallel processes before timing anything: the
     kernels are large unrolled programs (10-30 s each to compile), and a sweep that compiles them
-    one after the other spends most of a device call compiling. Later compiles in this process
+    one after the other spends most of its time compiling. Later compiles in this process
     find them in Triton's cache."""
     import concurrent.futures
     import multiprocessing
@@ -222,7 +208,8 @@ def bench_prefill(no_peer: bool) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--out-dir", default=None, help="write OUT_DIR/gpu_selective_scan_<card>_<date>.json")
     p.add_argument("--seqlens", default="2048,8192")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--split-sweep", action="store_true",
@@ -234,6 +221,8 @@ def main(argv=None):
     p.add_argument("--prefill", action="store_true",
                    help="also time the batch-1 prefill shapes (sequence-parallel forward)")
     a = p.parse_args(argv)
+    if a.out_dir and not a.out:
+        a.out = result_path(a.out_dir, 'gpu_selective_scan', "cuda")
     bsz, dim, N = 8, 2048, 16
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,

@@ -1,15 +1,11 @@
 """Time the ops (selective scan, causal conv1d, SDPA attention) for every backend available here,
 over seqlens: forward and forward+backward medians (``triton.testing.do_bench`` on CUDA,
 ``torch.utils.benchmark`` on CPU), peak CUDA memory, peers when installed (``mamba_ssm``).
-Prints a table; ``--out FILE.json`` also writes JSON and a PNG plot of time vs seqlen.
-
-Needs a source checkout (the harness lives in ``benchmarks/`` beside the package)."""
+Prints a table; ``--out FILE.json`` also writes JSON and a PNG plot of time vs seqlen."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 NAME = "bench"
 HELP = "benchmark the ops on this machine (CPU or GPU), JSON + plot"
@@ -24,17 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlens", default=None, help="comma list of seqlens, e.g. 256,1024")
     parser.add_argument("--no-bwd", action="store_true", help="forward only")
     parser.add_argument("--out", default=None, help="write JSON here (and a PNG beside it)")
-
-
-def _benchmarks_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(os.path.dirname(here)), "benchmarks")
-    if not os.path.isfile(os.path.join(path, "ops.py")):
-        from ssmkit.cli.main import CLIError
-
-        raise CLIError("the benchmark harness (benchmarks/ops.py) is not beside this install; "
-                       "run `ssmkit bench` from a source checkout (pip install -e .)")
-    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--seqlens must be comma-separated integers, got {args.seqlens!r}") from None
         if any(v <= 0 for v in sl):
             raise CLIError(f"--seqlens must be positive, got {args.seqlens!r}")
-    sys.path.insert(0, _benchmarks_dir())
-    import ops  # benchmarks/ops.py
+    from ssmkit.bench import ops
 
     known = set(ops.registry.REGISTRY)
     if args.ops and not set(args.ops.split(",")) <= known:

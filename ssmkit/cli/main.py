@@ -15,11 +15,9 @@ COMMAND_MODULES = [
     "ssmkit.cli.info",
     "ssmkit.cli.generate",
     "ssmkit.cli.convert",
-    # --- training (issue 5) ---
     "ssmkit.cli.train",
     "ssmkit.cli.eval",
     "ssmkit.cli.reproduce",
-    # --- gpu kernels and benchmarks (issue 6) ---
     "ssmkit.cli.bench",
 ]
 

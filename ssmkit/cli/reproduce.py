@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     paths = rp.write_outputs(report, args.out)
     print()
     print(report["tables"])
-    print("Claims (from the issue; reported, never tuned):")
+    print("Claims (the papers' findings; reported, never tuned):")
     print(rp.format_claims(report["claims"]))
     print(f"\nwall time {time.perf_counter() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))
     sys.stdout.flush()

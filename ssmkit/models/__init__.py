@@ -1,6 +1,5 @@
 """Model configs, blocks, the language model and checkpoint formats."""
 
-# --- Language models (issue 4) ---
 from ssmkit.models.checkpoint import CheckpointError, from_pretrained, save_pretrained  # noqa: E402,F401
 from ssmkit.models.config import PRESETS, ModelConfig  # noqa: E402,F401
 from ssmkit.models.lm import LanguageModel, LMOutput  # noqa: E402,F401

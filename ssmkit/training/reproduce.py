@@ -237,7 +237,7 @@ def _run_row_star(args: tuple) -> dict:
 
 
 def check_claims(results: list[dict], size: str) -> list[dict]:
-    """The issue's success criteria, evaluated on the results (never tuned: reported as is)."""
+    """The papers' findings checked at this scale, evaluated on the results (never tuned: reported as is)."""
     by = {(r["experiment"], r["row"]): r for r in results}
     claims = []
 

@@ -1,4 +1,4 @@
-"""The reproduce experiment definitions: configs build, claims are judged as the issue states."""
+"""The reproduce experiment definitions: configs build, claims are judged as documented."""
 
 import pytest
 
