@@ -62,8 +62,9 @@ def _graph_time(fn, copies: int, reps: int = 10) -> float:
 
 
 def gemv_sweep(batch: int) -> list[dict]:
-    from ssmkit.ops import dispatch, gemv_triton
-    from ssmkit.ops.norm_triton import add_rms_norm_triton
+    from ssmkit.ops import dispatch
+    from ssmkit.ops.fused import gemv as gemv_triton
+    from ssmkit.ops.fused.norm import add_rms_norm_triton
 
     rows = []
     default = dict(gemv_triton.GEMV)
@@ -122,7 +123,9 @@ def step_times(batches: list[int], steps: int) -> list[dict]:
     from ssmkit.inference.generate import prefill
     from ssmkit.layers.mamba import Mamba
     from ssmkit.models import lm
-    from ssmkit.ops import decode_triton, dispatch, gemv_triton
+    from ssmkit.ops import dispatch
+    from ssmkit.ops.fused import decode as decode_triton
+    from ssmkit.ops.fused import gemv as gemv_triton
 
     model = ssmkit_model("mamba")
     saved = (Mamba.FUSED_STEP_MAX_BATCH, lm._FUSED_HEAD_MAX_BATCH, dict(gemv_triton.GEMV),

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ssmkit.cli.main import CLIError
-    from ssmkit.models.checkpoint import from_pretrained, save_pretrained
+    from ssmkit.models import from_pretrained, save_pretrained
     from ssmkit.models.tokenizer import HFTokenizer, load_tokenizer
 
     dst = Path(args.dst)

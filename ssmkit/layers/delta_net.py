@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int
-from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.norm import RMSNormGated
-from ssmkit.layers.state import LayerState
+from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.delta_rule import delta_rule
 from ssmkit.ops.delta_rule.step import delta_step

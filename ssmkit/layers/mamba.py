@@ -24,12 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
-from ssmkit.layers.mamba2 import check_mixer_inputs
-from ssmkit.layers.state import LayerState
-from ssmkit.ops import decode_triton  # noqa: F401  (registers the fused decode forms)
+from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
-from ssmkit.ops.gemv_triton import norm_linear_reference
+from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 

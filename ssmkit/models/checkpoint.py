@@ -268,16 +268,15 @@ def _build_empty(cls, config: ModelConfig, dtype: torch.dtype):
     return model
 
 
-def from_pretrained(path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None,
+def load_pretrained(model_cls, path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None,
                     dtype: Any = None, format: str | None = None, revision: str | None = None):
-    """Load a :class:`~ssmkit.LanguageModel` from a directory or Hugging Face repo id.
+    """Build ``model_cls(config)`` from a directory or Hugging Face repo id and load its weights
+    (:func:`ssmkit.from_pretrained` with the model class given: ``LanguageModel``).
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.
     """
-    from ssmkit.models.lm import LanguageModel
-
     d = resolve_path(path_or_repo_id, revision)
     cfg = read_config(d)
     fmt_name = format or detect_format(cfg)
@@ -289,7 +288,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, device: torch.device | s
             raise
         raise CheckpointError(f"{d / CONFIG}: invalid {fmt_name} config: {e}") from e
     sd, wname = read_state_dict(d)
-    model = _build_empty(LanguageModel, config, _resolve_dtype(dtype, sd))
+    model = _build_empty(model_cls, config, _resolve_dtype(dtype, sd))
     load_into(model, sd, fmt.key_in, source=str(d / wname))
     if device is not None:
         model = model.to(device)

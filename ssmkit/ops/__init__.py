@@ -7,13 +7,15 @@ signatures, chosen by ``backend=`` (see :mod:`ssmkit.ops.dispatch`).
 * Mamba-2: :func:`ssd`, :func:`ssd_state_update`; DeltaNet: :func:`delta_rule`, :func:`delta_rule_step`
 """
 
-from ssmkit.ops import dispatch
+from ssmkit.ops import dispatch, fused
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d, causal_conv1d_update
 from ssmkit.ops.conv.fftconv import fftconv
 from ssmkit.ops.conv.ssm_kernel import ssm_kernel_diag, ssm_kernel_dplr
 from ssmkit.ops.delta_rule import delta_rule, delta_rule_step
 from ssmkit.ops.selective_scan import selective_scan, selective_state_update
 from ssmkit.ops.ssd import ssd, ssd_state_update
+
+fused.register_forms()
 
 __all__ = [
     "dispatch",

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
 ct = pytest.importorskip("ssmkit.ops.conv.causal_conv1d_triton")
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d_reference, causal_conv1d_update  # noqa: E402
-from ssmkit.ops.decode_triton import (  # noqa: E402
+from ssmkit.ops.fused.decode import (  # noqa: E402
     causal_conv1d_update_triton,
     selective_state_update_triton,
 )

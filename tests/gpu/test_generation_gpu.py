@@ -58,7 +58,7 @@ def test_fused_step_matches_pytorch_step_bf16_mamba_1_4b_layer(batch):
 
 
 def test_add_rms_norm_bf16_rounds_like_reference():
-    from ssmkit.ops.norm_triton import add_rms_norm_reference, add_rms_norm_triton
+    from ssmkit.ops.fused.norm import add_rms_norm_reference, add_rms_norm_triton
 
     x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(64, 2048, device="cuda")
@@ -73,7 +73,7 @@ def test_add_rms_norm_bf16_rounds_like_reference():
 
 def test_decode_kernels_batch64_d4096():
     from ssmkit.ops.conv.causal_conv1d import causal_conv1d_update
-    from ssmkit.ops.decode_triton import causal_conv1d_update_triton, selective_state_update_triton
+    from ssmkit.ops.fused.decode import causal_conv1d_update_triton, selective_state_update_triton
     from ssmkit.ops.selective_scan.step import selective_state_update_step
 
     bsz, dim, N, R, W = 64, 4096, 16, 128, 4

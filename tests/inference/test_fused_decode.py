@@ -67,7 +67,8 @@ def test_logits_to_keep_equals_full_logits():
         for k in (1, 3, 7, 20):
             out = m(ids, logits_to_keep=k).logits
             assert out.shape == (2, min(k, 7), full.shape[-1])
-            assert torch.equal(out, full[:, -min(k, 7):])
+            # the head on fewer rows may take another matmul kernel: float32 rounding, not bitwise
+            torch.testing.assert_close(out, full[:, -min(k, 7):], rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_equals_last_position_of_forward():
@@ -77,7 +78,7 @@ def test_prefill_equals_last_position_of_forward():
         full = m(ids).logits[:, -1]
         cache = allocate_cache(m, 2, 16)
         last = prefill(m, ids, cache)
-    assert torch.equal(last, full)
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)  # head on 1 row vs 9: rounding only
     assert cache.seqlen_offset == 9
 
 

@@ -259,11 +259,10 @@ def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: tor
     return y
 
 
-# The Triton forms (("causal_conv1d", "triton") and decode_triton's decode ops) register
-# themselves on import; they are optional, so a missing or broken Triton leaves the CPU forms.
+# The Triton form ("causal_conv1d", "triton") registers itself on import; it is optional, so a
+# missing or broken Triton leaves the CPU forms. (The step's Triton form: ssmkit.ops.fused.)
 if importlib.util.find_spec("triton") is not None:
     try:
-        from ssmkit.ops import decode_triton  # noqa: E402,F401
         from ssmkit.ops.conv import causal_conv1d_triton  # noqa: E402,F401
     except ImportError:  # pragma: no cover
         pass

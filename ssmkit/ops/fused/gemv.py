@@ -9,7 +9,7 @@ also does the block's residual add and RMSNorm in its prologue (one launch inste
     n  = rms_norm(r'.to(nw.dtype)) * nw                     (rounded to nw.dtype)
     y  = n @ weight.T                                       (weight: (N, K); y in weight.dtype)
 
-exactly the arithmetic of :func:`ssmkit.ops.norm_triton.add_rms_norm` followed by ``F.linear``,
+exactly the arithmetic of :func:`ssmkit.ops.fused.norm.add_rms_norm` followed by ``F.linear``,
 with float32 accumulation. Without ``norm_weight``: ``y = x @ weight.T``. Op name
 ``"norm_linear"``: ``"reference"`` (PyTorch) and ``"triton"`` (inference only: no backward).
 Imports without Triton; the kernel compiles on first use.
@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.dispatch import get, launch_options, programmatic_launch, register
+from ssmkit.ops.dispatch import get, launch_options, programmatic_launch
 
 __all__ = ["norm_linear", "norm_linear_reference", "norm_linear_triton", "GEMV", "GEMV_RULES"]
 
@@ -44,7 +44,6 @@ def _launch_shape(K: int) -> dict:
     return next(cfg for k_min, cfg in GEMV_RULES if K >= k_min)
 
 
-@register("norm_linear", "reference")
 def norm_linear_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
                           residual: torch.Tensor | None = None, eps: float = 1e-5,
                           residual_dtype: torch.dtype | None = None
@@ -52,7 +51,7 @@ def norm_linear_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
     """PyTorch form of :func:`norm_linear` (no validation): ``(y, new_residual)``."""
     if norm_weight is None:
         return F.linear(x.to(weight.dtype), weight), None
-    from ssmkit.ops.norm_triton import add_rms_norm_reference
+    from ssmkit.ops.fused.norm import add_rms_norm_reference
 
     n, r = add_rms_norm_reference(x, residual, norm_weight, eps, residual_dtype)
     return F.linear(n.to(weight.dtype), weight), r
@@ -129,7 +128,6 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@register("norm_linear", "triton")
 def norm_linear_triton(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
                        residual: torch.Tensor | None = None, eps: float = 1e-5,
                        residual_dtype: torch.dtype | None = None
@@ -143,7 +141,7 @@ def norm_linear_triton(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch
     y = torch.empty(rows, N, device=x.device, dtype=weight.dtype)
     norm = norm_weight is not None
     if norm:
-        from ssmkit.ops.norm_triton import _residual_dtype
+        from ssmkit.ops.fused.norm import _residual_dtype
 
         rdt = _residual_dtype(x, residual, residual_dtype)
         r_out = torch.empty(rows, K, device=x.device, dtype=rdt)

@@ -17,9 +17,33 @@ import functools
 
 import torch
 
-from ssmkit.ops.dispatch import get, register
+from ssmkit.ops.dispatch import get
 
-__all__ = ["add_rms_norm", "add_rms_norm_reference", "add_rms_norm_triton"]
+__all__ = ["rms_norm", "add_rms_norm", "add_rms_norm_reference", "add_rms_norm_triton"]
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32/float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5,
+             group_size: int | None = None) -> torch.Tensor:
+    """RMS-normalise the last dimension of ``x`` (in groups of ``group_size``), in float32."""
+    dtype = x.dtype
+    xf = _upcast(x)
+    d = xf.shape[-1]
+    if group_size is not None and group_size != d:
+        if d % group_size:
+            raise ValueError(f"group_size={group_size} must divide the last dimension {d}")
+        xg = xf.reshape(*xf.shape[:-1], d // group_size, group_size)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+        xf = xg.reshape(xf.shape)
+    else:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        xf = xf * _upcast(weight)
+    return xf.to(dtype)
 
 # One program normalises one row held in registers; wider rows fall back to the reference.
 _MAX_TRITON_D = 32768
@@ -32,13 +56,10 @@ def _residual_dtype(x: torch.Tensor, residual: torch.Tensor | None,
     return x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
 
 
-@register("add_rms_norm", "reference")
 def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                            eps: float = 1e-5, residual_dtype: torch.dtype | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch form of :func:`add_rms_norm` (no validation): ``(y, new_residual)``."""
-    from ssmkit.layers.norm import rms_norm
-
     h = x if residual is None else residual + x
     h = h.to(_residual_dtype(x, residual, residual_dtype))
     return rms_norm(h.to(weight.dtype), weight, eps), h
@@ -77,7 +98,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-@register("add_rms_norm", "triton")
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                         eps: float = 1e-5, residual_dtype: torch.dtype | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from ssmkit.testing import assert_close, triton_device
 
 pytestmark = pytest.mark.triton
 
-dec = pytest.importorskip("ssmkit.ops.decode_triton")
+dec = pytest.importorskip("ssmkit.ops.fused.decode")
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d_update  # noqa: E402
 from ssmkit.ops.selective_scan.step import selective_state_update_step  # noqa: E402
 

@@ -1,10 +1,10 @@
-"""Fused residual add + RMSNorm (ssmkit.ops.norm_triton): the Triton form under the interpreter
+"""Fused residual add + RMSNorm (ssmkit.ops.fused.norm): the Triton form under the interpreter
 against a float64 reference and against the unfused PyTorch form, dtypes and strides."""
 
 import pytest
 import torch
 
-from ssmkit.ops.norm_triton import add_rms_norm, add_rms_norm_reference
+from ssmkit.ops.fused.norm import add_rms_norm, add_rms_norm_reference
 from ssmkit.testing import assert_close, triton_device
 
 

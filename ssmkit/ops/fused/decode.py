@@ -41,7 +41,7 @@ import functools
 
 import torch
 
-from ssmkit.ops.dispatch import launch_options, programmatic_launch, register
+from ssmkit.ops.dispatch import launch_options, programmatic_launch
 
 __all__ = ["causal_conv1d_update_triton", "selective_state_update_triton"]
 
@@ -288,7 +288,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-@register("causal_conv1d_update", "triton")
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
     """Same contract as :func:`ssmkit.ops.conv.causal_conv1d.causal_conv1d_update` (no validation):
     ``conv_state (batch, dim, W-1)`` updated in place (any strides); ``x (batch, [T,] dim)`` read
@@ -316,7 +315,6 @@ def _rows_per_program(batch: int, fused_dt: bool) -> int:
     return max(1, min(SSU_FUSED["max_rows"], batch // 8))
 
 
-@register("selective_state_update", "triton")
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                   dt_softplus=False, dt_proj_weight=None):
     """Triton form of ``selective_state_update`` (shapes normalised by the public function:
@@ -370,7 +368,6 @@ CONV_PROJ = {"block_d": 256, "block_o": 32, "num_warps": 4}
 SSU_PARTS = {"block_d": 32, "num_warps": 4}
 
 
-@register("causal_conv1d_update_proj", "reference")
 def causal_conv1d_update_proj_reference(x, conv_state, weight, bias, activation, proj_weight):
     """One token through the conv update, then a projection: ``x (batch, dim)`` ->
     ``(xs (batch, dim), parts (P, batch, n_out) float32)`` with ``Σ_p parts[p] = xs @ proj_weight.T``
@@ -382,7 +379,6 @@ def causal_conv1d_update_proj_reference(x, conv_state, weight, bias, activation,
     return xs, torch.nn.functional.linear(xs, proj_weight).float().unsqueeze(0)
 
 
-@register("causal_conv1d_update_proj", "triton")
 def causal_conv1d_update_proj_triton(x, conv_state, weight, bias, activation, proj_weight):
     """Triton form of ``causal_conv1d_update_proj`` (same contract, no validation): ``x`` and
     ``proj_weight`` need a unit last stride, ``conv_state`` any strides."""
@@ -411,7 +407,6 @@ def _split_parts(parts: torch.Tensor, R: int, N: int, dtype: torch.dtype):
     return s[:, :R], s[:, R:R + N], s[:, R + N:R + 2 * N]
 
 
-@register("selective_state_update_parts", "reference")
 def selective_state_update_parts_reference(state, x, parts, A, D, z, dt_bias, dt_proj_weight):
     """One token of Mamba's state update from x_proj's split output: ``parts (P, batch, R + 2N)``
     sums to ``[dt_low | B | C]`` (rounded to ``x``'s dtype, as x_proj's output is); Δ's
@@ -428,7 +423,6 @@ def selective_state_update_parts_reference(state, x, parts, A, D, z, dt_bias, dt
     return y.squeeze(1)
 
 
-@register("selective_state_update_parts", "triton")
 def selective_state_update_parts_triton(state, x, parts, A, D, z, dt_bias, dt_proj_weight):
     """Triton form of ``selective_state_update_parts`` (same contract, no validation)."""
     k = _kernels()[3]

@@ -9,7 +9,7 @@ from ssmkit.testing import assert_close, triton_device
 
 pytestmark = pytest.mark.triton
 
-gt = pytest.importorskip("ssmkit.ops.gemv_triton")
+gt = pytest.importorskip("ssmkit.ops.fused.gemv")
 
 
 @pytest.mark.parametrize("rows,N,K,norm,res,shape", [
