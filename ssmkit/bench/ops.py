@@ -58,7 +58,7 @@ def _scan_call(backend, x, dt, A, B, C, D, z, bias):
         return selective_scan_fn(t(x), t(dt), A, t(B), t(C), D, t(z), bias, True)
     from ssmkit.ops.selective_scan import selective_scan
 
-    return selective_scan(x, dt, A, B, C, D, z, bias, True, backend=backend)
+    return selective_scan(x, dt, A, B, C, D, z, bias, dt_softplus=True, backend=backend)
 
 
 def _scan_backends(device):
@@ -89,7 +89,7 @@ def _conv_make(s, device, dtype, grad):
 def _conv_call(backend, x, w, b):
     from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 
-    return causal_conv1d(x, w, b, "silu", backend=backend)
+    return causal_conv1d(x, w, b, activation="silu", backend=backend)
 
 
 def _conv_backends(device):

@@ -218,10 +218,10 @@ class Mamba(nn.Module):
         # decoding, the per-token Python overhead is a noticeable share of the time. Slices of the
         # projections (x | z, dt | B | C) are passed as views: the Triton forms read them in place.
         xs, z = self._split_in(self.in_proj(x_t).unsqueeze(1))  # (batch, 1, d_inner), views
-        conv_update = get("causal_conv1d_update", "auto", xs)
+        conv_update = get("causal_conv1d_step", "auto", xs)
         xs = conv_update(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        update = get("selective_state_update", "auto", xs)
+        update = get("selective_scan_step", "auto", xs)
         if getattr(update, "fuses_dt_proj", False):
             # Triton: dt_proj (dt_rank -> d_inner) runs inside the state-update kernel.
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
@@ -260,10 +260,10 @@ class Mamba(nn.Module):
         xz, residual = get("norm_linear", "auto", out)(out, self.in_proj.weight, norm_weight,
                                                       residual, eps, residual_dtype)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
-        xs, parts = get("causal_conv1d_update_proj", "auto", xs)(
+        xs, parts = get("causal_conv1d_step_proj", "auto", xs)(
             xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
             self.x_proj.weight)
-        y = get("selective_state_update_parts", "auto", xs)(
+        y = get("selective_scan_step_parts", "auto", xs)(
             state.ssm_state, xs, parts, self._A(), self.D, z, self.dt_proj.bias, self.dt_proj.weight)
         y, _ = get("norm_linear", "auto", y)(y, self.out_proj.weight)
         return residual, y

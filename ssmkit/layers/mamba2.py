@@ -28,7 +28,7 @@ from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.ssd import ssd
-from ssmkit.ops.ssd.step import ssd_step
+from ssmkit.ops.ssd.step import ssd_step_one
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba2", "Mamba2State"]
@@ -186,11 +186,11 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, h], dim=-1)
         # The layer fixes the shapes, so the conv's unchecked dispatched form is called (as Mamba
         # does): per-token Python overhead is a noticeable share of decoding time.
-        conv_update = get("causal_conv1d_update", "auto", xBC)
+        conv_update = get("causal_conv1d_step", "auto", xBC)
         xBC = conv_update(xBC.unsqueeze(1), state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                           "silu").squeeze(1)
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        y = ssd_step(
+        y = ssd_step_one(
             state.ssm_state, xs.reshape(b, h, p), self._delta(dt), self._A(), B.reshape(b, g, n),
             C.reshape(b, g, n), D=self._D(), z=None if self.rmsnorm else z.reshape(b, h, p),
         )

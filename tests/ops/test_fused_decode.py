@@ -10,8 +10,8 @@ from ssmkit.testing import assert_close, triton_device
 pytestmark = pytest.mark.triton
 
 dec = pytest.importorskip("ssmkit.ops.fused.decode")
-from ssmkit.ops.conv.causal_conv1d import causal_conv1d_update  # noqa: E402
-from ssmkit.ops.selective_scan.step import selective_state_update_step  # noqa: E402
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d_step  # noqa: E402
+from ssmkit.ops.selective_scan.step import selective_scan_step_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("T,W,bias,act", [(1, 4, True, "silu"), (3, 4, False, None), (5, 2, True, "silu")])
@@ -23,16 +23,16 @@ def test_conv_update(T, W, bias, act):
     w = torch.randn(40, W, generator=g).to(dev)
     b = torch.randn(40, generator=g).to(dev) if bias else None
     st_ref = st.clone()
-    y = dec.causal_conv1d_update_triton(x, st, w, b, act)
-    yr = causal_conv1d_update(x, st_ref, w, b, act, backend="reference")
+    y = dec.causal_conv1d_step_triton(x, st, w, b, act)
+    yr = causal_conv1d_step(st_ref, x, w, b, activation=act, backend="reference")
     assert_close("y", yr, y, rel=1e-6)
     assert_close("conv_state", st_ref, st, rel=1e-7)
-    y1 = dec.causal_conv1d_update_triton(x[:, 0], st, w, b, act)  # (batch, dim) form
+    y1 = dec.causal_conv1d_step_triton(x[:, 0], st, w, b, act)  # (batch, dim) form
     assert y1.shape == (2, 40)
 
 
 @pytest.mark.parametrize("T,G,N", [(1, 1, 16), (3, 2, 5)])
-def test_selective_state_update(T, G, N):
+def test_selective_scan_step(T, G, N):
     dev = triton_device()
     g = torch.Generator().manual_seed(T + G + N)
     bsz, dim = 2, 40
@@ -42,8 +42,8 @@ def test_selective_state_update(T, G, N):
     B, C, D, bias = r(bsz, T, G, N), r(bsz, T, G, N), r(dim), r(dim)
     s = r(bsz, dim, N)
     s_ref = s.clone()
-    y = dec.selective_state_update_triton(s, x, dt, A, B, C, D, z, bias, True)
-    yr = selective_state_update_step(s_ref, x, dt, A, B, C, D, z, bias, True)
+    y = dec.selective_scan_step_triton(s, x, dt, A, B, C, D, z, bias, True)
+    yr = selective_scan_step_reference(s_ref, x, dt, A, B, C, D, z, bias, True)
     assert_close("y", yr, y, rel=1e-5)
     assert_close("state", s_ref, s, rel=1e-5)
 
@@ -51,10 +51,10 @@ def test_selective_state_update(T, G, N):
 def test_registered_for_dispatch():
     from ssmkit.ops import dispatch
 
-    assert "triton" in dispatch.available("selective_state_update")
+    assert "triton" in dispatch.available("selective_scan_step")
     assert "triton" in dispatch.available("causal_conv1d")
-    assert "triton" in dispatch.available("causal_conv1d_update")
-    assert dispatch.get("causal_conv1d_update", "triton") is dec.causal_conv1d_update_triton
+    assert "triton" in dispatch.available("causal_conv1d_step")
+    assert dispatch.get("causal_conv1d_step", "triton") is dec.causal_conv1d_step_triton
 
 
 @pytest.mark.parametrize("T", [1, 2])
@@ -70,8 +70,8 @@ def test_conv_update_strided_x_and_state(T):
     st = st_t.transpose(1, 2)  # (3, dim, W-1), non-contiguous
     st_ref = st.clone()
     w, b = torch.randn(dim, W, generator=g).to(dev), torch.randn(dim, generator=g).to(dev)
-    y = dec.causal_conv1d_update_triton(x, st, w, b, "silu")
-    yr = causal_conv1d_update(x, st_ref, w, b, "silu", backend="reference")
+    y = dec.causal_conv1d_step_triton(x, st, w, b, "silu")
+    yr = causal_conv1d_step(st_ref, x, w, b, activation="silu", backend="reference")
     assert_close("y", yr, y, rel=1e-6)
     assert_close("conv_state", st_ref, st, rel=1e-7)
     assert st.data_ptr() == st_t.data_ptr()
@@ -91,32 +91,32 @@ def _ssu_inputs(bsz, T, dim, N, R, seed):
 
 
 @pytest.mark.parametrize("bsz,T,R", [(1, 1, 128), (3, 2, 20), (37, 1, 8)])
-def test_selective_state_update_fused_dt_proj_vs_float64(bsz, T, R):
+def test_selective_scan_step_fused_dt_proj_vs_float64(bsz, T, R):
     """dt_proj inside the kernel (dt = W dt_low), several batch rows per program at batch 37
     (a partial last block), against the float64 reference of the unfused step."""
     dim, N = 40, 16
     a = _ssu_inputs(bsz, T, dim, N, R, seed=bsz + T + R)
     s = a["s"].clone()
-    y = dec.selective_state_update_triton(s, a["x"], a["dt_low"], a["A"], a["B"], a["C"], a["D"], a["z"],
+    y = dec.selective_scan_step_triton(s, a["x"], a["dt_low"], a["A"], a["B"], a["C"], a["D"], a["z"],
                                           a["bias"], True, dt_proj_weight=a["W"])
     d64 = {k: v.double() for k, v in a.items()}
     s64 = d64["s"].clone()
     dt64 = d64["dt_low"] @ d64["W"].T
-    yr = selective_state_update_step(s64, d64["x"], dt64, d64["A"], d64["B"], d64["C"], d64["D"], d64["z"],
+    yr = selective_scan_step_reference(s64, d64["x"], dt64, d64["A"], d64["B"], d64["C"], d64["D"], d64["z"],
                                      d64["bias"], True)
     assert_close("y", yr, y.double(), rel=2e-5)
     assert_close("state", s64, s.double(), rel=2e-5)
 
 
-def test_selective_state_update_unfused_strided_vs_float64():
+def test_selective_scan_step_unfused_strided_vs_float64():
     bsz, T, dim, N = 2, 1, 40, 16
     a = _ssu_inputs(bsz, T, dim, N, 16, seed=3)
     dt = a["x"] * 0.5  # any (batch, T, dim) strided view
     s = a["s"].clone()
-    y = dec.selective_state_update_triton(s, a["x"], dt, a["A"], a["B"], a["C"], a["D"], a["z"], a["bias"], True)
+    y = dec.selective_scan_step_triton(s, a["x"], dt, a["A"], a["B"], a["C"], a["D"], a["z"], a["bias"], True)
     d64 = {k: v.double() for k, v in a.items()}
     s64 = d64["s"].clone()
-    yr = selective_state_update_step(s64, d64["x"], dt.double(), d64["A"], d64["B"], d64["C"], d64["D"],
+    yr = selective_scan_step_reference(s64, d64["x"], dt.double(), d64["A"], d64["B"], d64["C"], d64["D"],
                                      d64["z"], d64["bias"], True)
     assert_close("y", yr, y.double(), rel=2e-5)
     assert_close("state", s64, s.double(), rel=2e-5)
@@ -136,8 +136,8 @@ def test_conv_update_proj_matches_reference(W, bias, block_d, monkeypatch):
     b = torch.randn(dim, generator=g, dtype=torch.float64).to(dev) if bias else None
     pw = torch.randn(n_out, dim, generator=g, dtype=torch.float64).to(dev)
     st_ref = st.clone()
-    xs_ref, parts_ref = dec.causal_conv1d_update_proj_reference(x, st_ref, w, b, "silu", pw)
-    xs, parts = dec.causal_conv1d_update_proj_triton(x, st, w, b, "silu", pw)
+    xs_ref, parts_ref = dec.causal_conv1d_step_proj_reference(x, st_ref, w, b, "silu", pw)
+    xs, parts = dec.causal_conv1d_step_proj_triton(x, st, w, b, "silu", pw)
     assert parts.shape == (-(-dim // block_d), 2, n_out) and parts.dtype == torch.float32
     assert_close("xs", xs_ref, xs, rel=1e-6)  # (float32 arithmetic in the kernel)
     assert_close("conv_state", st_ref, st, rel=0.0, atol=0.0)
@@ -160,7 +160,7 @@ def test_state_update_parts_matches_reference(P):
     bias = torch.randn(dim, **f64).to(dev) * 0.1
     wdt = torch.randn(dim, R, **f64).to(dev) * 0.3
     s_ref = state.clone()
-    y_ref = dec.selective_state_update_parts_reference(s_ref, x, parts, A, D, z, bias, wdt)
-    y = dec.selective_state_update_parts_triton(state, x, parts, A, D, z, bias, wdt)
+    y_ref = dec.selective_scan_step_parts_reference(s_ref, x, parts, A, D, z, bias, wdt)
+    y = dec.selective_scan_step_parts_triton(state, x, parts, A, D, z, bias, wdt)
     assert_close("y", y_ref, y, rel=1e-6)
     assert_close("state", s_ref, state, rel=1e-6)

@@ -25,17 +25,17 @@ def register_forms() -> None:
     forms = [
         ("add_rms_norm", "reference", norm.add_rms_norm_reference),
         ("norm_linear", "reference", gemv.norm_linear_reference),
-        ("causal_conv1d_update_proj", "reference", decode.causal_conv1d_update_proj_reference),
-        ("selective_state_update_parts", "reference", decode.selective_state_update_parts_reference),
+        ("causal_conv1d_step_proj", "reference", decode.causal_conv1d_step_proj_reference),
+        ("selective_scan_step_parts", "reference", decode.selective_scan_step_parts_reference),
     ]
     if dispatch.triton_installed():
         forms += [
             ("add_rms_norm", "triton", norm.add_rms_norm_triton),
             ("norm_linear", "triton", gemv.norm_linear_triton),
-            ("causal_conv1d_update", "triton", decode.causal_conv1d_update_triton),
-            ("selective_state_update", "triton", decode.selective_state_update_triton),
-            ("causal_conv1d_update_proj", "triton", decode.causal_conv1d_update_proj_triton),
-            ("selective_state_update_parts", "triton", decode.selective_state_update_parts_triton),
+            ("causal_conv1d_step", "triton", decode.causal_conv1d_step_triton),
+            ("selective_scan_step", "triton", decode.selective_scan_step_triton),
+            ("causal_conv1d_step_proj", "triton", decode.causal_conv1d_step_proj_triton),
+            ("selective_scan_step_parts", "triton", decode.selective_scan_step_parts_triton),
         ]
     for op, backend, fn in forms:
         dispatch.register(op, backend)(fn)

@@ -1,12 +1,12 @@
 """Triton decode kernels for Mamba: one launch per op per step, states updated in place.
 
-* :func:`causal_conv1d_update_triton` ``(x, conv_state, weight, bias=None, activation=None)``:
-  the ``("causal_conv1d_update", "triton")`` form. Shifts the ``(batch, dim, W-1)`` conv state by
+* :func:`causal_conv1d_step_triton` ``(x, conv_state, weight, bias=None, activation=None)``:
+  the ``("causal_conv1d_step", "triton")`` form. Shifts the ``(batch, dim, W-1)`` conv state by
   the new token(s) and returns the convolution (+ bias, + SiLU) of each, fused in one kernel.
   ``x``: ``(batch, dim)`` or ``(batch, T, dim)``, any strides with unit stride along ``dim`` (e.g.
   the x half of ``in_proj``'s output, read in place); ``conv_state`` may have any strides.
-* :func:`selective_state_update_triton` ``(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-  dt_proj_weight=None)``: the ``("selective_state_update", "triton")`` form. ``state``:
+* :func:`selective_scan_step_triton` ``(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+  dt_proj_weight=None)``: the ``("selective_scan_step", "triton")`` form. ``state``:
   ``(batch, dim, N)`` float32; ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)``,
   all read through their strides (slices of one projection need no copy). For each token, fused:
   Δ = softplus(dt + dt_bias), h = exp(ΔA) h + Δ B x, y = (C·h + D x) · silu(z). With
@@ -19,11 +19,11 @@ The state is read once, kept in registers over the ``T`` tokens and written once
 For the batch-1 Mamba step (:meth:`ssmkit.layers.mamba.Mamba.step_norm`), two more ops, each
 with a PyTorch ``"reference"`` form of the same signature:
 
-* ``causal_conv1d_update_proj(x, conv_state, weight, bias, activation, proj_weight)`` -> ``(xs,
+* ``causal_conv1d_step_proj(x, conv_state, weight, bias, activation, proj_weight)`` -> ``(xs,
   parts)``: one token's conv update + SiLU, then ``x_proj`` split over channel blocks: ``parts
   (P, batch, R + 2N)`` float32 with ``Σ_p parts[p] = xs @ proj_weight.T`` (no atomics: the
   consumer sums them in a fixed order, so results are reproducible);
-* ``selective_state_update_parts(state, x, parts, A, D, z, dt_bias, dt_proj_weight)`` -> ``y``:
+* ``selective_scan_step_parts(state, x, parts, A, D, z, dt_bias, dt_proj_weight)`` -> ``y``:
   sums the parts into ``[dt_low | B | C]`` (rounded to the model dtype, as x_proj's output is),
   then dt_proj, softplus, the state update, ``D x`` and the gate (one group).
 
@@ -43,7 +43,7 @@ import torch
 
 from ssmkit.ops.dispatch import launch_options, programmatic_launch
 
-__all__ = ["causal_conv1d_update_triton", "selective_state_update_triton"]
+__all__ = ["causal_conv1d_step_triton", "selective_scan_step_triton"]
 
 # Launch shapes (module-level so a GPU sweep can change them without editing code). Fused dt_proj:
 # (BLOCK_D channels x BLOCK_R of dt_rank) weight tiles over 4 warps, ~55-72 registers on sm_90, no
@@ -288,7 +288,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_step_triton(x, conv_state, weight, bias=None, activation=None):
     """Same contract as :func:`ssmkit.ops.conv.causal_conv1d.causal_conv1d_update` (no validation):
     ``conv_state (batch, dim, W-1)`` updated in place (any strides); ``x (batch, [T,] dim)`` read
     through its strides. Returns ``y`` of the shape of ``x``, contiguous, in ``x``'s dtype."""
@@ -315,7 +315,7 @@ def _rows_per_program(batch: int, fused_dt: bool) -> int:
     return max(1, min(SSU_FUSED["max_rows"], batch // 8))
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+def selective_scan_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                   dt_softplus=False, dt_proj_weight=None):
     """Triton form of ``selective_state_update`` (shapes normalised by the public function:
     ``x, dt, z`` ``(batch, T, dim)``, ``B, C`` ``(batch, T, G, N)``; any strides with a unit last
@@ -357,7 +357,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
 
 
 # Mamba.step asks for this: the Triton form takes dt_proj_weight (fuses dt_proj).
-selective_state_update_triton.fuses_dt_proj = True
+selective_scan_step_triton.fuses_dt_proj = True
 
 
 # -- the Mamba decode step at small batch: conv update + x_proj, then the state update ----------
@@ -368,7 +368,7 @@ CONV_PROJ = {"block_d": 256, "block_o": 32, "num_warps": 4}
 SSU_PARTS = {"block_d": 32, "num_warps": 4}
 
 
-def causal_conv1d_update_proj_reference(x, conv_state, weight, bias, activation, proj_weight):
+def causal_conv1d_step_proj_reference(x, conv_state, weight, bias, activation, proj_weight):
     """One token through the conv update, then a projection: ``x (batch, dim)`` ->
     ``(xs (batch, dim), parts (P, batch, n_out) float32)`` with ``Σ_p parts[p] = xs @ proj_weight.T``
     (``P = 1`` here; the Triton form splits the sum over channel blocks). ``conv_state`` is
@@ -379,8 +379,8 @@ def causal_conv1d_update_proj_reference(x, conv_state, weight, bias, activation,
     return xs, torch.nn.functional.linear(xs, proj_weight).float().unsqueeze(0)
 
 
-def causal_conv1d_update_proj_triton(x, conv_state, weight, bias, activation, proj_weight):
-    """Triton form of ``causal_conv1d_update_proj`` (same contract, no validation): ``x`` and
+def causal_conv1d_step_proj_triton(x, conv_state, weight, bias, activation, proj_weight):
+    """Triton form of ``causal_conv1d_step_proj`` (same contract, no validation): ``x`` and
     ``proj_weight`` need a unit last stride, ``conv_state`` any strides."""
     k = _kernels()[2]
     bsz, dim = x.shape
@@ -407,24 +407,24 @@ def _split_parts(parts: torch.Tensor, R: int, N: int, dtype: torch.dtype):
     return s[:, :R], s[:, R:R + N], s[:, R + N:R + 2 * N]
 
 
-def selective_state_update_parts_reference(state, x, parts, A, D, z, dt_bias, dt_proj_weight):
+def selective_scan_step_parts_reference(state, x, parts, A, D, z, dt_bias, dt_proj_weight):
     """One token of Mamba's state update from x_proj's split output: ``parts (P, batch, R + 2N)``
     sums to ``[dt_low | B | C]`` (rounded to ``x``'s dtype, as x_proj's output is); Δ's
     pre-activation is ``dt_proj_weight (dim, R) · dt_low`` (+ ``dt_bias``, softplus). ``state
     (batch, dim, N)`` updated in place; ``x, z (batch, dim)``; returns ``y (batch, dim)``."""
-    from ssmkit.ops.selective_scan.step import selective_state_update_step
+    from ssmkit.ops.selective_scan.step import selective_scan_step_reference
 
     R, N = dt_proj_weight.shape[1], state.shape[2]
     dt_low, B, C = _split_parts(parts, R, N, x.dtype)
     dt = torch.nn.functional.linear(dt_low, dt_proj_weight)
-    y = selective_state_update_step(state, x.unsqueeze(1), dt.unsqueeze(1), A,
+    y = selective_scan_step_reference(state, x.unsqueeze(1), dt.unsqueeze(1), A,
                                     B[:, None, None], C[:, None, None], D,
                                     None if z is None else z.unsqueeze(1), dt_bias, True)
     return y.squeeze(1)
 
 
-def selective_state_update_parts_triton(state, x, parts, A, D, z, dt_bias, dt_proj_weight):
-    """Triton form of ``selective_state_update_parts`` (same contract, no validation)."""
+def selective_scan_step_parts_triton(state, x, parts, A, D, z, dt_bias, dt_proj_weight):
+    """Triton form of ``selective_scan_step_parts`` (same contract, no validation)."""
     k = _kernels()[3]
     if state.stride(2) != 1:
         raise ValueError("state must have unit stride along N for the in-place Triton update")
