@@ -1,10 +1,11 @@
-"""Import ssmkit's op modules without running the package ``__init__`` files.
+"""Import ssmkit's op modules even when the package ``__init__`` cannot be imported.
 
-The benchmark and GPU-check programs only need a few op modules; on a shared, in-progress tree an
-unrelated half-written module imported by ``ssmkit/__init__.py`` must not stop them. ``light()``
-registers bare package objects for ``ssmkit`` and ``ssmkit.ops`` (and other listed packages) so
-that ``import ssmkit.ops.selective_scan.triton`` loads just that module and what it imports.
-Call it before importing anything from ssmkit; when the real package imports fine, use that.
+The GPU programs need only a few op modules. ``light()`` first tries the real ``import ssmkit``
+(from an install, or from the checkout this folder belongs to); if that fails, for example
+because an optional dependency of an unrelated module is missing, it registers bare package
+objects for ``ssmkit`` and ``ssmkit.ops`` (and the other listed packages), so that
+``import ssmkit.ops.selective_scan.triton`` loads just that module and what it imports. Call it
+before importing anything from ssmkit.
 """
 
 from __future__ import annotations
