@@ -21,7 +21,7 @@ def test_triton_matches_float64(shape, with_res):
     x = torch.randn(*shape, generator=g).to(dev)
     r = torch.randn(*shape, generator=g).to(dev) if with_res else None
     w = torch.randn(shape[-1], generator=g).to(dev)
-    y, h = add_rms_norm(x, r, w, 1e-5, backend="triton")
+    y, h = add_rms_norm(x, r, w, eps=1e-5, backend="triton")
     yr, hr = _ref64(x, r, w, 1e-5)
     assert y.dtype == torch.float32 and h.shape == x.shape
     assert_close("residual", hr, h, rel=1e-7)
@@ -37,14 +37,14 @@ def test_triton_bf16_rounds_like_unfused_block():
     x = torch.randn(4, 96, generator=g).to(dev, torch.bfloat16)
     r = torch.randn(4, 96, generator=g).to(dev)
     w = (1 + 0.1 * torch.randn(96, generator=g)).to(dev, torch.bfloat16)
-    y, h = add_rms_norm(x, r, w, 1e-5, torch.float32, backend="triton")
+    y, h = add_rms_norm(x, r, w, eps=1e-5, residual_dtype=torch.float32, backend="triton")
     yr, hr = add_rms_norm_reference(x, r, w, 1e-5, torch.float32)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
     assert torch.equal(h, hr)
     # within a few bf16 ulps per element (the CPU interpreter truncates to bf16 twice; GPUs round)
     assert ((y.float() - yr.float()).abs() <= 2 ** -6 * yr.float().abs() + 1e-6).all()
     # the first block: no residual yet, the embedding (bf16) becomes the float32 stream
-    y0, h0 = add_rms_norm(x, None, w, 1e-5, torch.float32, backend="triton")
+    y0, h0 = add_rms_norm(x, None, w, eps=1e-5, residual_dtype=torch.float32, backend="triton")
     assert h0.dtype == torch.float32 and torch.equal(h0, x.float())
 
 

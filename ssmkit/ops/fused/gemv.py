@@ -162,7 +162,7 @@ def norm_linear_triton(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch
 
 
 def norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, eps: float = 1e-5,
+                residual: torch.Tensor | None = None, *, eps: float = 1e-5,
                 residual_dtype: torch.dtype | None = None, backend: str = "auto"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y = x @ weight.T``, optionally after the residual add and RMSNorm of a pre-norm block.

@@ -125,7 +125,7 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, *,
                  eps: float = 1e-5, residual_dtype: torch.dtype | None = None,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + RMSNorm: ``(y, new_residual)``.
