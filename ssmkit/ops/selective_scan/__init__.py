@@ -19,7 +19,7 @@ from ssmkit.ops.selective_scan import chunked, reference, step  # noqa: F401  (r
 
 if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
     "ssmkit.ops.selective_scan.triton"
-) is not None:  # the GPU form lives in its own module, owned by the GPU kernels
+) is not None:  # the GPU form lives in its own module and imports Triton lazily
     try:
         from ssmkit.ops.selective_scan import triton as _triton  # noqa: F401
     except ImportError:  # pragma: no cover - a broken Triton install must not break the CPU path
