@@ -16,6 +16,10 @@ forms are registered only where Triton is installed; kernels compile on first us
 from __future__ import annotations
 
 from ssmkit.ops import dispatch
+from ssmkit.ops.fused.gemv import norm_linear
+from ssmkit.ops.fused.norm import add_rms_norm, rms_norm
+
+__all__ = ["register_forms", "rms_norm", "add_rms_norm", "norm_linear"]
 
 
 def register_forms() -> None:
