@@ -120,7 +120,7 @@ def step_times(batches: list[int], steps: int) -> list[dict]:
 
     from ssmkit.inference import allocate_cache
     from ssmkit.inference.cuda_graph import CUDAGraphDecoder
-    from ssmkit.inference.generate import prefill
+    from ssmkit.inference.stages import prefill
     from ssmkit.layers.mamba import Mamba
     from ssmkit.models import lm
     from ssmkit.ops import dispatch

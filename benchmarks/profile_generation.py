@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         a.out = result_path(a.out_dir, 'profile_generation', "cpu" if a.device == "cpu" else "cuda")
     use_cuda = a.device == "cuda"
     from ssmkit.inference import allocate_cache
-    from ssmkit.inference.generate import prefill
+    from ssmkit.inference.stages import prefill
 
     model = _model(a.device, a.tiny)
     ids = torch.randint(0, model.config.vocab_size - 1, (a.batch, a.prompt), device=a.device)
