@@ -4,9 +4,12 @@
     python benchmarks/ops.py --device cuda --dtype bf16 --out-dir docs/benchmarks
 """
 
+import os
 import sys
 
-from ssmkit.bench.ops import main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ssmkit
+
+from ssmkit.bench.ops import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
