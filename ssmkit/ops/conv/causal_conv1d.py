@@ -252,7 +252,7 @@ def causal_conv1d_step(
 @register("causal_conv1d_step", "reference")
 def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """The plain form of :func:`causal_conv1d_update`, without validation, ``x: (batch, T, dim)``
+    """The plain form of :func:`causal_conv1d_step`, without validation, ``x`` first: ``x: (batch, T, dim)``
     (op name ``"causal_conv1d_step"``; layers that already guarantee the shapes may call the
     dispatched form directly, since per-token Python overhead matters when decoding)."""
     T, D = x.shape[1], x.shape[2]

@@ -289,8 +289,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv1d_step_triton(x, conv_state, weight, bias=None, activation=None):
-    """Same contract as :func:`ssmkit.ops.conv.causal_conv1d.causal_conv1d_update` (no validation):
-    ``conv_state (batch, dim, W-1)`` updated in place (any strides); ``x (batch, [T,] dim)`` read
+    """The ``"triton"`` form of the op ``"causal_conv1d_step"`` (no validation; the registered forms
+    take ``x`` first): ``conv_state (batch, dim, W-1)`` updated in place (any strides); ``x (batch, [T,] dim)`` read
     through its strides. Returns ``y`` of the shape of ``x``, contiguous, in ``x``'s dtype."""
     conv_k = _kernels()[0]
     single = x.dim() == 2
@@ -317,7 +317,7 @@ def _rows_per_program(batch: int, fused_dt: bool) -> int:
 
 def selective_scan_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                   dt_softplus=False, dt_proj_weight=None):
-    """Triton form of ``selective_state_update`` (shapes normalised by the public function:
+    """Triton form of ``selective_scan_step`` (shapes normalised by the public function:
     ``x, dt, z`` ``(batch, T, dim)``, ``B, C`` ``(batch, T, G, N)``; any strides with a unit last
     stride are read in place). ``state (batch, dim, N)`` needs a unit stride along ``N``.
 

@@ -12,7 +12,7 @@ from ssmkit.ops.selective_scan._common import prepare_dt
 
 @register("selective_scan_step", "reference")
 def selective_scan_step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """Same signature and result as :func:`ssmkit.ops.selective_state_update` (no validation).
+    """Same signature and result as :func:`ssmkit.ops.selective_scan_step` (no validation).
 
     ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)`` (already normalised by the
     public function). Computes in the state's dtype (float32, or float64).
