@@ -1,10 +1,11 @@
-"""Import ssmkit's op modules without running the package ``__init__`` files.
+"""Import ssmkit's op modules even when the package ``__init__`` cannot be imported.
 
-The benchmark and GPU-check programs only need a few op modules; on a shared, in-progress tree an
-unrelated half-written module imported by ``ssmkit/__init__.py`` must not stop them. ``light()``
-registers bare package objects for ``ssmkit`` and ``ssmkit.ops`` (and other listed packages) so
-that ``import ssmkit.ops.selective_scan.triton`` loads just that module and what it imports.
-Call it before importing anything from ssmkit; when the real package imports fine, use that.
+The GPU programs need only a few op modules. ``light()`` first tries the real ``import ssmkit``
+(from an install, or from the checkout this folder belongs to); if that fails, for example
+because an optional dependency of an unrelated module is missing, it registers bare package
+objects for ``ssmkit`` and ``ssmkit.ops`` (and the other listed packages), so that
+``import ssmkit.ops.selective_scan.triton`` loads just that module and what it imports. Call it
+before importing anything from ssmkit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def light(packages=("ssmkit", "ssmkit.ops", "ssmkit.ops.selective_scan", "ssmkit.ops.conv",
+def light(packages=("ssmkit", "ssmkit.bench", "ssmkit.ops", "ssmkit.ops.selective_scan", "ssmkit.ops.conv",
                     "ssmkit.inference", "ssmkit.layers", "ssmkit.models")) -> bool:
     """Try the real ``import ssmkit``; on failure fall back to bare packages. Returns True if real."""
     if ROOT not in sys.path:

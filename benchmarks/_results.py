@@ -1,31 +1,13 @@
-"""Writing a benchmark's results: whole or not at all.
+"""Result files of the benchmark programs: :mod:`ssmkit.bench.results` (atomic JSON, card + date
+names), loaded from this checkout by its path so that it works before ``ssmkit`` is importable."""
 
-A JSON file is written to a temporary file in the same directory and renamed over the target
-(``os.replace`` is atomic on POSIX), so a run stopped half-way (a device call's time limit, say)
-never leaves a truncated file in place of an earlier one.
-"""
-
-from __future__ import annotations
-
-import json
+import importlib.util
 import os
-import tempfile
 
+_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ssmkit", "bench", "results.py")
+_spec = importlib.util.spec_from_file_location("_ssmkit_bench_results", _path)
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
 
-def write_json(path: str | os.PathLike, obj: object, indent: int = 1) -> None:
-    """``json.dump(obj)`` to ``path`` through a temporary file and a rename."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # (mkstemp makes 0600 files)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+result_path = _mod.result_path
+write_json = _mod.write_json

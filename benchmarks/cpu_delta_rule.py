@@ -68,18 +68,19 @@ def main() -> None:
     for name, gate in (("DeltaNet", None), ("Gated DeltaNet", g)):
         kw = dict(g=gate, use_qk_l2norm=True, chunk_size=args.chunk_size)
         with torch.inference_mode():
-            o_ref = delta_rule(q, k, v, beta, **kw, backend="reference")
-            o_chk = delta_rule(q, k, v, beta, **kw, backend="chunked")
+            o_ref = delta_rule(q, k, v, beta=beta, **kw, backend="reference")
+            o_chk = delta_rule(q, k, v, beta=beta, **kw, backend="chunked")
             err = rel_err(o_ref, o_chk)
-            t_ref = best_of(lambda: delta_rule(q, k, v, beta, **kw, backend="reference"), args.repeats)  # noqa: B023
-            t_chk = best_of(lambda: delta_rule(q, k, v, beta, **kw, backend="chunked"), args.repeats)  # noqa: B023
+            t_ref = best_of(lambda: delta_rule(q, k, v, beta=beta, **kw, backend="reference"), args.repeats)  # noqa: B023
+            t_chk = best_of(lambda: delta_rule(q, k, v, beta=beta, **kw, backend="chunked"), args.repeats)  # noqa: B023
 
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, beta)]
 
         def fwd_bwd(form, leaves=leaves, kw=kw):
             for t in leaves:
                 t.grad = None
-            delta_rule(*leaves, **kw, backend=form).square().mean().backward()
+            q_, k_, v_, beta_ = leaves
+            delta_rule(q_, k_, v_, beta=beta_, **kw, backend=form).square().mean().backward()
 
         tb_ref = best_of(lambda: fwd_bwd("reference"), 1)
         tb_chk = best_of(lambda: fwd_bwd("chunked"), args.repeats)

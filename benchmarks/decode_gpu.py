@@ -9,6 +9,8 @@
    small-batch step (four launches per layer) and with the unfused step, same run.
 
     python benchmarks/decode_gpu.py --out decode.json
+
+No peer library: cuBLAS (``F.linear``) is the reference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
-from _results import write_json  # noqa: E402
+from _results import result_path, write_json  # noqa: E402
 
 _light_import.light()
 
@@ -60,8 +62,9 @@ def _graph_time(fn, copies: int, reps: int = 10) -> float:
 
 
 def gemv_sweep(batch: int) -> list[dict]:
-    from ssmkit.ops import dispatch, gemv_triton
-    from ssmkit.ops.norm_triton import add_rms_norm_triton
+    from ssmkit.ops import dispatch
+    from ssmkit.ops.fused import gemv as gemv_triton
+    from ssmkit.ops.fused.norm import add_rms_norm_triton
 
     rows = []
     default = dict(gemv_triton.GEMV)
@@ -117,10 +120,12 @@ def step_times(batches: list[int], steps: int) -> list[dict]:
 
     from ssmkit.inference import allocate_cache
     from ssmkit.inference.cuda_graph import CUDAGraphDecoder
-    from ssmkit.inference.generate import prefill
+    from ssmkit.inference.stages import prefill
     from ssmkit.layers.mamba import Mamba
     from ssmkit.models import lm
-    from ssmkit.ops import decode_triton, dispatch, gemv_triton
+    from ssmkit.ops import dispatch
+    from ssmkit.ops.fused import decode as decode_triton
+    from ssmkit.ops.fused import gemv as gemv_triton
 
     model = ssmkit_model("mamba")
     saved = (Mamba.FUSED_STEP_MAX_BATCH, lm._FUSED_HEAD_MAX_BATCH, dict(gemv_triton.GEMV),
@@ -165,8 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--no-sweep", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--out-dir", default=None, help="write OUT_DIR/gpu_decode_<card>_<date>.json")
     a = p.parse_args(argv)
+    if a.out_dir and not a.out:
+        a.out = result_path(a.out_dir, 'gpu_decode', "cuda")
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(info, flush=True)

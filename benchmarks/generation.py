@@ -13,6 +13,9 @@ eager prefills. Writes JSON (``--out``).
 ``--count-launches`` (no GPU needed) prints the kernel launches of one decode step of the Mamba
 1.4B layer structure (a narrow model with the same ops) on the CUDA path, counted on CPU under the
 Triton interpreter (:func:`ssmkit.inference.launches.count_step_launches`), and exits.
+
+Peer: ``pip install mamba-ssm causal-conv1d --no-build-isolation`` (CUDA extensions built
+against the installed torch, a few minutes; needs nvcc). ``--skip peer`` times ssmkit alone.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
-from _results import write_json  # noqa: E402
+from _results import result_path, write_json  # noqa: E402
 
 _light_import.light()
 
@@ -127,13 +130,16 @@ def count_launches(n_layer: int = 48) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--out-dir", default=None, help="write OUT_DIR/gpu_generation_<card>_<date>.json")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batches", default="1,64")
     p.add_argument("--attn-prompts", default="2048,8192,32768")
     p.add_argument("--skip", default="", help="comma list of: peer, attn")
     p.add_argument("--count-launches", action="store_true", help="count decode launches on CPU and exit")
     a = p.parse_args(argv)
+    if a.out_dir and not a.out:
+        a.out = result_path(a.out_dir, 'gpu_generation', "cuda")
     if a.count_launches:
         print(json.dumps(count_launches(), indent=1))
         return 0

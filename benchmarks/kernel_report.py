@@ -25,7 +25,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssmkit.ops import decode_triton, gemv_triton  # noqa: E402
+from ssmkit.ops.fused import decode as decode_triton  # noqa: E402
+from ssmkit.ops.fused import gemv as gemv_triton  # noqa: E402
 from ssmkit.ops.selective_scan import triton_split_state as tq  # noqa: E402
 from ssmkit.ops.selective_scan import triton_split_state_bwd as tqb  # noqa: E402
 from ssmkit.ops.selective_scan import triton_tile as tk  # noqa: E402

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stall reasons, issue rate, memory throughput and shared-memory conflicts of the split-state
 # kernels of one training step, per ScanConfig override (Nsight Compute, GPU machine):
-#   bash benchmarks/ncu_bwd.sh "quad_prefetch=2" "quad_prefetch=2,bwd_quad_prefetch=2"
+#   bash benchmarks/ncu_bwd.sh "" "bwd_quad_warps=8" "state_mem_limit=0"
 M=gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
 M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__warps_active.avg.per_cycle_active
 M=$M,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum

@@ -7,6 +7,8 @@ bound by the host (Python and launch overhead), not by the GPU. Writes JSON (``-
 
     python benchmarks/profile_generation.py --batch 1 --prompt 2048 --out prof.json
     python benchmarks/profile_generation.py --device cpu --tiny   # smoke test without a GPU
+
+No peer library needed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
-from _results import write_json  # noqa: E402
+from _results import result_path, write_json  # noqa: E402
 
 _light_import.light()
 
@@ -124,11 +126,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--host", action="store_true", help="also profile the prefill's host time (cProfile)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--out-dir", default=None, help="write OUT_DIR/profile_generation_<card>_<date>.json")
     a = p.parse_args(argv)
+    if a.out_dir and not a.out:
+        a.out = result_path(a.out_dir, 'profile_generation', "cpu" if a.device == "cpu" else "cuda")
     use_cuda = a.device == "cuda"
     from ssmkit.inference import allocate_cache
-    from ssmkit.inference.generate import prefill
+    from ssmkit.inference.stages import prefill
 
     model = _model(a.device, a.tiny)
     ids = torch.randint(0, model.config.vocab_size - 1, (a.batch, a.prompt), device=a.device)

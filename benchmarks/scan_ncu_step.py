@@ -1,5 +1,5 @@
-"""One inference forward and one training step of the selective scan at the issue's shape
-(B8 D2048 N16 L2048 bf16), for Nsight Compute on the GPU machine, e.g.
+"""One inference forward and one training step of the selective scan at the reference
+training shape (B8 D2048 N16 L2048 bf16), for Nsight Compute on the GPU machine, e.g.
 
     ncu --kernel-name regex:"bwd_quad|fwd_quad" --launch-count 3 --section WarpStateStats \\
         --section MemoryWorkloadAnalysis python benchmarks/scan_ncu_step.py

@@ -1,10 +1,13 @@
 """Where the time of one selective-scan training step goes, per kernel, for several ScanConfigs.
 
-Runs forward + backward (``--fwd``: the inference forward) at B8 D2048 N16 bf16 (the issue's
-shape) under ``torch.profiler`` and prints, per configuration, the median step time (``do_bench``) and the GPU time of every kernel
+Runs forward + backward (``--fwd``: the inference forward) at B8 D2048 N16 bf16 (the
+reference shape) under ``torch.profiler`` and prints, per configuration, the median step time (``do_bench``) and the GPU time of every kernel
 per step. Writes JSON (``--out``). GPU only.
 
     python benchmarks/scan_profile.py --seqlens 2048,8192 --configs "bwd_quad=4;bwd_quad=4,seq_split=1"
+
+``--peer`` needs ``pip install mamba-ssm --no-build-isolation`` (CUDA extension built against
+the installed torch; needs nvcc).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
-from _results import write_json  # noqa: E402
+from _results import result_path, write_json  # noqa: E402
 
 _light_import.light()
 
@@ -67,8 +70,11 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="operator table of the first config")
     p.add_argument("--fwd", action="store_true",
                    help="time the inference forward (no gradient) instead of a training step")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--out-dir", default=None, help="write OUT_DIR/gpu_scan_profile_<card>_<date>.json")
     a = p.parse_args()
+    if a.out_dir and not a.out:
+        a.out = result_path(a.out_dir, 'gpu_scan_profile', "cuda")
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "ssmkit": os.path.dirname(sst.__file__)}, flush=True)
     base = sst.get_config()

@@ -3,10 +3,12 @@
 B8 D2048 N16 bf16 with z, D, dt_bias and softplus, L in {2048, 8192}: forward and
 forward+backward medians from ``triton.testing.do_bench`` (with the saved states bounded in memory
 and not), optionally a sweep of launch configurations and the batch-1 prefill shapes, the floors
-(exponentials and bytes) and the ratios. Writes JSON (``--out``).
+(exponentials and bytes) and the ratios. Writes JSON (``--out-dir``).
 
-    pip install mamba-ssm --no-build-isolation     # the peer (optional: --no-peer)
-    python benchmarks/selective_scan_gpu.py --prefill --out selective_scan_gpu.json
+    python benchmarks/selective_scan_gpu.py --prefill --out-dir docs/benchmarks
+
+Peer: ``pip install mamba-ssm --no-build-isolation`` (builds its CUDA extension against the
+installed torch, a few minutes; needs nvcc). Without it ``--no-peer`` times ssmkit alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _light_import  # noqa: E402
-from _results import write_json  # noqa: E402
+from _results import result_path, write_json  # noqa: E402
 
 _light_import.light()
 
@@ -140,7 +142,7 @@ def _warm_one(job) -> str:
 def warm_compile(cfgs: list[tuple[dict, bool]], shapes: list[tuple], workers: int = 8) -> None:
     """Compile every (configuration, shape) in parallel processes before timing anything: the
     kernels are large unrolled programs (10-30 s each to compile), and a sweep that compiles them
-    one after the other spends most of a device call compiling. Later compiles in this process
+    one after the other spends most of its time compiling. Later compiles in this process
     find them in Triton's cache."""
     import concurrent.futures
     import multiprocessing
@@ -206,7 +208,8 @@ def bench_prefill(no_peer: bool) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--out-dir", default=None, help="write OUT_DIR/gpu_selective_scan_<card>_<date>.json")
     p.add_argument("--seqlens", default="2048,8192")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--split-sweep", action="store_true",
@@ -218,6 +221,8 @@ def main(argv=None):
     p.add_argument("--prefill", action="store_true",
                    help="also time the batch-1 prefill shapes (sequence-parallel forward)")
     a = p.parse_args(argv)
+    if a.out_dir and not a.out:
+        a.out = result_path(a.out_dir, 'gpu_selective_scan', "cuda")
     bsz, dim, N = 8, 2048, 16
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,

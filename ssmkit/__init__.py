@@ -45,12 +45,10 @@ References: HiPPO (Gu et al., 2020), S4 (Gu, Goel & Ré, 2022), S4D (Gu et al., 
 2024), Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2024).
 """
 
-__version__ = "0.1.0"
+from ssmkit import ops, theory  # noqa: F401
+from ssmkit._version import __version__  # noqa: F401
 
-from ssmkit import ops, theory  # noqa: E402,F401
-
-# --- public API: models, generation, checkpoints (filled in as they land) ---
-from ssmkit.inference.generate import generate  # noqa: E402,F401
-from ssmkit.models.checkpoint import from_pretrained  # noqa: E402,F401
-from ssmkit.models.config import ModelConfig  # noqa: E402,F401
-from ssmkit.models.lm import LanguageModel  # noqa: E402,F401
+# public API: models, generation, checkpoints
+from ssmkit.inference.generate import generate  # noqa: F401
+from ssmkit.models.config import ModelConfig  # noqa: F401
+from ssmkit.models.lm import LanguageModel, from_pretrained  # noqa: F401

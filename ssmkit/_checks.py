@@ -52,9 +52,17 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on the same device, got {listing}")
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seqlen: int) -> None:
+def read_values(check: bool | None, t: torch.Tensor) -> bool:
+    """Whether an op may read its inputs' values to validate them: ``check`` when given, else only
+    for CPU tensors (on a GPU a read is a host synchronisation and breaks CUDA-graph capture)."""
+    if check is not None and not isinstance(check, bool):
+        raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
+    return check if check is not None else t.device.type == "cpu"
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seqlen: int, values: bool = True) -> None:
     """FlashAttention convention: int32/int64 1-D, starting at 0, non-decreasing, ending at seqlen,
-    with batch == 1."""
+    with batch == 1. ``values=False`` checks the type and shape only (no read of the data)."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -67,6 +75,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seqlen: int) -
         )
     if batch != 1:
         raise ValueError(f"cu_seqlens needs batch == 1 (sequences packed along seqlen), got batch {batch}")
+    if not values:
+        return
     c = cu_seqlens.detach().cpu()
     if int(c[0]) != 0 or int(c[-1]) != seqlen:
         raise ValueError(

@@ -3,8 +3,6 @@ over seqlens: forward and forward+backward medians (triton.testing.do_bench on C
 torch.utils.benchmark on CPU), peak CUDA memory, peers when installed (mamba_ssm).
 Prints a table; --out FILE.json also writes JSON and a PNG plot of time vs seqlen.
 
-Needs a source checkout (the harness lives in benchmarks/ beside the package).
-
 Examples:
   ssmkit bench --device cpu --ops selective_scan --seqlens 256,1024 --out bench/cpu.json
   ssmkit bench --device cuda --dtype bf16 --backends triton,reference
@@ -13,7 +11,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ssmkit.cli import args as A
@@ -38,15 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write JSON here (and a PNG beside it); checked before the benchmark starts")
 
 
-def _benchmarks_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(os.path.dirname(here)), "benchmarks")
-    if not os.path.isfile(os.path.join(path, "ops.py")):
-        raise A.CLIError("the benchmark harness (benchmarks/ops.py) is not beside this install; "
-                         "run `ssmkit bench` from a source checkout (pip install -e .)")
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -56,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
         A.check_output_file("--out", args.out)
         if not args.out.endswith(".json"):
             raise A.CLIError(f"--out {args.out}: expected a .json file name (the PNG goes beside it)")
-    sys.path.insert(0, _benchmarks_dir())
-    import ops  # benchmarks/ops.py
+    from ssmkit.bench import ops
 
     known = ops.registry.REGISTRY
     if args.ops and not set(args.ops) <= set(known):

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ssmkit.cli.args import CLIError, check_output_dir
-    from ssmkit.models.checkpoint import from_pretrained, save_pretrained
+    from ssmkit.models import from_pretrained, save_pretrained
     from ssmkit.models.tokenizer import HFTokenizer, load_tokenizer
 
     dst = check_output_dir("DST", args.dst)

@@ -2,8 +2,8 @@
 
 Layouts follow ``mamba_ssm`` (channels before time), so code written against
 ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` and
-``mamba_ssm.ops.triton.selective_state_update.selective_state_update`` runs unchanged on any
-device, including CPUs. Internally everything is transposed to ssmkit's ``(batch, seqlen, ...)``.
+``mamba_ssm.ops.triton.selective_state_update.selective_state_update`` (and the ``causal_conv1d``
+package's ``causal_conv1d_update``) runs unchanged on any device, including CPUs. Internally everything is transposed to ssmkit's ``(batch, seqlen, ...)``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from ssmkit._checks import check_tensor
-from ssmkit.ops.selective_scan import selective_scan
-from ssmkit.ops.selective_scan import selective_state_update as _state_update
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d_step
+from ssmkit.ops.selective_scan import selective_scan, selective_scan_step
 
-__all__ = ["selective_scan_fn", "selective_state_update"]
+__all__ = ["selective_scan_fn", "selective_state_update", "causal_conv1d_update"]
 
 
 def _bc_to_ssmkit(name: str, M: torch.Tensor, bsz: int, dim: int, L: int) -> torch.Tensor:
@@ -119,8 +119,37 @@ def selective_state_update(
     in_place = work.data_ptr() == state.data_ptr() and state.is_contiguous()
     if work.dtype not in (torch.float32, torch.float64):
         work, in_place = work.float(), False
-    y = _state_update(work, xf, dtf, Af, B, C, D=Df, z=zf, dt_bias=bf, dt_softplus=bool(dt_softplus),
+    y = selective_scan_step(work, xf, dtf, Af, B, C, D=Df, z=zf, dt_bias=bf, dt_softplus=bool(dt_softplus),
                       backend=backend)
     if not in_place:
         state.copy_(work.view(state.shape).to(state.dtype))
     return y.reshape(xshape)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | bool | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The ``causal_conv1d`` package's ``causal_conv1d_update``: ``x`` first, channels before time.
+
+    ``x: (batch, dim)`` or ``(batch, dim, seqlen)``; ``conv_state: (batch, dim, width-1)``, updated
+    in place; ``weight: (dim, width)``; ``activation``: None, ``"silu"``/``"swish"`` or a bool.
+    Returns ``y`` shaped like ``x``. ``cache_seqlens`` / ``conv_state_indices`` (a circular or
+    indexed state buffer) are not supported. ssmkit's own form: :func:`ssmkit.ops.causal_conv1d_step`
+    (state first, ``(batch, T, dim)``).
+    """
+    if cache_seqlens is not None or conv_state_indices is not None:
+        raise ValueError("cache_seqlens and conv_state_indices are not supported: pass a (batch, dim, width-1) "
+                         "conv_state in order")
+    if isinstance(activation, bool):
+        activation = "silu" if activation else None
+    check_tensor("x", x, (2, 3), desc="(batch, dim) or (batch, dim, seqlen)")
+    xs = x if x.dim() == 2 else x.transpose(1, 2)
+    y = causal_conv1d_step(conv_state, xs, weight, bias, activation=activation, backend=backend)
+    return y if x.dim() == 2 else y.transpose(1, 2)

@@ -1,6 +1,6 @@
 """Caches, sampling and generation (prefill, decode_one_token, generate)."""
 
-# --- Generation (issue 4) ---
 from ssmkit.inference.cache import InferenceCache, allocate_cache  # noqa: E402,F401
-from ssmkit.inference.generate import decode_one_token, generate, prefill  # noqa: E402,F401
+from ssmkit.inference.generate import generate  # noqa: F401
 from ssmkit.inference.sampling import sample  # noqa: E402,F401
+from ssmkit.inference.stages import decode_one_token, prefill  # noqa: F401

@@ -126,8 +126,8 @@ def generate_cuda_graph(model, input_ids: torch.Tensor, max_new_tokens: int = 32
     ``PREFILL_GRAPH_MAX_TOKENS``. The first call then costs one more host pass over the prefill.
     """
     from ssmkit.inference.cache import allocate_cache
-    from ssmkit.inference.generate import prefill
     from ssmkit.inference.sampling import sample
+    from ssmkit.inference.stages import prefill
 
     ids = input_ids.to(model.device).long()
     B, L = ids.shape
@@ -182,7 +182,7 @@ class CUDAGraphPrefill:
     """
 
     def __init__(self, model, cache, ids: torch.Tensor):
-        from ssmkit.inference.generate import prefill
+        from ssmkit.inference.stages import prefill
 
         self.model, self.cache = model, cache
         self.ids = ids.detach().clone()

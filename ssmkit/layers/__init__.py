@@ -24,7 +24,7 @@ from ssmkit.layers.state import LayerState
 
 __all__ = [
     "LayerState",
-    "S4", "S4D", "S4State",  # S4 / S4D (issue 2)
+    "S4", "S4D", "S4State",  # S4 / S4D
     "Mamba", "MambaState",  # Mamba
     "Mamba2", "Mamba2State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, DeltaNet
     "Attention", "KVCacheState", "MLP", "MoE", "RMSNorm", "RMSNormGated",  # attention, MLP, MoE, norms

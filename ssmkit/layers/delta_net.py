@@ -7,7 +7,7 @@ Data flow for ``x: (batch, seqlen, d_model)`` with H heads of key size K and val
     q, k -> L2-normalised per head; q scaled by K^-1/2
     β = sigmoid(b_proj(x))                                       write strength in (0, 1)
     gated only: g = -exp(A_log) * softplus(a_proj(x) + dt_bias)  log decay, Mamba-2 style
-    o = delta_rule(q, k, v, β, g)                                 ssmkit.ops.delta_rule
+    o = delta_rule(q, k, v, beta=β, g=g)                         ssmkit.ops.delta_rule
     o = RMSNorm(o) * silu(g_proj(x))   per head                   output norm and gate
     o_proj(o)
 
@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int
-from ssmkit.layers.mamba2 import check_mixer_inputs
 from ssmkit.layers.norm import RMSNormGated
-from ssmkit.layers.state import LayerState
+from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.delta_rule import delta_rule
 from ssmkit.ops.delta_rule.step import delta_step
@@ -158,7 +157,7 @@ class DeltaNet(nn.Module):
             beta = beta * m[..., None]
             g = None if g is None else g * m[..., None]
         o, ssm_state = delta_rule(
-            q.reshape(b, l, H, K), k.reshape(b, l, H, K), v.reshape(b, l, H, V), beta, g,
+            q.reshape(b, l, H, K), k.reshape(b, l, H, K), v.reshape(b, l, H, V), beta=beta, g=g,
             scale=self.scale, use_qk_l2norm=True, chunk_size=self.chunk_size,
             initial_state=None if state is None else state.ssm_state, return_final_state=True,
             cu_seqlens=cu_seqlens,
@@ -174,7 +173,7 @@ class DeltaNet(nn.Module):
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
         # unchecked dispatched conv update (shapes fixed by the layer), as in Mamba / Mamba-2 ``step``
-        qkv = get("causal_conv1d_update", "auto", qkv)(qkv.unsqueeze(1), state.conv_state,
+        qkv = get("causal_conv1d_step", "auto", qkv)(qkv.unsqueeze(1), state.conv_state,
                                                        self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                                        "silu").squeeze(1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)

@@ -25,15 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
-from ssmkit.layers.mamba2 import check_mixer_inputs
-from ssmkit.layers.state import LayerState
-from ssmkit.ops import (
-    custom_ops,
-    decode_triton,  # noqa: F401  (registers the fused decode forms)
-)
+from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
-from ssmkit.ops.gemv_triton import norm_linear_reference
+from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
 from ssmkit.ops.selective_scan.triton import selective_scan_triton
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
@@ -207,8 +203,7 @@ class Mamba(nn.Module):
             dt = F.softplus(dt) * mask.to(cdt)[..., None]
             dt_bias, softplus = None, False
         # The layer built every input itself (and checked x, state, cu_seqlens and mask above), so
-        # the dispatched form is called directly: the public op's check that A <= 0 reads A back
-        # from the GPU, a host sync per layer per call (A = -exp(A_log) is non-positive anyway).
+        # the dispatched form is called directly, without the public op's checks.
         # The Triton form runs as a torch.library op: torch.compile(fullgraph=True) sees one node,
         # and its backward reads the states the forward saved.
         scan = get("selective_scan", "auto", xs)
@@ -234,10 +229,10 @@ class Mamba(nn.Module):
         # decoding, the per-token Python overhead is a noticeable share of the time. Slices of the
         # projections (x | z, dt | B | C) are passed as views: the Triton forms read them in place.
         xs, z = self._split_in(self.in_proj(x_t).unsqueeze(1))  # (batch, 1, d_inner), views
-        conv_update = get("causal_conv1d_update", "auto", xs)
+        conv_update = get("causal_conv1d_step", "auto", xs)
         xs = conv_update(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        update = get("selective_state_update", "auto", xs)
+        update = get("selective_scan_step", "auto", xs)
         if getattr(update, "fuses_dt_proj", False):
             # Triton: dt_proj (dt_rank -> d_inner) runs inside the state-update kernel.
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
@@ -281,10 +276,10 @@ class Mamba(nn.Module):
         xz, residual = get("norm_linear", "auto", out)(out, self.in_proj.weight, norm_weight,
                                                       residual, eps, residual_dtype)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
-        xs, parts = get("causal_conv1d_update_proj", "auto", xs)(
+        xs, parts = get("causal_conv1d_step_proj", "auto", xs)(
             xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
             self.x_proj.weight)
-        y = get("selective_state_update_parts", "auto", xs)(
+        y = get("selective_scan_step_parts", "auto", xs)(
             state.ssm_state, xs, parts, self._A(), self.D, z, self.dt_proj.bias, self.dt_proj.weight)
         y, _ = get("norm_linear", "auto", y)(y, self.out_proj.weight)
         return residual, y

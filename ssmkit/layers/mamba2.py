@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit._checks import check_positive_int
 from ssmkit.layers.norm import RMSNormGated
-from ssmkit.layers.state import LayerState
+from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.ssd import ssd
-from ssmkit.ops.ssd.step import ssd_step
+from ssmkit.ops.ssd.step import ssd_step_one
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba2", "Mamba2State"]
@@ -41,20 +41,6 @@ class Mamba2State(LayerState):
 
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
-
-
-def check_mixer_inputs(layer: nn.Module, x, state, cu_seqlens, mask, state_cls) -> None:
-    """Shape/type checks shared by the Mamba-2 and DeltaNet layers' ``forward``."""
-    check_tensor("x", x, 3, desc=f"(batch, seqlen, d_model={layer.d_model})")
-    if x.shape[-1] != layer.d_model:
-        raise ValueError(f"x must have shape (batch, seqlen, d_model={layer.d_model}), got {tuple(x.shape)}")
-    if state is not None and not isinstance(state, state_cls):
-        raise TypeError(f"state must be a {state_cls.__name__} (from allocate_state), got {type(state).__name__}")
-    if mask is not None:
-        check_tensor("mask", mask, shape=tuple(x.shape[:2]), desc=f"(batch, seqlen) = {tuple(x.shape[:2])}",
-                     floating=False)
-        if cu_seqlens is not None:
-            raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
 
 
 class Mamba2(nn.Module):
@@ -200,11 +186,11 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, h], dim=-1)
         # The layer fixes the shapes, so the conv's unchecked dispatched form is called (as Mamba
         # does): per-token Python overhead is a noticeable share of decoding time.
-        conv_update = get("causal_conv1d_update", "auto", xBC)
+        conv_update = get("causal_conv1d_step", "auto", xBC)
         xBC = conv_update(xBC.unsqueeze(1), state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                           "silu").squeeze(1)
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        y = ssd_step(
+        y = ssd_step_one(
             state.ssm_state, xs.reshape(b, h, p), self._delta(dt), self._A(), B.reshape(b, g, n),
             C.reshape(b, g, n), D=self._D(), z=None if self.rmsnorm else z.reshape(b, h, p),
         )

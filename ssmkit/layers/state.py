@@ -11,6 +11,8 @@ import dataclasses
 
 import torch
 
+from ssmkit._checks import check_tensor
+
 
 @dataclasses.dataclass
 class LayerState:
@@ -47,3 +49,17 @@ class LayerState:
 
     def to(self, device: torch.device | str):
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+
+
+def check_mixer_inputs(layer: torch.nn.Module, x, state, cu_seqlens, mask, state_cls) -> None:
+    """Shape/type checks shared by the mixers' ``forward`` (Mamba, Mamba-2, DeltaNet)."""
+    check_tensor("x", x, 3, desc=f"(batch, seqlen, d_model={layer.d_model})")
+    if x.shape[-1] != layer.d_model:
+        raise ValueError(f"x must have shape (batch, seqlen, d_model={layer.d_model}), got {tuple(x.shape)}")
+    if state is not None and not isinstance(state, state_cls):
+        raise TypeError(f"state must be a {state_cls.__name__} (from allocate_state), got {type(state).__name__}")
+    if mask is not None:
+        check_tensor("mask", mask, shape=tuple(x.shape[:2]), desc=f"(batch, seqlen) = {tuple(x.shape[:2])}",
+                     floating=False)
+        if cu_seqlens is not None:
+            raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")

@@ -1,7 +1,6 @@
 """Model configs, blocks, the language model and checkpoint formats."""
 
-# --- Language models ---
-from ssmkit.models.checkpoint import CheckpointError, from_pretrained, save_pretrained  # noqa: E402,F401
+from ssmkit.models.checkpoint import CheckpointError, save_pretrained  # noqa: E402,F401
 from ssmkit.models.config import PRESETS, ModelConfig  # noqa: E402,F401
-from ssmkit.models.lm import LanguageModel, LMOutput  # noqa: E402,F401
+from ssmkit.models.lm import LanguageModel, LMOutput, from_pretrained  # noqa: E402,F401
 from ssmkit.models.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402,F401

@@ -11,7 +11,7 @@ to the weights' dtype first, as mamba_ssm does).
 :class:`~ssmkit.LanguageModel` runs the blocks in the carried form ``(residual, out) ->
 (residual, out)`` (:meth:`Block.forward_residual`, :meth:`Block.step_residual`): each add is
 deferred to the next norm, so ``residual + out`` and the norm are one fused kernel
-(:func:`ssmkit.ops.norm_triton.add_rms_norm`, Triton on CUDA without autograd) and the residual
+(:func:`ssmkit.ops.fused.norm.add_rms_norm`, Triton on CUDA without autograd) and the residual
 stream is read and written once per norm. Same values as the unfused form.
 """
 
@@ -30,7 +30,7 @@ from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models.config import LAYER_LETTERS, ModelConfig
 from ssmkit.ops.dispatch import get
-from ssmkit.ops.norm_triton import add_rms_norm_reference
+from ssmkit.ops.fused.norm import add_rms_norm_reference
 
 # letter -> (module, class name, ModelConfig field with its kwargs). Imported lazily: a model only
 # needs the mixers its pattern uses.

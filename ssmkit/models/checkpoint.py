@@ -268,20 +268,19 @@ def _build_empty(cls, config: ModelConfig, dtype: torch.dtype):
     return model
 
 
-def from_pretrained(path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None,
+def load_pretrained(model_cls, path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None,
                     dtype: Any = None, format: str | None = None, revision: str | None = None):
-    """Load a :class:`~ssmkit.LanguageModel` from a directory or Hugging Face repo id.
+    """Build ``model_cls(config)`` from a directory or Hugging Face repo id and load its weights
+    (:func:`ssmkit.from_pretrained` with the model class given: ``LanguageModel``).
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``), and run directories of
     ``ssmkit train``: their model files, or (runs without them) the newest ``checkpoint-<step>.pt``. ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.
     """
-    from ssmkit.models.lm import LanguageModel
-
     d = resolve_path(path_or_repo_id, revision)
     if not (d / CONFIG).exists() and _run_checkpoints(d):
-        return _from_run_checkpoint(d, device, dtype)
+        return _from_run_checkpoint(model_cls, d, device, dtype)
     cfg = read_config(d)
     fmt_name = format or detect_format(cfg)
     fmt = get_format(fmt_name)
@@ -292,7 +291,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, device: torch.device | s
             raise
         raise CheckpointError(f"{d / CONFIG}: invalid {fmt_name} config: {e}") from e
     sd, wname = read_state_dict(d)
-    model = _build_empty(LanguageModel, config, _resolve_dtype(dtype, sd))
+    model = _build_empty(model_cls, config, _resolve_dtype(dtype, sd))
     load_into(model, sd, fmt.key_in, source=str(d / wname))
     if device is not None:
         model = model.to(device)
@@ -310,10 +309,9 @@ def _run_checkpoints(d: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _from_run_checkpoint(d: Path, device, dtype):
-    """The model of the newest readable training checkpoint in run directory ``d``."""
-    from ssmkit.models.lm import LanguageModel
-
+def _from_run_checkpoint(model_cls, d: Path, device, dtype):
+    """The model (a ``model_cls``) of the newest readable training checkpoint in run directory
+    ``d``."""
     errors = []
     for f in _run_checkpoints(d):
         try:
@@ -329,7 +327,7 @@ def _from_run_checkpoint(d: Path, device, dtype):
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{f}: invalid model_config: {e}") from e
         sd = state["model"]
-        model = _build_empty(LanguageModel, config, _resolve_dtype(dtype, sd))
+        model = _build_empty(model_cls, config, _resolve_dtype(dtype, sd))
         load_into(model, sd, lambda k: k, source=str(f))
         if device is not None:
             model = model.to(device)

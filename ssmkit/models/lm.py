@@ -19,10 +19,11 @@ from ssmkit._checks import check_cu_seqlens
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models.block import Block, add_norm, build_norm
+from ssmkit.models.checkpoint import load_pretrained, save_pretrained
 from ssmkit.models.config import ModelConfig
 from ssmkit.ops.cross_entropy import linear_cross_entropy
 from ssmkit.ops.dispatch import get
-from ssmkit.ops.gemv_triton import norm_linear_reference
+from ssmkit.ops.fused.gemv import norm_linear_reference
 
 # Decode batches up to this size run the final norm inside the LM head's GEMV (Triton path).
 _FUSED_HEAD_MAX_BATCH = 1
@@ -241,12 +242,21 @@ class LanguageModel(nn.Module):
     def save_pretrained(self, path: str, format: str = "ssmkit", tokenizer: Any = None,
                         safe_serialization: bool = True) -> None:
         """Write a checkpoint directory in ``format`` "ssmkit" | "hf" | "mamba_ssm" (atomically)."""
-        from ssmkit.models.checkpoint import save_pretrained
-
         save_pretrained(self, path, format=format, tokenizer=tokenizer, safe_serialization=safe_serialization)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> LanguageModel:
-        from ssmkit.models.checkpoint import from_pretrained
+        """:func:`from_pretrained` (ssmkit, Hugging Face and mamba_ssm checkpoints)."""
+        return load_pretrained(cls, path_or_repo_id, **kwargs)
 
-        return from_pretrained(path_or_repo_id, **kwargs)
+
+def from_pretrained(path_or_repo_id: str, device: torch.device | str | None = None, dtype: Any = None,
+                    format: str | None = None, revision: str | None = None) -> LanguageModel:
+    """Load a :class:`LanguageModel` from a directory or Hugging Face repo id.
+
+    Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
+    checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
+    ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.
+    """
+    return load_pretrained(LanguageModel, path_or_repo_id, device=device, dtype=dtype, format=format,
+                           revision=revision)

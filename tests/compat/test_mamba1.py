@@ -4,7 +4,7 @@ import torch
 
 from ssmkit.compat.mamba1 import selective_scan_fn, selective_state_update
 from ssmkit.ops import selective_scan
-from ssmkit.ops import selective_state_update as ssu
+from ssmkit.ops import selective_scan_step as ssu
 from ssmkit.testing import assert_close
 
 
@@ -24,7 +24,7 @@ def test_selective_scan_fn_layout():
         B = p["B"].permute(0, 2, 1) if groups is None else p["B"].permute(0, 3, 1, 2)
         C = p["C"].permute(0, 2, 1) if groups is None else p["C"].permute(0, 3, 1, 2)
         y, h = selective_scan(p["u"].transpose(1, 2), p["delta"].transpose(1, 2), p["A"], B, C, p["D"],
-                              p["z"].transpose(1, 2), p["delta_bias"], True, return_final_state=True)
+                              p["z"].transpose(1, 2), p["delta_bias"], dt_softplus=True, return_final_state=True)
         assert_close("out", y.transpose(1, 2), out, 1e-12)
         assert_close("last", h, last, 1e-12)
         assert selective_scan_fn(**p).shape == (2, 6, 9)
@@ -68,7 +68,7 @@ def test_selective_state_update_layouts():
     flat_state = state.reshape(2, H * P, N).clone()
     want = ssu(flat_state, margs["x"].reshape(2, -1), margs["dt"].reshape(2, -1), margs["A"].reshape(-1, N),
                margs["B"], margs["C"], margs["D"].reshape(-1), margs["z"].reshape(2, -1),
-               margs["dt_bias"].reshape(-1), True)
+               margs["dt_bias"].reshape(-1), dt_softplus=True)
     got = selective_state_update(state, **margs)
     assert got.shape == (2, H, P)
     assert_close("y", want.reshape(2, H, P), got, 1e-6)

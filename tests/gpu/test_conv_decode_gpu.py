@@ -8,12 +8,12 @@ from ssmkit.testing import rel_err
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
 ct = pytest.importorskip("ssmkit.ops.conv.causal_conv1d_triton")
-from ssmkit.ops.conv.causal_conv1d import causal_conv1d_reference, causal_conv1d_update  # noqa: E402
-from ssmkit.ops.decode_triton import (  # noqa: E402
-    causal_conv1d_update_triton,
-    selective_state_update_triton,
+from ssmkit.ops.conv.causal_conv1d import causal_conv1d_reference, causal_conv1d_step  # noqa: E402
+from ssmkit.ops.fused.decode import (  # noqa: E402
+    causal_conv1d_step_triton,
+    selective_scan_step_triton,
 )
-from ssmkit.ops.selective_scan.step import selective_state_update_step  # noqa: E402
+from ssmkit.ops.selective_scan.step import selective_scan_step_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("init", [False, True])
@@ -45,8 +45,8 @@ def test_decode_kernels(T):
     st = torch.randn(bsz, dim, W - 1, device="cuda")
     st2 = st.clone()
     w, b = torch.randn(dim, W, device="cuda"), torch.randn(dim, device="cuda")
-    assert rel_err(causal_conv1d_update(x, st2, w, b, "silu", backend="reference"),
-                   causal_conv1d_update_triton(x, st, w, b, "silu")) < 1e-6
+    assert rel_err(causal_conv1d_step(st2, x, w, b, activation="silu", backend="reference"),
+                   causal_conv1d_step_triton(x, st, w, b, "silu")) < 1e-6
     assert torch.allclose(st, st2)
     s = torch.randn(bsz, dim, N, device="cuda")
     s2 = s.clone()
@@ -54,6 +54,6 @@ def test_decode_kernels(T):
     A = -torch.rand(dim, N, device="cuda") * 4
     B, C = torch.randn(bsz, T, G, N, device="cuda"), torch.randn(bsz, T, G, N, device="cuda")
     D, z, bias = torch.randn(dim, device="cuda"), torch.randn(bsz, T, dim, device="cuda"), torch.randn(dim, device="cuda")
-    y1 = selective_state_update_triton(s, x, dt, A, B, C, D, z, bias, True)
-    y2 = selective_state_update_step(s2, x, dt, A, B, C, D, z, bias, True)
+    y1 = selective_scan_step_triton(s, x, dt, A, B, C, D, z, bias, True)
+    y2 = selective_scan_step_reference(s2, x, dt, A, B, C, D, z, bias, True)
     assert rel_err(y2, y1) < 1e-5 and rel_err(s2, s) < 1e-5

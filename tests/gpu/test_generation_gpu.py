@@ -58,7 +58,7 @@ def test_fused_step_matches_pytorch_step_bf16_mamba_1_4b_layer(batch):
 
 
 def test_add_rms_norm_bf16_rounds_like_reference():
-    from ssmkit.ops.norm_triton import add_rms_norm_reference, add_rms_norm_triton
+    from ssmkit.ops.fused.norm import add_rms_norm_reference, add_rms_norm_triton
 
     x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(64, 2048, device="cuda")
@@ -72,17 +72,17 @@ def test_add_rms_norm_bf16_rounds_like_reference():
 
 
 def test_decode_kernels_batch64_d4096():
-    from ssmkit.ops.conv.causal_conv1d import causal_conv1d_update
-    from ssmkit.ops.decode_triton import causal_conv1d_update_triton, selective_state_update_triton
-    from ssmkit.ops.selective_scan.step import selective_state_update_step
+    from ssmkit.ops.conv.causal_conv1d import causal_conv1d_step
+    from ssmkit.ops.fused.decode import causal_conv1d_step_triton, selective_scan_step_triton
+    from ssmkit.ops.selective_scan.step import selective_scan_step_reference
 
     bsz, dim, N, R, W = 64, 4096, 16, 128, 4
     xz = torch.randn(bsz, 1, 2 * dim, device="cuda", dtype=torch.bfloat16)
     st = torch.randn(bsz, dim, W - 1, device="cuda", dtype=torch.bfloat16)
     st2 = st.clone()
     w, b = torch.randn(dim, W, device="cuda"), torch.randn(dim, device="cuda")
-    x = causal_conv1d_update_triton(xz[..., :dim], st, w, b, "silu")
-    xr = causal_conv1d_update(xz[..., :dim], st2, w, b, "silu", backend="reference")
+    x = causal_conv1d_step_triton(xz[..., :dim], st, w, b, "silu")
+    xr = causal_conv1d_step(st2, xz[..., :dim], w, b, activation="silu", backend="reference")
     assert rel_err(xr.float(), x.float()) < 1e-2 and torch.equal(st, st2)
     dbc = torch.randn(bsz, 1, R + 2 * N, device="cuda", dtype=torch.bfloat16)
     Wdt = (torch.randn(dim, R, device="cuda") * R ** -0.5).to(torch.bfloat16)
@@ -91,10 +91,10 @@ def test_decode_kernels_batch64_d4096():
     s = torch.randn(bsz, dim, N, device="cuda")
     s2 = s.clone()
     Bm, Cm = dbc[..., R:R + N].unsqueeze(2), dbc[..., R + N:].unsqueeze(2)
-    y = selective_state_update_triton(s, x, dbc[..., :R], A, Bm, Cm, D, xz[..., dim:], bias, True,
+    y = selective_scan_step_triton(s, x, dbc[..., :R], A, Bm, Cm, D, xz[..., dim:], bias, True,
                                       dt_proj_weight=Wdt)
     dt = torch.nn.functional.linear(dbc[..., :R], Wdt)
-    yr = selective_state_update_step(s2, x, dt, A, Bm, Cm, D, xz[..., dim:], bias, True)
+    yr = selective_scan_step_reference(s2, x, dt, A, Bm, Cm, D, xz[..., dim:], bias, True)
     assert rel_err(yr.float(), y.float()) < 1e-2 and rel_err(s2, s) < 1e-3
 
 

@@ -46,7 +46,8 @@ def _ref64(ts, cu=None, long=False):
     t64 = [t.detach().double().requires_grad_(t.requires_grad) for t in ts]
     backend = "chunked" if long else "reference"
     x, dt, A, B, C, D, z, bias, h0 = t64
-    y, hT = ss.selective_scan(x, dt, A, B, C, D, z, bias, True, h0, True, cu, backend=backend)
+    y, hT = ss.selective_scan(x, dt, A, B, C, D, z, bias, dt_softplus=True, initial_state=h0,
+                              return_final_state=True, cu_seqlens=cu, backend=backend)
     return t64, y, hT
 
 
@@ -130,7 +131,7 @@ def test_more_than_2_pow_31_elements():
     sl = slice(dim - 40, dim)
     yr = ss.selective_scan(x[1:, :, sl].double(), dt[1:, :, sl].double(), A[sl].double(),
                            B[1:].double(), C[1:].double(), D[sl].double(), z[1:, :, sl].double(),
-                           bias[sl].double(), True, backend="chunked")
+                           bias[sl].double(), dt_softplus=True, backend="chunked")
     assert rel_err(yr, y[1:, :, sl]) <= 5e-3
 
 

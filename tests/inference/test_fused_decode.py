@@ -52,7 +52,7 @@ def test_launches_per_mamba_layer():
     count_step_launches(m, cache, "triton")  # first call fills per-layer caches (A = -exp(A_log))
     c = count_step_launches(m, cache, "triton")
     n = MAMBA["n_layer"]
-    assert c["triton:selective_state_update"] == n and c["triton:causal_conv1d_update"] == n
+    assert c["triton:selective_scan_step"] == n and c["triton:causal_conv1d_step"] == n
     assert c["triton:add_rms_norm"] == n + 1
     assert sum(c.values()) <= 6 * n + 4, dict(c)
     ref = count_step_launches(m, cache)  # the CPU forms: many small ops
@@ -140,8 +140,8 @@ def test_batch1_step_is_four_launches_per_mamba_layer():
     c = count_step_launches(m, cache, "triton")
     n = MAMBA["n_layer"]
     assert c["triton:norm_linear"] == 2 * n + 1, dict(c)
-    assert c["triton:causal_conv1d_update_proj"] == n
-    assert c["triton:selective_state_update_parts"] == n
+    assert c["triton:causal_conv1d_step_proj"] == n
+    assert c["triton:selective_scan_step_parts"] == n
     assert c["triton:add_rms_norm"] == 0
     assert sum(c.values()) <= 4 * n + 3, dict(c)  # + embedding, float cast of the logits
 

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssmkit.ops import causal_conv1d, causal_conv1d_update
+from ssmkit.compat import causal_conv1d_update as compat_update
+from ssmkit.ops import causal_conv1d, causal_conv1d_step, causal_conv1d_update
 from ssmkit.testing import assert_close
 
 
@@ -32,7 +33,7 @@ def test_chunked_matches_reference(bsz, L, D, W, act, init, bias):
     outs = {}
     g = torch.randn(bsz, L, D, dtype=torch.float64)
     for be in ("reference", "chunked"):
-        y, f = causal_conv1d(x, w, b, act, s, True, backend=be)
+        y, f = causal_conv1d(x, w, b, activation=act, initial_state=s, return_final_state=True, backend=be)
         loss = (y * g).sum() + (f * torch.ones_like(f)).sum()
         params = [t for t in (x, w, b, s) if t is not None]
         grads = torch.autograd.grad(loss, params)
@@ -58,10 +59,11 @@ def test_matches_nn_conv1d():
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_split_and_carry(backend):
     x, w, b, _ = _inputs(2, 20, 3, 4, init=False)
-    y, f = causal_conv1d(x, w, b, "silu", return_final_state=True, backend=backend)
+    y, f = causal_conv1d(x, w, b, activation="silu", return_final_state=True, backend=backend)
     for cut in (0, 1, 2, 7, 19, 20):
-        y1, f1 = causal_conv1d(x[:, :cut], w, b, "silu", return_final_state=True, backend=backend)
-        y2, f2 = causal_conv1d(x[:, cut:], w, b, "silu", f1, True, backend=backend)
+        y1, f1 = causal_conv1d(x[:, :cut], w, b, activation="silu", return_final_state=True, backend=backend)
+        y2, f2 = causal_conv1d(x[:, cut:], w, b, activation="silu", initial_state=f1, return_final_state=True,
+                               backend=backend)
         assert_close("y", y, torch.cat([y1, y2], 1), 1e-12)
         assert_close("final", f, f2, 1e-12)
 
@@ -74,23 +76,33 @@ def test_packed_equals_separate(backend):
     xs = [torch.randn(1, n, D, dtype=torch.float64) for n in lens]
     inits = torch.randn(len(lens), D, W - 1, dtype=torch.float64)
     cu = torch.tensor([0, 3, 4, 10, 12], dtype=torch.int32)
-    y, f = causal_conv1d(torch.cat(xs, 1), w, b, "silu", inits, True, cu, backend=backend)
+    y, f = causal_conv1d(torch.cat(xs, 1), w, b, activation="silu", initial_state=inits, return_final_state=True,
+                         cu_seqlens=cu, backend=backend)
     for i, xi in enumerate(xs):
-        yi, fi = causal_conv1d(xi, w, b, "silu", inits[i : i + 1], True, backend=backend)
+        yi, fi = causal_conv1d(xi, w, b, activation="silu", initial_state=inits[i : i + 1], return_final_state=True,
+                               backend=backend)
         assert_close(f"y{i}", yi, y[:, cu[i] : cu[i + 1]], 1e-12)
         assert_close(f"f{i}", fi, f[i : i + 1], 1e-12)
 
 
 def test_update_matches_forward():
     x, w, b, s = _inputs(2, 9, 3, 4)
-    y, f = causal_conv1d(x, w, b, "silu", s, True)
+    y, f = causal_conv1d(x, w, b, activation="silu", initial_state=s, return_final_state=True)
     state = s.clone()
-    ys = [causal_conv1d_update(x[:, 0], state, w, b, "silu")]
-    ys.append(causal_conv1d_update(x[:, 1:5], state, w, b, "silu"))
-    ys += [causal_conv1d_update(x[:, t], state, w, b, "silu") for t in range(5, 9)]
+    ys = [causal_conv1d_step(state, x[:, 0], w, b, activation="silu")]
+    ys.append(causal_conv1d_step(state, x[:, 1:5], w, b, activation="silu"))
+    ys += [causal_conv1d_step(state, x[:, t], w, b, activation="silu") for t in range(5, 7)]
+    with pytest.warns(DeprecationWarning, match="causal_conv1d_step"):  # the old name: x first
+        ys.append(causal_conv1d_update(x[:, 7], state, w, b, "silu"))
+    ys.append(compat_update(x[:, 8], state, w, b, "silu"))  # the causal_conv1d package's order, no warning
     got = torch.cat([ys[0][:, None], ys[1]] + [t[:, None] for t in ys[2:]], 1)
     assert_close("y", y, got, 1e-12)
     assert_close("state", f, state, 1e-12)
+    # compat with several tokens: channels before time, as in the causal_conv1d package
+    state = s.clone()
+    yc = compat_update(x.transpose(1, 2), state, w, b, True)
+    assert_close("compat y", y, yc.transpose(1, 2), 1e-12)
+    assert_close("compat state", f, state, 1e-12)
 
 
 def test_width_one():
@@ -99,7 +111,7 @@ def test_width_one():
     assert f.shape == (1, 2, 0)
     assert_close("y", x * w[:, 0] + b, y, 1e-12)
     st0 = torch.zeros(1, 2, 0, dtype=torch.float64)
-    assert_close("upd", y[:, 0], causal_conv1d_update(x[:, 0], st0, w, b), 1e-12)
+    assert_close("upd", y[:, 0], causal_conv1d_step(st0, x[:, 0], w, b), 1e-12)
 
 
 def test_bad_input():
@@ -120,7 +132,7 @@ def test_bad_input():
     with pytest.raises(TypeError, match="x"):
         causal_conv1d(x.long(), w)
     with pytest.raises(ValueError, match="conv_state"):
-        causal_conv1d_update(x[:, 0], torch.zeros(2, 3, 2), w)
+        causal_conv1d_step(torch.zeros(2, 3, 2), x[:, 0], w)
 
 
 
@@ -133,7 +145,7 @@ def test_chunked_no_grad_path_matches_reference(bsz, L, D, W, act, init, bias):
     x, w, b, s = _inputs(bsz, L, D, W, init=init)
     b = b if bias else None
     with torch.no_grad():
-        ry, rf = causal_conv1d(x, w, b, act, s, True, backend="reference")
-        cy, cf = causal_conv1d(x, w, b, act, s, True, backend="chunked")
+        ry, rf = causal_conv1d(x, w, b, activation=act, initial_state=s, return_final_state=True, backend="reference")
+        cy, cf = causal_conv1d(x, w, b, activation=act, initial_state=s, return_final_state=True, backend="chunked")
     assert_close("y", ry, cy, 1e-12)
     assert_close("final", rf, cf, 1e-12)

@@ -102,7 +102,7 @@ def test_gradcheck_tiny(form):
     vals = [{**inp, **kw}[n].clone().requires_grad_(True) for n in names]
 
     def f(q, k, v, beta, g, s0):
-        return delta_rule(q, k, v, beta, g, use_qk_l2norm=True, chunk_size=2, initial_state=s0,
+        return delta_rule(q, k, v, beta=beta, g=g, use_qk_l2norm=True, chunk_size=2, initial_state=s0,
                           return_final_state=True, backend=form)
 
     assert torch.autograd.gradcheck(f, vals, fast_mode=True)
@@ -116,15 +116,17 @@ def test_stability_strong_decay_and_65536_tokens_float32():
     # log decay per step between -30 and 0
     g = torch.where(torch.rand(1, l, h, generator=gen) < 0.5, torch.tensor(-30.0), torch.tensor(-1e-4))
     leaves = [t.requires_grad_(True) for t in (q, k, v, beta, g)]
-    o, s = delta_rule(*leaves, use_qk_l2norm=True, chunk_size=64, return_final_state=True)
+    o, s = delta_rule(*leaves[:3], beta=leaves[3], g=leaves[4], use_qk_l2norm=True, chunk_size=64,
+                      return_final_state=True)
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     (o.square().mean() + s.square().sum()).backward()
     for name, t in zip("q k v beta g".split(), leaves):
         assert torch.isfinite(t.grad).all(), f"d{name} has non-finite values"
     sl = slice(0, 200)
     args = [t.detach()[:, sl].double() for t in leaves]
-    assert_close("strong decay", delta_rule(*args, use_qk_l2norm=True, backend="reference"),
-                 delta_rule(*args, use_qk_l2norm=True, chunk_size=64, backend="chunked"), rel=1e-10)
+    bg = dict(beta=args[3], g=args[4])
+    assert_close("strong decay", delta_rule(*args[:3], **bg, use_qk_l2norm=True, backend="reference"),
+                 delta_rule(*args[:3], **bg, use_qk_l2norm=True, chunk_size=64, backend="chunked"), rel=1e-10)
 
 
 @pytest.mark.parametrize("form", ["reference", "chunked"])
@@ -164,10 +166,28 @@ def test_step_repeated_equals_forward(gated):
     inp, kw = make_inputs(2, 11, 3, 4, 5, gated=gated)
     o, s = delta_rule(**inp, **kw, use_qk_l2norm=True, scale=0.5, return_final_state=True)
     state = kw["initial_state"].clone()
-    outs = [delta_rule_step(state, *(None if t is None else t[:, i] for t in inp.values()), scale=0.5,
+    outs = [delta_rule_step(state, **{n: None if t is None else t[:, i] for n, t in inp.items()}, scale=0.5,
                             use_qk_l2norm=True) for i in range(11)]
     assert_close("step outputs", o, torch.stack(outs, 1), rel=1e-12)
     assert_close("step state", s, state, rel=1e-12)
+    # T >= 1 tokens per call: 4 + 7 tokens give the same outputs and state
+    state2 = kw["initial_state"].clone()
+    parts = [delta_rule_step(state2, **{n: None if t is None else t[:, a:e] for n, t in inp.items()}, scale=0.5,
+                             use_qk_l2norm=True, backend="reference") for a, e in ((0, 4), (4, 11))]
+    assert_close("T-token step outputs", o, torch.cat(parts, 1), rel=1e-12)
+    assert_close("T-token step state", s, state2, rel=1e-12)
+
+
+def test_positional_beta_g_warn_and_still_work():
+    inp, kw = make_inputs(1, 6, 2, 3, 3, gated=True)
+    want = delta_rule(**inp, use_qk_l2norm=True)
+    with pytest.warns(DeprecationWarning, match="beta= and g="):
+        got = delta_rule(inp["q"], inp["k"], inp["v"], inp["beta"], inp["g"], None, True)
+    assert_close("positional", want, got, rel=1e-12)
+    with pytest.raises(TypeError, match="multiple values"), pytest.warns(DeprecationWarning):
+        delta_rule(inp["q"], inp["k"], inp["v"], inp["beta"], beta=inp["beta"])
+    with pytest.raises(TypeError, match="beta"):
+        delta_rule(inp["q"], inp["k"], inp["v"])
 
 
 def test_registered_forms():
@@ -178,23 +198,23 @@ def test_bad_inputs_raise_clear_errors():
     inp, _ = make_inputs(1, 6, 2, 3, 4)
     q, k, v, beta, g = inp.values()
     with pytest.raises(ValueError, match="k must have shape"):
-        delta_rule(q, k[..., :2], v, beta)
+        delta_rule(q, k[..., :2], v, beta=beta)
     with pytest.raises(ValueError, match="v must have shape"):
-        delta_rule(q, k, v[:, :, :1], beta)
+        delta_rule(q, k, v[:, :, :1], beta=beta)
     with pytest.raises(ValueError, match="beta must have shape"):
-        delta_rule(q, k, v, beta[..., :1])
+        delta_rule(q, k, v, beta=beta[..., :1])
     with pytest.raises(ValueError, match="g must have shape"):
-        delta_rule(q, k, v, beta, g[:, :3])
+        delta_rule(q, k, v, beta=beta, g=g[:, :3])
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        delta_rule(q, k, v, beta, chunk_size=-1)
+        delta_rule(q, k, v, beta=beta, chunk_size=-1)
     with pytest.raises(ValueError, match="scale must be a positive number"):
-        delta_rule(q, k, v, beta, scale=0)
+        delta_rule(q, k, v, beta=beta, scale=0)
     with pytest.raises(ValueError, match=r"initial_state must have shape \(batch=1, H=2, K=3, V=4\)"):
-        delta_rule(q, k, v, beta, initial_state=torch.zeros(1, 2, 4, 3, dtype=q.dtype))
+        delta_rule(q, k, v, beta=beta, initial_state=torch.zeros(1, 2, 4, 3, dtype=q.dtype))
     with pytest.raises(ValueError, match="q must have 4 dimensions"):
-        delta_rule(q[0], k, v, beta)
+        delta_rule(q[0], k, v, beta=beta)
     with pytest.raises(ValueError, match="cu_seqlens needs batch == 1"):
         delta_rule(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
-                   beta.expand(2, -1, -1), cu_seqlens=torch.tensor([0, 6]))
+                   beta=beta.expand(2, -1, -1), cu_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="state must have shape"):
-        delta_rule_step(torch.zeros(1, 2, 3, 3, dtype=q.dtype), q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
+        delta_rule_step(torch.zeros(1, 2, 3, 3, dtype=q.dtype), q[:, 0], k[:, 0], v[:, 0], beta=beta[:, 0])

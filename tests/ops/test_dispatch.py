@@ -41,3 +41,21 @@ def test_programmatic_launch_only_on_cuda():
     assert dispatch.programmatic_launch(torch.zeros(1)) is False
     assert dispatch.launch_options(False) == {}
     assert dispatch.launch_options(True) == {"launch_pdl": True}
+
+
+def test_fused_forms_registered_explicitly_not_on_import():
+    """The fused kernel modules call no ``register`` (importing them has no side effect); the
+    forms come from ssmkit.ops.fused.register_forms(), which ssmkit.ops calls once."""
+    import ast
+    import pathlib
+
+    import ssmkit.ops.fused as fused
+
+    folder = pathlib.Path(fused.__file__).parent
+    for name in ("decode.py", "gemv.py", "norm.py"):
+        tree = ast.parse((folder / name).read_text())
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and getattr(n.func, "id", getattr(n.func, "attr", None)) == "register"]
+        assert not calls, f"{name} registers forms on import"
+    for op in ("add_rms_norm", "norm_linear", "causal_conv1d_step_proj", "selective_scan_step_parts"):
+        assert "reference" in dispatch.available(op), op

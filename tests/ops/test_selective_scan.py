@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmkit.ops import selective_scan, selective_state_update
+from ssmkit.ops import selective_scan, selective_scan_step, selective_state_update
 from ssmkit.ops.dispatch import available
 from ssmkit.ops.selective_scan import chunked as chunked_mod
 from ssmkit.testing import assert_close
@@ -71,7 +71,7 @@ def chunk(request):
 
 def test_forms_registered():
     assert {"reference", "chunked"} <= set(available("selective_scan"))
-    assert "reference" in available("selective_state_update")
+    assert "reference" in available("selective_scan_step")
 
 
 @settings(max_examples=30)
@@ -156,11 +156,11 @@ def test_step_matches_forward_10k_tokens():
     L, dim, N = 10_000, 3, 4
     inp = make(1, L, dim, N, G=None, dtype=torch.float32, init=False)
     y, h = selective_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
-                          True, return_final_state=True)
+                          dt_softplus=True, return_final_state=True)
     state = torch.zeros(1, dim, N)
     x, dt, B, C, z = (inp[k][0] for k in ("x", "dt", "B", "C", "z"))
-    ys = [selective_state_update(state, x[t : t + 1], dt[t : t + 1], inp["A"], B[t : t + 1], C[t : t + 1],
-                                 inp["D"], z[t : t + 1], inp["dt_bias"], True) for t in range(L)]
+    ys = [selective_scan_step(state, x[t : t + 1], dt[t : t + 1], inp["A"], B[t : t + 1], C[t : t + 1],
+                              inp["D"], z[t : t + 1], inp["dt_bias"], dt_softplus=True) for t in range(L)]
     assert_close("y", y[0], torch.cat(ys), 1e-5)
     assert_close("state", h, state, 1e-5)
 
@@ -169,10 +169,11 @@ def test_state_update_several_tokens_and_groups():
     inp = make(2, 6, 6, 5, G=3, init=True)
     y, h, _ = run(inp, "reference", grads=False)
     state = inp["initial_state"].clone()
-    y1 = selective_state_update(state, inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0],
-                                inp["D"], inp["z"][:, 0], inp["dt_bias"], True)
-    y2 = selective_state_update(state, inp["x"][:, 1:], inp["dt"][:, 1:], inp["A"], inp["B"][:, 1:],
-                                inp["C"][:, 1:], inp["D"], inp["z"][:, 1:], inp["dt_bias"], True)
+    y1 = selective_scan_step(state, inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0],
+                             inp["D"], inp["z"][:, 0], inp["dt_bias"], dt_softplus=True)
+    with pytest.warns(DeprecationWarning, match="selective_scan_step"):  # the old name, positional options
+        y2 = selective_state_update(state, inp["x"][:, 1:], inp["dt"][:, 1:], inp["A"], inp["B"][:, 1:],
+                                    inp["C"][:, 1:], inp["D"], inp["z"][:, 1:], inp["dt_bias"], True)
     assert_close("y", y, torch.cat([y1[:, None], y2], 1), 1e-12)
     assert_close("state", h, state, 1e-12)
 
@@ -181,7 +182,7 @@ def test_state_update_several_tokens_and_groups():
 def test_half_inputs_keep_float32_state(dtype):
     inp = make(1, 9, 4, 3, dtype=dtype)
     y, h = selective_scan(inp["x"], inp["dt"], inp["A"].float(), inp["B"], inp["C"], inp["D"], inp["z"],
-                          inp["dt_bias"], True, inp["initial_state"], True)
+                          inp["dt_bias"], dt_softplus=True, initial_state=inp["initial_state"], return_final_state=True)
     assert y.dtype == dtype and h.dtype == torch.float32
     ref = run({k: (v.float() if v is not None else None) for k, v in inp.items()}, "reference", grads=False)
     assert_close("y", ref[0], y.float(), 1e-2)
@@ -240,11 +241,11 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="device"):
             call(A=A.cuda())
     with pytest.raises(ValueError, match="state"):
-        selective_state_update(torch.zeros(2, 4, 2), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+        selective_scan_step(torch.zeros(2, 4, 2), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     with pytest.raises(TypeError, match="state"):
-        selective_state_update(torch.zeros(2, 4, 3, dtype=torch.bfloat16), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+        selective_scan_step(torch.zeros(2, 4, 3, dtype=torch.bfloat16), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     with pytest.raises(ValueError, match="dt"):
-        selective_state_update(torch.zeros(2, 4, 3), x[:, 0], dt[:, 0, :2], A, B[:, 0], C[:, 0])
+        selective_scan_step(torch.zeros(2, 4, 3), x[:, 0], dt[:, 0, :2], A, B[:, 0], C[:, 0])
 
 
 def test_mixed_devices_error():
@@ -252,3 +253,26 @@ def test_mixed_devices_error():
     inp = make(1, 3, 2, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="same device"):
         selective_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], D=torch.ones(2, device="meta"))
+
+
+def test_value_checks_only_on_cpu_or_when_asked():
+    """A > 0 and unsorted cu_seqlens are found by reading the data: done for CPU tensors (check=None)
+    and with check=True; check=False skips the reads (what GPU tensors get by default)."""
+    inp = make(1, 5, 4, 3, G=None, dtype=torch.float32)
+    x, dt, B, C = (inp[k] for k in ("x", "dt", "B", "C"))
+    A_pos = inp["A"].abs() + 0.1
+    with pytest.raises(ValueError, match="non-positive"):
+        selective_scan(x, dt, A_pos, B, C)
+    with pytest.raises(ValueError, match="non-positive"):
+        selective_scan(x, dt, A_pos, B, C, check=True)
+    selective_scan(x, dt, A_pos, B, C, check=False)  # no read of A: runs
+    with pytest.raises(ValueError, match="sorted"):
+        selective_scan(x, dt, inp["A"], B, C, cu_seqlens=torch.tensor([0, 4, 2, 5]), check=True)
+    with pytest.raises(TypeError, match="check"):
+        selective_scan(x, dt, inp["A"], B, C, check="yes")
+
+
+def test_options_are_keyword_only():
+    inp = make(1, 3, 2, 2, dtype=torch.float32)
+    with pytest.raises(TypeError):
+        selective_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], None, None, None, True)

@@ -126,8 +126,8 @@ def test_dispatch_and_public_op():
     assert "triton" in dispatch.available("selective_scan")
     ts = _inputs(1, 6, 8, 4, 1, torch.float64)
     x, dt, A, B, C, D, z, bias, h0 = ts
-    y = selective_scan(x, dt, A, B, C, D, z, bias, True, h0, backend="triton")
-    yr = selective_scan(x, dt, A, B, C, D, z, bias, True, h0, backend="reference")
+    y = selective_scan(x, dt, A, B, C, D, z, bias, dt_softplus=True, initial_state=h0, backend="triton")
+    yr = selective_scan(x, dt, A, B, C, D, z, bias, dt_softplus=True, initial_state=h0, backend="reference")
     assert_close("y", yr, y, rel=1e-10)
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssmkit.ops import dispatch
-from ssmkit.ops.ssd import ssd, ssd_state_update
+from ssmkit.ops.ssd import ssd, ssd_state_update, ssd_step
 from ssmkit.testing import assert_close
 
 FORMS = ("quadratic", "chunked")
@@ -210,12 +210,21 @@ def test_state_update_repeated_equals_forward(d_kind):
     y, hT = ssd(**inp, **kw, return_final_state=True, backend="chunked")
     state = kw["initial_state"].clone()
     ys = []
-    for t in range(l):
-        ys.append(ssd_state_update(state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
-                                   D=kw["D"], z=kw["z"][:, t], dt_bias=kw["dt_bias"], dt_softplus=True,
-                                   dt_limit=(0.01, 1.5)))
-    assert_close("step outputs", y, torch.stack(ys, 1), rel=1e-12)
+    for t in range(l - 4):
+        ys.append(ssd_step(state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
+                           D=kw["D"], z=kw["z"][:, t], dt_bias=kw["dt_bias"], dt_softplus=True,
+                           dt_limit=(0.01, 1.5)))
+    # the last 4 tokens in one call (T >= 1)
+    last = slice(l - 4, l)
+    y_last = ssd_step(state, inp["x"][:, last], inp["dt"][:, last], inp["A"], inp["B"][:, last], inp["C"][:, last],
+                      D=kw["D"], z=kw["z"][:, last], dt_bias=kw["dt_bias"], dt_softplus=True,
+                      dt_limit=(0.01, 1.5), backend="reference")
+    assert_close("step outputs", y, torch.cat([torch.stack(ys, 1), y_last], 1), rel=1e-12)
     assert_close("step state", hT, state, rel=1e-12)
+    # the deprecated name, options positional, still works (one token)
+    with pytest.warns(DeprecationWarning, match="ssd_step"):
+        ssd_state_update(state.clone(), inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0],
+                         kw["D"], kw["z"][:, 0], kw["dt_bias"], True, (0.01, 1.5))
 
 
 def test_half_inputs_keep_float32_state():
@@ -257,4 +266,4 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at seqlen"):
         ssd(x, dt, A, B, C, cu_seqlens=torch.tensor([0, 3, 5]))
     with pytest.raises(ValueError, match="state must have shape"):
-        ssd_state_update(torch.zeros(1, 4, 2, 2), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+        ssd_step(torch.zeros(1, 4, 2, 2), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])

@@ -19,7 +19,7 @@ def to_model_config(cfg: dict) -> ModelConfig:
 
 
 def from_model_config(config: ModelConfig) -> dict[str, Any]:
-    from ssmkit import __version__
+    from ssmkit._version import __version__
 
     return {"model_type": "ssmkit", "ssmkit_version": __version__, **config.to_dict()}
 

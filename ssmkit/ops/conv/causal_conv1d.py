@@ -24,14 +24,15 @@ through autograd and registered under the op name ``"causal_conv1d"``.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ssmkit._checks import check_cu_seqlens, check_same_device, check_tensor
+from ssmkit._checks import check_cu_seqlens, check_same_device, check_tensor, read_values
 from ssmkit.ops.dispatch import get, register
 
-__all__ = ["causal_conv1d", "causal_conv1d_update"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_update"]
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -153,11 +154,13 @@ def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise convolution over time.
 
@@ -171,7 +174,11 @@ def causal_conv1d(
             ``cu_seqlens``), the inputs preceding the sequence; zeros if None.
         return_final_state: also return the last ``width-1`` inputs ``(batch, dim, width-1)``.
         cu_seqlens: ``(num_seqs + 1,)`` int32/int64 cumulative lengths (batch must be 1).
-        backend: ``"auto" | "reference" | "chunked"``.
+        backend: ``"auto" | "reference" | "chunked" | "triton"``.
+        check: also check ``cu_seqlens``' values; None: only for CPU tensors (reading GPU data
+            synchronises with the host).
+
+    Every argument after ``bias`` is keyword-only.
 
     Returns:
         ``y`` ``(batch, seqlen, dim)`` and, if asked, the final state.
@@ -186,7 +193,7 @@ def causal_conv1d(
         raise ValueError("weight width must be >= 1")
     check_tensor("bias", bias, shape=(D,), desc=f"(dim={D},)", allow_none=True)
     _check_activation(activation)
-    check_cu_seqlens(cu_seqlens, bsz, L)
+    check_cu_seqlens(cu_seqlens, bsz, L, read_values(check, x))
     nstate = bsz if cu_seqlens is None else cu_seqlens.numel() - 1
     check_tensor("initial_state", initial_state, shape=(nstate, D, W - 1),
                  desc=f"({'num_seqs' if cu_seqlens is not None else 'batch'}={nstate}, dim={D}, width-1={W - 1})",
@@ -196,22 +203,32 @@ def causal_conv1d(
     return fn(x, weight, bias, activation, initial_state, return_final_state, cu_seqlens)
 
 
-def causal_conv1d_update(
-    x: torch.Tensor,
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend="auto"):
+    """Deprecated: :func:`causal_conv1d_step` takes the state first (``mamba_ssm``'s argument order
+    stays in :func:`ssmkit.compat.causal_conv1d_update`)."""
+    warnings.warn("ssmkit.ops.causal_conv1d_update is deprecated: use causal_conv1d_step(conv_state, x, "
+                  "weight, bias, activation=...) or ssmkit.compat.causal_conv1d_update",
+                  DeprecationWarning, stacklevel=2)
+    return causal_conv1d_step(conv_state, x, weight, bias, activation=activation, backend=backend)
+
+
+def causal_conv1d_step(
     conv_state: torch.Tensor,
+    x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
     activation: str | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Decode: convolve new token(s) against ``conv_state`` and shift it in place.
+    """Decode: convolve T >= 1 new tokens against ``conv_state`` and shift it in place.
 
     Args:
-        x: ``(batch, dim)`` one token, or ``(batch, T, dim)`` several.
         conv_state: ``(batch, dim, width-1)``, the last inputs (oldest first); updated in place.
+        x: ``(batch, dim)`` one token, or ``(batch, T, dim)`` several.
         weight: ``(dim, width)``; bias: ``(dim,)`` or None; activation: None or ``"silu"``.
-        backend: form of the op ``"causal_conv1d_update"`` (registered forms get
-            ``x: (batch, T, dim)``).
+        backend: form of the op ``"causal_conv1d_step"``: ``"auto" | "reference" | "triton"``
+            (registered forms get ``x: (batch, T, dim)``).
 
     Returns:
         ``y`` with the shape of ``x``.
@@ -228,15 +245,15 @@ def causal_conv1d_update(
     check_tensor("bias", bias, shape=(D,), desc=f"(dim={D},)", allow_none=True)
     _check_activation(activation)
     check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
-    y = get("causal_conv1d_update", backend, x)(x3, conv_state, weight, bias, activation)
+    y = get("causal_conv1d_step", backend, x)(x3, conv_state, weight, bias, activation)
     return y.squeeze(1) if single else y
 
 
-@register("causal_conv1d_update", "reference")
+@register("causal_conv1d_step", "reference")
 def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """The plain form of :func:`causal_conv1d_update`, without validation, ``x: (batch, T, dim)``
-    (op name ``"causal_conv1d_update"``; layers that already guarantee the shapes may call the
+    """The plain form of :func:`causal_conv1d_step`, without validation, ``x`` first: ``x: (batch, T, dim)``
+    (op name ``"causal_conv1d_step"``; layers that already guarantee the shapes may call the
     dispatched form directly, since per-token Python overhead matters when decoding)."""
     T, D = x.shape[1], x.shape[2]
     W = weight.shape[1]
@@ -259,11 +276,10 @@ def conv_update_unchecked(x: torch.Tensor, conv_state: torch.Tensor, weight: tor
     return y
 
 
-# The Triton forms (("causal_conv1d", "triton") and decode_triton's decode ops) register
-# themselves on import; they are optional, so a missing or broken Triton leaves the CPU forms.
+# The Triton form ("causal_conv1d", "triton") registers itself on import; it is optional, so a
+# missing or broken Triton leaves the CPU forms. (The step's Triton form: ssmkit.ops.fused.)
 if importlib.util.find_spec("triton") is not None:
     try:
-        from ssmkit.ops import decode_triton  # noqa: E402,F401
         from ssmkit.ops.conv import causal_conv1d_triton  # noqa: E402,F401
     except ImportError:  # pragma: no cover
         pass

@@ -69,7 +69,7 @@ def fftconv_fft(u: torch.Tensor, K: torch.Tensor, D: torch.Tensor | None = None)
 
 
 def fftconv(
-    u: torch.Tensor, K: torch.Tensor, D: torch.Tensor | None = None, backend: str = "auto"
+    u: torch.Tensor, K: torch.Tensor, D: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> torch.Tensor:
     """Causal convolution ``y = K * u + D u``; see the module docstring for shapes."""
     check_tensor("u", u, desc="(batch, seqlen, *channels)")

@@ -78,7 +78,7 @@ def ssm_kernel_diag_vandermonde(log_Abar: torch.Tensor, W: torch.Tensor, L: int)
     return K.transpose(-1, -2)
 
 
-def ssm_kernel_diag(log_Abar: torch.Tensor, W: torch.Tensor, L: int, backend: str = "auto") -> torch.Tensor:
+def ssm_kernel_diag(log_Abar: torch.Tensor, W: torch.Tensor, L: int, *, backend: str = "auto") -> torch.Tensor:
     """Kernel of a diagonal SSM; see the module docstring. Returns ``(*lead, L, H)`` complex."""
     check_tensor("log_Abar", log_Abar, 2, desc="(H, N)")
     check_tensor("W", W, desc="(*lead, H, N)")
@@ -180,6 +180,7 @@ def ssm_kernel_dplr(
     C: torch.Tensor,
     dt: torch.Tensor,
     L: int,
+    *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Kernel of a bilinear-discretised DPLR SSM; see the module docstring.

@@ -2,17 +2,25 @@
 ``delta_rule_step``.
 
 Forms registered under op name ``"delta_rule"``: ``reference`` (recurrence) and ``chunked``
-(WY / UT transform). See README.md.
+(WY / UT transform); ``"delta_rule_step"``: ``reference``. See README.md.
+
+``beta`` and ``g`` are keyword-only: flash-linear-attention's ``chunk_gated_delta_rule`` takes
+``(q, k, v, g, beta)``, and both have the shape ``(batch, seqlen, H)``, so a positional port would
+swap them silently. A positional call still works for now, with a ``DeprecationWarning``;
+:func:`ssmkit.compat.chunk_gated_delta_rule` keeps fla's order.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor
+from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, read_values
 from ssmkit.ops import dispatch
 from ssmkit.ops.delta_rule import chunked, reference  # noqa: F401  (registers the forms)
 from ssmkit.ops.delta_rule.step import delta_step
+from ssmkit.ops.dispatch import register
 
 __all__ = ["delta_rule", "delta_rule_step"]
 
@@ -35,10 +43,104 @@ def _check_scale(scale):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
 
 
+_RULE_DEFAULTS = dict(beta=None, g=None, scale=None, use_qk_l2norm=False, chunk_size=64, initial_state=None,
+                     return_final_state=False, cu_seqlens=None, backend="auto")
+_STEP_DEFAULTS = dict(beta=None, g=None, scale=None, use_qk_l2norm=False)
+
+
+def _legacy_positional(fn_name: str, args: tuple, opts: dict, defaults: dict) -> dict:
+    """Map the old positional ``(beta, g, ...)`` onto the keywords, with a DeprecationWarning."""
+    names = list(defaults)
+    if len(args) > len(names):
+        raise TypeError(f"{fn_name}() got {len(args)} positional arguments after the tensors; "
+                        f"at most {len(names)} ({', '.join(names)}), and those by keyword")
+    warnings.warn(f"{fn_name}: pass beta= and g= (and the options) by keyword; positional beta, g are "
+                  "deprecated (flash-linear-attention orders them g, beta)", DeprecationWarning, stacklevel=3)
+    for name, val in zip(names, args):
+        if opts[name] is not defaults[name]:
+            raise TypeError(f"{fn_name}() got multiple values for argument {name!r}")
+        opts[name] = val
+    return opts
+
+
+def _require_beta(fn_name: str, beta) -> None:
+    if beta is None:
+        raise TypeError(f"{fn_name}() missing required keyword argument 'beta' (batch, seqlen, H)")
+
+
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *legacy,
+    beta: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    check: bool | None = None,
+):
+    """(Gated) delta rule: S_t = α_t S_{t-1}(I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t.
+
+    Shapes: ``q, k: (batch, seqlen, H, K)``, ``v: (batch, seqlen, H, V)``, ``beta: (batch,
+    seqlen, H)`` (write strength, usually in (0, 1); required), ``g: (batch, seqlen, H)`` log decay
+    (α = exp(g), g <= 0; None: plain DeltaNet), ``initial_state: (batch, H, K, V)`` — the
+    transpose of S, as flash-linear-attention stores it — or ``(num_seqs, H, K, V)`` with
+    ``cu_seqlens`` (batch 1, sequences packed along seqlen).
+
+    ``use_qk_l2norm`` L2-normalises q and k per head first (keeps I - β k kᵀ a contraction for
+    β in (0, 2)); ``scale`` multiplies q afterwards (None: 1). ``check``: also check the values of
+    ``cu_seqlens`` (None: only for CPU tensors). Returns ``o: (batch, seqlen, H, V)`` in q's
+    dtype, and with ``return_final_state`` the final state ``(batch | num_seqs, H, K, V)`` in
+    float32 (float64 for float64 inputs).
+
+    Everything after ``v`` is keyword-only; the old positional ``(q, k, v, beta, g, ...)`` still
+    works with a ``DeprecationWarning``.
+    """
+    opts = dict(beta=beta, g=g, scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
+                initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens,
+                backend=backend)
+    if legacy:
+        opts = _legacy_positional("delta_rule", legacy, opts, _RULE_DEFAULTS)
+    _require_beta("delta_rule", opts["beta"])
+    return _delta_rule(q, k, v, check=check, **opts)
+
+
+def delta_rule_step(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *legacy,
+    beta: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decoding: advance ``state (batch, H, K, V)`` in place by T >= 1 tokens and return ``o``.
+
+    One token: ``q, k: (batch, H, K)``, ``v: (batch, H, V)``, ``beta, g: (batch, H)`` ->
+    ``o: (batch, H, V)``; T tokens: a ``T`` axis after batch on each (``o: (batch, T, H, V)``).
+    Same options as :func:`delta_rule`, which it continues from ``state``; keyword-only (the old
+    positional ``beta, g`` warn).
+    """
+    opts = dict(beta=beta, g=g, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    if legacy:
+        opts = _legacy_positional("delta_rule_step", legacy, opts, _STEP_DEFAULTS)
+    _require_beta("delta_rule_step", opts["beta"])
+    return _delta_rule_step(state, q, k, v, backend=backend, **opts)
+
+
+def _delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
     beta: torch.Tensor,
     g: torch.Tensor | None = None,
     scale: float | None = None,
@@ -48,20 +150,9 @@ def delta_rule(
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool | None = None,
 ):
-    """(Gated) delta rule: S_t = α_t S_{t-1}(I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t.
-
-    Shapes: ``q, k: (batch, seqlen, H, K)``, ``v: (batch, seqlen, H, V)``, ``beta: (batch,
-    seqlen, H)`` (write strength, usually in (0, 1)), ``g: (batch, seqlen, H)`` log decay
-    (α = exp(g), g <= 0; None: plain DeltaNet), ``initial_state: (batch, H, K, V)`` — the
-    transpose of S, as flash-linear-attention stores it — or ``(num_seqs, H, K, V)`` with
-    ``cu_seqlens`` (batch 1, sequences packed along seqlen).
-
-    ``use_qk_l2norm`` L2-normalises q and k per head first (keeps I - β k kᵀ a contraction for
-    β in (0, 2)); ``scale`` multiplies q afterwards (None: 1). Returns ``o: (batch, seqlen, H, V)``
-    in q's dtype, and with ``return_final_state`` the final state
-    ``(batch | num_seqs, H, K, V)`` in float32 (float64 for float64 inputs).
-    """
+    """:func:`delta_rule` after the argument handling."""
     check_tensor("q", q, 4, desc="(batch, seqlen, H, K)")
     b, l = q.shape[:2]
     if l == 0:
@@ -69,7 +160,7 @@ def delta_rule(
     H, K, V = _check_qkvbg(q, k, v, beta, g, (b, l), "batch, seqlen")
     _check_scale(scale)
     check_positive_int("chunk_size", chunk_size)
-    check_cu_seqlens(cu_seqlens, b, l)
+    check_cu_seqlens(cu_seqlens, b, l, read_values(check, q))
     nstate = b if cu_seqlens is None else cu_seqlens.numel() - 1
     who = "batch" if cu_seqlens is None else "num_seqs"
     check_tensor("initial_state", initial_state, shape=(nstate, H, K, V),
@@ -81,26 +172,38 @@ def delta_rule(
     return out.to(q.dtype)
 
 
-def delta_rule_step(
+@register("delta_rule_step", "reference")
+def delta_rule_step_reference(state, q, k, v, beta, g, scale, use_qk_l2norm):
+    """T tokens, ``q, k: (batch, T, H, K)`` (no validation): one recurrence step per token."""
+    outs = [delta_step(state, q[:, t], k[:, t], v[:, t], beta[:, t], None if g is None else g[:, t],
+                       scale, use_qk_l2norm) for t in range(q.shape[1])]
+    return torch.stack(outs, 1)
+
+
+def _delta_rule_step(
     state: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     beta: torch.Tensor,
     g: torch.Tensor | None = None,
     scale: float | None = None,
     use_qk_l2norm: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """One decoding step: updates ``state (batch, H, K, V)`` in place, returns ``o: (batch, H, V)``.
-
-    ``q, k: (batch, H, K)``, ``v: (batch, H, V)``, ``beta, g: (batch, H)``; same options as
-    :func:`delta_rule`, of which it is the length-1 case.
-    """
-    check_tensor("q", q, 3, desc="(batch, H, K)")
-    b = q.shape[0]
-    H, K, V = _check_qkvbg(q, k, v, beta, g, (b,), "batch")
+    """:func:`delta_rule_step` after the argument handling."""
+    check_tensor("q", q, (3, 4), desc="(batch, H, K) or (batch, T, H, K)")
+    single = q.dim() == 3
+    lead = (q.shape[0],) if single else tuple(q.shape[:2])
+    H, K, V = _check_qkvbg(q, k, v, beta, g, lead, "batch" if single else "batch, T")
     _check_scale(scale)
+    b = q.shape[0]
     check_tensor("state", state, shape=(b, H, K, V), desc=f"(batch={b}, H={H}, K={K}, V={V})")
     if not state.is_contiguous():
         raise ValueError("state must be contiguous (it is updated in place)")
-    return delta_step(state, q, k, v, beta, g, scale, use_qk_l2norm).to(q.dtype)
+    if single:
+        q, k, v, beta = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), beta.unsqueeze(1)
+        g = None if g is None else g.unsqueeze(1)
+    o = dispatch.get("delta_rule_step", backend, q)(state, q, k, v, beta, g, scale, use_qk_l2norm)
+    return (o.squeeze(1) if single else o).to(q.dtype)

@@ -1,29 +1,31 @@
 """The selective scan of Mamba (S6): public entry points with input validation.
 
 Forms of ``"selective_scan"``: ``reference`` (sequential, autograd), ``chunked`` (fast CPU form,
-hand-written backward), ``triton`` (GPU, when present). ``"selective_state_update"`` has a
-single-step form for decoding. See ``README.md`` in this folder for the math.
+hand-written backward), ``triton`` (GPU, when present). :func:`selective_scan_step` (op
+``"selective_scan_step"``) advances a state by T >= 1 tokens for decoding. See ``README.md`` in
+this folder for the math.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
-from ssmkit._checks import check_cu_seqlens, check_same_device, check_tensor
+from ssmkit._checks import check_cu_seqlens, check_same_device, check_tensor, read_values
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.selective_scan import chunked, reference, step  # noqa: F401  (register forms)
 
 if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
     "ssmkit.ops.selective_scan.triton"
-) is not None:  # the GPU form lives in its own module, owned by the GPU kernels
+) is not None:  # the GPU form lives in its own module and imports Triton lazily
     try:
         from ssmkit.ops.selective_scan import triton as _triton  # noqa: F401
     except ImportError:  # pragma: no cover - a broken Triton install must not break the CPU path
         pass
 
-__all__ = ["selective_scan", "selective_state_update"]
+__all__ = ["selective_scan", "selective_scan_step", "selective_state_update"]
 
 
 def _check_real(name: str, t: torch.Tensor | None) -> None:
@@ -31,14 +33,14 @@ def _check_real(name: str, t: torch.Tensor | None) -> None:
         raise TypeError(f"{name} must be real (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
-def _check_A(A: torch.Tensor, dim: int) -> int:
+def _check_A(A: torch.Tensor, dim: int, values: bool) -> int:
     check_tensor("A", A, 2, desc=f"(dim={dim}, N)")
     _check_real("A", A)
     if A.shape[0] != dim:
         raise ValueError(f"A must have shape (dim={dim}, N), got {tuple(A.shape)}")
     if A.shape[1] < 1:
         raise ValueError(f"A must have N >= 1 state columns, got shape {tuple(A.shape)}")
-    if bool((A > 0).any()):
+    if values and bool((A > 0).any()):
         raise ValueError("A must be non-positive (a stable SSM: A = -exp(A_log)); got positive entries")
     return A.shape[1]
 
@@ -67,11 +69,13 @@ def selective_scan(
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    *,
     dt_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective SSM scan (Mamba, Gu & Dao 2023, Algorithm 2):
 
@@ -92,6 +96,11 @@ def selective_scan(
         cu_seqlens: ``(num_seqs + 1,)`` int32/int64 cumulative lengths of sequences packed along
             seqlen (batch must be 1); the state restarts at every boundary.
         backend: ``"auto" | "reference" | "chunked" | "triton"``.
+        check: also check values (A <= 0, ``cu_seqlens`` sorted). None: only for CPU tensors,
+            since reading GPU data synchronises with the host and cannot be captured in a CUDA
+            graph. Shapes, dtypes and devices are always checked.
+
+    Every argument after ``dt_bias`` is keyword-only.
 
     Returns:
         ``y`` ``(batch, seqlen, dim)`` in ``x``'s dtype, and the final state if asked.
@@ -102,7 +111,8 @@ def selective_scan(
     lead = f"(batch={bsz}, seqlen={L}, dim={dim})"
     check_tensor("dt", dt, shape=(bsz, L, dim), desc=lead)
     _check_real("dt", dt)
-    N = _check_A(A, dim)
+    values = read_values(check, x)
+    N = _check_A(A, dim, values)
     G = _check_BC("B", B, (bsz, L), dim, N, "batch, seqlen")
     _check_BC("C", C, (bsz, L), dim, N, "batch, seqlen")
     if C.shape != B.shape:
@@ -115,7 +125,7 @@ def selective_scan(
         _check_real(name, t)
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
-    check_cu_seqlens(cu_seqlens, bsz, L)
+    check_cu_seqlens(cu_seqlens, bsz, L, values)
     nstate = bsz if cu_seqlens is None else cu_seqlens.numel() - 1
     check_tensor(
         "initial_state", initial_state, shape=(nstate, dim, N),
@@ -129,7 +139,15 @@ def selective_scan(
     return fn(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, cu_seqlens)
 
 
-def selective_state_update(
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           backend="auto"):
+    """Deprecated name of :func:`selective_scan_step` (same arguments, options positional)."""
+    warnings.warn("selective_state_update is deprecated: use selective_scan_step (same arguments; "
+                  "dt_softplus and backend keyword-only)", DeprecationWarning, stacklevel=2)
+    return selective_scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, backend=backend)
+
+
+def selective_scan_step(
     state: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -139,10 +157,13 @@ def selective_state_update(
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    *,
     dt_softplus: bool = False,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor:
-    """Advance the scan state by one or several tokens, in place (decoding).
+    """Advance the scan state by T >= 1 tokens, in place (decoding): :func:`selective_scan`
+    continued from ``state``.
 
     Args:
         state: ``(batch, dim, N)`` float32 (or float64); updated in place.
@@ -150,6 +171,7 @@ def selective_state_update(
         A: ``(dim, N)`` non-positive. B, C: ``(batch, N)`` / ``(batch, G, N)`` for one token,
             ``(batch, T, N)`` / ``(batch, T, G, N)`` for T tokens.
         D, dt_bias: ``(dim,)`` or None. dt_softplus: Δ = softplus(dt + dt_bias).
+        backend: ``"auto" | "reference" | "triton"``. check: as in :func:`selective_scan`.
 
     Returns:
         ``y`` with the shape and dtype of ``x``.
@@ -162,7 +184,7 @@ def selective_state_update(
     single = x.dim() == 2
     x3 = x.unsqueeze(1) if single else x
     bsz, T, dim = x3.shape
-    N = _check_A(A, dim)
+    N = _check_A(A, dim, read_values(check, x))
     if tuple(state.shape) != (bsz, dim, N):
         raise ValueError(f"state must have shape (batch={bsz}, dim={dim}, N={N}), got {tuple(state.shape)}")
     xdesc = f"(batch={bsz}, dim={dim})" if single else f"(batch={bsz}, T={T}, dim={dim})"
@@ -183,6 +205,6 @@ def selective_state_update(
         dt, z, B, C = dt.unsqueeze(1), None if z is None else z.unsqueeze(1), B.unsqueeze(1), C.unsqueeze(1)
     if B.dim() == 3:  # (batch, T, N) -> (batch, T, 1, N)
         B, C = B.unsqueeze(2), C.unsqueeze(2)
-    fn = get("selective_state_update", backend, x)
+    fn = get("selective_scan_step", backend, x)
     y = fn(state, x3, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return y.squeeze(1) if single else y

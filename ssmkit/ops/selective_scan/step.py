@@ -1,5 +1,5 @@
 """Single-step (decode) form of the selective scan: advance a ``(batch, dim, N)`` state in place
-by one or several tokens. Registered under the op name ``"selective_state_update"``."""
+by one or several tokens. Registered under the op name ``"selective_scan_step"``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from ssmkit.ops.dispatch import register
 from ssmkit.ops.selective_scan._common import prepare_dt
 
 
-@register("selective_state_update", "reference")
-def selective_state_update_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """Same signature and result as :func:`ssmkit.ops.selective_state_update` (no validation).
+@register("selective_scan_step", "reference")
+def selective_scan_step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Same signature and result as :func:`ssmkit.ops.selective_scan_step` (no validation).
 
     ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)`` (already normalised by the
     public function). Computes in the state's dtype (float32, or float64).

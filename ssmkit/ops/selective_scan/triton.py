@@ -209,7 +209,7 @@ def _bwd_split(cfg: ScanConfig, x: torch.Tensor, B: torch.Tensor, A: torch.Tenso
     return 0, 0
 
 
-# Whether the split-state backward's own shared buffer (ScanConfig.bwd_quad_xw) fits the
+# Whether the split-state backward's own shared buffer (XW) fits the
 # shared memory Triton allocated for a compiled specialisation, by its constexprs
 _XW_FITS: dict[tuple, bool] = {}
 
@@ -723,8 +723,6 @@ def selective_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
     return (y, ht) if return_final_state else y
 
 
-# The other Triton forms (fused decode updates, causal conv1d) live in their own modules, which
-# import no Triton at module level either; importing them here registers them with dispatch
-# whenever the selective-scan package loads its Triton form.
-from ssmkit.ops import decode_triton  # noqa: E402,F401
+# The Triton form of causal conv1d lives in its own module, which imports no Triton at module
+# level either; importing it here registers it with dispatch.
 from ssmkit.ops.conv import causal_conv1d_triton  # noqa: E402,F401

@@ -1,21 +1,22 @@
-"""Mamba-2's structured state space duality (SSD): ``ssd`` and ``ssd_state_update``.
+"""Mamba-2's structured state space duality (SSD): ``ssd`` and ``ssd_step`` (decoding, T >= 1 tokens).
 
 Forms registered under op name ``"ssd"``: ``reference`` (recurrence), ``quadratic`` (masked
-attention view, for tests) and ``chunked`` (the four-stage block algorithm). See README.md.
+attention view, for tests) and ``chunked`` (the four-stage block algorithm); ``"ssd_step"``:
+``reference``. ``ssd_state_update`` is the deprecated one-token name of :func:`ssd_step`. See README.md.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor
+from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, read_values
 from ssmkit.ops import dispatch
-from ssmkit.ops.ssd import chunked, quadratic, reference  # noqa: F401  (registers the forms)
-from ssmkit.ops.ssd.step import ssd_step
+from ssmkit.ops.ssd import chunked, quadratic, reference, step  # noqa: F401  (registers the forms)
 
-__all__ = ["ssd", "ssd_state_update"]
+__all__ = ["ssd", "ssd_step", "ssd_state_update"]
 
 
 def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
@@ -57,16 +58,18 @@ def ssd(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    chunk_size: int = 64,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, math.inf),
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool | None = None,
 ):
     """Mamba-2's selective SSM with scalar-per-head A (structured state space duality).
 
@@ -81,6 +84,10 @@ def ssd(
 
     Returns ``y`` shaped like ``x`` (its dtype), and with ``return_final_state`` also the final
     state ``(batch | num_seqs, H, P, N)`` in float32 (float64 for float64 inputs).
+
+    Every argument after ``dt_bias`` is keyword-only (``chunk_size`` too: mamba_ssm's positional
+    ``(x, dt, A, B, C, chunk_size, ...)`` is :func:`ssmkit.compat.mamba_chunk_scan_combined`).
+    ``check``: also check ``cu_seqlens``' values (None: only for CPU tensors).
     """
     check_tensor("x", x, 4, desc="(batch, seqlen, H, P)")
     b, l, H, P = x.shape
@@ -90,7 +97,7 @@ def ssd(
     N = B.shape[-1]
     check_positive_int("chunk_size", chunk_size)
     dt_limit = _check_dt_limit(dt_limit)
-    check_cu_seqlens(cu_seqlens, b, l)
+    check_cu_seqlens(cu_seqlens, b, l, read_values(check, x))
     nstate = b if cu_seqlens is None else cu_seqlens.numel() - 1
     who = "batch" if cu_seqlens is None else "num_seqs"
     check_tensor("initial_state", initial_state, shape=(nstate, H, P, N),
@@ -100,7 +107,15 @@ def ssd(
               return_final_state, cu_seqlens)
 
 
-def ssd_state_update(
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=(0.0, math.inf)):
+    """Deprecated name of :func:`ssd_step` (same arguments, options positional)."""
+    warnings.warn("ssd_state_update is deprecated: use ssd_step (same arguments; dt_softplus and "
+                  "dt_limit keyword-only)", DeprecationWarning, stacklevel=2)
+    return ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
+def ssd_step(
     state: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -110,21 +125,30 @@ def ssd_state_update(
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    *,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, math.inf),
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """One SSD decoding step; updates ``state (batch, H, P, N)`` in place and returns ``y``.
+    """SSD decoding: advance ``state (batch, H, P, N)`` in place by T >= 1 tokens, return ``y``.
 
-    ``x: (batch, H, P)``, ``dt: (batch, H)``, ``A: (H,)``, ``B, C: (batch, G, N)``, ``D: (H,)`` or
-    ``(H, P)``, ``z`` like ``x``, ``dt_bias: (H,)``. Returns ``y: (batch, H, P)`` in x's dtype.
-    Equal to ``ssd`` on a length-1 sequence continuing from ``state``.
+    One token: ``x: (batch, H, P)``, ``dt: (batch, H)``, ``B, C: (batch, G, N)``; T tokens: a
+    ``T`` axis after batch on each (``x: (batch, T, H, P)`` ...). ``A: (H,)``, ``D: (H,)`` or
+    ``(H, P)``, ``z`` like ``x``, ``dt_bias: (H,)``. Returns ``y`` shaped like ``x`` in its dtype:
+    :func:`ssd` continued from ``state``. Options keyword-only.
     """
-    check_tensor("x", x, 3, desc="(batch, H, P)")
-    b, H, P = x.shape
-    _check_common(("batch",), x, dt, A, B, C, D, z, dt_bias, (b,))
+    check_tensor("x", x, (3, 4), desc="(batch, H, P) or (batch, T, H, P)")
+    single = x.dim() == 3
+    lead = (x.shape[0],) if single else tuple(x.shape[:2])
+    _check_common(("batch",) if single else ("batch", "T"), x, dt, A, B, C, D, z, dt_bias, lead)
+    b, H, P = x.shape[0], x.shape[-2], x.shape[-1]
     N = B.shape[-1]
     check_tensor("state", state, shape=(b, H, P, N), desc=f"(batch={b}, H={H}, P={P}, N={N})")
     if not state.is_contiguous():
         raise ValueError("state must be contiguous (it is updated in place)")
     dt_limit = _check_dt_limit(dt_limit)
-    return ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    if single:
+        x, dt, B, C = x.unsqueeze(1), dt.unsqueeze(1), B.unsqueeze(1), C.unsqueeze(1)
+        z = None if z is None else z.unsqueeze(1)
+    y = dispatch.get("ssd_step", backend, x)(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    return y.squeeze(1) if single else y

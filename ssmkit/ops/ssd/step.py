@@ -13,10 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.dispatch import register
 from ssmkit.ops.ssd._common import process_dt
 
 
-def ssd_step(
+def ssd_step_one(
     state: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -46,3 +47,13 @@ def ssd_step(
     if z is not None:
         y = y * F.silu(z.to(sdt))
     return y.to(x.dtype)
+
+
+@register("ssd_step", "reference")
+def ssd_step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                       dt_limit=(0.0, math.inf)):
+    """T tokens (no validation): ``x: (batch, T, H, P)``, ``dt: (batch, T, H)``, ``B, C: (batch, T,
+    G, N)``, ``z`` like ``x``; one :func:`ssd_step_one` per token."""
+    ys = [ssd_step_one(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, None if z is None else z[:, t],
+                       dt_bias, dt_softplus, dt_limit) for t in range(x.shape[1])]
+    return torch.stack(ys, 1)
