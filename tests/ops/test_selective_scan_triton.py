@@ -377,6 +377,24 @@ def test_split_state_backward(monkeypatch, Q, KB, fq, W):
     assert {c[5] for c in calls[:4]} == {bool(fq)} and not calls[4][5]
 
 
+def test_forward_segments(monkeypatch):
+    """On a GPU (132 SMs here): batch-1 inference in the split-state forward splits into 8
+    segments of at least 256 steps; training and full batches follow the general rule."""
+    monkeypatch.setattr(triton_mod, "_sm_count", lambda device: 132)
+    cfg = triton_mod.ScanConfig()
+
+    def nseg(bsz, L, dim, quad, save):
+        x = torch.zeros(bsz, L, dim, device="meta")
+        geo = triton_mod._Geometry(x, torch.zeros(bsz, L, 1, 16, device="meta"), torch.zeros(dim, 16),
+                                   None, cfg, 32 // quad if quad else cfg.block_d, 4)
+        return triton_mod._forward_segments(geo, cfg, x, quad, save)
+
+    assert nseg(1, 2048, 4096, 4, False) == 8 and nseg(1, 8192, 4096, 4, False) == 8
+    assert nseg(1, 1024, 4096, 4, False) == 4 and nseg(1, 200, 4096, 4, False) == 1
+    assert nseg(8, 2048, 2048, 4, False) == 1  # 2,048 programs: the GPU is full
+    assert nseg(1, 2048, 4096, 4, True) > 1  # training: the backward's rule
+
+
 def test_config_from_environment_text():
     cfg = triton_mod.parse_config("bwd_quad=0, seq_split=3")
     assert cfg.bwd_quad == 0 and cfg.seq_split == 3 and cfg.fwd_quad == triton_mod.ScanConfig().fwd_quad

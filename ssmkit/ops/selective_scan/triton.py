@@ -305,9 +305,11 @@ _SMS: dict[int, int] = {}
 # Shortest segment worth a pass of its own in the sequence-parallel forward / backward, and the
 # warps per SM the split aims at.
 MIN_SEGMENT = 128
-# ... and for the split-state forward without a backward (H100, B1 D4096 N16 bf16, 2026-11-27:
-# at seqlen 8192 one pass 0.905 ms, 5 segments 0.574, 8 segments 0.515)
-MIN_SEGMENT_QUAD_INFERENCE = 1024
+# ... and the split-state forward without a backward, which splits into QUAD_INFERENCE_SEGMENTS
+# segments of at least MIN_SEGMENT_QUAD_INFERENCE steps (H100, B1 D4096 N16 bf16, 2026-11-27:
+# at seqlen 8192 one pass 0.905 ms, 5 segments 0.574, 8 segments 0.482-0.515)
+MIN_SEGMENT_QUAD_INFERENCE = 256
+QUAD_INFERENCE_SEGMENTS = 8
 # The split-state forward runs when one lane per channel would give fewer warps per SM than this
 QUAD_BELOW_WARPS_PER_SM = 16
 SPLIT_WARPS_PER_SM = 16
@@ -340,6 +342,21 @@ def _segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor,
         # exposed (H100, B1 D4096 L2048: 5 segments 0.37-0.48 ms).
         n = min(-(-SPLIT_WARPS_PER_SM * sms // warps), geo.L // min_segment)
     return max(1, min(n, -(-geo.L // geo.K)))
+
+
+def _forward_segments(geo: _Geometry, cfg: ScanConfig, x: torch.Tensor, quad: int,
+                      save_states: bool) -> int:
+    """Segments of the forward. With a backward to come, the forward splits like the backward
+    (see there): the combination measured fastest for training. Without one, the tile forward
+    only when the GPU would mostly idle; the split-state forward (fastest with 16 programs per
+    SM) below 8 warps per SM, into QUAD_INFERENCE_SEGMENTS segments."""
+    nseg = _segments(geo, cfg, x, warps_per_block=1,
+                     below_warps_per_sm=BWD_SPLIT_BELOW if save_states or quad else 2,
+                     min_segment=(MIN_SEGMENT_QUAD_INFERENCE if quad and not save_states
+                                  else MIN_SEGMENT))
+    if nseg > 1 and quad and not save_states and cfg.seq_split == 0:
+        nseg = max(1, min(QUAD_INFERENCE_SEGMENTS, geo.L // MIN_SEGMENT_QUAD_INFERENCE))
+    return nseg
 
 
 def _segment_length(L: int, nseg: int, K: int) -> tuple[int, int]:
@@ -418,13 +435,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqle
     spacing = ks * m
     quad, k_quad = _fwd_split(cfg, x, B, A, spacing)
     geo = _Geometry(x, B, A, cu_seqlens, cfg, 32 // quad if quad else cfg.block_d, spacing)
-    # With a backward to come, the forward splits like the backward (see there): the combination
-    # measured fastest for training. Without one, the tile forward only when the GPU would mostly
-    # idle (the split-state forward is fastest with 16 programs per SM: it splits below 8).
-    nseg = _segments(geo, cfg, x, warps_per_block=1,
-                     below_warps_per_sm=BWD_SPLIT_BELOW if save_states or quad else 2,
-                     min_segment=(MIN_SEGMENT_QUAD_INFERENCE if quad and not save_states
-                                  else MIN_SEGMENT))
+    nseg = _forward_segments(geo, cfg, x, quad, save_states)
     acc = compute_dtype(x)
     y = torch.empty_like(x)
     dn = bool(save_states and state_dn and quad and m == 1)
