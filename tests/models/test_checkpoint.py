@@ -214,3 +214,13 @@ def test_saved_files_get_normal_permissions(tmp_path):
     os.umask(mask)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_hf_config_writes_infinity_as_a_number(tmp_path):
+    """Mamba-2's time_step_limit (0, inf) is written as plain JSON numbers, which transformers 4.x
+    and 5.x both read (5.x's own {"__float__": ...} tag is read back too, not written)."""
+    import math
+
+    tiny("22").save_pretrained(tmp_path, format="hf")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["time_step_limit"] == [0.0, math.inf]

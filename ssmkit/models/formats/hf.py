@@ -45,7 +45,10 @@ def _float(x: Any) -> float:
 
 
 def _float_json(x: float) -> Any:
-    return x if math.isfinite(x) else {"__float__": "Infinity" if x > 0 else "-Infinity"}
+    """``x`` as written to config.json: a plain number, ``Infinity`` included (Python's json
+    writes and reads it; transformers 4.x reads only that, 5.x reads it and its own
+    ``{"__float__": ...}`` tag)."""
+    return float(x)
 
 
 def _ids(cfg: dict) -> dict[str, Any]:
