@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -62,41 +63,44 @@ def run(ops: list[str] | None = None, device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32, backends: list[str] | None = None,
         fwd_bwd: bool = True, seqlens: list[int] | None = None, log=print) -> list[dict]:
     """Time every (op, backend, shape); returns one dict per measurement."""
+    from tqdm.auto import tqdm
+
     device = torch.device(device)
     rows = []
+    work = []
     for name in ops or list(REGISTRY):
         case = REGISTRY[name]
         shapes = case.shapes(device)
         if seqlens:
             shapes = [dict(s, L=L) for L in seqlens for s in shapes[:1]]
-        for shape in shapes:
-            for be in case.backends(device):
-                if backends and be not in backends:
-                    continue
-                row = {"op": name, "backend": be, **shape, "dtype": str(dtype).replace("torch.", "")}
-                try:
-                    args = case.make(shape, device, dtype, False)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    row["fwd_ms"] = _median_ms(lambda c=case, b=be, a=args: c.call(b, *a), device)
-                    if device.type == "cuda":
-                        row["fwd_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-                    if fwd_bwd and case.fwd_bwd:
-                        gargs = case.make(shape, device, dtype, True)
+        work += [(name, case, shape, be) for shape in shapes for be in case.backends(device)
+                 if not backends or be in backends]
+    # (a bar on stderr where it is a terminal; the rows go to ``log`` as they are measured)
+    for name, case, shape, be in tqdm(work, unit="case", desc="bench", file=sys.stderr, disable=None):
+        row = {"op": name, "backend": be, **shape, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            args = case.make(shape, device, dtype, False)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            row["fwd_ms"] = _median_ms(lambda c=case, b=be, a=args: c.call(b, *a), device)
+            if device.type == "cuda":
+                row["fwd_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if fwd_bwd and case.fwd_bwd:
+                gargs = case.make(shape, device, dtype, True)
 
-                        def step(case=case, be=be, gargs=gargs):
-                            out = case.call(be, *gargs)
-                            out = out[0] if isinstance(out, tuple) else out
-                            out.float().sum().backward()
-                            for t in gargs:
-                                if isinstance(t, torch.Tensor):
-                                    t.grad = None
+                def step(case=case, be=be, gargs=gargs):
+                    out = case.call(be, *gargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.float().sum().backward()
+                    for t in gargs:
+                        if isinstance(t, torch.Tensor):
+                            t.grad = None
 
-                        row["fwd_bwd_ms"] = _median_ms(step, device)
-                except Exception as e:  # noqa: BLE001 - one failing form must not stop the table
-                    row["error"] = f"{type(e).__name__}: {e}"
-                log(json.dumps(row))
-                rows.append(row)
+                row["fwd_bwd_ms"] = _median_ms(step, device)
+        except Exception as e:  # noqa: BLE001 - one failing form must not stop the table
+            row["error"] = f"{type(e).__name__}: {e}"
+        log(json.dumps(row))
+        rows.append(row)
     return rows
 
 

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ssmkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`ssmkit info | head`): stop quietly, and point stdout
+        # at /dev/null so that the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Interrupted as e:
         if str(e):  # (other ranks than rank 0 of a torchrun job say nothing)
             print(f"ssmkit {args.command}: {e}", file=sys.stderr)

@@ -96,3 +96,17 @@ def test_training_progress_is_a_tqdm_bar_on_a_terminal():
     p.close()
     assert type(p).__name__ == "Progress" and "5/10" in s.getvalue() and "loss=1.5" in s.getvalue()
     assert "step" in s.getvalue()  # tqdm's unit
+
+
+def test_info_into_a_closed_pipe_stops_quietly():
+    """`ssmkit info | head -0`: the reader is gone before the first line (it closes its end while
+    the command still imports); no traceback, exit 141 (as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "ssmkit", "info"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
