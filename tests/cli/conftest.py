@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,16 @@ def fingerprint(directory) -> dict[str, tuple[int, str]]:
         if p.is_file():
             out[str(p.relative_to(directory))] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_global_state():
+    """`ssmkit train --deterministic`, --threads and `reproduce` set process-wide torch state, as a
+    command should in its own process; tests that call ``main`` in-process put it back."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
 
 
 @pytest.fixture()

@@ -5,18 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ssmkit.cli.main import main
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_global_state():
-    # `ssmkit train --deterministic` and `reproduce` change process-wide torch settings.
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
 
 
 @pytest.mark.parametrize("cmd", ["train", "eval", "reproduce"])

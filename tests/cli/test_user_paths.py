@@ -18,14 +18,6 @@ from ssmkit.cli.main import main
 from tests.cli.conftest import TINY, fingerprint, run_ssmkit, ssmkit_env
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_global_state():
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
-
-
 def _err_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err

@@ -17,10 +17,11 @@ def _scan_inputs(bsz=2, L=9, dim=6, N=4, dtype=torch.float64):
             r(bsz, L, N), r(bsz, L, N), r(dim), r(bsz, L, dim), r(dim), r(bsz, dim, N)]
 
 
-def test_scan_op_matches_reference_with_grads():
-    ts = [t.requires_grad_() for t in _scan_inputs()]
+def _check_scan_op(backend, **shape):
+    """The scan op's outputs, final state and every gradient against the reference (float64)."""
+    ts = [t.requires_grad_() for t in _scan_inputs(**shape)]
     x, dt, A, B, C, D, z, bias, h0 = ts
-    y, hT = custom_ops.selective_scan(x, dt, A, B, C, D, z, bias, True, h0, True, backend="chunked")
+    y, hT = custom_ops.selective_scan(x, dt, A, B, C, D, z, bias, True, h0, True, backend=backend)
     yr, hr = selective_scan_reference(x, dt, A, B, C, D, z, bias, True, h0, True)
     assert_close("y", yr, y, rel=1e-10)
     assert_close("hT", hr, hT, rel=1e-10)
@@ -28,6 +29,10 @@ def test_scan_op_matches_reference_with_grads():
     g2 = torch.autograd.grad(yr.square().sum() + hr.sum(), ts)
     for a, b in zip(g2, g1):
         assert_close("grad", a, b, rel=1e-9)
+
+
+def test_scan_op_matches_reference_with_grads():
+    _check_scan_op("chunked")
 
 
 def test_conv_op_matches_reference_with_grads():
@@ -106,17 +111,7 @@ def test_scan_op_triton_backward_reads_saved_states(monkeypatch):
         prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), **over))
         try:
             calls.clear()
-            ts = [t.requires_grad_() for t in _scan_inputs(L=21, dim=8, N=4)]
-            x, dt, A, B, C, D, z, bias, h0 = ts
-            y, hT = custom_ops.selective_scan(x, dt, A, B, C, D, z, bias, True, h0, True,
-                                              backend="triton")
-            yr, hr = selective_scan_reference(x, dt, A, B, C, D, z, bias, True, h0, True)
-            assert_close("y", yr, y, rel=1e-10)
-            assert_close("hT", hr, hT, rel=1e-10)
-            g1 = torch.autograd.grad(y.square().sum() + hT.sum(), ts)
-            g2 = torch.autograd.grad(yr.square().sum() + hr.sum(), ts)
-            for a, b in zip(g2, g1):
-                assert_close("grad", a, b, rel=1e-9)
+            _check_scan_op("triton", L=21, dim=8, N=4)
             assert calls == [True]  # one forward, saving states
         finally:
             sst.set_config(prev)
