@@ -28,6 +28,7 @@ from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
+from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
@@ -185,7 +186,7 @@ class Mamba(nn.Module):
             xs = xs * mask.to(xs.dtype)[..., None]
         # (Triton forms as torch.library ops: see the scan below)
         conv = causal_conv1d
-        if getattr(get("causal_conv1d", "auto", xs), "__name__", "") == "causal_conv1d_triton":
+        if get("causal_conv1d", "auto", xs) is causal_conv1d_triton:
             conv = functools.partial(custom_ops.causal_conv1d, backend="triton")
         xs, conv_state = conv(
             xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",

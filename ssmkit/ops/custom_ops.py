@@ -66,7 +66,9 @@ def _autograd_inside_op():
 
 
 def _triton_scan(fn) -> bool:
-    return getattr(fn, "__name__", "") == "selective_scan_triton"
+    from ssmkit.ops.selective_scan.triton import selective_scan_triton  # (no Triton import)
+
+    return fn is selective_scan_triton
 
 
 def _bc4(M: Tensor) -> Tensor:

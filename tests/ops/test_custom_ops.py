@@ -106,7 +106,8 @@ def test_scan_op_triton_backward_reads_saved_states(monkeypatch):
 
     calls = []
     real = sst._forward
-    monkeypatch.setattr(sst, "_forward", lambda *a, **k: calls.append(a[11]) or real(*a, **k))
+    # (argument 12 of _forward: save_states)
+    monkeypatch.setattr(sst, "_forward", lambda *a, **k: calls.append(a[12]) or real(*a, **k))
     for over in ({}, {"state_mem_limit": 0, "coarse_blocks": 2}):
         prev = sst.set_config(sst.dataclasses.replace(sst.get_config(), **over))
         try:
