@@ -141,7 +141,8 @@ def main(argv=None):
         if res:
             rows[name if name == "mamba_ssm" else f"ssmkit {name}"] = json.loads(res[-1][7:])
         else:
-            print(name, "failed:", out.stderr.strip().splitlines()[-1:] or out.returncode, flush=True)
+            print(name, "failed:", "\n".join(out.stderr.strip().splitlines()[-6:]) or out.returncode,
+                  flush=True)
         print(name, rows.get(name if name == "mamba_ssm" else f"ssmkit {name}"), flush=True)
     print("\n| variant | step ms | tokens/s | peak GiB |\n|---|---:|---:|---:|")
     for k, r in rows.items():
