@@ -1,0 +1,195 @@
+"""``backend="triton"`` form of :func:`ssmkit.ops.ssd`: the fused-chunk kernels (an ``autograd.Function``).
+
+Same signature and results as the other forms (:func:`ssmkit.ops.ssd._common.make_form`'s)::
+
+    ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, inf), initial_state=None, return_final_state=False, cu_seqlens=None)
+
+Shapes as in :func:`ssmkit.ops.ssd`: ``x, z: (batch, seqlen, H, P)``, ``dt: (batch, seqlen, H)``,
+``A: (H,)``, ``B, C: (batch, seqlen, G, N)``, ``D: (H,)`` or ``(H, P)``, ``dt_bias: (H,)``,
+``initial_state: (batch | num_seqs, H, P, N)``. Half-precision inputs go through the tensor cores
+with float32 accumulation and a float32 state; float32 inputs are computed in float32 (IEEE
+matmuls, not TF32), float64 in float64. ``chunk_size`` does not change the result; the kernels
+use their own block of tokens (:data:`BLOCK_Q`). The kernels (:mod:`triton_fused_chunk`) are
+imported on first use, so this module imports without Triton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.ops.dispatch import register
+
+BLOCK_Q = 64  # tokens per chunk
+
+
+def _next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _cdt(*ts):
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _row_major(t):
+    """``t`` with a unit stride on its last axis (the kernels read rows of it)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, cu, store_ht):
+    from ssmkit.ops.ssd import triton_fused_chunk as k
+
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    cdt = _cdt(x, dt, B, C, h0)
+    nseq = b if cu is None else cu.numel() - 1
+    y = torch.empty_like(x)
+    hT = torch.empty(nseq, H, P, N, device=x.device, dtype=cdt) if store_ht else x.new_empty(1, dtype=cdt)
+    BLOCK_P = min(_next_pow2(P), 64)
+    BLOCK_N = _next_pow2(N)
+    zz = z if z is not None else x
+    grid = (nseq * H, triton.cdiv(P, BLOCK_P))
+    k._ssd_fwd[grid](
+        x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A,
+        h0 if h0 is not None else hT, cu if cu is not None else A,
+        y, hT,
+        L, H, P, N, H // G, *_limits(dt_limit),
+        x.stride(0), x.stride(1), x.stride(2),
+        dt.stride(0), dt.stride(1),
+        B.stride(0), B.stride(1), B.stride(2),
+        zz.stride(0), zz.stride(1), zz.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, STORE_HT=store_ht,
+        VARLEN=cu is not None, DT_SOFTPLUS=bool(dt_softplus),
+        IEEE=x.dtype in (torch.float32, torch.float64), CDT=_tl_dtype(cdt),
+        BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return y, hT
+
+
+def _limits(dt_limit) -> tuple[float, float]:
+    """The clamp of Δ as the kernels take it: none at all unless a bound is set (as ``process_dt``)."""
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    if lo > 0.0 or hi != math.inf:
+        return lo, min(hi, 3.0e38)
+    return -3.0e38, 3.0e38
+
+
+def _tl_dtype(dt):
+    import triton.language as tl
+
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+class _SSDFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, store_ht):
+        y, hT = _launch_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, cu, store_ht)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, cu)
+        ctx.opts = (dt_softplus, dt_limit)
+        ctx.mark_non_differentiable(*(() if store_ht else (hT,)))
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        x, dt, A, B, C, D, z, dt_bias, h0, cu = ctx.saved_tensors
+        grads = _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, *ctx.opts, dy, dhT)
+        return (*grads, None, None, None, None)
+
+
+def _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, dhT):
+    """Gradients of (x, dt, A, B, C, D, z, dt_bias, h0): the states entering each chunk are
+    recomputed (one pass), then the chunks run backwards, then dB/dC are summed per group."""
+    from ssmkit.ops.ssd import triton_fused_chunk as k
+
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    cdt = _cdt(x, dt, B, C, h0)
+    nseq = b if cu is None else cu.numel() - 1
+    nch_max = triton.cdiv(L, BLOCK_Q)
+    if cu is None:
+        choff = A  # (unused)
+        total_chunks = nseq * nch_max
+    else:  # the first chunk of each sequence in the state scratch: prefix sums of ceil(len / Q)
+        lens = (cu[1:] - cu[:-1]).to(torch.int64)
+        choff = F.pad(torch.cumsum((lens + BLOCK_Q - 1) // BLOCK_Q, 0), (1, 0))[:-1].to(torch.int32)
+        total_chunks = nch_max + nseq  # an upper bound that needs no read of cu_seqlens
+    BLOCK_P = _next_pow2(P)
+    BLOCK_N = _next_pow2(N)
+    S = torch.empty(total_chunks, H, P, N, device=x.device, dtype=cdt)
+    dS = torch.empty_like(S)
+    dy = _row_major(dy)
+    dx = torch.empty_like(x)
+    ddt = torch.empty_like(dt)
+    dz = torch.empty_like(z) if z is not None else None
+    dys = torch.empty(x.shape, device=x.device, dtype=cdt)
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    dA_p = torch.empty(nseq, H, device=x.device, dtype=cdt)
+    dbias_p = torch.empty(nseq, H, device=x.device, dtype=cdt) if dt_bias is not None else None
+    dD_p = torch.empty(nseq, H, BLOCK_P, device=x.device, dtype=cdt) if D is not None else None
+    dB = torch.empty(B.shape, device=x.device, dtype=B.dtype)
+    dC = torch.empty(C.shape, device=x.device, dtype=C.dtype)
+    dummy = A
+    lo, hi = _limits(dt_limit)
+    common = dict(VARLEN=cu is not None, DT_SOFTPLUS=bool(dt_softplus),
+                  IEEE=x.dtype in (torch.float32, torch.float64), CDT=_tl_dtype(cdt),
+                  BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4)
+    strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
+               B.stride(0), B.stride(1), B.stride(2))
+    cu_ = cu if cu is not None else dummy
+    bias_ = dt_bias if dt_bias is not None else dummy
+    k._ssd_states_fwd[(nseq * H,)](
+        x, dt, A, B, bias_, h0 if h0 is not None else dummy, cu_, choff, S,
+        L, H, P, N, H // G, nch_max, lo, hi, *strides,
+        HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, **common)
+    zz = z if z is not None else x
+    dzz = dz if dz is not None else dx
+    k._ssd_bwd[(nseq * H,)](
+        x, dt, A, B, C, D if D is not None else dummy, zz, bias_, cu_, choff, S,
+        dy, dhT.contiguous() if dhT is not None else dummy,
+        dx, ddt, dzz, dys, dS, dh0 if dh0 is not None else dummy, dA_p,
+        dD_p if dD_p is not None else dummy, dbias_p if dbias_p is not None else dummy,
+        L, H, P, N, H // G, nch_max, lo, hi, *strides,
+        zz.stride(0), zz.stride(1), zz.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, HAS_DHT=dhT is not None, **common)
+    k._ssd_bwd_dbc[(nseq, nch_max, G)](
+        x, dt, A, B, C, bias_, cu_, choff, S, dS, dys, dB, dC,
+        L, H, P, N, H // G, nch_max, lo, hi, *strides,
+        HAS_BIAS=dt_bias is not None, **common)
+    dA = dA_p.sum(0)
+    dD = None
+    if D is not None:
+        dD = dD_p[..., :P].sum(0)
+        dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
+    dbias = dbias_p.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
+    return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, dbias, dh0
+
+
+triton = None  # the triton module, imported on first call (keeps this module importable without it)
+
+
+def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, math.inf), initial_state=None, return_final_state=False, cu_seqlens=None):
+    global triton
+    if triton is None:
+        import triton as _triton
+
+        triton = _triton
+    x, dt, B, C, z = (_row_major(t) for t in (x, dt, B, C, z))
+    A = A.contiguous()
+    D = None if D is None else D.contiguous()
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
+    cdt = _cdt(x, dt, B, C, initial_state)
+    h0 = None if initial_state is None else initial_state.to(cdt).contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
+    y, hT = _SSDFn.apply(x, dt, A.to(cdt), B, C, D, z, dt_bias, h0, cu, dt_softplus, tuple(dt_limit),
+                         bool(return_final_state))
+    return (y, hT) if return_final_state else y
+
+
+register("ssd", "triton")(ssd_triton)

@@ -1,0 +1,408 @@
+"""Triton kernels of the fused-chunk SSD (imported on first use; see :mod:`ssmkit.ops.ssd.triton`).
+
+One program owns one (sequence, head, block of P) and walks its chunks of ``BLOCK_Q`` tokens in
+order, the state ``h (P, N)`` in float32 registers. Per chunk, with the log decays
+``a_t = Δ_t A`` and their within-chunk prefix sums ``c_i``:
+
+* ``y = (L ∘ C Bᵀ)(Δx) + exp(c) ∘ (C hᵀ) + D x``, ``L_ij = exp(c_i - c_j)`` for i >= j: the
+  diagonal block and the state's contribution, two matmuls on the tensor cores;
+* ``h <- exp(c_Q) h + (exp(c_Q - c) ∘ Δx)ᵀ B``: the chunk's state, a third matmul.
+
+Nothing but ``y`` (and the final state) leaves the chip: no chunk states, no ``C Bᵀ`` blocks in
+memory. The backward recomputes the states entering each chunk (``_ssd_states_fwd``), then walks
+the chunks backwards with the state's adjoint ``dh`` in registers (``_ssd_bwd``), and sums the
+B and C gradients of the heads of each group in a parallel pass (``_ssd_bwd_dbc``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dt_process(dt_ptr, bias, t_idx, t_mask, stride_dt_t, DT_SOFTPLUS: tl.constexpr, dt_min, dt_max,
+                CDT: tl.constexpr):
+    """Δ for the rows ``t_idx``: clamp(softplus?(dt + dt_bias)); 0 on masked rows. Also returns
+    the derivative dΔ/d(dt) (softplus' and the clamp's)."""
+    raw = tl.load(dt_ptr + t_idx * stride_dt_t, mask=t_mask, other=0.0).to(CDT) + bias
+    if DT_SOFTPLUS:
+        sp = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+        deriv = tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+    else:
+        sp = raw
+        deriv = tl.full(raw.shape, 1.0, CDT)
+    inside = (sp >= dt_min) & (sp <= dt_max)
+    dlt = tl.minimum(tl.maximum(sp, dt_min), dt_max)
+    dlt = tl.where(t_mask, dlt, 0.0)
+    deriv = tl.where(t_mask & inside, deriv, 0.0)
+    return dlt, deriv
+
+
+@triton.jit
+def _ssd_fwd(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr,
+    y_ptr, hT_ptr,
+    seqlen, H, P, N, heads_per_group, dt_min, dt_max,
+    stride_x_b, stride_x_t, stride_x_h,
+    stride_dt_b, stride_dt_t,
+    stride_B_b, stride_B_t, stride_B_g,
+    stride_z_b, stride_z_t, stride_z_h,
+    stride_y_b, stride_y_t, stride_y_h,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_sh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    seq = pid_sh // H
+    head = pid_sh % H
+    grp = head // heads_per_group
+    if VARLEN:  # packed sequences: batch row 0, rows [start, end)
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+        row = 0
+    else:
+        start = 0
+        end = seqlen
+        row = seq.to(tl.int64)
+    length = end - start
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    p_mask = offs_p < P
+    n_mask = offs_n < N
+
+    x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
+    y_base = y_ptr + row * stride_y_b + head * stride_y_h + start * stride_y_t
+    z_base = z_ptr + row * stride_z_b + head * stride_z_h + start * stride_z_t
+    dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+    B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+    C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+
+    A = tl.load(A_ptr + head).to(CDT)
+    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
+    if HAS_D:
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + head * P + offs_p, mask=p_mask, other=0.0).to(CDT)
+        else:
+            Dv = tl.load(D_ptr + head).to(CDT)
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
+    state_mask = p_mask[:, None] & n_mask[None, :]
+    sidx = (seq * H + head).to(tl.int64) * P * N
+    if HAS_H0:
+        h = tl.load(h0_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
+    else:
+        h = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+
+    for c0 in range(0, length, BLOCK_Q):
+        t = (c0 + offs_q).to(tl.int64)
+        t_mask = t < length
+        dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
+        cum = tl.cumsum(dlt * A, axis=0)  # (Q,) prefix sums of the log decays
+        c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+        x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :],
+                    mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+        Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :],
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        Cm = tl.load(C_base + t[:, None] * stride_B_t + offs_n[None, :],
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        # state entering the chunk -> output: exp(c_i) C_i h
+        y = tl.dot(Cm, tl.trans(h.to(Cm.dtype)), input_precision=prec) * tl.exp(cum)[:, None]
+        # diagonal block: (L ∘ C Bᵀ) Δx
+        cb = tl.dot(Cm, tl.trans(Bm), input_precision=prec)
+        seg = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
+        m = cb * tl.exp(seg) * dlt[None, :]
+        y += tl.dot(m.to(x.dtype), x, input_precision=prec)
+        # the chunk's state: h <- exp(c_Q) h + (exp(c_Q - c) Δ x)ᵀ B
+        w = (tl.exp(c_last - cum) * dlt)[:, None] * x.to(CDT)
+        h = h * tl.exp(c_last) + tl.dot(tl.trans(w.to(Bm.dtype)), Bm, input_precision=prec)
+        xf = x.to(CDT)
+        if HAS_D:
+            if D_PER_CHANNEL:
+                y += xf * Dv[None, :]
+            else:
+                y += xf * Dv
+        if HAS_Z:
+            zz = tl.load(z_base + t[:, None] * stride_z_t + offs_p[None, :],
+                         mask=t_mask[:, None] & p_mask[None, :], other=0.0).to(CDT)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(y_base + t[:, None] * stride_y_t + offs_p[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & p_mask[None, :])
+    if STORE_HT:
+        tl.store(hT_ptr + sidx + state_offs, h, mask=state_mask)
+
+
+@triton.jit
+def _ssd_states_fwd(
+    x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, h0_ptr, cu_ptr, choff_ptr, S_ptr,
+    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
+    stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
+    HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The state entering every chunk, ``S[chunk, head] (P, N)``: the forward's recurrence over
+    chunks without the outputs (the backward's first pass)."""
+    pid_sh = tl.program_id(0)
+    seq = pid_sh // H
+    head = pid_sh % H
+    grp = head // heads_per_group
+    if VARLEN:
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
+        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
+        row = 0
+    else:
+        start = 0
+        length = seqlen
+        chunk0 = seq.to(tl.int64) * nchunks_max
+        row = seq.to(tl.int64)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    p_mask = offs_p < P
+    n_mask = offs_n < N
+    x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
+    dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+    B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+    A = tl.load(A_ptr + head).to(CDT)
+    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
+    state_mask = p_mask[:, None] & n_mask[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + (seq * H + head).to(tl.int64) * P * N + state_offs, mask=state_mask,
+                    other=0.0).to(CDT)
+    else:
+        h = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    for c0 in range(0, length, BLOCK_Q):
+        tl.store(S_ptr + ((chunk0 + c0 // BLOCK_Q) * H + head) * P * N + state_offs, h, mask=state_mask)
+        t = (c0 + offs_q).to(tl.int64)
+        t_mask = t < length
+        dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
+        cum = tl.cumsum(dlt * A, axis=0)
+        c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+        x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :],
+                    mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+        Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :],
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        w = (tl.exp(c_last - cum) * dlt)[:, None] * x.to(CDT)
+        h = h * tl.exp(c_last) + tl.dot(tl.trans(w.to(Bm.dtype)), Bm, input_precision=prec)
+
+
+@triton.jit
+def _ssd_bwd(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_ptr, choff_ptr, S_ptr,
+    dy_ptr, dhT_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dys_ptr, dS_ptr, dh0_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
+    stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
+    stride_z_b, stride_z_t, stride_z_h, stride_dy_b, stride_dy_t, stride_dy_h,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The chunks in reverse order with the state's adjoint ``dh (P, N)`` in registers: dx, dΔ
+    (through softplus and the clamp), dz, the per-program sums for dA, dD, d(dt_bias), and for
+    the B/C pass the pre-gate dy and the adjoint leaving each chunk (``dS``)."""
+    pid_sh = tl.program_id(0)
+    seq = pid_sh // H
+    head = pid_sh % H
+    grp = head // heads_per_group
+    if VARLEN:
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
+        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
+        row = 0
+    else:
+        start = 0
+        length = seqlen
+        chunk0 = seq.to(tl.int64) * nchunks_max
+        row = seq.to(tl.int64)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    p_mask = offs_p < P
+    n_mask = offs_n < N
+    # x, dx, dys share x's strides; dy and dz their own
+    x_off = row * stride_x_b + head * stride_x_h + start * stride_x_t
+    x_base = x_ptr + x_off
+    dx_base = dx_ptr + x_off
+    dys_base = dys_ptr + x_off
+    dy_base = dy_ptr + row * stride_dy_b + head * stride_dy_h + start * stride_dy_t
+    z_off = row * stride_z_b + head * stride_z_h + start * stride_z_t
+    z_base = z_ptr + z_off
+    dz_base = dz_ptr + z_off
+    dt_off = row * stride_dt_b + head + start * stride_dt_t
+    dt_base = dt_ptr + dt_off
+    ddt_base = ddt_ptr + dt_off
+    B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+    C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+    A = tl.load(A_ptr + head).to(CDT)
+    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
+    if HAS_D:
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + head * P + offs_p, mask=p_mask, other=0.0).to(CDT)
+        else:
+            Dv = tl.load(D_ptr + head).to(CDT)
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
+    state_mask = p_mask[:, None] & n_mask[None, :]
+    sidx = (seq * H + head).to(tl.int64) * P * N
+    if HAS_DHT:
+        dh = tl.load(dhT_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
+    else:
+        dh = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dA_acc = tl.zeros((BLOCK_Q,), dtype=CDT)
+    dbias_acc = tl.zeros((BLOCK_Q,), dtype=CDT)
+    dD_acc = tl.zeros((BLOCK_P,), dtype=CDT)
+    nch = tl.cdiv(length, BLOCK_Q)
+    for i in range(0, nch):
+        k = nch - 1 - i
+        c0 = k * BLOCK_Q
+        sk = ((chunk0 + k) * H + head) * P * N
+        tl.store(dS_ptr + sk + state_offs, dh, mask=state_mask)
+        t = (c0 + offs_q).to(tl.int64)
+        t_mask = t < length
+        qp_mask = t_mask[:, None] & p_mask[None, :]
+        qn_mask = t_mask[:, None] & n_mask[None, :]
+        dlt, deriv = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
+        cum = tl.cumsum(dlt * A, axis=0)
+        c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+        x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :], mask=qp_mask, other=0.0)
+        Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :], mask=qn_mask, other=0.0)
+        Cm = tl.load(C_base + t[:, None] * stride_B_t + offs_n[None, :], mask=qn_mask, other=0.0)
+        hp = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0)
+        xf = x.to(CDT)
+        dy = tl.load(dy_base + t[:, None] * stride_dy_t + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
+        e_cum = tl.exp(cum)
+        decay_end = tl.exp(c_last - cum)
+        cb = tl.dot(Cm, tl.trans(Bm), input_precision=prec)
+        lcb = cb * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+        y_off = tl.dot(Cm, tl.trans(hp.to(Cm.dtype)), input_precision=prec)  # (C h), before exp(cum)
+        if HAS_Z:
+            zz = tl.load(z_base + t[:, None] * stride_z_t + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
+            y = tl.dot((lcb * dlt[None, :]).to(x.dtype), x, input_precision=prec) + y_off * e_cum[:, None]
+            if HAS_D:
+                if D_PER_CHANNEL:
+                    y += xf * Dv[None, :]
+                else:
+                    y += xf * Dv
+            sz = tl.sigmoid(zz)
+            dz = dy * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_base + t[:, None] * stride_z_t + offs_p[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=qp_mask)
+            dy = dy * zz * sz
+        tl.store(dys_base + t[:, None] * stride_x_t + offs_p[None, :], dy.to(dys_ptr.dtype.element_ty),
+                 mask=qp_mask)
+        dyd = dy.to(x.dtype)
+        # gradient of Δx: the diagonal block's transpose and the state leaving the chunk
+        bdh = tl.dot(Bm, tl.trans(dh.to(Bm.dtype)), input_precision=prec)  # (Q, P)
+        dxp = tl.dot(tl.trans(lcb.to(x.dtype)), dyd, input_precision=prec) + decay_end[:, None] * bdh
+        dx = dlt[:, None] * dxp
+        if HAS_D:
+            if D_PER_CHANNEL:
+                dx += dy * Dv[None, :]
+            else:
+                dx += dy * Dv
+            dD_acc += tl.sum(dy * xf, axis=0)  # per channel (the host sums them for D per head)
+        tl.store(dx_base + t[:, None] * stride_x_t + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=qp_mask)
+        ddlt = tl.sum(xf * dxp, axis=1)
+        # gradient of the prefix sums c
+        gm = tl.dot(dyd, tl.trans(x), input_precision=prec) * lcb * dlt[None, :]  # (Q, Q)
+        dcum = tl.sum(gm, axis=1) - tl.sum(gm, axis=0)
+        dcum += tl.sum(dy * y_off, axis=1) * e_cum
+        term = decay_end * dlt * tl.sum(xf * bdh, axis=1)
+        dlast = tl.sum(term, axis=0) + tl.exp(c_last) * tl.sum(tl.sum(dh * hp, axis=1), axis=0)
+        dcum = dcum - term + tl.where(offs_q == BLOCK_Q - 1, dlast, 0.0)
+        da = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # reverse prefix sums
+        ddlt += A * da
+        dA_acc += dlt * da
+        ddt = ddlt * deriv
+        dbias_acc += ddt
+        tl.store(ddt_base + t * stride_dt_t, ddt.to(ddt_ptr.dtype.element_ty), mask=t_mask)
+        # the adjoint entering the chunk
+        dh = dh * tl.exp(c_last) + tl.dot(tl.trans((dy * e_cum[:, None]).to(Cm.dtype)), Cm,
+                                          input_precision=prec)
+    out = seq * H + head
+    if HAS_H0:
+        tl.store(dh0_ptr + sidx + state_offs, dh, mask=state_mask)
+    tl.store(dA_ptr + out, tl.sum(dA_acc, axis=0))
+    if HAS_BIAS:
+        tl.store(dbias_ptr + out, tl.sum(dbias_acc, axis=0))
+    if HAS_D:
+        tl.store(dD_ptr + out.to(tl.int64) * BLOCK_P + offs_p, dD_acc)
+
+
+@triton.jit
+def _ssd_bwd_dbc(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, cu_ptr, choff_ptr, S_ptr, dS_ptr, dys_ptr,
+    dB_ptr, dC_ptr,
+    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
+    stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
+    HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dB and dC of one (sequence, chunk, group), summed over the group's heads."""
+    seq = tl.program_id(0)
+    k = tl.program_id(1)
+    grp = tl.program_id(2)
+    if VARLEN:
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
+        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
+        row = 0
+    else:
+        start = 0
+        length = seqlen
+        chunk0 = seq.to(tl.int64) * nchunks_max
+        row = seq.to(tl.int64)
+    c0 = k * BLOCK_Q
+    if c0 < length:
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        p_mask = offs_p < P
+        n_mask = offs_n < N
+        t = (c0 + offs_q).to(tl.int64)
+        t_mask = t < length
+        qp_mask = t_mask[:, None] & p_mask[None, :]
+        qn_mask = t_mask[:, None] & n_mask[None, :]
+        bc_off = row * stride_B_b + grp * stride_B_g + start * stride_B_t + t[:, None] * stride_B_t + offs_n[None, :]
+        Bm = tl.load(B_ptr + bc_off, mask=qn_mask, other=0.0)
+        Cm = tl.load(C_ptr + bc_off, mask=qn_mask, other=0.0)
+        state_offs = offs_p[:, None] * N + offs_n[None, :]
+        state_mask = p_mask[:, None] & n_mask[None, :]
+        causal = offs_q[:, None] >= offs_q[None, :]
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
+        dB = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)
+        dC = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)
+        for j in range(0, heads_per_group):
+            head = grp * heads_per_group + j
+            A = tl.load(A_ptr + head).to(CDT)
+            bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
+            dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+            dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
+            cum = tl.cumsum(dlt * A, axis=0)
+            c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+            x_off = row * stride_x_b + head * stride_x_h + start * stride_x_t + t[:, None] * stride_x_t + offs_p[None, :]
+            x = tl.load(x_ptr + x_off, mask=qp_mask, other=0.0)
+            dy = tl.load(dys_ptr + x_off, mask=qp_mask, other=0.0).to(x.dtype)
+            sk = ((chunk0 + k) * H + head) * P * N
+            hp = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0)
+            dh = tl.load(dS_ptr + sk + state_offs, mask=state_mask, other=0.0)
+            lm = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            wm = tl.dot(dy, tl.trans(x), input_precision=prec) * lm * dlt[None, :]  # (Q, Q)
+            dC += tl.dot(wm.to(Bm.dtype), Bm, input_precision=prec)
+            dC += tl.dot(dy, hp.to(x.dtype), input_precision=prec) * tl.exp(cum)[:, None]
+            dB += tl.dot(tl.trans(wm.to(Cm.dtype)), Cm, input_precision=prec)
+            dB += tl.dot(x, dh.to(x.dtype), input_precision=prec) * (tl.exp(c_last - cum) * dlt)[:, None]
+        tl.store(dB_ptr + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=qn_mask)
+        tl.store(dC_ptr + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=qn_mask)
