@@ -25,6 +25,7 @@ import triton  # noqa: E402
 from _results import result_path, write_json  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+import ssmkit.ops.ssd.triton  # noqa: E402,F401  (registers the Triton form)
 from ssmkit.ops.ssd import ssd  # noqa: E402
 
 
