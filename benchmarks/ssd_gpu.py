@@ -90,6 +90,7 @@ def main(argv=None):
     p.add_argument("--seqlens", default="2048,8192")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--chunked", action="store_true", help="also time the chunked PyTorch form")
+    p.add_argument("--sweep", action="store_true", help="also time other warps per program")
     a = p.parse_args(argv)
     b, H, P, G, N = 8, 32, 64, 1, 128
     props = torch.cuda.get_device_properties(0)
@@ -107,6 +108,19 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 print("mamba_ssm failed:", repr(e), flush=True)
         row["ssmkit"] = _time(ours("triton"), ts, True)
+        if a.sweep:  # warps per program, forward and backward
+            import ssmkit.ops.ssd.triton as sdt
+
+            base = (sdt.FWD_WARPS, sdt.BWD_WARPS)
+            for fw, bw in ((4, 4), (8, 8), (4, 8), (8, 4)):
+                sdt.FWD_WARPS, sdt.BWD_WARPS = fw, bw
+                try:
+                    r = _time(ours("triton"), ts, True)
+                    row[f"ssmkit warps {fw}/{bw}"] = r
+                    print(f"L={L} warps fwd {fw} bwd {bw}: {r}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print("warps", fw, bw, "failed:", repr(e)[:300], flush=True)
+            sdt.FWD_WARPS, sdt.BWD_WARPS = base
         if a.chunked:
             row["ssmkit chunked"] = _time(ours("chunked"), ts, True)
         if L <= 2048:

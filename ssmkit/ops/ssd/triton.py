@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from ssmkit.ops.dispatch import register
 
 BLOCK_Q = 64  # tokens per chunk
+FWD_WARPS = 4  # warps per program of the forward
+BWD_WARPS = 8  # warps per program of the backward passes
 
 
 def _next_pow2(n: int, lo: int = 16) -> int:
@@ -66,7 +68,7 @@ def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, cu, st
         HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, STORE_HT=store_ht,
         VARLEN=cu is not None, DT_SOFTPLUS=bool(dt_softplus),
         IEEE=x.dtype in (torch.float32, torch.float64), CDT=_tl_dtype(cdt),
-        BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4,
+        BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=FWD_WARPS,
     )
     return y, hT
 
@@ -137,7 +139,7 @@ def _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy
     lo, hi = _limits(dt_limit)
     common = dict(VARLEN=cu is not None, DT_SOFTPLUS=bool(dt_softplus),
                   IEEE=x.dtype in (torch.float32, torch.float64), CDT=_tl_dtype(cdt),
-                  BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4)
+                  BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=BWD_WARPS)
     strides = (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
                B.stride(0), B.stride(1), B.stride(2))
     cu_ = cu if cu is not None else dummy
