@@ -16,6 +16,7 @@ is a scalar per head, which is what lets SSD use matmuls (Sec. 7.1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -25,10 +26,13 @@ from torch import nn
 from ssmkit._checks import check_positive_int
 from ssmkit.layers.norm import RMSNormGated
 from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
+from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.ssd import ssd
 from ssmkit.ops.ssd.step import ssd_step_one
+from ssmkit.ops.ssd.triton import ssd_triton
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba2", "Mamba2State"]
@@ -156,20 +160,31 @@ class Mamba2(nn.Module):
         if mask is not None:
             # padding must not reach the conv window of later tokens, nor the SSM state (Δ = 0)
             xBC = xBC * mask.to(xBC.dtype)[..., None]
-        xBC, conv_state = causal_conv1d(
+        # The Triton forms run as torch.library ops (torch.compile(fullgraph=True) sees one node
+        # each); the SSD kernels then also apply softplus(dt + dt_bias) and the Δ clamp.
+        conv, scan = causal_conv1d, ssd
+        if get("causal_conv1d", "auto", xBC) is causal_conv1d_triton:
+            conv = functools.partial(custom_ops.causal_conv1d, backend="triton")
+        fused = get("ssd", "auto", xBC) is ssd_triton
+        if fused:
+            scan = functools.partial(custom_ops.ssd, backend="triton")
+        xBC, conv_state = conv(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
             initial_state=None if state is None else state.conv_state, return_final_state=True,
             cu_seqlens=cu_seqlens,
         )
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        delta = self._delta(dt)
+        if fused and mask is None:
+            delta, dt_opts = dt, dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        else:
+            delta, dt_opts = self._delta(dt), {}
         if mask is not None:
             delta = delta * mask.to(delta.dtype)[..., None]
-        y, ssm_state = ssd(
+        y, ssm_state = scan(
             xs.reshape(b, l, h, p), delta, self._A(), B.reshape(b, l, g, n), C.reshape(b, l, g, n),
             chunk_size=self.chunk_size, D=self._D(), z=None if self.rmsnorm else z.reshape(b, l, h, p),
             initial_state=None if state is None else state.ssm_state, return_final_state=True,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, **dt_opts,
         )
         y = y.reshape(b, l, self.d_inner)
         if self.rmsnorm:

@@ -9,6 +9,9 @@ formula:
   ``ssmkit::selective_scan_bwd``.
 * ``ssmkit::causal_conv1d(x, weight, bias?, initial_state?, cu_seqlens?, silu, backend)
   -> (y, final_state)`` and ``ssmkit::causal_conv1d_bwd``.
+* ``ssmkit::ssd(x, dt, A, B, C, D?, z?, dt_bias?, initial_state?, cu_seqlens?, chunk_size,
+  dt_softplus, dt_min, dt_max, backend) -> (y, final_state)`` and ``ssmkit::ssd_bwd`` (the Triton
+  form's backward kernels, or autograd through the CPU forms).
 
 With the Triton form, the forward op also returns the states its backward reads and the backward
 op runs the Triton backward on them; the CPU forms' backward ops recompute the forward under
@@ -17,27 +20,31 @@ autograd and differentiate it (one extra forward; memory stays that of the form)
 CPU, as elsewhere.
 
 Python entry points with the public signatures (no data-dependent validation, so they trace):
-:func:`selective_scan` and :func:`causal_conv1d`. Shapes as in :mod:`ssmkit.ops.selective_scan`
+:func:`selective_scan`, :func:`causal_conv1d` and :func:`ssd`. Shapes as in :mod:`ssmkit.ops.selective_scan`
 and :mod:`ssmkit.ops.conv.causal_conv1d`; ``B, C`` may be 3-D or 4-D.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
 
 from ssmkit.ops import dispatch
 from ssmkit.ops.selective_scan._common import compute_dtype
+from ssmkit.ops.ssd._common import compute_dtype as ssd_compute_dtype
 
-__all__ = ["selective_scan", "causal_conv1d"]
+__all__ = ["selective_scan", "causal_conv1d", "ssd"]
 
 
 def _resolve(op: str, backend: str, x: Tensor):
     # Importing the op packages registers their forms (reference, chunked, triton).
     if op == "selective_scan":
         import ssmkit.ops.selective_scan  # noqa: F401
+    elif op == "ssd":
+        import ssmkit.ops.ssd  # noqa: F401
     else:
         import ssmkit.ops.conv.causal_conv1d  # noqa: F401
         if dispatch.triton_installed():
@@ -268,3 +275,97 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     y, f = torch.ops.ssmkit.causal_conv1d(x, weight, bias, initial_state, cu_seqlens,
                                           activation is not None, backend)
     return (y, f) if return_final_state else y
+
+
+# ----------------------------------------------------------------------------- SSD
+
+
+def _triton_ssd(fn) -> bool:
+    from ssmkit.ops.ssd.triton import ssd_triton  # (no Triton import)
+
+    return fn is ssd_triton
+
+
+@torch.library.custom_op("ssmkit::ssd", mutates_args=())
+def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+            z: Tensor | None, dt_bias: Tensor | None, initial_state: Tensor | None,
+            cu_seqlens: Tensor | None, chunk_size: int, dt_softplus: bool, dt_min: float,
+            dt_max: float, backend: str) -> tuple[Tensor, Tensor]:
+    fn = _resolve("ssd", backend, x)
+    with torch.no_grad():
+        y, hT = fn(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_min, dt_max),
+                   initial_state, True, cu_seqlens)
+    return y.contiguous(), hT.contiguous()
+
+
+@_ssd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size, dt_softplus, dt_min,
+      dt_max, backend):
+    nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    acc = ssd_compute_dtype(x, dt, B, C, initial_state)
+    return torch.empty_like(x), x.new_empty(nseq, x.shape[2], x.shape[3], B.shape[3], dtype=acc)
+
+
+@torch.library.custom_op("ssmkit::ssd_bwd", mutates_args=())
+def _ssd_bwd_op(dy: Tensor, dhT: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                C: Tensor, D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None,
+                initial_state: Tensor | None, cu_seqlens: Tensor | None, chunk_size: int,
+                dt_softplus: bool, dt_min: float, dt_max: float, backend: str) -> list[Tensor]:
+    ins = [x, dt, A, B, C, D, z, dt_bias, initial_state]
+    fn = _resolve("ssd", backend, x)
+    if _triton_ssd(fn):
+        from ssmkit.ops.ssd import triton as sdt
+
+        grads = sdt.backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus,
+                             (dt_min, dt_max), dy, dhT)
+    else:
+        with _autograd_inside_op():
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
+            y, hT = fn(*leaves[:5], chunk_size, *leaves[5:8], dt_softplus, (dt_min, dt_max),
+                       leaves[8], True, cu_seqlens)
+            live = [t for t in leaves if t is not None]
+            outs, gouts = (y, hT) if dhT is not None else (y,), (dy, dhT) if dhT is not None else (dy,)
+            it = iter(torch.autograd.grad(outs, live, gouts, allow_unused=True))
+            grads = [next(it) if t is not None else None for t in leaves]
+    return [x.new_zeros(0) if t is None else torch.zeros_like(t) if g is None else g.contiguous()
+            for g, t in zip(grads, ins)]
+
+
+@_ssd_bwd_op.register_fake
+def _(dy, dhT, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size, dt_softplus,
+      dt_min, dt_max, backend):
+    return [torch.empty_like(t) if t is not None else x.new_empty(0)
+            for t in (x, dt, A, B, C, D, z, dt_bias, initial_state)]
+
+
+def _ssd_setup(ctx, inputs, output):
+    (x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, chunk_size, dt_softplus, dt_min,
+     dt_max, backend) = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
+    ctx.opts = (chunk_size, dt_softplus, dt_min, dt_max, backend)
+
+
+def _ssd_backward(ctx, dy, dhT):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens = ctx.saved_tensors
+    grads = _ssd_bwd_op(dy.contiguous(), None if dhT is None else dhT.contiguous(), x, dt, A, B, C,
+                        D, z, dt_bias, initial_state, cu_seqlens, *ctx.opts)
+    ins = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    res = [g if t is not None else None for g, t in zip(grads, ins)]
+    return (*res, None, None, None, None, None, None)
+
+
+_ssd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+
+
+def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+        z: Tensor | None = None, dt_bias: Tensor | None = None, *, chunk_size: int = 64,
+        dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
+        initial_state: Tensor | None = None, return_final_state: bool = False,
+        cu_seqlens: Tensor | None = None, backend: str = "auto"):
+    """:func:`ssmkit.ops.ssd` as one custom op (traceable; no validation: the caller built the
+    inputs). The Triton form's backward runs its backward kernels; the CPU forms' backward
+    differentiates a second forward."""
+    y, hT = torch.ops.ssmkit.ssd(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens,
+                                 int(chunk_size), bool(dt_softplus), float(dt_limit[0]),
+                                 float(dt_limit[1]), backend)
+    return (y, hT) if return_final_state else y

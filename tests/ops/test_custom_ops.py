@@ -35,6 +35,28 @@ def test_scan_op_matches_reference_with_grads():
     _check_scan_op("chunked")
 
 
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("triton", marks=pytest.mark.triton)])
+def test_ssd_op_matches_reference_with_grads(backend):
+    """The SSD op (the CPU form's backward by autograd, the Triton form's by its kernels):
+    output, final state and every gradient against the reference recurrence, float64."""
+    from ssmkit.ops.ssd import ssd
+
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    ts = [r(2, 70, 4, 8), r(2, 70, 4) * 0.5 - 1, -torch.rand(4, generator=g, dtype=torch.float64) - 0.1,
+          r(2, 70, 2, 16), r(2, 70, 2, 16), r(4), r(2, 70, 4, 8), r(4) * 0.1, r(2, 4, 8, 16)]
+    ts = [t.requires_grad_() for t in ts]
+    x, dt, A, B, C, D, z, bias, h0 = ts
+    kw = dict(dt_softplus=True, initial_state=h0, return_final_state=True)
+    y, hT = custom_ops.ssd(x, dt, A, B, C, D, z, bias, backend=backend, **kw)
+    yr, hr = ssd(x, dt, A, B, C, D, z, bias, backend="reference", **kw)
+    assert_close("y", yr, y, rel=1e-10)
+    assert_close("hT", hr, hT, rel=1e-10)
+    for a, b in zip(torch.autograd.grad(yr.square().sum() + hr.sum(), ts),
+                    torch.autograd.grad(y.square().sum() + hT.sum(), ts)):
+        assert_close("grad", a, b, rel=1e-9)
+
+
 def test_conv_op_matches_reference_with_grads():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -81,7 +103,7 @@ def test_fullgraph_compile_no_graph_breaks():
 
 
 @pytest.mark.parametrize("fn", ["selective_scan", pytest.param("selective_scan_triton", marks=pytest.mark.triton),
-                                "causal_conv1d"])
+                                "causal_conv1d", "ssd", pytest.param("ssd_triton", marks=pytest.mark.triton)])
 def test_opcheck(fn):
     """Schema and fake (meta) implementation; for the Triton form with saved states, the fake
     knows their shape (packed sequences too: an upper bound from shapes alone)."""
@@ -90,6 +112,15 @@ def test_opcheck(fn):
         cu = torch.tensor([0, 2, 5]) if triton else None
         args = tuple(_scan_inputs(1, 5, 4, 2)[:8]) + (None, cu, True, "triton" if triton else "chunked", triton, -1)
         op = torch.ops.ssmkit.selective_scan.default
+    elif fn.startswith("ssd"):
+        triton = fn.endswith("triton")
+        g = torch.Generator().manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        cu = torch.tensor([0, 2, 5]) if triton else None
+        args = (r(1, 5, 2, 4), r(1, 5, 2), -torch.rand(2, dtype=torch.float64), r(1, 5, 1, 8), r(1, 5, 1, 8),
+                r(2), r(1, 5, 2, 4), r(2), r(2 if triton else 1, 2, 4, 8), cu, 64, True, 0.0, float("inf"),
+                "triton" if triton else "chunked")
+        op = torch.ops.ssmkit.ssd.default
     else:
         args = (torch.randn(1, 5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
                 None, None, None, True, "reference")
@@ -120,18 +151,20 @@ def test_scan_op_triton_backward_reads_saved_states(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.triton
-def test_mamba_lm_compiles_fullgraph_on_the_triton_forms():
-    """A Mamba language model on the Triton forms (the interpreter on CPU) compiles with
-    fullgraph=True: the layer calls the scan and the conv as torch.library ops. Same loss and
-    gradients as eager. (About 9 s on 2 cores, most of it compiling: the one test of a whole
-    model under torch.compile with the GPU code path.)"""
+@pytest.mark.parametrize("pattern", ["MM", "22"])
+def test_lm_compiles_fullgraph_on_the_triton_forms(pattern):
+    """A Mamba (Mamba-2) language model on the Triton forms (the interpreter on CPU) compiles
+    with fullgraph=True: the layer calls the scan (SSD) and the conv as torch.library ops. Same
+    loss and gradients as eager. (About 9 s each on 2 cores, most of it compiling: the tests of a
+    whole model under torch.compile with the GPU code path.)"""
     import ssmkit
     from ssmkit.ops.dispatch import force_backend
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=16, n_layer=2, vocab_size=40, layer_pattern="MM",
-                                                ssm_cfg={"d_state": 4}))
+    m = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=16, n_layer=2, vocab_size=40, layer_pattern=pattern,
+                                                ssm_cfg={"d_state": 4},
+                                                mamba2_cfg={"d_state": 8, "headdim": 8, "chunk_size": 8}))
     ids = torch.randint(0, 40, (2, 12))
     with force_backend("triton"):
         ref = m(ids, labels=ids).loss

@@ -73,3 +73,18 @@ def test_dt_limit():
 def test_packed_with_empty_sequence():
     cu = torch.tensor([0, 30, 30, 100], device=triton_device())
     _check(_inputs(1, 100, 4, 8, 2, 16, nseq=3), cu=cu)
+
+
+def test_strided_views_as_in_the_layer():
+    """x, z, B, C and dt read as slices of one projection (row strides wider than the row), as
+    the Mamba-2 layer passes them; gradients come back in plain layouts."""
+    b, L, H, P, G, N = 2, 70, 4, 8, 2, 16
+    ts = _inputs(b, L, H, P, G, N)
+    x, dt, A, B, C, D, z, bias, h0 = ts
+    parts = [x.reshape(b, L, -1), z.reshape(b, L, -1), B.reshape(b, L, -1), C.reshape(b, L, -1), dt]
+    proj = torch.cat(parts + [torch.zeros(b, L, 3, dtype=x.dtype, device=x.device)], dim=-1)
+    widths = [t.shape[-1] for t in parts] + [3]
+    xv, zv, Bv, Cv, dtv, _ = proj.split(widths, dim=-1)
+    views = [xv.view(b, L, H, P), dtv, A, Bv.view(b, L, G, N), Cv.view(b, L, G, N), D, zv.view(b, L, H, P), bias, h0]
+    assert not views[0].is_contiguous()
+    _check(views)

@@ -99,13 +99,22 @@ class _SSDFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dhT):
         x, dt, A, B, C, D, z, dt_bias, h0, cu = ctx.saved_tensors
-        grads = _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, *ctx.opts, dy, dhT)
+        grads = backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, *ctx.opts, dy, dhT)
         return (*grads, None, None, None, None)
 
 
-def _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, dhT):
-    """Gradients of (x, dt, A, B, C, D, z, dt_bias, h0): the states entering each chunk are
-    recomputed (one pass), then the chunks run backwards, then dB/dC are summed per group."""
+def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, dhT):
+    """Gradients of (x, dt, A, B, C, D, z, dt_bias, h0) (None where the input is None) from the
+    forward's inputs, ``dy`` and ``dhT`` (None: no gradient reaches the final state): the states
+    entering each chunk are recomputed (one pass), then the chunks run backwards, then dB/dC are
+    summed per group."""
+    global triton
+    if triton is None:
+        import triton as _triton
+
+        triton = _triton
+    x, dt, B, C, z, dy = (_row_major(t) for t in (x, dt, B, C, z, dy))
+    A, D, dt_bias, h0 = (None if t is None else t.contiguous() for t in (A, D, dt_bias, h0))
     from ssmkit.ops.ssd import triton_fused_chunk as k
 
     b, L, H, P = x.shape
@@ -124,10 +133,9 @@ def _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy
     BLOCK_N = _next_pow2(N)
     S = torch.empty(total_chunks, H, P, N, device=x.device, dtype=cdt)
     dS = torch.empty_like(S)
-    dy = _row_major(dy)
-    dx = torch.empty_like(x)
-    ddt = torch.empty_like(dt)
-    dz = torch.empty_like(z) if z is not None else None
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # (the kernels take each one's strides)
+    ddt = torch.empty(dt.shape, device=x.device, dtype=dt.dtype)
+    dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
     dys = torch.empty(x.shape, device=x.device, dtype=cdt)
     dh0 = torch.empty_like(h0) if h0 is not None else None
     dA_p = torch.empty(nseq, H, device=x.device, dtype=cdt)
@@ -157,11 +165,14 @@ def _launch_bwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy
         dD_p if dD_p is not None else dummy, dbias_p if dbias_p is not None else dummy,
         L, H, P, N, H // G, nch_max, lo, hi, *strides,
         zz.stride(0), zz.stride(1), zz.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+        dx.stride(0), dx.stride(1), dx.stride(2), dzz.stride(0), dzz.stride(1), dzz.stride(2),
+        ddt.stride(0), ddt.stride(1), dys.stride(0), dys.stride(1), dys.stride(2),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, HAS_DHT=dhT is not None, **common)
     k._ssd_bwd_dbc[(nseq, nch_max, G)](
         x, dt, A, B, C, bias_, cu_, choff, S, dS, dys, dB, dC,
         L, H, P, N, H // G, nch_max, lo, hi, *strides,
+        dys.stride(0), dys.stride(1), dys.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
         HAS_BIAS=dt_bias is not None, **common)
     dA = dA_p.sum(0)
     dD = None

@@ -201,6 +201,8 @@ def _ssd_bwd(
     seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
     stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
     stride_z_b, stride_z_t, stride_z_h, stride_dy_b, stride_dy_t, stride_dy_h,
+    stride_dx_b, stride_dx_t, stride_dx_h, stride_dz_b, stride_dz_t, stride_dz_h,
+    stride_ddt_b, stride_ddt_t, stride_ys_b, stride_ys_t, stride_ys_h,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -228,18 +230,14 @@ def _ssd_bwd(
     offs_n = tl.arange(0, BLOCK_N)
     p_mask = offs_p < P
     n_mask = offs_n < N
-    # x, dx, dys share x's strides; dy and dz their own
-    x_off = row * stride_x_b + head * stride_x_h + start * stride_x_t
-    x_base = x_ptr + x_off
-    dx_base = dx_ptr + x_off
-    dys_base = dys_ptr + x_off
+    x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
+    dx_base = dx_ptr + row * stride_dx_b + head * stride_dx_h + start * stride_dx_t
+    dys_base = dys_ptr + row * stride_ys_b + head * stride_ys_h + start * stride_ys_t
     dy_base = dy_ptr + row * stride_dy_b + head * stride_dy_h + start * stride_dy_t
-    z_off = row * stride_z_b + head * stride_z_h + start * stride_z_t
-    z_base = z_ptr + z_off
-    dz_base = dz_ptr + z_off
-    dt_off = row * stride_dt_b + head + start * stride_dt_t
-    dt_base = dt_ptr + dt_off
-    ddt_base = ddt_ptr + dt_off
+    z_base = z_ptr + row * stride_z_b + head * stride_z_h + start * stride_z_t
+    dz_base = dz_ptr + row * stride_dz_b + head * stride_dz_h + start * stride_dz_t
+    dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+    ddt_base = ddt_ptr + row * stride_ddt_b + head + start * stride_ddt_t
     B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
     C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
     A = tl.load(A_ptr + head).to(CDT)
@@ -295,10 +293,10 @@ def _ssd_bwd(
                     y += xf * Dv
             sz = tl.sigmoid(zz)
             dz = dy * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_base + t[:, None] * stride_z_t + offs_p[None, :], dz.to(dz_ptr.dtype.element_ty),
+            tl.store(dz_base + t[:, None] * stride_dz_t + offs_p[None, :], dz.to(dz_ptr.dtype.element_ty),
                      mask=qp_mask)
             dy = dy * zz * sz
-        tl.store(dys_base + t[:, None] * stride_x_t + offs_p[None, :], dy.to(dys_ptr.dtype.element_ty),
+        tl.store(dys_base + t[:, None] * stride_ys_t + offs_p[None, :], dy.to(dys_ptr.dtype.element_ty),
                  mask=qp_mask)
         dyd = dy.to(x.dtype)
         # gradient of Δx: the diagonal block's transpose and the state leaving the chunk
@@ -311,7 +309,7 @@ def _ssd_bwd(
             else:
                 dx += dy * Dv
             dD_acc += tl.sum(dy * xf, axis=0)  # per channel (the host sums them for D per head)
-        tl.store(dx_base + t[:, None] * stride_x_t + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_base + t[:, None] * stride_dx_t + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=qp_mask)
         ddlt = tl.sum(xf * dxp, axis=1)
         # gradient of the prefix sums c
@@ -326,7 +324,7 @@ def _ssd_bwd(
         dA_acc += dlt * da
         ddt = ddlt * deriv
         dbias_acc += ddt
-        tl.store(ddt_base + t * stride_dt_t, ddt.to(ddt_ptr.dtype.element_ty), mask=t_mask)
+        tl.store(ddt_base + t * stride_ddt_t, ddt.to(ddt_ptr.dtype.element_ty), mask=t_mask)
         # the adjoint entering the chunk
         dh = dh * tl.exp(c_last) + tl.dot(tl.trans((dy * e_cum[:, None]).to(Cm.dtype)), Cm,
                                           input_precision=prec)
@@ -346,6 +344,7 @@ def _ssd_bwd_dbc(
     dB_ptr, dC_ptr,
     seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
     stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
+    stride_ys_b, stride_ys_t, stride_ys_h, stride_dB_b, stride_dB_t, stride_dB_g,
     HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -375,9 +374,10 @@ def _ssd_bwd_dbc(
         t_mask = t < length
         qp_mask = t_mask[:, None] & p_mask[None, :]
         qn_mask = t_mask[:, None] & n_mask[None, :]
-        bc_off = row * stride_B_b + grp * stride_B_g + start * stride_B_t + t[:, None] * stride_B_t + offs_n[None, :]
+        bc_off = row * stride_B_b + grp * stride_B_g + (start + t)[:, None] * stride_B_t + offs_n[None, :]
         Bm = tl.load(B_ptr + bc_off, mask=qn_mask, other=0.0)
         Cm = tl.load(C_ptr + bc_off, mask=qn_mask, other=0.0)
+        dbc_off = row * stride_dB_b + grp * stride_dB_g + (start + t)[:, None] * stride_dB_t + offs_n[None, :]
         state_offs = offs_p[:, None] * N + offs_n[None, :]
         state_mask = p_mask[:, None] & n_mask[None, :]
         causal = offs_q[:, None] >= offs_q[None, :]
@@ -392,9 +392,10 @@ def _ssd_bwd_dbc(
             dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
             cum = tl.cumsum(dlt * A, axis=0)
             c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
-            x_off = row * stride_x_b + head * stride_x_h + start * stride_x_t + t[:, None] * stride_x_t + offs_p[None, :]
+            x_off = row * stride_x_b + head * stride_x_h + (start + t)[:, None] * stride_x_t + offs_p[None, :]
             x = tl.load(x_ptr + x_off, mask=qp_mask, other=0.0)
-            dy = tl.load(dys_ptr + x_off, mask=qp_mask, other=0.0).to(x.dtype)
+            ys_off = row * stride_ys_b + head * stride_ys_h + (start + t)[:, None] * stride_ys_t + offs_p[None, :]
+            dy = tl.load(dys_ptr + ys_off, mask=qp_mask, other=0.0).to(x.dtype)
             sk = ((chunk0 + k) * H + head) * P * N
             hp = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0)
             dh = tl.load(dS_ptr + sk + state_offs, mask=state_mask, other=0.0)
@@ -404,5 +405,5 @@ def _ssd_bwd_dbc(
             dC += tl.dot(dy, hp.to(x.dtype), input_precision=prec) * tl.exp(cum)[:, None]
             dB += tl.dot(tl.trans(wm.to(Cm.dtype)), Cm, input_precision=prec)
             dB += tl.dot(x, dh.to(x.dtype), input_precision=prec) * (tl.exp(c_last - cum) * dlt)[:, None]
-        tl.store(dB_ptr + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=qn_mask)
-        tl.store(dC_ptr + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=qn_mask)
+        tl.store(dB_ptr + dbc_off, dB.to(dB_ptr.dtype.element_ty), mask=qn_mask)
+        tl.store(dC_ptr + dbc_off, dC.to(dC_ptr.dtype.element_ty), mask=qn_mask)
