@@ -9,7 +9,9 @@ bfloat16 autocast, AdamW, batch 8 x 2048 tokens: median step time of ``--steps``
   and the loss without logits (``return_logits=False``: chunked cross entropy);
 * ``per-call-logits``: the scan bounded per call only and every position's float32 logits (the
   behaviour before the model-level budget);
-* ``compiled``: the default under ``torch.compile(model, fullgraph=True)``.
+* ``compiled``: the default under ``torch.compile(model, fullgraph=True)``;
+* ``mamba2``: the Mamba-2 130M shape (24 layers, d_model 768, N 128, headdim 64) with the
+  defaults, for the Mamba-2 against Mamba-1 comparison on the same card.
 
 Each variant runs in a process of its own (``--variants`` picks them), so that one's memory and
 compiled code do not affect the next.
@@ -67,7 +69,8 @@ def ssmkit_variant(name, ids, args):
     from ssmkit.models.lm import LanguageModel
 
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig.from_name("mamba-130m")).cuda()
+    preset = "mamba2-130m" if name == "mamba2" else "mamba-130m"
+    model = LanguageModel(ModelConfig.from_name(preset)).cuda()
     if name == "per-call-logits":
         if hasattr(model, "set_scan_state_budget"):
             model.set_scan_state_budget(None)
@@ -99,7 +102,7 @@ def mamba_ssm_variant(ids, args):
     return _measure(_step_fn(model, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
 
 
-VARIANTS = ("default", "per-call-logits", "compiled")
+VARIANTS = ("default", "per-call-logits", "compiled", "mamba2")
 
 
 def _one(name: str, a) -> dict:
