@@ -173,7 +173,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
         x, dt, A, B, C, bias_, cu_, choff, S, dS, dys, dB, dC,
         L, H, P, N, H // G, nch_max, lo, hi, *strides,
         dys.stride(0), dys.stride(1), dys.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
-        HAS_BIAS=dt_bias is not None, **common)
+        HAS_BIAS=dt_bias is not None, num_stages=2, **common)  # (3 stages exceed shared memory)
     dA = dA_p.sum(0)
     dD = None
     if D is not None:
