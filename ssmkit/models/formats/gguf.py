@@ -80,7 +80,8 @@ _MAMBA2_KEYS = {"d_state", "d_conv", "expand", "headdim", "ngroups", "bias", "co
                 "A_init_range"}
 
 
-def _gguf():
+def require_gguf():
+    """The ``gguf`` package, or ``ImportError`` naming the extra that installs it."""
     try:
         import gguf
     except ImportError as e:
@@ -345,7 +346,7 @@ def save_gguf(model, path: str | os.PathLike, *, tokenizer: Any = None, dtype: s
     arch = architecture(config)
     hparams = hyperparameters(config)
     tok_meta = tokenizer_metadata(tokenizer, config)
-    gguf = _gguf()
+    gguf = require_gguf()
     out = output_file(path)
     if out.parent != Path(path) and out.parent.exists() and not out.parent.is_dir():
         raise NotADirectoryError(f"{out.parent} exists and is not a directory")
