@@ -94,10 +94,11 @@ def _to_gguf(args: argparse.Namespace) -> int:
 
 def _bytes_if_it_fits(model):
     """A checkpoint without tokenizer files: ssmkit reads its text as bytes (ssmkit generate does),
-    so the byte tokenizer goes into the file when the vocabulary is the byte one."""
+    so the byte tokenizer goes into the file when the vocabulary is the byte one (with or without
+    end-of-text)."""
     from ssmkit.models.tokenizer import ByteTokenizer
 
-    return ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else None
+    return ByteTokenizer() if model.config.vocab_size in (256, ByteTokenizer.vocab_size) else None
 
 
 def _read(path: Path) -> str:

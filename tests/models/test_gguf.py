@@ -155,6 +155,14 @@ def test_byte_tokenizer_metadata(tmp_path):
     assert meta["tokenizer.ggml.merges"] == ["<|endoftext|> <|endoftext|>"]
 
 
+def test_bytes_only_vocabulary_ends_text_at_nul(tmp_path):
+    """ssmkit train --data models have 256 ids and no end-of-text; llama.cpp needs an EOS id."""
+    meta = _fields(gguf.GGUFReader(save_gguf(_model({**MAMBA, "vocab_size": 256}), tmp_path / "m.gguf",
+                                             tokenizer=ByteTokenizer())))
+    assert len(meta["tokenizer.ggml.tokens"]) == 256 and "<|endoftext|>" not in meta["tokenizer.ggml.tokens"]
+    assert meta["tokenizer.ggml.eos_token_id"] == 0 and set(meta["tokenizer.ggml.token_type"]) == {1}
+
+
 def test_no_tokenizer_writes_token_ids_only(tmp_path):
     meta = _fields(gguf.GGUFReader(save_gguf(_model(MAMBA2), tmp_path / "m.gguf")))
     assert meta["tokenizer.ggml.model"] == "none" and meta["mamba2.vocab_size"] == 264
@@ -217,10 +225,9 @@ def test_bad_arguments(tmp_path):
     m = _model(MAMBA)
     with pytest.raises(ValueError, match=r"dtype must be one of \['f32', 'f16', 'bf16', 'q8_0'\], got 'q4'"):
         save_gguf(m, tmp_path / "m.gguf", dtype="q4")
-    big = ssmkit.models.ByteTokenizer()
     small = _model({**MAMBA, "vocab_size": 200})
-    with pytest.raises(ValueError, match="token id 256, beyond the model's vocabulary of 200"):
-        save_gguf(small, tmp_path / "m.gguf", tokenizer=big)
+    with pytest.raises(ValueError, match="the byte tokenizer needs 256 token ids; the model's vocabulary has 200"):
+        save_gguf(small, tmp_path / "m.gguf", tokenizer=ByteTokenizer())
     assert output_file(tmp_path / "x.gguf") == tmp_path / "x.gguf"
     assert output_file(tmp_path / "dir") == tmp_path / "dir" / "model.gguf"
 

@@ -40,7 +40,10 @@ token are ``[PAD<id>]`` of type unused):
 
 * :class:`~ssmkit.models.tokenizer.ByteTokenizer`: model ``gpt2`` (byte-level BPE), pre-tokenizer
   ``gpt-2``, tokens 0..255 the GPT-2 byte-to-character map of bytes 0..255 (so every byte is its own
-  token and llama.cpp's ids equal ssmkit's), 256 ``<|endoftext|>`` (control; end of text). BPE in
+  token and llama.cpp's ids equal ssmkit's), 256 ``<|endoftext|>`` (control; end of text) when the
+  model has that id. A bytes-only model (256 ids, as ``ssmkit train --data`` makes) has no
+  end-of-text token, but llama.cpp's BPE vocabulary always has an EOS id: the NUL byte (0) takes
+  that role, so llama.cpp stops if the model emits byte 0 (text models do not). BPE in
   llama.cpp needs a merge list and GGUF writers refuse empty arrays: the list holds one merge of
   the end-of-text token with itself, which never applies (special tokens are never BPE symbols).
 * :class:`~ssmkit.models.tokenizer.HFTokenizer` with a byte-level BPE ``tokenizer.json`` split by
@@ -273,10 +276,16 @@ def tokenizer_metadata(tokenizer: Any, config: ModelConfig) -> dict[str, Any]:
     if tokenizer is None:
         return {"model": "none"}
     if isinstance(tokenizer, ByteTokenizer):
+        if config.vocab_size < 256:
+            raise ValueError(f"the byte tokenizer needs 256 token ids; the model's vocabulary has {config.vocab_size}")
         tokens = {b: (c, NORMAL) for b, c in enumerate(_byte_chars())}
-        tokens[tokenizer.eos_token_id] = (_EOT, CONTROL)
+        eos = tokenizer.eos_token_id
+        if eos < config.vocab_size:
+            tokens[eos] = (_EOT, CONTROL)
+        else:  # bytes only (ssmkit train --data): llama.cpp needs some EOS id, the NUL byte takes it
+            eos = 0
         merges = [f"{_EOT} {_EOT}"]
-        ids = {"eos": tokenizer.eos_token_id, "bos": tokenizer.eos_token_id}
+        ids = {"eos": eos, "bos": eos}
         pre = "gpt-2"
     elif isinstance(tokenizer, HFTokenizer):
         tokens, merges, pre = _hf_vocab(json.loads(tokenizer.tok.to_str()))
