@@ -89,16 +89,21 @@ def llama_cpp_decode(gguf_path, prompt_ids, n_new: int, threads: int, *, vocab: 
 
 
 def ssmkit_decode(model, prompt_ids, n_new: int, threads: int) -> dict:
-    """ssmkit.generate's greedy decoding, timed like :func:`llama_cpp_decode`."""
+    """ssmkit.generate's greedy decoding with ``threads`` torch threads (restored after), timed like
+    :func:`llama_cpp_decode`."""
     import torch
 
     import ssmkit
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     stamps: list[float] = []
-    t0 = time.perf_counter()
-    out = ssmkit.generate(model, torch.tensor([list(prompt_ids)]), max_new_tokens=n_new,
-                          streamer=lambda tok: stamps.append(time.perf_counter()))
+    try:
+        t0 = time.perf_counter()
+        out = ssmkit.generate(model, torch.tensor([list(prompt_ids)]), max_new_tokens=n_new,
+                              streamer=lambda tok: stamps.append(time.perf_counter()))
+    finally:
+        torch.set_num_threads(before)
     return {"tokens_per_s": (n_new - 1) / (stamps[-1] - stamps[0]),
             "tokens": out[0, len(prompt_ids):].tolist(), "prompt_s": stamps[0] - t0}
 
