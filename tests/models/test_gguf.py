@@ -228,6 +228,9 @@ def test_bad_arguments(tmp_path):
     small = _model({**MAMBA, "vocab_size": 200})
     with pytest.raises(ValueError, match="the byte tokenizer needs 256 token ids; the model's vocabulary has 200"):
         save_gguf(small, tmp_path / "m.gguf", tokenizer=ByteTokenizer())
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="file exists and is not a directory"):
+        save_gguf(m, tmp_path / "file")
     assert output_file(tmp_path / "x.gguf") == tmp_path / "x.gguf"
     assert output_file(tmp_path / "dir") == tmp_path / "dir" / "model.gguf"
 

@@ -357,7 +357,7 @@ def save_gguf(model, path: str | os.PathLike, *, tokenizer: Any = None, dtype: s
     tok_meta = tokenizer_metadata(tokenizer, config)
     gguf = require_gguf()
     out = output_file(path)
-    if out.parent != Path(path) and out.parent.exists() and not out.parent.is_dir():
+    if out.parent.exists() and not out.parent.is_dir():
         raise NotADirectoryError(f"{out.parent} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = [(n, *_encode(gguf, n, t, dtype)) for n, t in gguf_tensors(model)]
