@@ -14,7 +14,7 @@ model.gguf. The tokenizer (tokenizer.json, or ssmkit's byte tokenizer) goes into
 Examples:
   ssmkit convert runs/bytes exported --to hf
   ssmkit convert state-spaces/mamba-130m-hf ./m130 --to mamba_ssm
-  ssmkit convert runs/bytes bytes.gguf --to gguf --gguf-type q8_0
+  ssmkit convert runs/mm mm.gguf --to gguf --gguf-type q8_0     # runs/mm: ssmkit train --pattern MM
 """
 
 from __future__ import annotations
