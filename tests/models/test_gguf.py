@@ -169,19 +169,31 @@ def test_no_tokenizer_writes_token_ids_only(tmp_path):
     assert "tokenizer.ggml.tokens" not in meta
 
 
-@pytest.mark.peer
-def test_byte_level_bpe_tokenizer_metadata(tmp_path):
+TEXTS = ["state space models scan the sequence once", "Selective  scans,\tin 2 passes: 1234 + 56.7",
+         "naïve café — ünïcödé 漢字 🙂", "  leading spaces\n\nand lines\r\n", "it's we'll they'd 'quoted'"]
+
+
+def _bpe_tokenizer(tmp_path):
+    """A GPT-2 / GPT-NeoX style tokenizer: byte-level BPE, GPT-2 split, <|endoftext|> = 0."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["state space models scan the sequence once"] * 20, trainer)
+    tok.train_from_iterator(TEXTS * 20, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    hf = HFTokenizer(tmp_path / "tokenizer.json", eos_token_id=0)
+    return tok, HFTokenizer(tmp_path / "tokenizer.json", eos_token_id=0)
+
+
+@pytest.mark.peer
+def test_byte_level_bpe_tokenizer_metadata(tmp_path):
+    import tokenizers
+    from tokenizers import models
+
+    tok, hf = _bpe_tokenizer(tmp_path)
     m = _model({**MAMBA, "vocab_size": hf.vocab_size, "eos_token_id": 0})
     meta = _fields(gguf.GGUFReader(save_gguf(m, tmp_path / "m.gguf", tokenizer=hf)))
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -241,6 +253,21 @@ def test_save_pretrained_format_gguf(tmp_path):
     ssmkit.models.save_pretrained(m, tmp_path / "b.gguf", format="gguf", tokenizer=ByteTokenizer())
     assert gguf.GGUFReader(tmp_path / "a" / "model.gguf").fields["general.architecture"].contents() == "mamba2"
     assert len(gguf.GGUFReader(tmp_path / "b.gguf").fields["tokenizer.ggml.tokens"].contents()) == 264
+
+
+@pytest.mark.peer
+def test_llama_cpp_tokenizes_like_the_bpe_tokenizer(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, hf = _bpe_tokenizer(tmp_path)
+    m = _model({**MAMBA, "vocab_size": hf.vocab_size, "eos_token_id": 0})
+    llm = llama_cpp.Llama(model_path=str(save_gguf(m, tmp_path / "m.gguf", tokenizer=hf)), vocab_only=True,
+                          verbose=False)
+    for text in TEXTS + ["unseen words: Zebra quokka!", "<|endoftext|> is a special token here"]:
+        ids = hf.encode(text)  # (tokenizers matches added tokens in the text: llama.cpp's special=True)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        if ids[0] != 0:  # (llama-cpp-python drops a space after a leading BOS, here <|endoftext|>)
+            assert llm.detokenize(ids).decode() == hf.decode(ids), text
+    llm.close()
 
 
 # ------------------------------------------------------------------------------------------------
