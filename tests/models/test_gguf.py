@@ -302,8 +302,10 @@ def test_llama_cpp_greedy_tokens_equal_ssmkit(tmp_path, kw):
     path = save_gguf(m, tmp_path / "m.gguf", tokenizer=tok)
     llama_cpp = pytest.importorskip("llama_cpp")
     vocab_only = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    assert vocab_only.tokenize(b"Hello, state space world!", add_bos=False) == prompt
-    assert vocab_only.detokenize(prompt) == b"Hello, state space world!"
+    for text in ["Hello, state space world!", *TEXTS, "\x00\x01\x7f bytes \x0b"]:
+        data = text.encode()
+        assert vocab_only.tokenize(data, add_bos=False, special=False) == list(data), text
+        assert vocab_only.detokenize(list(data)) == data, text
     vocab_only.close()
     ours = ssmkit.generate(m, torch.tensor([prompt]), max_new_tokens=32)[0, len(prompt):].tolist()
     theirs, logits = _llama_greedy(path, prompt, 32, m.config.vocab_size)
