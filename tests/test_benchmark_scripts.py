@@ -22,3 +22,17 @@ def test_profile_generation_cpu_smoke(tmp_path):
     assert prof.main(["--device", "cpu", "--tiny", "--prompt", "16", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["prefill"]["wall_ms"] > 0 and res["prefill"]["top"]
+
+
+def test_llama_cpp_decode_smoke(tmp_path):
+    import pytest
+
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    bench = _load("_llama_cpp")
+    out = tmp_path / "llama"
+    assert bench.main(["--preset", "tiny-mamba2", "--dtypes", "f32,q8_0", "--threads", "1", "--new", "4",
+                       "--repeat", "1", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert res["llama.cpp f32, 1 thread"]["greedy_agreement_with_ssmkit"] == 1.0
+    assert set(res) == {"ssmkit f32, 1 thread", "llama.cpp f32, 1 thread", "llama.cpp q8_0, 1 thread"}

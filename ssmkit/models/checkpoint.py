@@ -345,7 +345,13 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "ssmkit", toke
     mamba_ssm writes ``pytorch_model.bin``, the file ``mamba_ssm`` reads. Weight files of another
     kind already in ``path`` are removed so a later load cannot pick up stale tensors.
     ``tokenizer`` (anything with ``save(directory)``) writes its files too.
+
+    ``format="gguf"`` writes one file for llama.cpp instead (``path`` ending in ``.gguf``, or
+    ``path/model.gguf``; float32 weights): see :func:`ssmkit.models.formats.gguf.save_gguf`.
     """
+    if format == "gguf":  # LanguageModel.save_pretrained writes it (ssmkit.models.formats.gguf)
+        model.save_pretrained(path, format="gguf", tokenizer=tokenizer)
+        return
     fmt = get_format(format)
     cfg = fmt.from_model_config(model.config)  # raises ValueError if the format cannot express it
     out = Path(path)

@@ -241,7 +241,13 @@ class LanguageModel(nn.Module):
 
     def save_pretrained(self, path: str, format: str = "ssmkit", tokenizer: Any = None,
                         safe_serialization: bool = True) -> None:
-        """Write a checkpoint directory in ``format`` "ssmkit" | "hf" | "mamba_ssm" (atomically)."""
+        """Write a checkpoint directory in ``format`` "ssmkit" | "hf" | "mamba_ssm" (atomically),
+        or a llama.cpp file with ``format="gguf"`` (:func:`ssmkit.models.formats.gguf.save_gguf`)."""
+        if format == "gguf":
+            from ssmkit.models.formats.gguf import save_gguf
+
+            save_gguf(self, path, tokenizer=tokenizer)
+            return
         save_pretrained(self, path, format=format, tokenizer=tokenizer, safe_serialization=safe_serialization)
 
     @classmethod

@@ -7,6 +7,9 @@
 * ``mamba_ssm`` (:mod:`.mamba_ssm`): ``MambaLMHeadModel``'s ``config.json`` (``d_model``,
   ``ssm_cfg``, ``attn_layer_idx``, ...) and ``pytorch_model.bin``. Mamba or Mamba-2 layers, optional
   attention layers and a gated MLP on every layer (no MoE, DeltaNet or S4D).
+* ``gguf`` (:mod:`.gguf`, write-only): one ``.gguf`` file for llama.cpp's ``mamba`` / ``mamba2``
+  architectures (pure Mamba or pure Mamba-2 models), written by ``save_gguf``; not in
+  :data:`FORMATS`, which lists the checkpoint directories ssmkit reads.
 
 Each format module provides ``NAME``, ``matches(cfg)``, ``to_model_config(cfg)``,
 ``from_model_config(config)`` (raising ``ValueError`` when the format cannot express the model),
