@@ -19,6 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.ops.conv.causal_conv1d import conv_update_unchecked
+from ssmkit.ops.dispatch import get
+
+
+def use_cpu_step(x: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a mixer's ``step`` takes its CPU form: a CPU input and nothing to differentiate
+    (``param``, one of the layer's weights, stands for all of them). With autograd on, the plain
+    step runs instead (the CPU form writes into cached buffers, which a graph cannot record), and
+    so does a forced Triton backend (the Triton interpreter in tests)."""
+    return (x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad))
+            and get("causal_conv1d_step", "auto", x) is conv_update_unchecked)
+
 
 def workspace(state, key: tuple, build) -> dict:
     """The scratch buffers of ``state`` for ``key`` (built by ``build()`` on first use or when

@@ -238,7 +238,7 @@ class Mamba(nn.Module):
         if x_t.shape[1] != self.d_model or state.ssm_state.shape[0] != x_t.shape[0]:
             raise ValueError(f"x_t must have shape (batch={state.ssm_state.shape[0]}, d_model={self.d_model}), "
                              f"got {tuple(x_t.shape)}")
-        if x_t.device.type == "cpu":
+        if _decode.use_cpu_step(x_t, self.conv1d.weight):
             return self._step_cpu(x_t, state)
         # Shapes are fixed by the layer, so the ops' unchecked forms are called directly: when
         # decoding, the per-token Python overhead is a noticeable share of the time. Slices of the
@@ -277,7 +277,10 @@ class Mamba(nn.Module):
         delta = F.softplus(dt)
         xf = xs if xs.dtype == sdt else xs.to(sdt)
         # h = exp(Δ A) h + Δ x B,  y = C·h + D x   (the state's dtype: float32)
-        dA = torch.exp2(torch.mul(delta.unsqueeze(-1), self._A_log2e(), out=ws["dA"]), out=ws["dA"])
+        if torch.is_grad_enabled():  # (out= does not record a graph)
+            dA = torch.exp2(delta.unsqueeze(-1) * self._A_log2e())
+        else:
+            dA = torch.mul(delta.unsqueeze(-1), self._A_log2e(), out=ws["dA"]).exp2_()
         h = state.ssm_state.mul_(dA)
         h.addcmul_((delta * xf).unsqueeze(-1), Bm.to(sdt).unsqueeze(1))
         y = torch.bmm(h, Cm.to(sdt).unsqueeze(-1)).squeeze(-1)

@@ -26,6 +26,7 @@ from ssmkit.models.quantize import quantize as _quantize
 from ssmkit.ops.cross_entropy import linear_cross_entropy
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gemv import norm_linear_reference
+from ssmkit.ops.fused.norm import add_rms_norm_reference
 
 # Decode batches up to this size run the final norm inside the LM head's GEMV (Triton path).
 _FUSED_HEAD_MAX_BATCH = 1
@@ -246,7 +247,7 @@ class LanguageModel(nn.Module):
         Updates ``cache`` in place; no host synchronisation and static shapes (CUDA-graph safe).
         """
         states = getattr(cache, "states", cache)
-        if input_ids.device.type == "cpu":
+        if input_ids.device.type == "cpu" and get("add_rms_norm", "auto", input_ids) is add_rms_norm_reference:
             return self._step_cpu(input_ids, states)
         residual, out = None, self.backbone.embedding(input_ids)
         for blk, st in zip(self.backbone.layers, states):
