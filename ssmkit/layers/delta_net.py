@@ -24,10 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int
+from ssmkit.layers import _decode
 from ssmkit.layers.norm import RMSNormGated
+from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.delta_rule import delta_rule
+from ssmkit.ops.delta_rule._common import l2norm
 from ssmkit.ops.delta_rule.step import delta_step
 from ssmkit.ops.dispatch import get
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
@@ -110,12 +113,12 @@ class DeltaNet(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False, **fk)
 
     def _ssm_dtype(self, dtype=None) -> torch.dtype:
-        dtype = dtype or self.q_proj.weight.dtype
+        dtype = dtype or float_dtype(self.q_proj)
         return torch.float64 if dtype == torch.float64 else torch.float32
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> DeltaNetState:
-        device = device or self.q_proj.weight.device
-        dtype = dtype or self.q_proj.weight.dtype
+        device = device or self.conv1d.weight.device
+        dtype = dtype or float_dtype(self.q_proj)
         return DeltaNetState(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.conv_size - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device,
@@ -169,6 +172,8 @@ class DeltaNet(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         """One token ``x_t: (batch, d_model) -> (batch, d_model)``; updates ``state`` in place."""
+        if _decode.use_cpu_step(x_t, self.conv1d.weight):
+            return self._step_cpu(x_t, state)
         b = x_t.shape[0]
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
@@ -181,6 +186,33 @@ class DeltaNet(nn.Module):
         o = delta_step(state.ssm_state, q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, H, V), beta, g,
                        scale=self.scale, use_qk_l2norm=True)
         return self._output(o.to(x_t.dtype), x_t)
+
+    def _step_cpu(self, x_t: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """:meth:`step` on the CPU (see :mod:`ssmkit.layers._decode`): the conv window lives in a
+        per-state buffer, q and k are normalised together, and the state's read, rank-1 write and
+        readout are batched GEMVs / one update over ``(batch·H, K, V)``."""
+        b, dtype = x_t.shape[0], x_t.dtype
+        H, K, V, kd = self.num_heads, self.head_k_dim, self.head_v_dim, self.key_dim
+        S = state.ssm_state
+        sdt = S.dtype
+        ws = _decode.workspace(state, (b, dtype, sdt), lambda: _decode.conv_buffers(
+            b, self.conv_dim, self.conv_size, dtype, x_t.device))
+        qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
+        qkv = _decode.conv_step(ws, state.conv_state, qkv, _decode.conv_kernel(self.conv1d, dtype))
+        qk = l2norm(qkv[:, :2 * kd].to(sdt).reshape(b, 2 * H, K))
+        q = qk[:, :H].reshape(b * H, 1, K)
+        if self.scale != 1.0:
+            q = q * self.scale
+        k = qk[:, H:].reshape(b * H, 1, K)
+        v = qkv[:, 2 * kd:].to(sdt).reshape(b * H, 1, V)
+        beta, g = self._beta_g(x_t)
+        Sh = S.view(b * H, K, V)
+        if g is not None:
+            Sh.mul_(torch.exp(g.to(sdt)).view(b * H, 1, 1))
+        u = (v - torch.bmm(k, Sh)).mul_(beta.to(sdt).view(b * H, 1, 1))  # β (v - hᵀk)
+        Sh.baddbmm_(k.transpose(1, 2), u)  # h += k uᵀ
+        o = torch.bmm(q, Sh).view(b, H, V)
+        return self._output(o.to(dtype), x_t)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit.layers import _decode
+from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
@@ -36,6 +38,8 @@ from ssmkit.ops.selective_scan.triton import selective_scan_triton
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba", "MambaState"]
+
+_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass
@@ -137,12 +141,20 @@ class Mamba(nn.Module):
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 A = -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
-            cache = (key, A)
+            # A·log2(e): the decode step computes exp(ΔA) as exp2(Δ·A·log2 e), several times
+            # faster than torch.exp on the CPU (measured 3.8 vs 29 us for 1536 x 16 values)
+            cache = (key, A, A * _LOG2E)
             self.__dict__["_A_cache"] = cache
         return cache[1]
 
+    def _A_log2e(self) -> torch.Tensor:
+        """A·log2(e), cached like :meth:`_A` (for ``exp(ΔA) = exp2(Δ·A·log2 e)``)."""
+        A = self._A()
+        cache = self.__dict__.get("_A_cache")
+        return cache[2] if cache is not None and cache[1] is A else A * _LOG2E
+
     def _ssm_dtype(self, dtype=None) -> torch.dtype:
-        dtype = dtype or self.in_proj.weight.dtype
+        dtype = dtype or float_dtype(self.in_proj)
         return torch.float64 if dtype == torch.float64 else torch.float32
 
     def _split_in(self, xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -160,8 +172,8 @@ class Mamba(nn.Module):
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         """Zero state for ``batch_size`` sequences (conv part in ``dtype``, SSM part float32)."""
         check_positive_int("batch_size", batch_size)
-        device = device or self.in_proj.weight.device
-        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.A_log.device
+        dtype = dtype or float_dtype(self.in_proj)
         return MambaState(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
@@ -226,6 +238,8 @@ class Mamba(nn.Module):
         if x_t.shape[1] != self.d_model or state.ssm_state.shape[0] != x_t.shape[0]:
             raise ValueError(f"x_t must have shape (batch={state.ssm_state.shape[0]}, d_model={self.d_model}), "
                              f"got {tuple(x_t.shape)}")
+        if _decode.use_cpu_step(x_t, self.conv1d.weight):
+            return self._step_cpu(x_t, state)
         # Shapes are fixed by the layer, so the ops' unchecked forms are called directly: when
         # decoding, the per-token Python overhead is a noticeable share of the time. Slices of the
         # projections (x | z, dt | B | C) are passed as views: the Triton forms read them in place.
@@ -244,6 +258,37 @@ class Mamba(nn.Module):
                        self.dt_proj.bias, True)
         return self.out_proj(y.squeeze(1))
 
+    def _step_cpu(self, x_t: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """:meth:`step` on the CPU in few PyTorch ops (see :mod:`ssmkit.layers._decode`): the state
+        is updated in place, the conv window and Ā live in per-state buffers."""
+        b, di, N, R = x_t.shape[0], self.d_inner, self.d_state, self.dt_rank
+        dtype, sdt = x_t.dtype, state.ssm_state.dtype
+        ws = _decode.workspace(state, (b, dtype, sdt), lambda: {
+            **_decode.conv_buffers(b, di, self.d_conv, dtype, x_t.device),
+            "dA": torch.empty(b, di, N, dtype=sdt, device=x_t.device)})
+        xz = self.in_proj(x_t)
+        xs = _decode.conv_step(ws, state.conv_state, xz[:, :di], _decode.conv_kernel(self.conv1d, dtype))
+        dbc = self.x_proj(xs)
+        low, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
+        fold = self.dt_proj.weight.dtype == sdt  # full precision: the Δ bias inside the GEMV
+        dt = F.linear(low, self.dt_proj.weight, self.dt_proj.bias if fold else None)
+        if not fold:
+            dt = dt.to(sdt) + self.dt_proj.bias.to(sdt)  # half precision: the bias added in float32
+        delta = F.softplus(dt)
+        xf = xs if xs.dtype == sdt else xs.to(sdt)
+        # h = exp(Δ A) h + Δ x B,  y = C·h + D x   (the state's dtype: float32)
+        if torch.is_grad_enabled():  # (out= does not record a graph)
+            dA = torch.exp2(delta.unsqueeze(-1) * self._A_log2e())
+        else:
+            dA = torch.mul(delta.unsqueeze(-1), self._A_log2e(), out=ws["dA"]).exp2_()
+        h = state.ssm_state.mul_(dA)
+        h.addcmul_((delta * xf).unsqueeze(-1), Bm.to(sdt).unsqueeze(1))
+        y = torch.bmm(h, Cm.to(sdt).unsqueeze(-1)).squeeze(-1)
+        y.addcmul_(xf, self.D.to(sdt))
+        if self.use_gate:
+            y.mul_(F.silu(xz[:, di:].to(sdt)))
+        return self.out_proj(y.to(dtype))
+
     # Bytes of scan states one training forward of this layer may keep for its backward on the
     # Triton path (None: ScanConfig.state_mem_limit); LanguageModel.set_scan_state_budget
     # shares a model's budget among its Mamba layers.
@@ -257,7 +302,8 @@ class Mamba(nn.Module):
         """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
         small batch, Mamba's usual layout (gate, no projection biases), no autograd."""
         return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH and self.use_gate
-                and self.in_proj.bias is None and self.out_proj.bias is None and self.x_proj.bias is None
+                and isinstance(self.in_proj, nn.Linear) and isinstance(self.x_proj, nn.Linear)
+                and isinstance(self.out_proj, nn.Linear) and self.in_proj.bias is None and self.out_proj.bias is None and self.x_proj.bias is None
                 and get("norm_linear", "auto", x_t) is not norm_linear_reference
                 and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
 

@@ -21,12 +21,19 @@ from ssmkit.layers.state import LayerState
 from ssmkit.models.block import Block, add_norm, build_norm
 from ssmkit.models.checkpoint import load_pretrained, save_pretrained
 from ssmkit.models.config import ModelConfig
+from ssmkit.models.quantize import check_quantize
+from ssmkit.models.quantize import quantize as _quantize
 from ssmkit.ops.cross_entropy import linear_cross_entropy
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gemv import norm_linear_reference
+from ssmkit.ops.fused.norm import add_rms_norm_reference
 
 # Decode batches up to this size run the final norm inside the LM head's GEMV (Triton path).
 _FUSED_HEAD_MAX_BATCH = 1
+# CPU decoding of bfloat16 / float16 weights: let matrix products go to oneDNN (True) or to
+# PyTorch's own GEMV (False; reduced-precision dot products accumulated in float32). Measured on a
+# 2-core AVX-512 EPYC, batch 1: see docs/models.md (CPU decoding).
+CPU_DECODE_ONEDNN = False
 
 
 @dataclass
@@ -124,13 +131,17 @@ class LanguageModel(nn.Module):
                     p.mul_(scale)
 
     # ----------------------------------------------------------------------------------------------
+    # None, or the mode of ssmkit.models.quantize (e.g. "int8") once the model is quantised
+    quantization: str | None = None
+
     @property
     def device(self) -> torch.device:
-        return self.backbone.embedding.weight.device
+        return self.backbone.norm_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embedding.weight.dtype
+        """The model's float dtype (of its activations and unquantised weights)."""
+        return self.backbone.norm_f.weight.dtype
 
     def allocate_states(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> list[LayerState]:
         """One zeroed state per layer (KV caches sized ``max_seqlen``; SSM states float32)."""
@@ -143,6 +154,9 @@ class LanguageModel(nn.Module):
         """Final add + norm + LM head on the carried ``(residual, out)`` -> float32 logits."""
         norm, head = self.backbone.norm_f, self.lm_head
         gemv = get("norm_linear", "auto", out)
+        if not isinstance(head, nn.Linear):  # quantised head
+            _, x = add_norm(norm, out, residual, self.config.residual_in_fp32)
+            return head(x).float()
         if (out.dim() == 2 and out.shape[0] <= _FUSED_HEAD_MAX_BATCH and isinstance(norm, RMSNorm)
                 and head.bias is None and not (torch.is_grad_enabled() and head.weight.requires_grad)
                 and norm.weight.dtype == head.weight.dtype and gemv is not norm_linear_reference):
@@ -210,6 +224,9 @@ class LanguageModel(nn.Module):
             if tuple(lab.shape) != (B, L):
                 raise ValueError(f"labels must have the shape of input_ids {(B, L)}, got {tuple(lab.shape)}")
         if not return_logits:
+            if not isinstance(self.lm_head, nn.Linear):
+                raise ValueError("return_logits=False (the training loss) needs a float LM head; "
+                                 f"this model is quantised ({self.quantization})")
             # HF convention: labels are aligned with input_ids; position t predicts labels[t + 1].
             _, x = add_norm(self.backbone.norm_f, out, residual, self.config.residual_in_fp32)
             head = self.lm_head
@@ -230,10 +247,34 @@ class LanguageModel(nn.Module):
         Updates ``cache`` in place; no host synchronisation and static shapes (CUDA-graph safe).
         """
         states = getattr(cache, "states", cache)
+        if input_ids.device.type == "cpu" and get("add_rms_norm", "auto", input_ids) is add_rms_norm_reference:
+            return self._step_cpu(input_ids, states)
         residual, out = None, self.backbone.embedding(input_ids)
         for blk, st in zip(self.backbone.layers, states):
             residual, out = blk.step_residual(residual, out, st)
         return self._head(residual, out)
+
+    def _step_cpu(self, input_ids: torch.Tensor, states) -> torch.Tensor:
+        """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
+        one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations).
+        Same arithmetic as the carried form of the blocks."""
+        h = self.backbone.embedding(input_ids)  # a fresh tensor: the residual stream, updated in place
+        if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()
+        lowp = self.dtype in (torch.float16, torch.bfloat16)
+        onednn = torch._C._get_mkldnn_enabled()
+        if lowp and onednn != CPU_DECODE_ONEDNN:
+            torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)
+        try:
+            for blk, st in zip(self.backbone.layers, states):
+                h.add_(blk.mixer.step(_norm(blk.norm, h), st))
+                if blk.mlp_kind != "none":
+                    h.add_(blk._mlp(_norm(blk.norm2, h), None, dense=True)[0])
+            logits = self.lm_head(_norm(self.backbone.norm_f, h))
+        finally:
+            if lowp and onednn != CPU_DECODE_ONEDNN:
+                torch._C._set_mkldnn_enabled(onednn)
+        return logits.float()
 
     # ----------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -253,16 +294,35 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> LanguageModel:
         """:func:`from_pretrained` (ssmkit, Hugging Face and mamba_ssm checkpoints)."""
-        return load_pretrained(cls, path_or_repo_id, **kwargs)
+        mode = check_quantize(kwargs.pop("quantize", None))
+        model = load_pretrained(cls, path_or_repo_id, **kwargs)
+        return _quantize(model, mode) if mode is not None else model
+
+
+def _norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A block's pre-norm of the residual stream ``h`` (cast to the norm's dtype first, as
+    :func:`~ssmkit.models.block.add_norm` does): one op for RMSNorm (statistics in float32)."""
+    w = norm.weight
+    x = h if h.dtype == w.dtype else h.to(w.dtype)
+    if isinstance(norm, RMSNorm):
+        return F.rms_norm(x, (w.shape[0],), w, norm.eps)
+    return norm(x)
 
 
 def from_pretrained(path_or_repo_id: str, device: torch.device | str | None = None, dtype: Any = None,
-                    format: str | None = None, revision: str | None = None) -> LanguageModel:
+                    format: str | None = None, revision: str | None = None,
+                    quantize: str | None = None) -> LanguageModel:
     """Load a :class:`LanguageModel` from a directory or Hugging Face repo id.
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
-    ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.
+    ``"auto"`` (the checkpoint's) or None (float32). ``quantize``: None, or ``"int8"`` for int8
+    weight-only linear layers and LM head (:func:`ssmkit.models.quantize`; CPU decoding). The
+    model is returned in eval mode.
     """
-    return load_pretrained(LanguageModel, path_or_repo_id, device=device, dtype=dtype, format=format,
-                           revision=revision)
+    check_quantize(quantize)
+    model = load_pretrained(LanguageModel, path_or_repo_id, device=device, dtype=dtype, format=format,
+                            revision=revision)
+    if quantize is not None:
+        _quantize(model, quantize)
+    return model

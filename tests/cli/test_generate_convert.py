@@ -41,10 +41,24 @@ def test_generate_streams_text_and_reports_speed(ckpt, capsys):
                  "--seed", "1"]) == 0
 
 
+def test_generate_quantize_int8(ckpt, capsys):
+    """--quantize int8: the same greedy text as float32 on this checkpoint, reported in the summary."""
+    _, tmp = ckpt
+    argv = ["generate", str(tmp / "src"), "--prompt", "Hi", "--max-new-tokens", "6", "--ignore-eos"]
+    assert main(argv) == 0
+    ref = capsys.readouterr().out
+    assert main([*argv, "--quantize", "int8"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Hi") and "int8 weights" in err and "tokens/s" in err
+    assert main([*argv, "--quantize", "int8", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("Hi") and ref.startswith("Hi")
+
+
 @pytest.mark.parametrize("argv, match", [
     (["generate", "{tmp}/nope", "--prompt", "x"], "no checkpoint directory"),
     (["generate", "{tmp}/src", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
     (["generate", "{tmp}/src", "--prompt", "x", "--top-p", "2"], "argument --top-p: expected a number in (0, 1]"),
+    (["generate", "{tmp}/src", "--prompt", "x", "--quantize", "int4"], "argument --quantize: invalid choice"),
     (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], None),
     (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], "already holds a checkpoint"),
 ])

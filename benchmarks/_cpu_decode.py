@@ -1,0 +1,192 @@
+"""CPU decoding against the weight-bandwidth floor: batch-1 tokens/s of ``LanguageModel.step`` for
+130M-shaped Mamba, Mamba-2 and gated DeltaNet LMs with float32, bfloat16 and int8 weight-only
+(``ssmkit.models.quantize``) weights, at 1 and 2 threads.
+
+A decode step at batch 1 reads every weight once (the tied embedding as the LM head), so
+
+    floor tokens/s = read bandwidth / weight bytes per token
+
+with the bandwidth measured in the same run (``torch.sum`` over a 256 MiB float32 tensor, far
+larger than the caches, at the same thread count). Each row prints the % of that floor reached.
+Speeds are the best block of ``--tokens`` steps over ``--repeats`` blocks (the median is kept too):
+other processes on a shared machine only ever slow a block down.
+
+``decode_section(args) -> list[dict]`` is the function other benchmark programs call (``args``:
+any object with the attributes below; missing ones take the defaults). Run alone:
+
+    python benchmarks/_cpu_decode.py [--models mamba mamba2 gated-deltanet] [--threads 1 2]
+                                     [--dtypes float32 bfloat16 int8] [--out DIR]
+
+writes ``DIR/cpu_decode_cpu_<date>.json`` (default DIR: ./bench_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ssmkit  # noqa: E402
+from ssmkit.inference import allocate_cache, prefill  # noqa: E402
+
+try:
+    from _results import result_path, write_json  # noqa: E402
+except ImportError:  # imported as benchmarks._cpu_decode
+    from benchmarks._results import result_path, write_json  # noqa: E402
+
+MODELS = ("mamba", "mamba2", "gated-deltanet")
+DTYPES = ("float32", "bfloat16", "int8")
+DEFAULTS = {"models": list(MODELS), "threads": [1, 2], "dtypes": list(DTYPES), "tokens": 32, "repeats": 5,
+            "prompt": 8, "bandwidth_mib": 256, "verbose": True}
+
+
+def model_config(name: str) -> ssmkit.ModelConfig:
+    """The 130M shapes: the mamba-130m / mamba2-130m presets, and a gated DeltaNet LM of the same
+    width (d_model 768, 6 heads of key size 128 and value size 256, 20 layers: 133M parameters)."""
+    if name == "mamba":
+        return ssmkit.ModelConfig.from_name("mamba-130m")
+    if name == "mamba2":
+        return ssmkit.ModelConfig.from_name("mamba2-130m")
+    if name == "gated-deltanet":
+        return ssmkit.ModelConfig(d_model=768, n_layer=20, vocab_size=50277, layer_pattern="G" * 20,
+                                  deltanet_cfg={"num_heads": 6, "head_dim": 128})
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def build(config: ssmkit.ModelConfig, dtype: str) -> ssmkit.LanguageModel:
+    torch.manual_seed(0)
+    model = ssmkit.LanguageModel(config).eval()
+    if dtype == "int8":
+        return ssmkit.models.quantize(model, "int8")
+    return model.to(getattr(torch, dtype))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every parameter and buffer once (shared tensors once), less an
+    untied embedding table (a lookup reads one row)."""
+    seen, total = set(), 0
+    skip = set()
+    emb = model.backbone.embedding
+    if not model.config.tie_embeddings and isinstance(emb, torch.nn.Embedding):
+        skip.add(emb.weight.data_ptr())
+    for t in [*model.parameters(), *model.buffers()]:
+        p = t.data_ptr()
+        if p in seen or p in skip:
+            continue
+        seen.add(p)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def read_bandwidth(threads: int, mib: int = 256, repeats: int = 7) -> float:
+    """Bytes/s of ``torch.sum`` over a ``mib`` MiB float32 tensor at ``threads`` threads (best of
+    ``repeats``)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def time_decode(model, threads: int, tokens: int, repeats: int, prompt: int) -> list[float]:
+    """Seconds per token of each block of ``tokens`` batch-1 steps."""
+    torch.set_num_threads(threads)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cache = allocate_cache(model, 1, prompt + tokens * (repeats + 1) + 4)
+    blocks = []
+    with torch.inference_mode():
+        logits = prefill(model, ids, cache)
+        tok = logits.argmax(-1)
+        for _ in range(3):
+            tok = model.step(tok, cache).argmax(-1)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                tok = model.step(tok, cache).argmax(-1)
+            blocks.append((time.perf_counter() - t0) / tokens)
+    return blocks
+
+
+def decode_section(args=None) -> list[dict]:
+    """One row per (model, dtype, threads): tokens/s (best and median block), the weight bytes,
+    the bandwidth measured at that thread count, the floor and the % of it reached."""
+    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
+    threads_before = torch.get_num_threads()
+    rows = []
+    try:
+        bw = {t: read_bandwidth(t, opt["bandwidth_mib"]) for t in opt["threads"]}
+        for name in opt["models"]:
+            config = model_config(name)
+            for dtype in opt["dtypes"]:
+                model = build(config, dtype)
+                nbytes = weight_bytes(model)
+                for t in opt["threads"]:
+                    blocks = time_decode(model, t, opt["tokens"], opt["repeats"], opt["prompt"])
+                    bw[t] = max(bw[t], read_bandwidth(t, opt["bandwidth_mib"], repeats=3))
+                    best, med = min(blocks), statistics.median(blocks)
+                    floor = bw[t] / nbytes
+                    row = {"section": "decode", "model": name, "dtype": dtype, "threads": t, "batch": 1,
+                           "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                           "weight_MB": round(nbytes / 1e6, 1), "bandwidth_GBps": round(bw[t] / 1e9, 1),
+                           "floor_tok_s": round(floor, 1), "tok_s": round(1 / best, 1),
+                           "tok_s_median": round(1 / med, 1), "ms_per_token": round(best * 1e3, 2),
+                           "pct_of_floor": round(100 / best / floor, 1)}
+                    rows.append(row)
+                    if opt["verbose"]:
+                        print(f"  {name:15s} {dtype:9s} {t} thr  {row['tok_s']:7.1f} tok/s "
+                              f"(median {row['tok_s_median']:6.1f})  floor {row['floor_tok_s']:6.1f} "
+                              f"({row['weight_MB']:.0f} MB at {row['bandwidth_GBps']:.1f} GB/s)  "
+                              f"{row['pct_of_floor']:5.1f}% of floor", flush=True)
+                del model
+        # the bandwidth may have been measured higher later in the run: every row uses the best
+        for row in rows:
+            t = row["threads"]
+            floor = bw[t] / (row["weight_MB"] * 1e6)
+            row["bandwidth_GBps"] = round(bw[t] / 1e9, 1)
+            row["floor_tok_s"] = round(floor, 1)
+            row["pct_of_floor"] = round(100 * row["tok_s"] / floor, 1)
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | weights | threads | tokens/s | floor tokens/s | % of floor |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['dtype']} ({r['weight_MB']:.0f} MB) | {r['threads']} | {r['tok_s']} "
+                     f"(median {r['tok_s_median']}) | {r['floor_tok_s']} ({r['bandwidth_GBps']} GB/s) | "
+                     f"{r['pct_of_floor']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--tokens", type=int, default=32, help="decode steps per timed block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks per row (the best is reported)")
+    p.add_argument("--out", default="bench_out", help="folder of the JSON result")
+    args = p.parse_args(argv)
+    print(f"CPU decode, batch 1, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    rows = decode_section(args)
+    print(table(rows))
+    path = result_path(args.out, "cpu_decode", "cpu")
+    write_json(path, {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Pieces of the CPU decode steps of the SSM mixers (Mamba, Mamba-2, DeltaNet).
+
+On the CPU a batch-1 decode step is a few GEMVs (bounded by memory bandwidth) plus many small
+element-wise ops on vectors of a few thousand elements, each costing one PyTorch dispatch (~1-3 us).
+The steps here keep that count low and allocate their fixed-size scratch once, with the layer's
+state (:func:`workspace`), instead of per token.
+
+Short causal convolution, one token (``conv_step``): the window ``[conv_state | x | 1]``
+``(batch, dim, W + 1)`` lives in a preallocated buffer, and the kernel with its bias appended,
+``[w | b]`` ``(dim, W + 1)``, is cached on the layer; the output is one dot product per channel
+(``torch.linalg.vecdot``), then SiLU in place, and the state takes the window's last ``W - 1``
+columns. Same arithmetic as :func:`ssmkit.ops.causal_conv1d_step` (the bias enters the sum instead
+of being added after it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit.ops.conv.causal_conv1d import conv_update_unchecked
+from ssmkit.ops.dispatch import get
+
+
+def use_cpu_step(x: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a mixer's ``step`` takes its CPU form: a CPU input and nothing to differentiate
+    (``param``, one of the layer's weights, stands for all of them). With autograd on, the plain
+    step runs instead (the CPU form writes into cached buffers, which a graph cannot record), and
+    so does a forced Triton backend (the Triton interpreter in tests)."""
+    return (x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad))
+            and get("causal_conv1d_step", "auto", x) is conv_update_unchecked)
+
+
+def workspace(state, key: tuple, build) -> dict:
+    """The scratch buffers of ``state`` for ``key`` (built by ``build()`` on first use or when
+    ``key`` changes). Kept on the state object: each cache decodes with its own buffers, and a
+    cloned / re-batched state builds fresh ones."""
+    ws = state.__dict__.get("_decode_ws")
+    if ws is None or ws["key"] != key:
+        ws = build()
+        ws["key"] = key
+        state.__dict__["_decode_ws"] = ws
+    return ws
+
+
+def conv_kernel(conv: nn.Conv1d, dtype: torch.dtype) -> torch.Tensor:
+    """``[weight | bias]`` ``(dim, W + 1)`` of a depthwise ``conv`` in ``dtype`` (zero bias when it
+    has none), cached on the module until its parameters change in place or are replaced."""
+    w, b = conv.weight, conv.bias
+    key = (w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()), dtype,
+           torch.is_inference_mode_enabled())
+    cache = conv.__dict__.get("_decode_kernel")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            w2 = w.detach().squeeze(1)
+            bias = torch.zeros_like(w2[:, 0]) if b is None else b.detach()
+            kern = torch.cat([w2, bias.unsqueeze(1)], dim=1).to(dtype).contiguous()
+        cache = (key, kern)
+        conv.__dict__["_decode_kernel"] = cache
+    return cache[1]
+
+
+def conv_buffers(batch: int, dim: int, width: int, dtype: torch.dtype, device) -> dict:
+    """The window buffer ``(batch, dim, W + 1)`` (last column 1, for the bias) and its views."""
+    win = torch.zeros(batch, dim, width + 1, dtype=dtype, device=device)
+    win[..., width] = 1
+    return {"win": win, "win_state": win[..., : width - 1], "win_x": win[..., width - 1],
+            "win_next": win[..., 1:width]}
+
+
+def conv_step(ws: dict, conv_state: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """One token of the depthwise causal conv + SiLU: ``x (batch, dim)`` -> ``(batch, dim)``;
+    shifts ``conv_state (batch, dim, W - 1)`` in place."""
+    ws["win_state"].copy_(conv_state)
+    ws["win_x"].copy_(x)
+    y = torch.linalg.vecdot(ws["win"], kernel)
+    conv_state.copy_(ws["win_next"])
+    return F.silu(y, inplace=True)
