@@ -7,6 +7,7 @@ time would otherwise be spent finding out. Used while tuning the selective-scan 
     python benchmarks/kernel_report.py bwd BLOCK_D=32 K=8 num_warps=2 --ttgir
     python benchmarks/kernel_report.py gemv BLOCK_N=2 BLOCK_K=2048 num_warps=4   # decode kernels
     python benchmarks/kernel_report.py bwd_quad maxnreg=128 num_warps=4 --loops
+    python benchmarks/kernel_report.py ssd_bwd_dbc num_warps=4 num_stages=2         # SSD kernels
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ssmkit.ops.fused import gemv as gemv_triton  # noqa: E402
 from ssmkit.ops.selective_scan import triton_split_state as tq  # noqa: E402
 from ssmkit.ops.selective_scan import triton_split_state_bwd as tqb  # noqa: E402
 from ssmkit.ops.selective_scan import triton_tile as tk  # noqa: E402
+from ssmkit.ops.ssd import triton_fused_chunk as sdk  # noqa: E402
 
 SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
            "seg_len", "nseg", "z_rs", "b_rs", "c_rs"}
@@ -60,6 +62,19 @@ KERNELS = {
         EVEN_D=True, PACK=2, IS_BF16=True)),
 }
 
+# SSD kernels (bf16 x, B, C, z; B8 H32 P64 G1 N128 shapes): constexprs and pointer types.
+_SSD_BASE = dict(VARLEN=False, DT_SOFTPLUS=True, IEEE=False, BLOCK_Q=64, BLOCK_P=64, BLOCK_N=128)
+_SSD_HALF = ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dz_ptr", "dB_ptr",
+             "dC_ptr", "dt_ptr", "ddt_ptr")
+_SSD = {
+    "ssd_fwd": (sdk._ssd_fwd, dict(HAS_D=True, D_PER_CHANNEL=False, HAS_Z=True, HAS_BIAS=True,
+                                   HAS_H0=False, STORE_HT=False, **_SSD_BASE)),
+    "ssd_states_fwd": (sdk._ssd_states_fwd, dict(HAS_BIAS=True, HAS_H0=False, **_SSD_BASE)),
+    "ssd_bwd": (sdk._ssd_bwd, dict(HAS_D=True, D_PER_CHANNEL=False, HAS_Z=True, HAS_BIAS=True,
+                                   HAS_H0=False, HAS_DHT=False, **_SSD_BASE)),
+    "ssd_bwd_dbc": (sdk._ssd_bwd_dbc, dict(HAS_BIAS=True, **_SSD_BASE)),
+}
+
 # Decode kernels (bf16 model, float32 states): constexprs and the pointer types of their
 # arguments (every other argument is an i32).
 _DECODE = {
@@ -79,7 +94,22 @@ _DECODE = {
 
 
 def _signature(name: str, consts: dict):
-    """(kernel, {argument: type}) for a kernel of KERNELS or _DECODE."""
+    """(kernel, {argument: type}) for a kernel of KERNELS, _SSD or _DECODE."""
+    if name in _SSD:
+        import triton.language as tl
+
+        consts["CDT"] = tl.float32
+        fn = _SSD[name][0]
+        sig = {}
+        for p in fn.arg_names:
+            if p in consts:
+                sig[p] = "constexpr"
+            elif p.endswith("_ptr"):
+                sig[p] = ("*bf16" if p in _SSD_HALF else "*i32" if p in ("cu_ptr", "choff_ptr")
+                          else "*fp32")
+            else:
+                sig[p] = "fp32" if p in ("dt_min", "dt_max") else "i32"
+        return fn, sig
     if name in _DECODE:
         get_fn, _, types = _DECODE[name]
         fn = get_fn()
@@ -120,8 +150,9 @@ def loop_counts(sass: str) -> list[tuple[int, int, collections.Counter]]:
 
 
 def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm: bool = False,
-           maxnreg: int | None = None, loops: bool = False) -> dict:
-    consts = {**(_DECODE[name][1] if name in _DECODE else KERNELS[name][1]), **overrides}
+           maxnreg: int | None = None, loops: bool = False, num_stages: int | None = None) -> dict:
+    table = _DECODE if name in _DECODE else _SSD if name in _SSD else KERNELS
+    consts = {**table[name][1], **overrides}
     fn, sig = _signature(name, consts)
     # As a launch would: pointers 16-byte aligned, int arguments divisible by 16 (dim, dstate)
     # specialised as such; ngroups (1) and the lengths are left unknown.
@@ -134,6 +165,8 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
     except TypeError:
         src = ASTSource(fn, sig, consts)
     opts = {"num_warps": num_warps}
+    if num_stages:
+        opts["num_stages"] = num_stages
     if maxnreg:
         opts["maxnreg"] = maxnreg
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -174,23 +207,25 @@ def report(name: str, overrides: dict, num_warps: int, show_ttgir: bool, disasm:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=sorted(KERNELS) + sorted(_DECODE))
+    ap.add_argument("kernel", choices=sorted(KERNELS) + sorted(_SSD) + sorted(_DECODE))
     ap.add_argument("params", nargs="*", help="NAME=VALUE constexpr overrides; num_warps=N")
     ap.add_argument("--ttgir", action="store_true")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--loops", action="store_true",
                     help="instructions per iteration of each loop, by opcode (from the SASS)")
     a = ap.parse_args(argv)
-    over, nw, maxnreg = {}, 1, None
+    over, nw, maxnreg, ns = {}, 1, None, None
     for p in a.params:
         k, v = p.split("=")
         if k == "num_warps":
             nw = int(v)
         elif k == "maxnreg":
             maxnreg = int(v)
+        elif k == "num_stages":
+            ns = int(v)
         else:
             over[k] = int(v) if v.lstrip("-").isdigit() else (v == "True")
-    r = report(a.kernel, over, nw, a.ttgir, a.sass, maxnreg, a.loops)
+    r = report(a.kernel, over, nw, a.ttgir, a.sass, maxnreg, a.loops, ns)
     for k, v in r.items():
         if k == "layouts":
             for lay in v:
