@@ -8,7 +8,9 @@ Each op registers its forms under one name::
 and its public entry point calls ``get(op, backend, *tensors)`` to pick one.
 
 ``"auto"`` picks the fastest form available for the tensors' device: Triton on CUDA when Triton
-is installed and the op has a Triton form, else ``"chunked"``, else ``"reference"``. Tests and
+is installed and the op has a Triton form, else ``"chunked"``, else ``"reference"``. A form
+registered with ``auto=False`` (correct, but not yet measured faster than the form it would
+replace) is only used when named or forced. Tests and
 users can override what ``"auto"`` means with :func:`force_backend` (a context manager) or the
 environment variable ``SSMKIT_BACKEND``; an explicit ``backend=`` argument always wins.
 """
@@ -26,16 +28,19 @@ import torch
 BACKENDS = ("auto", "reference", "chunked", "triton")
 # Forms that are not in BACKENDS but that an op may register for tests (e.g. SSD's "quadratic").
 _registry: dict[str, dict[str, Callable]] = {}
+_not_auto: set[tuple[str, str]] = set()  # (op, backend) forms that "auto" passes over
 _local = threading.local()
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator registering ``fn`` as the ``backend`` form of ``op``."""
+def register(op: str, backend: str, *, auto: bool = True) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` as the ``backend`` form of ``op``; ``auto=False``: only
+    used when asked for by name or forced (:func:`force_backend`, ``SSMKIT_BACKEND``)."""
     if backend == "auto":
         raise ValueError("backend 'auto' is chosen at call time and cannot be registered")
 
     def deco(fn: Callable) -> Callable:
         _registry.setdefault(op, {})[backend] = fn
+        (_not_auto.discard if auto else _not_auto.add)((op, backend))
         return fn
 
     return deco
@@ -80,7 +85,8 @@ def _auto(op: str, forms: dict[str, Callable], device: torch.device | None) -> s
             return forced
         # A forced form this op lacks falls back to the usual choice (e.g. "triton" for an op
         # that has only CPU forms), so one switch can cover a whole model.
-    if device is not None and device.type == "cuda" and triton_installed() and "triton" in forms:
+    if (device is not None and device.type == "cuda" and triton_installed() and "triton" in forms
+            and (op, "triton") not in _not_auto):
         return "triton"
     if "chunked" in forms:
         return "chunked"

@@ -59,3 +59,20 @@ def test_fused_forms_registered_explicitly_not_on_import():
         assert not calls, f"{name} registers forms on import"
     for op in ("add_rms_norm", "norm_linear", "causal_conv1d_step_proj", "selective_scan_step_parts"):
         assert "reference" in dispatch.available(op), op
+
+
+def test_form_registered_without_auto_is_used_only_when_asked_for(monkeypatch):
+    """A form registered with auto=False (not yet measured faster) is passed over by "auto" on
+    CUDA, and used when named or forced."""
+    monkeypatch.setattr(dispatch, "_TRITON_INSTALLED", True)
+    dispatch.register("_toy", "triton", auto=False)(lambda x: "triton")
+    try:
+        forms = dispatch._registry["_toy"]
+        cuda = torch.device("cuda")
+        assert dispatch._auto("_toy", forms, cuda) == "chunked"
+        with dispatch.force_backend("triton"):
+            assert dispatch._auto("_toy", forms, cuda) == "triton"
+        dispatch.register("_toy", "triton")(lambda x: "triton")  # re-registered for "auto"
+        assert dispatch._auto("_toy", forms, cuda) == "triton"
+    finally:
+        dispatch._not_auto.discard(("_toy", "triton"))
