@@ -1,0 +1,59 @@
+"""The compiled CPU kernel of the selective scan's inference path (see :mod:`ssmkit.ops.cpu_compile`).
+
+One call advances the state by a chunk of ``steps`` tokens, the whole output included:
+
+    Δ_t = softplus(dt_t + dt_bias);  h_t = 2^(Δ_t A log2 e) ⊙ h_{t-1} + Δ_t x_t B_t
+    y_t = (C_t · h_t + D x_t) · silu(z_t)
+
+written as an unrolled loop over the steps. Inductor fuses it into one C++ loop nest over the
+channels (split among the threads) whose body carries each channel's N states in registers
+through the chunk's steps, with C·h as an in-register reduction: the state is read and written
+once per chunk, not once per step, and no (steps, dim, N) buffer exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.ops.cpu_compile import compiled_kernel
+
+LOG2E = 1.4426950408889634
+#: Steps per compiled call: the unrolled code (and its compile time) grows with it, the per-call
+#: overhead (guards, wrapper, one OpenMP region) shrinks. 32: see README.md in this folder.
+STEPS = 32
+
+
+def _make_chunk(steps: int, softplus: bool):
+    def chunk(h, x, dt, z, B, C, A2, D, dt_bias):
+        """h: (b, G, Dg, N) float32; x, dt, z: (b, steps, G, Dg); B, C: (b, steps, G, N);
+        A2 = A log2 e: (G, Dg, N); D, dt_bias: (G, Dg) or None -> y (b, steps, G, Dg) in x's
+        dtype, the new h."""
+        xf = x.float()
+        delta = dt.float()
+        if dt_bias is not None:
+            delta = delta + dt_bias
+        if softplus:
+            delta = F.softplus(delta)
+        dx = delta * xf
+        Bf, Cf = B.float(), C.float()
+        ys = []
+        for t in range(steps):
+            dA = torch.exp2((delta[:, t, :, :, None] * A2).clamp_min(-126.0))
+            h = dA * h + dx[:, t, :, :, None] * Bf[:, t, :, None, :]
+            ys.append((h * Cf[:, t, :, None, :]).sum(-1))
+        y = torch.stack(ys, 1)
+        if D is not None:
+            y = y + xf * D
+        if z is not None:
+            y = y * F.silu(z.float())
+        return y.to(x.dtype), h
+
+    return chunk
+
+
+def scan_chunk_kernel(h, x, dt, z, B, C, A2, D, dt_bias, softplus: bool):
+    """The compiled chunk for these shapes (``x.shape[1]`` steps), or None if compiling failed."""
+    key = (tuple(h.shape), tuple(x.shape), x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
+           D is None, dt_bias is None, softplus)
+    return compiled_kernel("selective_scan", _make_chunk(x.shape[1], softplus), key)
