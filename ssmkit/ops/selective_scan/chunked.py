@@ -262,13 +262,12 @@ def _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu
         full = a + (b - a) // T * T
         for c in range(a, full, T):
             xc, dtc, zc = (None if t is None else t[:, c : c + T].unflatten(2, (G, Dg)) for t in (xs, dts, zs))
-            args = (h, xc, dtc, zc, Bg[:, c : c + T], Cg[:, c : c + T], A2, Dv, bias)
+            args = (h, y[:, c : c + T].unflatten(2, (G, Dg)), xc, dtc, zc, Bg[:, c : c + T], Cg[:, c : c + T],
+                    A2, Dv, bias)
             kern = compiled.scan_chunk_kernel(*args, dt_softplus)
-            out = None if kern is None else kern(*args)
-            if out is None:
+            h = None if kern is None else kern(*args)
+            if h is None:
                 return None
-            y[:, c : c + T] = out[0].flatten(2)
-            h = out[1]
         h = h.reshape(bsz, dim, N)
         if full < b:  # the tail: fewer than T tokens
             sl = slice(full, b)

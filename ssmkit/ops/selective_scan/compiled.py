@@ -25,10 +25,12 @@ STEPS = 32
 
 
 def _make_chunk(steps: int, softplus: bool):
-    def chunk(h, x, dt, z, B, C, A2, D, dt_bias):
-        """h: (b, G, Dg, N) float32; x, dt, z: (b, steps, G, Dg); B, C: (b, steps, G, N);
-        A2 = A log2 e: (G, Dg, N); D, dt_bias: (G, Dg) or None -> y (b, steps, G, Dg) in x's
-        dtype, the new h."""
+    def chunk(h, y_out, x, dt, z, B, C, A2, D, dt_bias):
+        """h: (b, G, Dg, N) float32; y_out: (b, steps, G, Dg), written in place (x's dtype);
+        x, dt, z: (b, steps, G, Dg); B, C: (b, steps, G, N); A2 = A log2 e: (G, Dg, N); D,
+        dt_bias: (G, Dg) or None. Returns the new h. (Writing y into the caller's buffer saves
+        an allocation per call, a round of page faults for a fresh mapping. Updating h in place
+        too trips an Inductor code generation error in torch 2.13: it is returned.)"""
         xf = x.float()
         delta = dt.float()
         if dt_bias is not None:
@@ -47,13 +49,14 @@ def _make_chunk(steps: int, softplus: bool):
             y = y + xf * D
         if z is not None:
             y = y * F.silu(z.float())
-        return y.to(x.dtype), h
+        y_out.copy_(y)
+        return h
 
     return chunk
 
 
-def scan_chunk_kernel(h, x, dt, z, B, C, A2, D, dt_bias, softplus: bool):
+def scan_chunk_kernel(h, y_out, x, dt, z, B, C, A2, D, dt_bias, softplus: bool):
     """The compiled chunk for these shapes (``x.shape[1]`` steps), or None if compiling failed."""
-    key = (tuple(h.shape), tuple(x.shape), x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
+    key = (tuple(h.shape), tuple(x.shape), tuple(y_out.stride()), x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
            D is None, dt_bias is None, softplus)
     return compiled_kernel("selective_scan", _make_chunk(x.shape[1], softplus), key)
