@@ -48,7 +48,9 @@ def _chunk_view(buf: torch.Tensor, n: int) -> torch.Tensor:
 def _channels_first(h: torch.Tensor) -> torch.Tensor:
     """A fresh ``(b, D, N)`` copy of a ``(b, G, N, Dg)`` state (never a view of it)."""
     b, G, N, Dg = h.shape
-    return h.new_empty(b, G, Dg, N).copy_(h.transpose(2, 3)).view(b, G * Dg, N)
+    out = h.new_empty(b, G * Dg, N)  # (not a view: the state may leave through autograd)
+    out.view(b, G, Dg, N).copy_(h.transpose(2, 3))
+    return out
 
 
 def _scan_chunks(x, delta, A, B, C, h, chunk, keep_starts):
