@@ -1,10 +1,13 @@
 """Fast CPU selective scan: chunked over time, vectorised within a chunk, hand-written backward.
 
-For each chunk of ``T`` steps (``CHUNK``) the whole chunk's Ā = exp(ΔA) and B̄x = Δ·x·B are built
-with a few vectorised (multi-threaded) ops into ``(batch, T, dim, N)`` buffers; then a short Python
-loop runs the recurrence h_t = Ā_t h_{t-1} + B̄_t x_t with one in-place ``addcmul_`` per step on a
-``(batch, dim, N)`` slice, overwriting the B̄x buffer with the states h_t; finally y_t = C_t·h_t for
-the chunk is one batched matmul (einsum). Memory is O(batch·dim·N·T), never O(L·dim·N).
+Forward: for each chunk of ``T`` steps (:func:`chunk_steps`, from the cache size) the whole
+chunk's Ā = exp(ΔA) and B̄x = Δ·x·B are built with a few vectorised (multi-threaded) ops into
+``(batch, T, G, N, dim/G)`` buffers (channels last); then a short Python loop runs the recurrence
+h_t = Ā_t h_{t-1} + B̄_t x_t with one in-place ``addcmul_`` per step, overwriting the B̄x buffer
+with the states h_t; finally y_t = C_t·h_t for the chunk is one batched (1 x N) @ (N x dim/G)
+product written straight into y. Memory is O(batch·dim·N·T), never O(L·dim·N). With compiled
+CPU kernels on (:mod:`ssmkit.ops.cpu_compile`), inference in float32 runs whole chunks through
+:mod:`.compiled` instead. Design and measurements: README.md in this folder.
 
 Backward (reverse-mode of the recurrence; see README.md): the forward keeps only the state at the
 start of each chunk. Walking the chunks from last to first, the chunk's states are recomputed from
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ssmkit.ops.cpu_cache import last_level_cache_bytes
 from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.dispatch import register
 from ssmkit.ops.selective_scan import compiled
@@ -32,9 +36,25 @@ LOG2E = 1.4426950408889634
 # every later pass over the buffer 5-30x slower on x86.
 _EXP2_MIN = {torch.float32: -126.0}  # (float64: denormals start below 2^-1022)
 
-#: Time steps per chunk of the pure-PyTorch loop. 64 measured fastest on a 2-core x86 CPU for
-#: dim 1536, N 16 (fewer Python calls per chunk vs. buffers of T·dim·N floats staying in cache).
-CHUNK = 64
+#: Time steps per chunk of the eager loop; None: :func:`chunk_steps` picks it from the cache size.
+CHUNK: int | None = None
+
+
+def chunk_steps(batch: int, dim: int, N: int, itemsize: int = 4) -> int:
+    """Steps per chunk: the largest power of two from 8 to 64 whose two chunk buffers
+    (Ā and B̄x, ``batch · T · dim · N`` floats each) fit in a quarter of the last-level cache.
+
+    The buffers are written by a few chunk-wide passes and read back by the per-step loop and
+    C·h; the other cores and the weights of the layer's matmuls share that cache. Measured on a
+    2-core AMD EPYC (32 MiB L3; README.md): at Mamba-130M's dim 1536, N 16 (96 KiB a step)
+    T = 16-64 are within noise and 128 (25 MB of buffers) is 1.5-2x slower; below 8 steps the
+    per-chunk Python calls dominate.
+    """
+    per_step = 2 * batch * dim * N * itemsize
+    t = 64
+    while t > 8 and t * per_step > last_level_cache_bytes() // 4:
+        t //= 2
+    return t
 
 
 def _chunk_view(buf: torch.Tensor, n: int) -> torch.Tensor:
@@ -229,7 +249,7 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
             args = (xc, delta, Ac, Bg, Cg)
         else:
             args = (xc[:, a:b], delta[:, a:b], Ac, Bg[:, a:b], Cg[:, a:b])
-        y, h = _SelectiveScanFn.apply(*args, h0, CHUNK)
+        y, h = _SelectiveScanFn.apply(*args, h0, CHUNK or chunk_steps(bsz, dim, N, xc.element_size()))
         ys.append(y)
         finals.append(h)
     y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
@@ -276,7 +296,7 @@ def _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu
             delta = prepare_dt(dts[:, sl], dt_bias, dt_softplus, torch.float32).contiguous()
             xt = xs[:, sl].float().contiguous()
             yt, h, _ = _scan_chunks(xt, delta, A.float(), Bg[:, sl].float().contiguous(),
-                                    Cg[:, sl].float().contiguous(), h, CHUNK, False)
+                                    Cg[:, sl].float().contiguous(), h, T, False)
             y[:, sl] = finish(yt, xt, D, None if zs is None else zs[:, sl], x.dtype)
         finals.append(h)
     return y, torch.cat(finals, 0) if len(finals) > 1 else finals[0]
