@@ -339,3 +339,12 @@ def test_compiled_failure_falls_back_to_eager(compiled_steps, monkeypatch):
         compare(ref, out, 1e-5)
         run(inp, "chunked", grads=False)  # no second warning: the failure is remembered
     assert "selective_scan" in cpu_compile._failed
+
+
+def test_exp2_poly_accuracy():
+    """The compiled kernel's 2^x: float32-accurate (a few 1e-7 relative) for exponents in
+    [-126, 127], clamped outside."""
+    x = torch.linspace(-126.0, 127.0, 200_001)
+    ref = torch.exp2(x.double())
+    assert ((compiled_mod.exp2_poly(x).double() - ref) / ref).abs().max() < 3e-7
+    assert compiled_mod.exp2_poly(torch.tensor([-200.0])).item() == 2.0**-126

@@ -2,7 +2,7 @@
 
 One call advances the state by a chunk of ``steps`` tokens, the whole output included:
 
-    Δ_t = softplus(dt_t + dt_bias);  h_t = 2^(Δ_t A log2 e) ⊙ h_{t-1} + Δ_t x_t B_t
+    Δ_t = softplus(dt_t + dt_bias);  h_t = 2^(Δ_t A log2 e) ⊙ h_{t-1} + Δ_t x_t B_t  (2^· by exp2_poly)
     y_t = (C_t · h_t + D x_t) · silu(z_t)
 
 written as an unrolled loop over the steps. Inductor fuses it into one C++ loop nest over the
@@ -19,9 +19,26 @@ import torch.nn.functional as F
 from ssmkit.ops.cpu_compile import compiled_kernel
 
 LOG2E = 1.4426950408889634
+# 2^f on [0, 1), degree 6, fitted for relative error (1.2e-7 in float32 with the rounding of the
+# evaluation: the accuracy of torch's exp2). Horner's rule, 6 multiply-adds.
+_EXP2_POLY = (1.0000000035399899, 0.6931469329451198, 0.24023025237085854, 0.05548194395618536,
+              0.009681043919480048, 0.0012423592626343016, 0.00021745804690520565)
 #: Steps per compiled call: the unrolled code (and its compile time) grows with it, the per-call
 #: overhead (guards, wrapper, one OpenMP region) shrinks. 32: see README.md in this folder.
 STEPS = 32
+
+
+def exp2_poly(x: torch.Tensor) -> torch.Tensor:
+    """2^x for float32 ``x``, exponents clamped to [-126, 127] (normal floats only): 2^floor(x)
+    built in the exponent bits, times a polynomial for the fraction. Inductor compiles it to
+    about 12 vector instructions, 1.5x faster in the chunk kernel than its ``exp2`` (Sleef)."""
+    x = x.clamp(-126.0, 127.0)
+    xi = torch.floor(x)
+    f = x - xi
+    p = torch.full_like(f, _EXP2_POLY[-1])
+    for c in _EXP2_POLY[-2::-1]:
+        p = p * f + c
+    return p * ((xi.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
 def _make_chunk(steps: int, softplus: bool):
@@ -41,7 +58,7 @@ def _make_chunk(steps: int, softplus: bool):
         Bf, Cf = B.float(), C.float()
         ys = []
         for t in range(steps):
-            dA = torch.exp2((delta[:, t, :, :, None] * A2).clamp_min(-126.0))
+            dA = exp2_poly(delta[:, t, :, :, None] * A2)
             h = dA * h + dx[:, t, :, :, None] * Bf[:, t, :, None, :]
             ys.append((h * Cf[:, t, :, None, :]).sum(-1))
         y = torch.stack(ys, 1)
