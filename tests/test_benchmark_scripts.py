@@ -22,3 +22,12 @@ def test_profile_generation_cpu_smoke(tmp_path):
     assert prof.main(["--device", "cpu", "--tiny", "--prompt", "16", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["prefill"]["wall_ms"] > 0 and res["prefill"]["top"]
+
+
+def test_cpu_floor_smoke(tmp_path):
+    out = tmp_path / "floor.json"
+    floor = _load("cpu_floor")
+    assert floor.main(["--models", "mamba", "--threads", "1", "--seqlen", "32", "--repeats", "1",
+                       "--no-decode", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["prefill"]
+    assert row["model"] == "mamba" and row["mode"] == "eager" and row["floor_ms"] > 0
