@@ -126,6 +126,7 @@ def prefill_section(args) -> list[dict]:
     from ssmkit.ops.cpu_compile import compiler_available, set_cpu_compile
 
     modes = ["eager"] + (["compiled"] if args.compile and compiler_available() else [])
+    threads0 = torch.get_num_threads()
     rows = []
     for name in args.models:
         model = build(name)
@@ -159,6 +160,7 @@ def prefill_section(args) -> list[dict]:
                 extra = f"  (first call {first:.1f} s)" if mode == "compiled" else ""
                 print(f"{name:15s} {threads:7d} {mode:9s} {ms:10.1f} {fs:9.1f} {ms / fs:6.2f}x{extra}", flush=True)
     set_cpu_compile(None)
+    torch.set_num_threads(threads0)
     return rows
 
 
