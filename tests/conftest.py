@@ -34,7 +34,7 @@ def _fixed_seed():
 
 
 # Set by pytest per test, or by torch on its first compile for its own cache: not a test's doing.
-_IGNORED_ENV = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+_IGNORED_ENV = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
 
 
 def _snapshot() -> dict:
@@ -52,6 +52,9 @@ def _snapshot() -> dict:
     scan = sys.modules.get("ssmkit.ops.selective_scan.triton")
     if scan is not None:
         snap["selective-scan kernel config"] = scan.get_config()
+    cpu_compile = sys.modules.get("ssmkit.ops.cpu_compile")
+    if cpu_compile is not None:
+        snap["compiled CPU kernels"] = cpu_compile._forced
     return snap
 
 
@@ -87,6 +90,8 @@ def _restore(snap: dict) -> None:
     os.environ.update(snap["environment"])
     if "selective-scan kernel config" in snap:
         sys.modules["ssmkit.ops.selective_scan.triton"].set_config(snap["selective-scan kernel config"])
+    if "compiled CPU kernels" in snap:
+        sys.modules["ssmkit.ops.cpu_compile"].set_cpu_compile(snap["compiled CPU kernels"])
 
 
 @pytest.fixture(autouse=True)

@@ -36,3 +36,12 @@ def test_llama_cpp_decode_smoke(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())["results"]
     assert res["llama.cpp f32, 1 thread"]["greedy_agreement_with_ssmkit"] == 1.0
     assert set(res) == {"ssmkit f32, 1 thread", "llama.cpp f32, 1 thread", "llama.cpp q8_0, 1 thread"}
+
+
+def test_cpu_floor_smoke(tmp_path):
+    out = tmp_path / "floor.json"
+    floor = _load("cpu_floor")
+    assert floor.main(["--models", "mamba", "--threads", "1", "--seqlen", "32", "--repeats", "1",
+                       "--no-decode", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["prefill"]
+    assert row["model"] == "mamba" and row["mode"] == "eager" and row["floor_ms"] > 0

@@ -1,10 +1,13 @@
 """Fast CPU selective scan: chunked over time, vectorised within a chunk, hand-written backward.
 
-For each chunk of ``T`` steps (``CHUNK``) the whole chunk's Ā = exp(ΔA) and B̄x = Δ·x·B are built
-with a few vectorised (multi-threaded) ops into ``(batch, T, dim, N)`` buffers; then a short Python
-loop runs the recurrence h_t = Ā_t h_{t-1} + B̄_t x_t with one in-place ``addcmul_`` per step on a
-``(batch, dim, N)`` slice, overwriting the B̄x buffer with the states h_t; finally y_t = C_t·h_t for
-the chunk is one batched matmul (einsum). Memory is O(batch·dim·N·T), never O(L·dim·N).
+Forward: for each chunk of ``T`` steps (:func:`chunk_steps`, from the cache size) the whole
+chunk's Ā = exp(ΔA) and B̄x = Δ·x·B are built with a few vectorised (multi-threaded) ops into
+``(batch, T, G, N, dim/G)`` buffers (channels last); then a short Python loop runs the recurrence
+h_t = Ā_t h_{t-1} + B̄_t x_t with one in-place ``addcmul_`` per step, overwriting the B̄x buffer
+with the states h_t; finally y_t = C_t·h_t for the chunk is one batched (1 x N) @ (N x dim/G)
+product written straight into y. Memory is O(batch·dim·N·T), never O(L·dim·N). With compiled
+CPU kernels on (:mod:`ssmkit.ops.cpu_compile`), inference in float32 runs whole chunks through
+:mod:`.compiled` instead. Design and measurements: README.md in this folder.
 
 Backward (reverse-mode of the recurrence; see README.md): the forward keeps only the state at the
 start of each chunk. Walking the chunks from last to first, the chunk's states are recomputed from
@@ -20,12 +23,38 @@ from __future__ import annotations
 
 import torch
 
+from ssmkit.ops.cpu_cache import last_level_cache_bytes
+from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.dispatch import register
+from ssmkit.ops.selective_scan import compiled
 from ssmkit.ops.selective_scan._common import as_groups, compute_dtype, finish, prepare_dt, segments
 
-#: Time steps per chunk of the pure-PyTorch loop. 64 measured fastest on a 2-core x86 CPU for
-#: dim 1536, N 16 (fewer Python calls per chunk vs. buffers of T·dim·N floats staying in cache).
-CHUNK = 64
+LOG2E = 1.4426950408889634
+# exp(ΔA) is taken as exp2(Δ · A log2 e): torch's exp2 measured 4-7x faster than its exp on an
+# AVX-512 CPU (0.13 vs 0.6-0.9 ns per float32). Exponents below the smallest normal power of two
+# are raised to it: a denormal Ā (about 1e-38 or less, irrelevant next to 1) would make this and
+# every later pass over the buffer 5-30x slower on x86.
+_EXP2_MIN = {torch.float32: -126.0}  # (float64: denormals start below 2^-1022)
+
+#: Time steps per chunk of the eager loop; None: :func:`chunk_steps` picks it from the cache size.
+CHUNK: int | None = None
+
+
+def chunk_steps(batch: int, dim: int, N: int, itemsize: int = 4) -> int:
+    """Steps per chunk: the largest power of two from 8 to 64 whose two chunk buffers
+    (Ā and B̄x, ``batch · T · dim · N`` floats each) fit in a quarter of the last-level cache.
+
+    The buffers are written by a few chunk-wide passes and read back by the per-step loop and
+    C·h; the other cores and the weights of the layer's matmuls share that cache. Measured on a
+    2-core AMD EPYC (32 MiB L3; README.md): at Mamba-130M's dim 1536, N 16 (96 KiB a step)
+    T = 16-64 are within noise and 128 (25 MB of buffers) is 1.5-2x slower; below 8 steps the
+    per-chunk Python calls dominate.
+    """
+    per_step = 2 * batch * dim * N * itemsize
+    t = 64
+    while t > 8 and t * per_step > last_level_cache_bytes() // 4:
+        t //= 2
+    return t
 
 
 def _chunk_view(buf: torch.Tensor, n: int) -> torch.Tensor:
@@ -36,42 +65,64 @@ def _chunk_view(buf: torch.Tensor, n: int) -> torch.Tensor:
     return buf.new_empty(buf.shape[0], n, *buf.shape[2:])
 
 
+def _channels_first(h: torch.Tensor) -> torch.Tensor:
+    """A fresh ``(b, D, N)`` copy of a ``(b, G, N, Dg)`` state (never a view of it)."""
+    b, G, N, Dg = h.shape
+    out = h.new_empty(b, G * Dg, N)  # (not a view: the state may leave through autograd)
+    out.view(b, G, Dg, N).copy_(h.transpose(2, 3))
+    return out
+
+
 def _scan_chunks(x, delta, A, B, C, h, chunk, keep_starts):
     """Forward over one sequence. x, delta: (b, L, D); A: (D, N); B, C: (b, L, G, N);
-    h: (b, D, N) start state (not modified). Returns y (b, L, D), final h, chunk start states."""
+    h: (b, D, N) start state (not modified). Returns y (b, L, D), final h (b, D, N) and the
+    chunk start states (b, D, N) when ``keep_starts``.
+
+    Inside, the state is kept as (b, G, N, Dg), channels last: every per-step operand and the
+    chunk's C·h (a (1 x N) @ (N x Dg) product per step and group) then run along contiguous
+    rows of Dg channels, rather than along the N = 16 states of each channel.
+    """
     b, L, D = x.shape
     G, N = B.shape[2], B.shape[3]
     Dg = D // G
-    A5 = A.view(1, 1, G, Dg, N)
-    h = h.clone()
+    At = (A * LOG2E).view(G, Dg, N).transpose(1, 2).contiguous()  # (G, N, Dg), A log2(e)
+    lo = _EXP2_MIN.get(x.dtype)
+    h = h.view(b, G, Dg, N).transpose(2, 3).contiguous()  # (b, G, N, Dg), a fresh copy
     y = x.new_empty(b, L, D)
     starts = []
     T = min(chunk, L)
     if L == 0:
-        return y, h, starts
-    dA_buf = x.new_empty(b, T, G, Dg, N)
-    H_buf = x.new_empty(b, T, G, Dg, N)
-    dtx = (delta * x).view(b, L, G, Dg, 1)
-    delta5 = delta.view(b, L, G, Dg, 1)
+        return y, _channels_first(h), starts
+    dA_buf = x.new_empty(b, T, G, N, Dg)
+    H_buf = x.new_empty(b, T, G, N, Dg)
+    dtx = (delta * x).view(b, L, G, 1, Dg)
+    delta5 = delta.view(b, L, G, 1, Dg)
+    Ct = C.unsqueeze(3)  # (b, L, G, 1, N)
     for c0 in range(0, L, T):
         c1 = min(L, c0 + T)
         n = c1 - c0
         if keep_starts:
-            starts.append(h.clone())
+            starts.append(_channels_first(h))
         dA, H = _chunk_view(dA_buf, n), _chunk_view(H_buf, n)
-        torch.mul(delta5[:, c0:c1], A5, out=dA).exp_()  # Ā = exp(ΔA)
-        torch.mul(dtx[:, c0:c1], B[:, c0:c1].unsqueeze(3), out=H)  # B̄x = Δ x B
-        Hs = H.view(b, n, D, N).unbind(1)
-        dAs = dA.view(b, n, D, N).unbind(1)
+        torch.mul(delta5[:, c0:c1], At, out=dA)
+        if lo is not None:
+            dA.clamp_min_(lo)
+        dA.exp2_()  # Ā = exp(ΔA) = 2^(Δ A log2 e)
+        torch.mul(dtx[:, c0:c1], B[:, c0:c1].unsqueeze(4), out=H)  # B̄x = Δ x B
+        Hs = H.unbind(1)
+        dAs = dA.unbind(1)
         prev = h
         for t in range(n):
             Hs[t].addcmul_(dAs[t], prev)  # h_t = Ā_t h_{t-1} + B̄_t x_t, written over B̄_t x_t
             prev = Hs[t]
         h.copy_(prev)
-        # y_t = C_t·h_t: one batched matrix-vector product over (batch, t, group). (An einsum on
-        # the 5-D views measured 5-10x slower than this explicit bmm.)
-        y[:, c0:c1] = torch.bmm(H.view(b * n * G, Dg, N), C[:, c0:c1].reshape(b * n * G, N, 1)).view(b, n, D)
-    return y, h, starts
+        # y_t = C_t·h_t: per (batch, step, group) a (1 x N) @ (N x Dg) product, one bmm.
+        Cn = Ct[:, c0:c1].reshape(b * n * G, 1, N)
+        if b == 1:  # the chunk's rows of y are contiguous: write them in place
+            torch.bmm(Cn, H.view(n * G, N, Dg), out=y[0, c0:c1].view(n * G, 1, Dg))
+        else:
+            y[:, c0:c1] = torch.bmm(Cn, H.view(b * n * G, N, Dg)).view(b, n, D)
+    return y, _channels_first(h), starts
 
 
 def _scan_chunks_backward(x, delta, A, B, C, starts, dy, dh, chunk, need):
@@ -172,6 +223,12 @@ class _SelectiveScanFn(torch.autograd.Function):
 def selective_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                            initial_state=None, return_final_state=False, cu_seqlens=None):
     """Same signature and result as :func:`ssmkit.ops.selective_scan` (no validation here)."""
+    if (compute_dtype(x) == torch.float32 and cpu_compile_enabled(x)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                                     (x, dt, A, B, C, D, z, dt_bias, initial_state)))):
+        out = _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens)
+        if out is not None:
+            return out if return_final_state else out[0]
     cdt = compute_dtype(x)
     bsz, L, dim = x.shape
     N = A.shape[1]
@@ -192,7 +249,7 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
             args = (xc, delta, Ac, Bg, Cg)
         else:
             args = (xc[:, a:b], delta[:, a:b], Ac, Bg[:, a:b], Cg[:, a:b])
-        y, h = _SelectiveScanFn.apply(*args, h0, CHUNK)
+        y, h = _SelectiveScanFn.apply(*args, h0, CHUNK or chunk_steps(bsz, dim, N, xc.element_size()))
         ys.append(y)
         finals.append(h)
     y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
@@ -200,3 +257,46 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
     if return_final_state:
         return y, torch.cat(finals, 0) if len(finals) > 1 else finals[0]
     return y
+
+
+def _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens):
+    """Inference in float32 through the compiled chunk kernel (:mod:`.compiled`): whole chunks
+    of ``compiled.STEPS`` tokens there, a shorter tail through the eager chunked scan. Returns
+    ``(y, final state)``, or None when the kernel cannot be compiled."""
+    bsz, L, dim = x.shape
+    Bg, Cg = as_groups(B), as_groups(C)
+    G, N = Bg.shape[2], Bg.shape[3]
+    Dg = dim // G
+    A2 = (A.float() * compiled.LOG2E).view(G, Dg, N)
+    Dv = None if D is None else D.float().view(G, Dg)
+    bias = None if dt_bias is None else dt_bias.float().view(G, Dg)
+    xs, dts = x.contiguous(), dt.contiguous()
+    zs = None if z is None else z.contiguous()
+    y = torch.empty_like(x)
+    finals = []
+    T = compiled.STEPS
+    for i, (a, b) in enumerate(segments(cu_seqlens, L)):
+        if initial_state is None:
+            h = x.new_zeros(bsz, G, Dg, N, dtype=torch.float32)
+        else:
+            h0 = initial_state[i : i + 1] if cu_seqlens is not None else initial_state
+            h = h0.float().reshape(bsz, G, Dg, N)
+        full = a + (b - a) // T * T
+        for c in range(a, full, T):
+            xc, dtc, zc = (None if t is None else t[:, c : c + T].unflatten(2, (G, Dg)) for t in (xs, dts, zs))
+            args = (h, y[:, c : c + T].unflatten(2, (G, Dg)), xc, dtc, zc, Bg[:, c : c + T], Cg[:, c : c + T],
+                    A2, Dv, bias)
+            kern = compiled.scan_chunk_kernel(*args, dt_softplus)
+            h = None if kern is None else kern(*args)
+            if h is None:
+                return None
+        h = h.reshape(bsz, dim, N)
+        if full < b:  # the tail: fewer than T tokens
+            sl = slice(full, b)
+            delta = prepare_dt(dts[:, sl], dt_bias, dt_softplus, torch.float32).contiguous()
+            xt = xs[:, sl].float().contiguous()
+            yt, h, _ = _scan_chunks(xt, delta, A.float(), Bg[:, sl].float().contiguous(),
+                                    Cg[:, sl].float().contiguous(), h, T, False)
+            y[:, sl] = finish(yt, xt, D, None if zs is None else zs[:, sl], x.dtype)
+        finals.append(h)
+    return y, torch.cat(finals, 0) if len(finals) > 1 else finals[0]

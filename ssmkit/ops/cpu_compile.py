@@ -1,0 +1,82 @@
+"""Compiled CPU kernels: ``torch.compile`` (Inductor's C++ backend) for the inner loops of the CPU
+forms, used when asked for and a C++ compiler is found; otherwise the eager forms run.
+
+Inductor turns a chunk of a scan, written as a short unrolled Python loop of elementwise ops, into
+one C++ loop nest that keeps the state in registers across the chunk's steps (no per-step passes
+over memory, no per-step Python call). That needs a C++ compiler at run time and compiles for
+several seconds per new shape (seconds more per thread count), so it is off by default:
+
+* ``SSMKIT_CPU_COMPILE=1`` in the environment, or :func:`set_cpu_compile` ``(True)``, turns it on;
+* without a C++ compiler (``$CXX`` or ``g++``), or if compiling fails, the eager form runs (the
+  failure is reported once as a warning).
+
+Compiled kernels are cached per shape and torch thread count (Inductor specialises its OpenMP
+loops on the thread count); Inductor's own on-disk cache makes later processes start faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["compiler_available", "cpu_compile_enabled", "compiled_kernel", "set_cpu_compile"]
+
+_forced: bool | None = None
+_failed: set[str] = set()
+_kernels: dict[tuple, Callable] = {}
+
+
+def set_cpu_compile(enabled: bool | None) -> None:
+    """Turn compiled CPU kernels on (True) or off (False); None: follow ``SSMKIT_CPU_COMPILE``."""
+    global _forced
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    _forced = enabled
+
+
+@functools.cache
+def compiler_available() -> bool:
+    """Whether Inductor finds a C++ compiler (``$CXX``, else ``g++``)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return bool(get_cpp_compiler())
+    except Exception:  # noqa: BLE001 - no compiler, or Inductor's lookup changed
+        return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def cpu_compile_enabled(t: torch.Tensor) -> bool:
+    """Whether a compiled kernel should run for CPU tensor ``t`` now: asked for, a compiler found,
+    and not inside a ``torch.compile`` trace of the caller (which compiles the eager form itself)."""
+    on = _forced if _forced is not None else os.environ.get("SSMKIT_CPU_COMPILE", "0") == "1"
+    return (on and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and compiler_available())
+
+
+def compiled_kernel(name: str, fn: Callable, key: tuple) -> Callable | None:
+    """``torch.compile(fn)`` for one shape ``key`` at the current thread count, or None once
+    compiling ``name`` has failed (the caller then runs its eager form)."""
+    if name in _failed:
+        return None
+    k = (name, key, torch.get_num_threads())
+    kern = _kernels.get(k)
+    if kern is None:
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+        def kern(*args, _compiled=compiled):
+            try:
+                return _compiled(*args)
+            except Exception as e:  # noqa: BLE001 - a compiler or Inductor failure of any kind
+                _failed.add(name)
+                warnings.warn(f"ssmkit: compiling the CPU kernel {name!r} failed, using the eager form "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                              RuntimeWarning, stacklevel=3)
+                return None
+
+        _kernels[k] = kern
+    return kern
