@@ -1,5 +1,6 @@
-"""Convert a checkpoint between formats: ssmkit, Hugging Face (MambaForCausalLM /
-Mamba2ForCausalLM) and mamba_ssm (MambaLMHeadModel), or export it to GGUF for llama.cpp. The
+"""Convert a checkpoint between formats: ssmkit, Hugging Face (MambaForCausalLM,
+Mamba2ForCausalLM and the hybrids BambaForCausalLM, GraniteMoeHybridForCausalLM,
+NemotronHForCausalLM) and mamba_ssm (MambaLMHeadModel), or export it to GGUF for llama.cpp. The
 source format is detected from its config.json; tokenizer files are copied along. Tensors keep
 their dtype.
 
@@ -14,6 +15,7 @@ model.gguf. The tokenizer (tokenizer.json, or ssmkit's byte tokenizer) goes into
 Examples:
   ssmkit convert runs/bytes exported --to hf
   ssmkit convert state-spaces/mamba-130m-hf ./m130 --to mamba_ssm
+  ssmkit convert ./granite-4.0-h-tiny ./g4 --to ssmkit     # a downloaded Hugging Face hybrid
   ssmkit convert runs/mm mm.gguf --to gguf --gguf-type q8_0     # runs/mm: ssmkit train --pattern MM
 """
 

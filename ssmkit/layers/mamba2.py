@@ -54,7 +54,8 @@ class Mamba2(nn.Module):
     ``step(x_t, state)``, ``allocate_state(batch_size)`` (the contract of :mod:`ssmkit.layers`).
 
     ``d_inner = expand * d_model`` split into ``H = d_inner / headdim`` heads; ``ngroups`` groups
-    share B and C. Parameter names and shapes match ``mamba_ssm.modules.mamba2.Mamba2`` (and Hugging
+    share B and C (``d_inner`` may be given instead, for heads that do not fill ``expand * d_model``;
+    ``norm_eps`` is the gated RMSNorm's epsilon). Parameter names and shapes match ``mamba_ssm.modules.mamba2.Mamba2`` (and Hugging
     Face's ``Mamba2Mixer``), so their state dicts load directly.
     """
 
@@ -77,6 +78,8 @@ class Mamba2(nn.Module):
         bias: bool = False,
         conv_bias: bool = True,
         chunk_size: int = 256,
+        d_inner: int | None = None,
+        norm_eps: float = 1e-5,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -85,9 +88,12 @@ class Mamba2(nn.Module):
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                         ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
             check_positive_int(name, v)
-        d_inner = expand * d_model
+        if d_inner is None:
+            d_inner = expand * d_model
+        check_positive_int("d_inner", d_inner)
         if d_inner % headdim:
-            raise ValueError(f"expand * d_model = {d_inner} must be divisible by headdim={headdim}")
+            raise ValueError(f"d_inner (expand * d_model unless given) = {d_inner} must be divisible by "
+                             f"headdim={headdim}")
         nheads = d_inner // headdim
         if nheads % ngroups:
             raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
@@ -118,7 +124,7 @@ class Mamba2(nn.Module):
                                          dtype=dtype or torch.float32))
         self.D._no_weight_decay = True
         if rmsnorm:
-            self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // ngroups,
+            self.norm = RMSNormGated(d_inner, eps=norm_eps, group_size=d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **fk)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
 

@@ -15,6 +15,9 @@ Load-balancing auxiliary loss (Switch Transformer, eq. 4): ``n_experts * sum_e f
 ``f_e`` is the fraction of routed (token, slot) pairs sent to expert ``e`` and ``P_e`` the mean
 router probability of ``e``; it is 1 for a perfectly uniform router and grows with imbalance.
 Padding tokens (``mask == 0``) are left out of it.
+
+Shared expert (``d_shared > 0``; DeepSeekMoE, Dai et al., 2024; Granite 4.0-H): one more MLP of
+width ``d_shared`` that every token goes through, added to the routed output with weight 1.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ class MoE(nn.Module):
     """Top-k mixture of SwiGLU experts: ``forward(x) -> (y, aux_loss)`` with ``x: (..., d_model)``."""
 
     def __init__(self, d_model: int, hidden: int, n_experts: int = 8, top_k: int = 2,
-                 normalize_top_k: bool = True, device=None, dtype=None):
+                 normalize_top_k: bool = True, d_shared: int = 0, activation: str = "swiglu",
+                 device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("n_experts", n_experts)
         check_positive_int("top_k", top_k)
+        if isinstance(d_shared, bool) or not isinstance(d_shared, int) or d_shared < 0:
+            raise ValueError(f"d_shared must be an int >= 0 (0: no shared expert), got {d_shared!r}")
         if top_k > n_experts:
             raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}")
         self.d_model = d_model
@@ -43,7 +49,10 @@ class MoE(nn.Module):
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
         self.router = nn.Linear(d_model, n_experts, bias=False, device=device, dtype=dtype)
-        self.experts = nn.ModuleList(MLP(d_model, hidden, device=device, dtype=dtype) for _ in range(n_experts))
+        self.experts = nn.ModuleList(MLP(d_model, hidden, activation=activation, device=device, dtype=dtype)
+                                     for _ in range(n_experts))
+        if d_shared:
+            self.shared = MLP(d_model, d_shared, activation=activation, device=device, dtype=dtype)
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x2: (T, d_model)`` -> router probs ``(T, E)`` float32, top-k weights ``(T, k)``, indices ``(T, k)``."""
@@ -78,6 +87,8 @@ class MoE(nn.Module):
                 if tok.numel() == 0:
                     continue
                 y.index_add_(0, tok, w[tok, slot, None] * expert(x2[tok]))
+        if hasattr(self, "shared"):
+            y = y + self.shared(x2)
         aux = self.load_balancing_loss(probs, idx, mask)
         return y.reshape(shape), aux
 
@@ -96,4 +107,5 @@ class MoE(nn.Module):
         return self.n_experts * (f * p).sum()
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
+        shared = f", d_shared={self.shared.hidden}" if hasattr(self, "shared") else ""
+        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}{shared}"

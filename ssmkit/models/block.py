@@ -41,6 +41,7 @@ MIXERS: dict[str, tuple[str, str, str]] = {
     "D": ("ssmkit.layers.delta_net", "DeltaNet", "deltanet_cfg"),
     "G": ("ssmkit.layers.delta_net", "GatedDeltaNet", "deltanet_cfg"),
     "S": ("ssmkit.layers.s4d", "S4D", "s4d_cfg"),
+    "F": ("ssmkit.layers.mlp", "FeedForward", "mlp_cfg"),
 }
 
 
@@ -60,6 +61,8 @@ def mixer_kwargs(letter: str, config: ModelConfig) -> dict:
     cfg.pop("layer", None)  # mamba_ssm's ssm_cfg["layer"] = "Mamba1" | "Mamba2" selects the class
     if letter == "A":
         cfg = normalize_attn_cfg(cfg)
+    if letter == "F":
+        cfg["hidden"] = config.mlp_hidden
     return cfg
 
 
@@ -93,19 +96,22 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.letter = config.layer_pattern[layer_idx]
         self.residual_in_fp32 = config.residual_in_fp32
+        self.residual_multiplier = config.residual_multiplier
         self.norm = build_norm(config, device, dtype)
         self.mixer = build_mixer(self.letter, config, layer_idx, device, dtype)
         self.mlp_kind = config.layer_mlp(layer_idx)
         if self.mlp_kind != "none":
             self.norm2 = build_norm(config, device, dtype)
+            act = config.mlp_cfg.get("activation", "swiglu")
             if self.mlp_kind == "moe":
                 m = config.moe_cfg
                 self.mlp = MoE(config.d_model, int(m.get("d_expert", config.mlp_hidden)),
                                n_experts=int(m.get("n_experts", 8)), top_k=int(m.get("top_k", 2)),
                                normalize_top_k=bool(m.get("normalize_top_k", True)),
-                               device=device, dtype=dtype)
+                               d_shared=int(m.get("d_shared", 0)), activation=act, device=device, dtype=dtype)
             else:
-                self.mlp = MLP(config.d_model, config.mlp_hidden, device=device, dtype=dtype)
+                self.mlp = MLP(config.d_model, config.mlp_hidden, bias=bool(config.mlp_cfg.get("bias", False)),
+                               activation=act, device=device, dtype=dtype)
 
     def _add_norm(self, norm: nn.Module, out: torch.Tensor, residual: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +120,14 @@ class Block(nn.Module):
 
     def _mlp(self, x: torch.Tensor, mask: torch.Tensor | None, dense: bool):
         if self.mlp_kind == "moe":
-            return self.mlp(x, mask=mask, dense=dense)
-        return self.mlp(x), None
+            out, aux = self.mlp(x, mask=mask, dense=dense)
+        else:
+            out, aux = self.mlp(x), None
+        return self._scale(out), aux
+
+    def _scale(self, out: torch.Tensor) -> torch.Tensor:
+        """A branch's output times ``residual_multiplier`` (before its residual add)."""
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
     def forward_residual(self, residual: torch.Tensor | None, out: torch.Tensor,
                          state: LayerState | None = None, return_state: bool = False,
@@ -136,6 +148,7 @@ class Block(nn.Module):
             out, new_state = self.mixer(x, state=state, return_state=True, **kw)
         else:
             out, new_state = self.mixer(x, **kw), None
+        out = self._scale(out)
         aux = None
         if self.mlp_kind != "none":
             residual, x = self._add_norm(self.norm2, out, residual)
@@ -161,6 +174,7 @@ class Block(nn.Module):
         else:
             residual, x = self._add_norm(self.norm, out, residual)
             out = self.mixer.step(x, state)
+        out = self._scale(out)
         if self.mlp_kind != "none":
             residual, x = self._add_norm(self.norm2, out, residual)
             out, _ = self._mlp(x, None, dense=True)

@@ -273,7 +273,8 @@ def load_pretrained(model_cls, path_or_repo_id: str | os.PathLike, device: torch
     """Build ``model_cls(config)`` from a directory or Hugging Face repo id and load its weights
     (:func:`ssmkit.from_pretrained` with the model class given: ``LanguageModel``).
 
-    Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
+    Reads ssmkit, Hugging Face (``MambaForCausalLM``, ``Mamba2ForCausalLM``,
+    ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``), and run directories of
     ``ssmkit train``: their model files, or (runs without them) the newest ``checkpoint-<step>.pt``. ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.
@@ -291,13 +292,20 @@ def load_pretrained(model_cls, path_or_repo_id: str | os.PathLike, device: torch
             raise
         raise CheckpointError(f"{d / CONFIG}: invalid {fmt_name} config: {e}") from e
     sd, wname = read_state_dict(d)
+    key_in = fmt.key_in
+    if hasattr(fmt, "state_dict_in"):  # formats whose tensors need more than renaming
+        sd, key_in = fmt.state_dict_in(sd, config), _same_name
     model = _build_empty(model_cls, config, _resolve_dtype(dtype, sd))
-    load_into(model, sd, fmt.key_in, source=str(d / wname))
+    load_into(model, sd, key_in, source=str(d / wname))
     if device is not None:
         model = model.to(device)
     model.checkpoint_format = fmt_name
     model.checkpoint_path = str(d)
     return model.eval()
+
+
+def _same_name(key: str) -> str:
+    return key
 
 
 _RUN_CKPT = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -365,7 +373,11 @@ def save_pretrained(model, path: str | os.PathLike, format: str = "ssmkit", toke
     for k, v in sd.items():
         if tied and k == "lm_head.weight" and not keep_tied_head:
             continue
-        tensors[fmt.key_out(k)] = v.detach().to("cpu").contiguous()
+        tensors[k] = v.detach().to("cpu").contiguous()
+    if hasattr(fmt, "state_dict_out"):  # formats whose tensors need more than renaming
+        tensors = fmt.state_dict_out(tensors, model.config)
+    else:
+        tensors = {fmt.key_out(k): v for k, v in tensors.items()}
     use_bin = format == "mamba_ssm" or not safe_serialization
     weights = "pytorch_model.bin" if use_bin else "model.safetensors"
     if use_bin:

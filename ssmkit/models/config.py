@@ -11,11 +11,17 @@ letter  mixer                           its settings
 ``D``   DeltaNet                        ``deltanet_cfg``
 ``G``   gated DeltaNet                  ``deltanet_cfg``
 ``S``   S4D                             ``s4d_cfg``
+``F``   none: the block is an MLP       ``mlp_cfg``, ``d_intermediate``
 ======  ==============================  =======================================
 
 Each block is pre-norm residual: ``h = h + mixer(norm(h))`` and, when ``mlp`` is not ``"none"``,
 ``h = h + mlp(norm2(h))`` (SwiGLU, or a mixture of SwiGLU experts on the layers ``moe_cfg``
 selects). This is the block of ``mamba_ssm``'s ``MixerModel``, so its checkpoints map 1:1.
+An ``F`` block is ``h = h + mlp(norm(h))`` alone (Nemotron-H's MLP layers).
+
+Scalings of the Granite 4.0 models (1.0 leaves a model as it was): ``embedding_multiplier``
+multiplies the embedding output, ``residual_multiplier`` every branch before its residual add, and
+the logits are divided by ``logits_scaling``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ LAYER_LETTERS = {
     "D": "DeltaNet",
     "G": "gated DeltaNet",
     "S": "S4D",
+    "F": "MLP",
 }
 MLP_KINDS = ("none", "swiglu", "moe")
 
@@ -46,7 +53,11 @@ class ModelConfig:
     SwiGLU hidden size (0 picks ``8/3 * d_model`` rounded up to a multiple of 64 when an MLP is on).
     ``moe_cfg``: ``n_experts`` (8), ``top_k`` (2), ``every`` (2: layers 1, 3, 5, ... use MoE; the
     offset is ``offset``, default 1, as in Jamba) or ``layers`` (explicit list of layer indices),
-    ``d_expert`` (defaults to ``d_intermediate``), ``normalize_top_k`` (True).
+    ``d_expert`` (defaults to ``d_intermediate``), ``normalize_top_k`` (True), ``d_shared`` (0: the
+    width of a shared expert every token goes through). ``mlp_cfg``: ``activation`` ("swiglu" or
+    "relu2") and ``bias`` (False) of every MLP, experts included. ``hf_model_type``: the Hugging Face
+    architecture ``save_pretrained(format="hf")`` writes (set when a model is loaded from one; None:
+    chosen from the layers).
     """
 
     d_model: int = 768
@@ -70,6 +81,11 @@ class ModelConfig:
     eos_token_id: int | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    mlp_cfg: dict[str, Any] = field(default_factory=dict)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    hf_model_type: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
@@ -95,7 +111,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise ValueError(f"ModelConfig.d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
-        for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg"):
+        for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg"):
             v = getattr(self, name)
             if v is None:
                 setattr(self, name, {})
@@ -112,6 +128,19 @@ class ModelConfig:
                 )
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v == 0:
+                raise ValueError(f"ModelConfig.{name} must be a finite nonzero number, got {v!r}")
+            setattr(self, name, float(v))
+        act = self.mlp_cfg.get("activation", "swiglu")
+        if act not in ("swiglu", "relu2"):
+            raise ValueError(f"ModelConfig.mlp_cfg['activation'] must be 'swiglu' or 'relu2', got {act!r}")
+        extra = sorted(set(self.mlp_cfg) - {"activation", "bias"})
+        if extra:
+            raise ValueError(f"ModelConfig.mlp_cfg has unknown keys {extra}; known keys: activation, bias")
+        if self.hf_model_type is not None and not isinstance(self.hf_model_type, str):
+            raise TypeError(f"ModelConfig.hf_model_type must be a string or None, got {self.hf_model_type!r}")
 
     # ----------------------------------------------------------------------------------------------
     @property

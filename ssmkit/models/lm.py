@@ -150,8 +150,19 @@ class LanguageModel(nn.Module):
         return [blk.allocate_state(batch_size, max_seqlen, device=device, dtype=dtype)
                 for blk in self.backbone.layers]
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, times ``embedding_multiplier``."""
+        h = self.backbone.embedding(ids)
+        m = self.config.embedding_multiplier
+        return h if m == 1.0 else h * m
+
     def _head(self, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """Final add + norm + LM head on the carried ``(residual, out)`` -> float32 logits."""
+        logits = self._head_unscaled(residual, out)
+        s = self.config.logits_scaling
+        return logits if s == 1.0 else logits / s
+
+    def _head_unscaled(self, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         norm, head = self.backbone.norm_f, self.lm_head
         gemv = get("norm_linear", "auto", out)
         if not isinstance(head, nn.Linear):  # quantised head
@@ -201,7 +212,7 @@ class LanguageModel(nn.Module):
                 raise TypeError("cache must be an InferenceCache (ssmkit.inference.allocate_cache) "
                                 f"holding {self.config.n_layer} layer states")
         # Carried (residual, out): each block's residual add is fused into the next norm.
-        residual, out = None, self.backbone.embedding(ids)
+        residual, out = None, self._embed(ids)
         aux_total = None
         for i, blk in enumerate(self.backbone.layers):
             st = states[i] if states is not None else None
@@ -231,6 +242,8 @@ class LanguageModel(nn.Module):
             _, x = add_norm(self.backbone.norm_f, out, residual, self.config.residual_in_fp32)
             head = self.lm_head
             x = x[:, :-1].to(head.weight.dtype).reshape(-1, x.shape[-1])
+            if self.config.logits_scaling != 1.0:
+                x = x / self.config.logits_scaling
             loss = linear_cross_entropy(x, head.weight, lab[:, 1:].reshape(-1).to(x.device))
             return LMOutput(logits=None, loss=loss, aux_loss=aux_total, cache=cache)
         logits = self._head(residual, out)
@@ -249,7 +262,7 @@ class LanguageModel(nn.Module):
         states = getattr(cache, "states", cache)
         if input_ids.device.type == "cpu" and get("add_rms_norm", "auto", input_ids) is add_rms_norm_reference:
             return self._step_cpu(input_ids, states)
-        residual, out = None, self.backbone.embedding(input_ids)
+        residual, out = None, self._embed(input_ids)
         for blk, st in zip(self.backbone.layers, states):
             residual, out = blk.step_residual(residual, out, st)
         return self._head(residual, out)
@@ -258,7 +271,7 @@ class LanguageModel(nn.Module):
         """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
         one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations).
         Same arithmetic as the carried form of the blocks."""
-        h = self.backbone.embedding(input_ids)  # a fresh tensor: the residual stream, updated in place
+        h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
         if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         lowp = self.dtype in (torch.float16, torch.bfloat16)
@@ -267,10 +280,12 @@ class LanguageModel(nn.Module):
             torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)
         try:
             for blk, st in zip(self.backbone.layers, states):
-                h.add_(blk.mixer.step(_norm(blk.norm, h), st))
+                h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h), st)))
                 if blk.mlp_kind != "none":
                     h.add_(blk._mlp(_norm(blk.norm2, h), None, dense=True)[0])
             logits = self.lm_head(_norm(self.backbone.norm_f, h))
+            if self.config.logits_scaling != 1.0:
+                logits = logits / self.config.logits_scaling
         finally:
             if lowp and onednn != CPU_DECODE_ONEDNN:
                 torch._C._set_mkldnn_enabled(onednn)
@@ -314,7 +329,8 @@ def from_pretrained(path_or_repo_id: str, device: torch.device | str | None = No
                     quantize: str | None = None) -> LanguageModel:
     """Load a :class:`LanguageModel` from a directory or Hugging Face repo id.
 
-    Reads ssmkit, Hugging Face (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) and mamba_ssm
+    Reads ssmkit, Hugging Face (``MambaForCausalLM``, ``Mamba2ForCausalLM``,
+    ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). ``quantize``: None, or ``"int8"`` for int8
     weight-only linear layers and LM head (:func:`ssmkit.models.quantize`; CPU decoding). The

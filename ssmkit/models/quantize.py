@@ -1,7 +1,7 @@
 """Weight-only quantisation of a :class:`~ssmkit.LanguageModel` for CPU decoding.
 
 ``quantize(model, "int8")`` replaces the large linear layers of every block (Mamba's ``in_proj``,
-``x_proj``, ``out_proj``; Mamba-2's and DeltaNet's projections; attention and SwiGLU MLP weights)
+``x_proj``, ``out_proj``; Mamba-2's and DeltaNet's projections; attention and MLP weights)
 and the LM head by :class:`~ssmkit.layers.quantized.Int8Linear`: int8 weights with one bfloat16
 scale per output channel, multiplied by PyTorch's int8 weight-only kernel. A tied embedding reads
 its rows from the head's int8 table (:class:`~ssmkit.layers.quantized.Int8Embedding`), so the model
@@ -25,7 +25,7 @@ QUANTIZE_MODES = ("int8",)
 # Linear layers with fewer output features stay in float (per-head gates: tiny, precision-sensitive).
 MIN_OUT_FEATURES = 64
 # Mixer letters whose linear layers are quantised (S4D keeps its float projections).
-_QUANTIZED_LETTERS = frozenset("M2DGA")
+_QUANTIZED_LETTERS = frozenset("M2DGAF")
 _SKIP_NAMES = frozenset({"dt_proj"})  # Mamba's rank-dt_rank Δ projection: 1.4% of the weights
 
 
@@ -66,7 +66,7 @@ def quantize(model, mode: str = "int8", head: bool = True):
     for blk in model.backbone.layers:
         if blk.letter in _QUANTIZED_LETTERS:
             _quantize_children(blk.mixer)
-        if getattr(blk, "mlp_kind", "none") == "swiglu":
+        if getattr(blk, "mlp_kind", "none") == "swiglu":  # dense MLPs (experts stay in float)
             _quantize_children(blk.mlp)
     if head and isinstance(model.lm_head, nn.Linear) and int8_supported(model.lm_head):
         emb = model.backbone.embedding

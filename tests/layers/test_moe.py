@@ -54,3 +54,15 @@ def test_errors():
         MoE(8, 16, n_experts=2, top_k=3)
     with pytest.raises(ValueError, match="d_model=8"):
         MoE(8, 16)(torch.randn(3, 4))
+
+
+def test_shared_expert_is_added_to_every_token_and_experts_take_the_activation():
+    moe = MoE(8, 16, n_experts=4, top_k=2, d_shared=12, activation="relu2").double()
+    assert moe.shared.fc1.weight.shape == (12, 8) and moe.experts[0].fc1.weight.shape == (16, 8)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    y, _ = moe(x)
+    ref = loop_reference(moe, x.reshape(-1, 8)).reshape(2, 6, 8) + moe.shared(x)
+    assert_close("shared", ref, y, rel=1e-12)
+    assert_close("dense", y, moe(x, dense=True)[0], rel=1e-12)
+    with pytest.raises(ValueError, match="d_shared"):
+        MoE(8, 16, d_shared=-1)

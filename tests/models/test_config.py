@@ -57,3 +57,16 @@ def test_unknown_preset_and_keys():
         ModelConfig.from_name("mamba-9b")
     with pytest.raises(ValueError, match="unknown ModelConfig keys"):
         ModelConfig.from_dict({"d_model": 8, "n_layer": 1, "vocab_size": 8, "hidden": 3})
+
+
+def test_new_fields_default_to_the_old_model_and_are_checked():
+    old = ModelConfig.from_name("tiny-hybrid").to_dict()
+    for k in ("mlp_cfg", "embedding_multiplier", "residual_multiplier", "logits_scaling", "hf_model_type"):
+        old.pop(k)
+    assert ModelConfig.from_dict(old) == ModelConfig.from_name("tiny-hybrid")  # a config saved before them
+    assert "1 MLP" in ModelConfig(d_model=32, n_layer=2, layer_pattern="2F").describe()
+    for kw, match in ((dict(logits_scaling=0), "logits_scaling"), (dict(residual_multiplier=float("nan")),
+                      "residual_multiplier"), (dict(mlp_cfg={"activation": "gelu"}), "activation"),
+                      (dict(mlp_cfg={"act": "relu2"}), "unknown keys")):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(d_model=32, n_layer=2, **kw)

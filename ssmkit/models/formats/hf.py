@@ -1,4 +1,10 @@
-"""Hugging Face ``transformers`` format: ``MambaForCausalLM`` and ``Mamba2ForCausalLM``.
+"""Hugging Face ``transformers`` format: ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` here, and the
+hybrids ``BambaForCausalLM`` (:mod:`.hf_bamba`), ``GraniteMoeHybridForCausalLM`` (:mod:`.hf_granite`)
+and ``NemotronHForCausalLM`` (:mod:`.hf_nemotron_h`), picked by ``model_type``. Saving picks the
+architecture the model was loaded from (``ModelConfig.hf_model_type``), else the first that can
+hold it: Mamba / Mamba-2 for pure models, then Bamba, Granite 4.0-H, Nemotron-H.
+
+Mamba / Mamba-2:
 
 Parameter names equal ssmkit's except the embedding (``backbone.embeddings`` in HF,
 ``backbone.embedding`` in ssmkit / mamba_ssm). Config keys map as::
@@ -22,8 +28,13 @@ import math
 from typing import Any
 
 from ssmkit.models.config import ModelConfig
+from ssmkit.models.formats import hf_bamba, hf_granite, hf_nemotron_h
 
 NAME = "hf"
+# model_type -> the module of a hybrid family (to_model_config, why_not, from_model_config,
+# state_dict_in, state_dict_out)
+HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h)}
+MODEL_TYPES = ("mamba", "mamba2", *HYBRIDS)
 WEIGHTS = "model.safetensors"
 
 _MAMBA_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max",
@@ -34,7 +45,7 @@ _MAMBA2_KEYS = {"d_state", "d_conv", "expand", "headdim", "ngroups", "bias", "co
 
 
 def matches(cfg: dict) -> bool:
-    return cfg.get("model_type") in ("mamba", "mamba2")
+    return cfg.get("model_type") in MODEL_TYPES
 
 
 def _float(x: Any) -> float:
@@ -63,6 +74,8 @@ def _ids(cfg: dict) -> dict[str, Any]:
 
 def to_model_config(cfg: dict) -> ModelConfig:
     mt = cfg.get("model_type")
+    if mt in HYBRIDS:
+        return HYBRIDS[mt].to_model_config(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act={cfg.get('hidden_act')!r}: only 'silu' is supported")
     try:
@@ -99,7 +112,44 @@ def to_model_config(cfg: dict) -> ModelConfig:
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), **common)
 
 
+def _family(config: ModelConfig):
+    """The hybrid family module ``config`` is written as, or None for the Mamba / Mamba-2 path."""
+    if config.hf_model_type in HYBRIDS:
+        fam = HYBRIDS[config.hf_model_type]
+        why = fam.why_not(config)
+        if why:
+            raise ValueError(f"cannot save this model as Hugging Face {config.hf_model_type}: {why} "
+                             "(set hf_model_type=None to let ssmkit pick, or use format='ssmkit')")
+        return fam
+    pure = set(config.layer_pattern) in ({"M"}, {"2"}) and config.mlp == "none"
+    if pure or config.hf_model_type in ("mamba", "mamba2"):
+        return None
+    reasons = []
+    for name, fam in HYBRIDS.items():
+        why = fam.why_not(config)
+        if why is None:
+            return fam
+        reasons.append(f"{name}: {why}")
+    raise ValueError(f"cannot save this model in Hugging Face format: layer_pattern {config.layer_pattern!r} "
+                     f"(mlp={config.mlp!r}) mixes layer kinds or adds MLPs, and no Hugging Face hybrid holds it ("
+                     + "; ".join(reasons) + "); use format='ssmkit'")
+
+
+def state_dict_in(sd: dict, config: ModelConfig) -> dict:
+    """Checkpoint tensors -> ssmkit's names (hybrids also join projections)."""
+    fam = HYBRIDS.get(config.hf_model_type)
+    return fam.state_dict_in(sd, config) if fam else {key_in(k): v for k, v in sd.items()}
+
+
+def state_dict_out(sd: dict, config: ModelConfig) -> dict:
+    fam = _family(config)
+    return fam.state_dict_out(sd, config) if fam else {key_out(k): v for k, v in sd.items()}
+
+
 def from_model_config(config: ModelConfig) -> dict[str, Any]:
+    fam = _family(config)
+    if fam is not None:
+        return fam.from_model_config(config)
     pat = config.layer_pattern
     why = None
     if set(pat) not in ({"M"}, {"2"}):
