@@ -47,15 +47,16 @@ DEFAULTS = {"models": list(MODELS), "threads": [1, 2], "dtypes": list(DTYPES), "
 
 
 def model_config(name: str) -> ssmkit.ModelConfig:
-    """The 130M shapes: the mamba-130m / mamba2-130m presets, and a gated DeltaNet LM of the same
-    width (d_model 768, 6 heads of key size 128 and value size 256, 20 layers: 133M parameters)."""
+    """The 130M shapes: the mamba-130m / mamba2-130m presets, and the gated DeltaNet LM that
+    ``benchmarks/cpu_floor.py`` times for prefill (d_model 768, 24 layers, 6 heads with keys of
+    128 and values of 192: about 131M parameters)."""
     if name == "mamba":
         return ssmkit.ModelConfig.from_name("mamba-130m")
     if name == "mamba2":
         return ssmkit.ModelConfig.from_name("mamba2-130m")
     if name == "gated-deltanet":
-        return ssmkit.ModelConfig(d_model=768, n_layer=20, vocab_size=50277, layer_pattern="G" * 20,
-                                  deltanet_cfg={"num_heads": 6, "head_dim": 128})
+        return ssmkit.ModelConfig(d_model=768, n_layer=24, vocab_size=50277, layer_pattern="G" * 24,
+                                  deltanet_cfg={"num_heads": 6, "head_dim": 128, "expand_v": 1.5})
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
