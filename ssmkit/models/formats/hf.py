@@ -29,6 +29,7 @@ from typing import Any
 
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.formats import hf_bamba, hf_granite, hf_nemotron_h
+from ssmkit.models.formats.hf_common import token_ids
 
 NAME = "hf"
 # model_type -> the module of a hybrid family (to_model_config, why_not, from_model_config,
@@ -62,16 +63,6 @@ def _float_json(x: float) -> Any:
     return float(x)
 
 
-def _ids(cfg: dict) -> dict[str, Any]:
-    out = {}
-    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        v = cfg.get(k)
-        if isinstance(v, list):
-            v = v[0] if v else None
-        out[k] = v
-    return out
-
-
 def to_model_config(cfg: dict) -> ModelConfig:
     mt = cfg.get("model_type")
     if mt in HYBRIDS:
@@ -87,7 +78,7 @@ def to_model_config(cfg: dict) -> ModelConfig:
     expand = cfg.get("expand", 2)
     common = dict(d_model=d_model, n_layer=n_layer, vocab_size=vocab, pad_vocab_size_multiple=1,
                   rms_norm=True, norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-                  residual_in_fp32=bool(cfg.get("residual_in_fp32", True)), **_ids(cfg))
+                  residual_in_fp32=bool(cfg.get("residual_in_fp32", True)), **token_ids(cfg))
     dt_init = {"dt_min": cfg.get("time_step_min", 0.001), "dt_max": cfg.get("time_step_max", 0.1),
                "dt_init_floor": cfg.get("time_step_floor", 1e-4)}
     if mt == "mamba":

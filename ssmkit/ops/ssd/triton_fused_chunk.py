@@ -40,6 +40,23 @@ def _dt_process(dt_ptr, bias, t_idx, t_mask, stride_dt_t, DT_SOFTPLUS: tl.conste
 
 
 @triton.jit
+def _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN: tl.constexpr):
+    """(batch row, first token, length, first chunk in the state scratch) of sequence ``seq``:
+    row ``seq`` of the batch, or with packed sequences rows ``cu[seq]:cu[seq + 1]`` of row 0."""
+    if VARLEN:
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
+        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
+        row = seq.to(tl.int64) * 0
+    else:
+        start = seq.to(tl.int64) * 0
+        length = seqlen + start
+        chunk0 = seq.to(tl.int64) * nchunks_max
+        row = seq.to(tl.int64)
+    return row, start, length, chunk0
+
+
+@triton.jit
 def _ssd_fwd(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr,
     y_ptr, hT_ptr,
@@ -58,15 +75,7 @@ def _ssd_fwd(
     seq = pid_sh // H
     head = pid_sh % H
     grp = head // heads_per_group
-    if VARLEN:  # packed sequences: batch row 0, rows [start, end)
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
-        row = 0
-    else:
-        start = 0
-        end = seqlen
-        row = seq.to(tl.int64)
-    length = end - start
+    row, start, length, first_chunk = _bounds(cu_ptr, cu_ptr, seq, seqlen, 0, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -150,16 +159,7 @@ def _ssd_states_fwd(
     seq = pid_sh // H
     head = pid_sh % H
     grp = head // heads_per_group
-    if VARLEN:
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
-        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
-        row = 0
-    else:
-        start = 0
-        length = seqlen
-        chunk0 = seq.to(tl.int64) * nchunks_max
-        row = seq.to(tl.int64)
+    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -215,16 +215,7 @@ def _ssd_bwd(
     seq = pid_sh // H
     head = pid_sh % H
     grp = head // heads_per_group
-    if VARLEN:
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
-        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
-        row = 0
-    else:
-        start = 0
-        length = seqlen
-        chunk0 = seq.to(tl.int64) * nchunks_max
-        row = seq.to(tl.int64)
+    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -353,16 +344,7 @@ def _ssd_bwd_dbc(
     seq = tl.program_id(0)
     k = tl.program_id(1)
     grp = tl.program_id(2)
-    if VARLEN:
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
-        chunk0 = tl.load(choff_ptr + seq).to(tl.int64)
-        row = 0
-    else:
-        start = 0
-        length = seqlen
-        chunk0 = seq.to(tl.int64) * nchunks_max
-        row = seq.to(tl.int64)
+    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
         offs_q = tl.arange(0, BLOCK_Q)
