@@ -125,3 +125,20 @@ def test_bad_arguments_name_themselves(model, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "lm_eval.api.model", None)
     with pytest.raises(ImportError, match=r"ssmkit\[lm_eval\]"):
         harness_model(model)
+
+
+def test_generate_until_stops_at_a_stop_string_the_model_produces(model):
+    from lm_eval.api.instance import Instance
+
+    tok = ByteTokenizer()
+    prompts = ["Q: 2+2=", "Name a colour:", "x"]
+    alone = []
+    for p in prompts:
+        out = ssmkit.generate(model, torch.tensor([tok.encode(p)]), max_new_tokens=8, eos_token_id=EOS)
+        alone.append(tok.decode(out[0, len(tok.encode(p)):].tolist()))
+    stop = alone[0][3]  # a character the first prompt generates: its text ends before it
+    reqs = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": 8}), i)
+            for i, p in enumerate(prompts)]
+    got = harness_model(model, batch_size=3).generate_until(reqs)
+    assert got == [a.split(stop, 1)[0] for a in alone]
+    assert len(got[0]) <= 3
