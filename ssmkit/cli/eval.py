@@ -20,11 +20,12 @@ from pathlib import Path
 from ssmkit.cli import args as A
 
 NAME = "eval"
-HELP = "evaluate a training checkpoint on a task"
+HELP = "evaluate a training checkpoint on a task, or a model on lm-evaluation-harness tasks"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint-<step>.pt file")
+    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint-<step>.pt file; "
+                   "with --lm-eval, a model (checkpoint directory, run directory, repo id or preset)")
     p.add_argument("--task", help="task name (default: the one the checkpoint was trained on)")
     p.add_argument("--task-arg", type=A.key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="a task setting, e.g. length=128 (repeatable)")
@@ -99,13 +100,33 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     lm = harness_model(model, batch_size=args.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=args.lm_eval, task_manager=manager, limit=args.limit,
                                       num_fewshot=args.num_fewshot, random_seed=args.seed, log_samples=False)
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
+    print(results_table(results["results"]))
     if out is not None:
         out.write_text(json.dumps({"model": args.checkpoint, "results": results["results"],
                                    "versions": results.get("versions", {})}, indent=2, default=str) + "\n")
     return 0
+
+
+def results_table(results: dict) -> str:
+    """One line per task and metric: ``task  metric  filter  value  ± stderr``."""
+    rows = [("task", "metric", "filter", "value", "stderr")]
+    for task, res in results.items():
+        for key, value in res.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filt = key.split(",", 1)
+            err = res.get(f"{metric}_stderr,{filt}")
+            rows.append((task, metric, filt, _number(value), _number(err) if err is not None else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in rows)
+
+
+def _number(v) -> str:
+    try:
+        return f"{float(v):.4f}"
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def _cuda() -> bool:

@@ -51,9 +51,10 @@ def test_lm_eval_on_a_model_directory(setup, tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["eval", str(model_dir), "--lm-eval", "local_mc", "--include", str(tasks),
                  "--batch-size", "4", "--device", "cpu", "--output", str(out)]) == 0
-    assert "local_mc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     acc = json.loads(out.read_text())["results"]["local_mc"]["acc,none"]
     assert acc == pytest.approx(_accuracy(model))
+    assert f"{acc:.4f}" in next(line for line in printed.splitlines() if line.startswith("local_mc"))
 
 
 @pytest.mark.parametrize("argv, match", [
