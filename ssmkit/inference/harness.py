@@ -108,11 +108,11 @@ class HarnessLM:
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*r.args[:2]) for r in requests]
-        return self.score(pairs)
+        return self._cached("loglikelihood", requests, self.score(pairs))
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         pairs = [([self.prefix_token_id], self.tokenizer.encode(r.args[0])) for r in requests]
-        return [lp for lp, _ in self.score(pairs)]
+        return self._cached("loglikelihood_rolling", requests, [lp for lp, _ in self.score(pairs)])
 
     def generate_until(self, requests) -> list[str]:
         out: list[str | None] = [None] * len(requests)
@@ -125,10 +125,15 @@ class HarnessLM:
             texts = self._generate(prompts, kw)
             for i, text in zip(idx, texts):
                 out[i] = text
-                hook = getattr(self, "cache_hook", None)
-                if hook is not None:
-                    hook.add_partial("generate_until", requests[i].args, text)
-        return out
+        return self._cached("generate_until", requests, out)
+
+    def _cached(self, kind: str, requests, results: list) -> list:
+        """Hand each result to the harness's request cache (``--use_cache``), then return them."""
+        hook = getattr(self, "cache_hook", None)
+        if hook is not None:
+            for r, res in zip(requests, results):
+                hook.add_partial(kind, r.args, res)
+        return results
 
     # ---------------------------------------------------------------------------------------
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
