@@ -33,8 +33,10 @@ def _fixed_seed():
     yield
 
 
-# Set by pytest per test, or by torch on its first compile for its own cache: not a test's doing.
-_IGNORED_ENV = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
+# Set by pytest per test, by torch on its first compile for its own cache, or by scikit-learn when
+# it is first imported (lm-eval imports it): not a test's doing.
+_IGNORED_ENV = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+                "KMP_DUPLICATE_LIB_OK")
 
 
 def _snapshot() -> dict:
