@@ -1,4 +1,4 @@
-"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H): load, save, generate and train.
+"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1): load, save, generate and train.
 
 Parity: tiny random models built with ``transformers`` (float32, CPU) give the same logits in
 ssmkit (float32 noise: relative error <= 1e-5 of the largest logit) and the same greedy tokens with
@@ -46,6 +46,20 @@ def _nemotron():
         ssm_state_size=8, n_groups=2, chunk_size=8, pad_token_id=0)
 
 
+def _falcon_h1(**kw):
+    # as Falcon-H1-0.5B: head_dim * heads != hidden_size, mamba_d_ssm != mamba_expand * hidden_size,
+    # every µP multiplier away from 1
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=12, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8,
+                mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8, key_multiplier=0.39,
+                attention_in_multiplier=1.5, attention_out_multiplier=0.9375, ssm_in_multiplier=1.25,
+                ssm_out_multiplier=1.7, ssm_multipliers=[0.35, 0.25, 0.35, 0.5, 0.35], mlp_multipliers=[0.88, 0.59],
+                embedding_multiplier=5.66, lm_head_multiplier=0.0390625, rope_parameters={"rope_type": "default",
+                "rope_theta": 1e11}, pad_token_id=0)
+    base.update(kw)
+    return transformers.FalconH1Config(**base)
+
+
 FAMILIES = {
     "bamba": (_bamba, "BambaForCausalLM"),
     "granite-moe": (_granite, "GraniteMoeHybridForCausalLM"),
@@ -53,6 +67,9 @@ FAMILIES = {
                                             position_embedding_type="rope", tie_word_embeddings=False),
                            "GraniteMoeHybridForCausalLM"),
     "nemotron-h": (_nemotron, "NemotronHForCausalLM"),
+    "falcon-h1": (_falcon_h1, "FalconH1ForCausalLM"),
+    "falcon-h1-gated-norm": (lambda: _falcon_h1(mamba_rms_norm=True, mamba_norm_before_gate=False,
+                                                tie_word_embeddings=True), "FalconH1ForCausalLM"),
 }
 
 
@@ -219,7 +236,46 @@ def test_published_nemotron_h_structure():
         (128, 80, 10240, (2 * 10240 + 2 * 8 * 128 + 128, 4480))
 
 
+FALCON_H1_0_5B = {  # tiiuae/Falcon-H1-0.5B-Instruct
+    "model_type": "falcon_h1", "architectures": ["FalconH1ForCausalLM"], "hidden_size": 1024, "num_hidden_layers": 36,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 2048,
+    "mamba_d_ssm": 1536, "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_d_state": 128, "mamba_n_groups": 1,
+    "mamba_expand": 2, "mamba_d_conv": 4, "mamba_chunk_size": 128, "mamba_conv_bias": True, "mamba_proj_bias": False,
+    "projectors_bias": False, "mamba_rms_norm": False, "mamba_norm_before_gate": False, "rope_theta": 1e11,
+    "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5, "hidden_act": "silu", "vocab_size": 32784,
+    "embedding_multiplier": 5.656854249492381, "lm_head_multiplier": 0.0390625, "key_multiplier": 0.390625,
+    "attention_in_multiplier": 1.0, "attention_out_multiplier": 0.9375, "ssm_in_multiplier": 1.25,
+    "ssm_out_multiplier": 0.23570226039551587, "mlp_multipliers": [0.8838834764831844, 0.5859375],
+    "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 11, "pad_token_id": 0,
+}
+
+
+def test_published_falcon_h1_structure():
+    c = hf.to_model_config(FALCON_H1_0_5B)
+    assert c.layer_pattern == "P" * 36 and (c.mlp, c.d_intermediate) == ("swiglu", 2048)
+    assert c.attn_cfg == {"n_heads": 8, "n_kv_heads": 2, "head_dim": 64, "rope_theta": 1e11, "qkv_bias": False,
+                          "out_bias": False, "key_multiplier": 0.390625}
+    assert c.mamba2_cfg["d_inner"] == 1536 and c.mamba2_cfg["headdim"] == 64 and c.mamba2_cfg["rmsnorm"] is False
+    assert c.mamba2_cfg["in_multiplier"] == 1.25 and c.mamba2_cfg["in_proj_multipliers"][3] == 0.5
+    assert c.parallel_cfg == {"attn_out_multiplier": 0.9375, "ssm_out_multiplier": 0.23570226039551587}
+    assert c.mlp_cfg == {"gate_multiplier": 0.8838834764831844, "down_multiplier": 0.5859375}
+    assert (c.embedding_multiplier, c.logits_scaling, c.eos_token_id) == (5.656854249492381, 25.6, 11)
+    t = transformers.FalconH1Config(**{k: v for k, v in FALCON_H1_0_5B.items() if k not in ("model_type", "rope_theta")},
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e11})
+    assert hf.to_model_config(t.to_dict()).to_dict() == c.to_dict()
+    assert hf.from_model_config(c)["lm_head_multiplier"] == 0.0390625
+    with torch.device("meta"):
+        mixer = ssmkit.LanguageModel(ssmkit.ModelConfig(**{**c.to_dict(), "n_layer": 1,
+                                                           "layer_pattern": "P"})).backbone.layers[0].mixer
+    assert tuple(mixer.mamba.in_proj.weight.shape) == (2 * 1536 + 2 * 128 + 24, 1024)
+    assert tuple(mixer.attn.in_proj.weight.shape) == (64 * (8 + 2 * 2), 1024)
+
+
 @pytest.mark.parametrize("cfg, match", [
+    ({**FALCON_H1_0_5B, "projectors_bias": True}, "projectors_bias=True"),
+    ({**FALCON_H1_0_5B, "mamba_n_heads": 25}, "mamba_n_heads=25"),
+    ({**FALCON_H1_0_5B, "ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers"),
     ({**NEMOTRON_NANO_9B_V2, "hybrid_override_pattern": "ME*"}, "mixture-of-experts layers"),
     ({**NEMOTRON_NANO_9B_V2, "mlp_hidden_act": "gelu"}, "mlp_hidden_act='gelu'"),
     ({**NEMOTRON_NANO_9B_V2, "attention_bias": True}, "attention_bias=True"),
