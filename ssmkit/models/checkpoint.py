@@ -275,7 +275,7 @@ def load_pretrained(model_cls, path_or_repo_id: str | os.PathLike, device: torch
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM``, ``Mamba2ForCausalLM``,
     ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``,
-    ``FalconH1ForCausalLM``) and mamba_ssm
+    ``FalconH1ForCausalLM``, ``JambaForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``), and run directories of
     ``ssmkit train``: their model files, or (runs without them) the newest ``checkpoint-<step>.pt``. ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.

@@ -1,4 +1,4 @@
-"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1): load, save, generate and train.
+"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba): load, save, generate and train.
 
 Parity: tiny random models built with ``transformers`` (float32, CPU) give the same logits in
 ssmkit (float32 noise: relative error <= 1e-5 of the largest logit) and the same greedy tokens with
@@ -60,6 +60,14 @@ def _falcon_h1(**kw):
     return transformers.FalconH1Config(**base)
 
 
+def _jamba(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_dt_rank=4, pad_token_id=0)
+    base.update(kw)
+    return transformers.JambaConfig(**base)
+
+
 FAMILIES = {
     "bamba": (_bamba, "BambaForCausalLM"),
     "granite-moe": (_granite, "GraniteMoeHybridForCausalLM"),
@@ -70,6 +78,9 @@ FAMILIES = {
     "falcon-h1": (_falcon_h1, "FalconH1ForCausalLM"),
     "falcon-h1-gated-norm": (lambda: _falcon_h1(mamba_rms_norm=True, mamba_norm_before_gate=False,
                                                 tie_word_embeddings=True), "FalconH1ForCausalLM"),
+    "jamba": (_jamba, "JambaForCausalLM"),
+    "jamba-dense": (lambda: _jamba(num_experts=1, attn_layer_period=4, attn_layer_offset=2, mamba_proj_bias=True,
+                                   tie_word_embeddings=True), "JambaForCausalLM"),
 }
 
 
@@ -272,7 +283,40 @@ def test_published_falcon_h1_structure():
     assert tuple(mixer.attn.in_proj.weight.shape) == (64 * (8 + 2 * 2), 1024)
 
 
+JAMBA_1_5_MINI = {  # ai21labs/AI21-Jamba-1.5-Mini
+    "model_type": "jamba", "architectures": ["JambaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "attn_layer_period": 8,
+    "attn_layer_offset": 4, "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 16,
+    "num_experts_per_tok": 2, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256,
+    "mamba_conv_bias": True, "mamba_proj_bias": False, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+    "vocab_size": 65536, "tie_word_embeddings": False, "sliding_window": None, "use_mamba_kernels": True,
+    "bos_token_id": 1, "eos_token_id": [2, 518], "pad_token_id": 0,
+}
+
+
+def test_published_jamba_structure():
+    c = hf.to_model_config(JAMBA_1_5_MINI)
+    assert c.layer_pattern == "".join("A" if i % 8 == 4 else "M" for i in range(32))
+    assert (c.mlp, c.d_intermediate, c.moe_layers()) == ("moe", 14336, list(range(1, 32, 2)))
+    assert c.moe_cfg == {"n_experts": 16, "top_k": 2, "every": 2, "offset": 1, "normalize_top_k": False}
+    assert c.ssm_cfg == {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 256, "conv_bias": True, "bias": False,
+                         "inner_norms": True, "inner_norm_eps": 1e-6}
+    assert c.attn_cfg == {"n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "rope_dim": 0} and c.eos_token_id == 2
+    t = transformers.JambaConfig(**{k: v for k, v in JAMBA_1_5_MINI.items() if k not in ("model_type", "sliding_window")})
+    assert hf.to_model_config(t.to_dict()).to_dict() == c.to_dict()
+    out = hf.from_model_config(c)
+    assert {k: out[k] for k in ("attn_layer_period", "attn_layer_offset", "expert_layer_period",
+                                "expert_layer_offset")} == {"attn_layer_period": 8, "attn_layer_offset": 4,
+                                                            "expert_layer_period": 2, "expert_layer_offset": 1}
+    with torch.device("meta"):
+        mixer = ssmkit.LanguageModel(ssmkit.ModelConfig(**{**c.to_dict(), "n_layer": 1, "layer_pattern": "M",
+                                                           "mlp": "swiglu"})).backbone.layers[0].mixer
+    assert tuple(mixer.x_proj.weight.shape) == (256 + 2 * 16, 8192) and mixer.dt_layernorm.weight.shape == (256,)
+
+
 @pytest.mark.parametrize("cfg, match", [
+    ({**JAMBA_1_5_MINI, "sliding_window": 4096}, "sliding_window=4096"),
+    ({**JAMBA_1_5_MINI, "attn_layer_offset": 8}, "attn_layer_offset=8"),
     ({**FALCON_H1_0_5B, "projectors_bias": True}, "projectors_bias=True"),
     ({**FALCON_H1_0_5B, "mamba_n_heads": 25}, "mamba_n_heads=25"),
     ({**FALCON_H1_0_5B, "ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers"),
