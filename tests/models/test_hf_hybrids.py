@@ -136,6 +136,20 @@ def test_hf_hybrid_loads_generates_and_saves_back(tmp_path, name):
         assert torch.equal(back(ids).logits, ref(ids).logits)
 
 
+def test_jamba_loads_transformers_in_memory_expert_names():
+    """transformers 5 packs Jamba's experts in memory (``experts.gate_up_proj`` as [gate; up], ``down_proj``)."""
+    ref = tiny_hf("jamba")
+    sd = ref.state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    config = hf.to_model_config(ref.config.to_dict())
+    m = ssmkit.LanguageModel(config).eval()
+    m.load_state_dict(hf.state_dict_in(sd, config))
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 def test_imported_hybrid_trains(tmp_path):
     tiny_hf("granite-moe").save_pretrained(tmp_path)
     m = ssmkit.from_pretrained(tmp_path).train()
