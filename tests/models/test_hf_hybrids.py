@@ -183,6 +183,35 @@ def test_native_model_saves_as_the_family_that_holds_it(tmp_path):
         assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
+def test_native_parallel_model_saves_as_falcon_h1(tmp_path):
+    torch.manual_seed(0)
+    cfg = ssmkit.ModelConfig(d_model=32, n_layer=2, vocab_size=64, layer_pattern="PP", mlp="swiglu", d_intermediate=40,
+                             mamba2_cfg={"d_state": 8, "headdim": 8, "chunk_size": 8, "in_multiplier": 0.5},
+                             attn_cfg={"n_heads": 4, "n_kv_heads": 2, "key_multiplier": 0.7},
+                             parallel_cfg={"ssm_out_multiplier": 1.5}, mlp_cfg={"down_multiplier": 0.8},
+                             tie_embeddings=False)
+    m = ssmkit.LanguageModel(cfg).eval()
+    m.save_pretrained(tmp_path, format="hf")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "falcon_h1"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (1, 11))
+    with torch.no_grad():
+        want = back(ids).logits
+        assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(layer_pattern="2A", attn_cfg={"n_heads": 4, "key_multiplier": 0.5}), "key_multiplier"),
+    (dict(layer_pattern="2A", attn_cfg={"n_heads": 4}, mlp_cfg={"gate_multiplier": 0.5}), "gate_multiplier"),
+    (dict(layer_pattern="PP", attn_cfg={"n_heads": 4}, residual_multiplier=2.0), "residual_multiplier"),
+])
+def test_multipliers_no_architecture_holds_are_refused(tmp_path, kw, match):
+    cfg = ssmkit.ModelConfig(d_model=32, n_layer=2, vocab_size=64, mlp="swiglu", d_intermediate=40,
+                             mamba2_cfg={"d_state": 8, "headdim": 8}, **kw)
+    with pytest.raises(ValueError, match=match):
+        ssmkit.LanguageModel(cfg).save_pretrained(tmp_path, format="hf")
+
+
 # ------------------------------------------------------------------------------------------------
 # The published configurations (the values of their config.json; only the structure is built)
 def test_published_bamba_9b_structure():

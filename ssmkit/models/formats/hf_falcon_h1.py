@@ -147,7 +147,7 @@ def why_not(config: ModelConfig) -> str | None:
         return "Falcon-H1's Mamba-2 gated norm uses the model's norm_eps"
     if config.mamba2_cfg.get("D_has_hdim", False):
         return "Falcon-H1's Mamba-2 has one D per head"
-    a, why = c.attention_fields(config)
+    a, why = c.attention_fields(config, key_multiplier=True)
     if why:
         return why
     if a["rope_dim"] != a["head_dim"] or a["softmax_scale"] is not None:
@@ -156,7 +156,7 @@ def why_not(config: ModelConfig) -> str | None:
 
 
 def from_model_config(config: ModelConfig) -> dict[str, Any]:
-    a, _ = c.attention_fields(config)
+    a, _ = c.attention_fields(config, key_multiplier=True)
     mc = config.mamba2_cfg
     m, _ = c.mamba2_fields(ModelConfig(d_model=config.d_model, n_layer=1, vocab_size=1, mamba2_cfg={
         k: v for k, v in mc.items() if k not in ("in_multiplier", "in_proj_multipliers", "rmsnorm", "norm_before_gate")}))
@@ -203,7 +203,7 @@ def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 
 def state_dict_out(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    att, _ = c.attention_fields(config)
+    att, _ = c.attention_fields(config, key_multiplier=True)
     c.move(src, dst, "backbone.embedding", "model.embed_tokens")
     c.move(src, dst, "backbone.norm_f", "model.final_layernorm")
     c.move(src, dst, "lm_head", "lm_head")
