@@ -59,7 +59,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", type=_preset, help="a ModelConfig preset name (e.g. tiny-mamba); overrides the "
                    "size flags below")
     g.add_argument("--pattern", type=_pattern, default="MM", help="layer pattern, one letter per layer: M Mamba, "
-                   "2 Mamba-2, A attention, D DeltaNet, G gated DeltaNet, S S4D")
+                   "2 Mamba-2, A attention, D DeltaNet, G gated DeltaNet, S S4D, F MLP, "
+                   "P Mamba-2 + attention in parallel")
     g.add_argument("--d-model", type=A.positive_int, default=64, help="model width")
     g.add_argument("--d-state", type=A.positive_int, default=None,
                    help="SSM state size for M / 2 / S layers (default: the layer's own)")
@@ -139,11 +140,11 @@ def build_model_config(args: argparse.Namespace, vocab_size: int):
         kw["ssm_cfg"] = {"use_gate": not args.no_gate}
         if args.d_state:
             kw["ssm_cfg"]["d_state"] = args.d_state
-    if "2" in args.pattern and args.d_state:
+    if set("2P") & set(args.pattern) and args.d_state:
         kw["mamba2_cfg"] = {"d_state": args.d_state}
     if "S" in args.pattern and args.d_state:
         kw["s4d_cfg"] = {"d_state": args.d_state}
-    if "A" in args.pattern:
+    if set("AP") & set(args.pattern):
         kw["attn_cfg"] = {"n_heads": max(args.d_model // 64, 1) if args.d_model >= 64 else 1}
     return ModelConfig(d_model=args.d_model, n_layer=len(args.pattern), vocab_size=vocab_size,
                        layer_pattern=args.pattern, mlp=args.mlp, **kw)

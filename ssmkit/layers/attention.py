@@ -103,7 +103,8 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int | None = None, n_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_theta: float = 10000.0, rope_dim: int | None = None,
                  qkv_bias: bool = False, out_bias: bool = False, softmax_scale: float | None = None,
-                 max_seqlen: int = 2048, layer_idx: int | None = None, device=None, dtype=None):
+                 max_seqlen: int = 2048, key_multiplier: float = 1.0, layer_idx: int | None = None,
+                 device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         n_heads = n_heads if n_heads is not None else max(1, d_model // 64)
@@ -124,6 +125,7 @@ class Attention(nn.Module):
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.rope_dim, self.rope_theta = rope_dim, float(rope_theta)
         self.softmax_scale = softmax_scale
+        self.key_multiplier = float(key_multiplier)  # keys times this before RoPE (Falcon-H1)
         self.max_seqlen = max_seqlen
         self.layer_idx = layer_idx
         self.in_proj = nn.Linear(d_model, head_dim * (n_heads + 2 * n_kv_heads), bias=qkv_bias,
@@ -140,6 +142,8 @@ class Attention(nn.Module):
         qkv = self.in_proj(x)
         hq, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        if self.key_multiplier != 1.0:
+            k = k * self.key_multiplier
         return (q.unflatten(-1, (hq, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d)))
 
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers import _decode
+from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs
 from ssmkit.ops import custom_ops
@@ -64,6 +65,8 @@ class Mamba(nn.Module):
     * ``A_log``: ``(d_inner, d_state)``; ``D``: ``(d_inner,)``; ``out_proj``: Linear(d_inner -> d_model)
 
     ``use_gate=False`` removes the z branch (the "S6 without gating" ablation of the paper).
+    ``inner_norms=True`` adds Jamba's RMSNorms (``dt_layernorm``, ``b_layernorm``,
+    ``c_layernorm``, eps ``inner_norm_eps``) on dt, B and C after ``x_proj`` (Lieber et al., 2024).
     """
 
     def __init__(
@@ -81,6 +84,8 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         use_gate: bool = True,
+        inner_norms: bool = False,
+        inner_norm_eps: float = 1e-6,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -125,6 +130,12 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner, device=device, dtype=pdt))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+        # Jamba: RMSNorms on dt (before dt_proj), B and C, each over its own width
+        self.inner_norms = bool(inner_norms)
+        if self.inner_norms:
+            self.dt_layernorm = RMSNorm(dt_rank, eps=inner_norm_eps, **fk)
+            self.b_layernorm = RMSNorm(d_state, eps=inner_norm_eps, **fk)
+            self.c_layernorm = RMSNorm(d_state, eps=inner_norm_eps, **fk)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _A(self) -> torch.Tensor:
@@ -163,10 +174,17 @@ class Mamba(nn.Module):
             return x, z
         return xz, None
 
+    def _dbc(self, x: torch.Tensor):
+        """[dt | B | C] = x_proj(x), each normed when ``inner_norms``."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        return dt, B, C
+
     def _x_proj(self, x: torch.Tensor, with_bias: bool = False):
         """[dt | B | C] = x_proj(x); dt -> dt_proj.weight @ dt (+ dt_proj.bias if ``with_bias``;
         otherwise the bias is added inside the scan)."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._dbc(x)
         return F.linear(dt, self.dt_proj.weight, self.dt_proj.bias if with_bias else None), B, C
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
@@ -246,7 +264,7 @@ class Mamba(nn.Module):
         xs, z = self._split_in(self.in_proj(x_t).unsqueeze(1))  # (batch, 1, d_inner), views
         conv_update = get("causal_conv1d_step", "auto", xs)
         xs = conv_update(xs, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._dbc(xs)
         update = get("selective_scan_step", "auto", xs)
         if getattr(update, "fuses_dt_proj", False):
             # Triton: dt_proj (dt_rank -> d_inner) runs inside the state-update kernel.
@@ -268,8 +286,11 @@ class Mamba(nn.Module):
             "dA": torch.empty(b, di, N, dtype=sdt, device=x_t.device)})
         xz = self.in_proj(x_t)
         xs = _decode.conv_step(ws, state.conv_state, xz[:, :di], _decode.conv_kernel(self.conv1d, dtype))
-        dbc = self.x_proj(xs)
-        low, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
+        if self.inner_norms:
+            low, Bm, Cm = self._dbc(xs)
+        else:
+            dbc = self.x_proj(xs)
+            low, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
         fold = self.dt_proj.weight.dtype == sdt  # full precision: the Δ bias inside the GEMV
         dt = F.linear(low, self.dt_proj.weight, self.dt_proj.bias if fold else None)
         if not fold:
@@ -302,7 +323,7 @@ class Mamba(nn.Module):
         """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
         small batch, Mamba's usual layout (gate, no projection biases), no autograd."""
         return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH and self.use_gate
-                and isinstance(self.in_proj, nn.Linear) and isinstance(self.x_proj, nn.Linear)
+                and not self.inner_norms and isinstance(self.in_proj, nn.Linear) and isinstance(self.x_proj, nn.Linear)
                 and isinstance(self.out_proj, nn.Linear) and self.in_proj.bias is None and self.out_proj.bias is None and self.x_proj.bias is None
                 and get("norm_linear", "auto", x_t) is not norm_linear_reference
                 and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))

@@ -80,6 +80,8 @@ class Mamba2(nn.Module):
         chunk_size: int = 256,
         d_inner: int | None = None,
         norm_eps: float = 1e-5,
+        in_multiplier: float = 1.0,
+        in_proj_multipliers: tuple[float, float, float, float, float] | None = None,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -127,8 +129,32 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(d_inner, eps=norm_eps, group_size=d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **fk)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+        # Falcon-H1's scalings: the input times ``in_multiplier``, the in_proj output's sections
+        # [z, x, B, C, dt] times ``in_proj_multipliers`` (1.0 / None: none)
+        self.in_multiplier = float(in_multiplier)
+        if in_proj_multipliers is not None:
+            in_proj_multipliers = tuple(float(m) for m in in_proj_multipliers)
+            if len(in_proj_multipliers) != 5:
+                raise ValueError(f"in_proj_multipliers must be 5 numbers (z, x, B, C, dt), got {in_proj_multipliers!r}")
+        self.in_proj_multipliers = in_proj_multipliers
+        self._mup: dict = {}
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """``in_proj(x)`` ([z, x, B, C, dt]) with the input and section multipliers."""
+        if self.in_multiplier != 1.0:
+            x = x * self.in_multiplier
+        out = self.in_proj(x)
+        if self.in_proj_multipliers is None:
+            return out
+        key = (out.device, out.dtype)
+        if key not in self._mup:
+            gn = self.ngroups * self.d_state
+            sizes = torch.tensor([self.d_inner, self.d_inner, gn, gn, self.nheads])
+            vec = torch.tensor(self.in_proj_multipliers, dtype=torch.float32).repeat_interleave(sizes)
+            self._mup[key] = vec.to(device=out.device, dtype=out.dtype)
+        return out * self._mup[key]
+
     def _D(self) -> torch.Tensor:
         return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
 
@@ -164,7 +190,7 @@ class Mamba2(nn.Module):
         check_mixer_inputs(self, x, state, cu_seqlens, mask, Mamba2State)
         b, l, _ = x.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, h], dim=-1)
+        z, xBC, dt = self._project(x).split([self.d_inner, self.conv_dim, h], dim=-1)
         if mask is not None:
             # padding must not reach the conv window of later tokens, nor the SSM state (Δ = 0)
             xBC = xBC * mask.to(xBC.dtype)[..., None]
@@ -208,7 +234,7 @@ class Mamba2(nn.Module):
             return self._step_cpu(x_t, state)
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         b = x_t.shape[0]
-        z, xBC, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, h], dim=-1)
+        z, xBC, dt = self._project(x_t).split([self.d_inner, self.conv_dim, h], dim=-1)
         # The layer fixes the shapes, so the conv's unchecked dispatched form is called (as Mamba
         # does): per-token Python overhead is a noticeable share of decoding time.
         conv_update = get("causal_conv1d_step", "auto", xBC)
@@ -235,7 +261,7 @@ class Mamba2(nn.Module):
         sdt = S.dtype
         ws = _decode.workspace(state, (b, dtype, sdt), lambda: _decode.conv_buffers(
             b, self.conv_dim, self.d_conv, dtype, x_t.device))
-        zxbcdt = self.in_proj(x_t)
+        zxbcdt = self._project(x_t)
         xBC = _decode.conv_step(ws, state.conv_state, zxbcdt[:, di:di + self.conv_dim],
                                 _decode.conv_kernel(self.conv1d, dtype))
         delta = self._delta(zxbcdt[:, di + self.conv_dim:]).to(sdt)  # (b, h)

@@ -28,7 +28,7 @@ class MLP(nn.Module):
     """Feed-forward MLP: ``(..., d_model) -> (..., d_model)`` through ``hidden`` units."""
 
     def __init__(self, d_model: int, hidden: int, bias: bool = False, activation: str = "swiglu",
-                 device=None, dtype=None):
+                 gate_multiplier: float = 1.0, down_multiplier: float = 1.0, device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("hidden", hidden)
@@ -37,6 +37,8 @@ class MLP(nn.Module):
         self.d_model = d_model
         self.hidden = hidden
         self.activation = activation
+        # Falcon-H1's scalings: the gate before its activation, the output (1.0: none)
+        self.gate_multiplier, self.down_multiplier = float(gate_multiplier), float(down_multiplier)
         width = 2 * hidden if activation == "swiglu" else hidden
         self.fc1 = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
@@ -47,7 +49,10 @@ class MLP(nn.Module):
         if self.activation == "relu2":
             return self.fc2(F.relu(self.fc1(x)).square())
         a, g = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(a * F.silu(g))
+        if self.gate_multiplier != 1.0:
+            g = g * self.gate_multiplier
+        y = self.fc2(a * F.silu(g))
+        return y if self.down_multiplier == 1.0 else y * self.down_multiplier
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"
@@ -64,8 +69,10 @@ class FeedForward(MLP):
     Positions are independent, so masks and packed sequences change nothing."""
 
     def __init__(self, d_model: int, hidden: int, bias: bool = False, activation: str = "swiglu",
-                 layer_idx: int | None = None, device=None, dtype=None):
-        super().__init__(d_model, hidden, bias=bias, activation=activation, device=device, dtype=dtype)
+                 gate_multiplier: float = 1.0, down_multiplier: float = 1.0, layer_idx: int | None = None,
+                 device=None, dtype=None):
+        super().__init__(d_model, hidden, bias=bias, activation=activation, gate_multiplier=gate_multiplier,
+                         down_multiplier=down_multiplier, device=device, dtype=dtype)
         self.layer_idx = layer_idx
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> FeedForwardState:

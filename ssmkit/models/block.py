@@ -42,6 +42,7 @@ MIXERS: dict[str, tuple[str, str, str]] = {
     "G": ("ssmkit.layers.delta_net", "GatedDeltaNet", "deltanet_cfg"),
     "S": ("ssmkit.layers.s4d", "S4D", "s4d_cfg"),
     "F": ("ssmkit.layers.mlp", "FeedForward", "mlp_cfg"),
+    "P": ("ssmkit.layers.parallel", "ParallelHybrid", "parallel_cfg"),
 }
 
 
@@ -63,6 +64,10 @@ def mixer_kwargs(letter: str, config: ModelConfig) -> dict:
         cfg = normalize_attn_cfg(cfg)
     if letter == "F":
         cfg["hidden"] = config.mlp_hidden
+    if letter == "P":
+        mamba = dict(config.mamba2_cfg)
+        mamba.pop("layer", None)
+        cfg.update(mamba=mamba, attn=normalize_attn_cfg(dict(config.attn_cfg)))
     return cfg
 
 
@@ -110,8 +115,10 @@ class Block(nn.Module):
                                normalize_top_k=bool(m.get("normalize_top_k", True)),
                                d_shared=int(m.get("d_shared", 0)), activation=act, device=device, dtype=dtype)
             else:
-                self.mlp = MLP(config.d_model, config.mlp_hidden, bias=bool(config.mlp_cfg.get("bias", False)),
-                               activation=act, device=device, dtype=dtype)
+                mc = config.mlp_cfg
+                self.mlp = MLP(config.d_model, config.mlp_hidden, bias=bool(mc.get("bias", False)), activation=act,
+                               gate_multiplier=float(mc.get("gate_multiplier", 1.0)),
+                               down_multiplier=float(mc.get("down_multiplier", 1.0)), device=device, dtype=dtype)
 
     def _add_norm(self, norm: nn.Module, out: torch.Tensor, residual: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +193,7 @@ class Block(nn.Module):
         return residual + out
 
     def allocate_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> LayerState:
-        if isinstance(self.mixer, Attention):
+        if isinstance(self.mixer, Attention) or self.letter == "P":
             return self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
         return self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
 

@@ -274,7 +274,8 @@ def load_pretrained(model_cls, path_or_repo_id: str | os.PathLike, device: torch
     (:func:`ssmkit.from_pretrained` with the model class given: ``LanguageModel``).
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM``, ``Mamba2ForCausalLM``,
-    ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``) and mamba_ssm
+    ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``,
+    ``FalconH1ForCausalLM``, ``JambaForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``), and run directories of
     ``ssmkit train``: their model files, or (runs without them) the newest ``checkpoint-<step>.pt``. ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). The model is returned in eval mode.

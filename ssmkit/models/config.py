@@ -12,6 +12,7 @@ letter  mixer                           its settings
 ``G``   gated DeltaNet                  ``deltanet_cfg``
 ``S``   S4D                             ``s4d_cfg``
 ``F``   none: the block is an MLP       ``mlp_cfg``, ``d_intermediate``
+``P``   Mamba-2 + attention in parallel ``mamba2_cfg``, ``attn_cfg``, ``parallel_cfg``
 ======  ==============================  =======================================
 
 Each block is pre-norm residual: ``h = h + mixer(norm(h))`` and, when ``mlp`` is not ``"none"``,
@@ -21,7 +22,11 @@ An ``F`` block is ``h = h + mlp(norm(h))`` alone (Nemotron-H's MLP layers).
 
 Scalings of the Granite 4.0 models (1.0 leaves a model as it was): ``embedding_multiplier``
 multiplies the embedding output, ``residual_multiplier`` every branch before its residual add, and
-the logits are divided by ``logits_scaling``.
+the logits are divided by ``logits_scaling``. Falcon-H1's further scalings live in the settings
+they belong to: ``parallel_cfg`` (``attn_in_multiplier``, ``attn_out_multiplier``,
+``ssm_out_multiplier`` of a ``P`` layer), ``mamba2_cfg`` (``in_multiplier``,
+``in_proj_multipliers``), ``attn_cfg`` (``key_multiplier``) and ``mlp_cfg`` (``gate_multiplier``,
+``down_multiplier``).
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ LAYER_LETTERS = {
     "G": "gated DeltaNet",
     "S": "S4D",
     "F": "MLP",
+    "P": "Mamba-2 + attention",
 }
+PARALLEL_KEYS = ("attn_in_multiplier", "attn_out_multiplier", "ssm_out_multiplier")
+MLP_CFG_KEYS = ("activation", "bias", "gate_multiplier", "down_multiplier")
 MLP_KINDS = ("none", "swiglu", "moe")
 
 
@@ -86,6 +94,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     hf_model_type: str | None = None
+    parallel_cfg: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
@@ -111,7 +120,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise ValueError(f"ModelConfig.d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
-        for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg"):
+        for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg",
+                     "parallel_cfg"):
             v = getattr(self, name)
             if v is None:
                 setattr(self, name, {})
@@ -136,9 +146,15 @@ class ModelConfig:
         act = self.mlp_cfg.get("activation", "swiglu")
         if act not in ("swiglu", "relu2"):
             raise ValueError(f"ModelConfig.mlp_cfg['activation'] must be 'swiglu' or 'relu2', got {act!r}")
-        extra = sorted(set(self.mlp_cfg) - {"activation", "bias"})
+        extra = sorted(set(self.mlp_cfg) - set(MLP_CFG_KEYS))
         if extra:
-            raise ValueError(f"ModelConfig.mlp_cfg has unknown keys {extra}; known keys: activation, bias")
+            raise ValueError(f"ModelConfig.mlp_cfg has unknown keys {extra}; known keys: {', '.join(MLP_CFG_KEYS)}")
+        scaled = [k for k in ("gate_multiplier", "down_multiplier") if self.mlp_cfg.get(k, 1.0) != 1.0]
+        if scaled and (self.mlp == "moe" or act != "swiglu"):
+            raise ValueError(f"ModelConfig.mlp_cfg {scaled}: the multipliers apply to dense SwiGLU MLPs only")
+        extra = sorted(set(self.parallel_cfg) - set(PARALLEL_KEYS))
+        if extra:
+            raise ValueError(f"ModelConfig.parallel_cfg has unknown keys {extra}; known keys: {', '.join(PARALLEL_KEYS)}")
         if self.hf_model_type is not None and not isinstance(self.hf_model_type, str):
             raise TypeError(f"ModelConfig.hf_model_type must be a string or None, got {self.hf_model_type!r}")
 
@@ -176,7 +192,7 @@ class ModelConfig:
     @property
     def is_ssm_only(self) -> bool:
         """True when no layer keeps a KV cache (decoding memory is constant)."""
-        return "A" not in self.layer_pattern
+        return not set(self.layer_pattern) & {"A", "P"}
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """Weight-only quantisation of a :class:`~ssmkit.LanguageModel` for CPU decoding.
 
 ``quantize(model, "int8")`` replaces the large linear layers of every block (Mamba's ``in_proj``,
-``x_proj``, ``out_proj``; Mamba-2's and DeltaNet's projections; attention and MLP weights)
-and the LM head by :class:`~ssmkit.layers.quantized.Int8Linear`: int8 weights with one bfloat16
-scale per output channel, multiplied by PyTorch's int8 weight-only kernel. A tied embedding reads
-its rows from the head's int8 table (:class:`~ssmkit.layers.quantized.Int8Embedding`), so the model
-holds the table once. What stays in float (the model's dtype): norms, convolutions, SSM parameters
-(``A_log``, ``D``, ``dt_bias``), Mamba's small ``dt_proj`` and projections narrower than
-``MIN_OUT_FEATURES`` (DeltaNet's per-head gates), MoE experts and S4D layers. SSM states stay float32.
+``x_proj``, ``out_proj``; Mamba-2's and DeltaNet's projections; attention and MLP weights; both
+branches of a parallel ``P`` layer) and the LM head by :class:`~ssmkit.layers.quantized.Int8Linear`:
+int8 weights with one bfloat16 scale per output channel, multiplied by PyTorch's int8 weight-only
+kernel. A tied embedding reads its rows from the head's int8 table
+(:class:`~ssmkit.layers.quantized.Int8Embedding`), so the model holds the table once. What stays in
+float (the model's dtype): norms, convolutions, SSM parameters (``A_log``, ``D``, ``dt_bias``),
+Mamba's small ``dt_proj`` and projections narrower than ``MIN_OUT_FEATURES`` (DeltaNet's per-head
+gates), MoE experts and S4D layers. SSM states stay float32.
 
 Decoding reads about a quarter of the float32 weight bytes per token; see
 ``docs/models.md`` (CPU decoding) for the measured speed and error.
@@ -25,7 +26,7 @@ QUANTIZE_MODES = ("int8",)
 # Linear layers with fewer output features stay in float (per-head gates: tiny, precision-sensitive).
 MIN_OUT_FEATURES = 64
 # Mixer letters whose linear layers are quantised (S4D keeps its float projections).
-_QUANTIZED_LETTERS = frozenset("M2DGAF")
+_QUANTIZED_LETTERS = frozenset("M2DGAFP")
 _SKIP_NAMES = frozenset({"dt_proj"})  # Mamba's rank-dt_rank Δ projection: 1.4% of the weights
 
 

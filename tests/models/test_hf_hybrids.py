@@ -1,4 +1,4 @@
-"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H): load, save, generate and train.
+"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba): load, save, generate and train.
 
 Parity: tiny random models built with ``transformers`` (float32, CPU) give the same logits in
 ssmkit (float32 noise: relative error <= 1e-5 of the largest logit) and the same greedy tokens with
@@ -46,6 +46,28 @@ def _nemotron():
         ssm_state_size=8, n_groups=2, chunk_size=8, pad_token_id=0)
 
 
+def _falcon_h1(**kw):
+    # as Falcon-H1-0.5B: head_dim * heads != hidden_size, mamba_d_ssm != mamba_expand * hidden_size,
+    # every µP multiplier away from 1
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=12, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8,
+                mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8, key_multiplier=0.39,
+                attention_in_multiplier=1.5, attention_out_multiplier=0.9375, ssm_in_multiplier=1.25,
+                ssm_out_multiplier=1.7, ssm_multipliers=[0.35, 0.25, 0.35, 0.5, 0.35], mlp_multipliers=[0.88, 0.59],
+                embedding_multiplier=5.66, lm_head_multiplier=0.0390625, rope_parameters={"rope_type": "default",
+                "rope_theta": 1e11}, pad_token_id=0)
+    base.update(kw)
+    return transformers.FalconH1Config(**base)
+
+
+def _jamba(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_dt_rank=4, pad_token_id=0)
+    base.update(kw)
+    return transformers.JambaConfig(**base)
+
+
 FAMILIES = {
     "bamba": (_bamba, "BambaForCausalLM"),
     "granite-moe": (_granite, "GraniteMoeHybridForCausalLM"),
@@ -53,6 +75,12 @@ FAMILIES = {
                                             position_embedding_type="rope", tie_word_embeddings=False),
                            "GraniteMoeHybridForCausalLM"),
     "nemotron-h": (_nemotron, "NemotronHForCausalLM"),
+    "falcon-h1": (_falcon_h1, "FalconH1ForCausalLM"),
+    "falcon-h1-gated-norm": (lambda: _falcon_h1(mamba_rms_norm=True, mamba_norm_before_gate=False,
+                                                tie_word_embeddings=True), "FalconH1ForCausalLM"),
+    "jamba": (_jamba, "JambaForCausalLM"),
+    "jamba-dense": (lambda: _jamba(num_experts=1, attn_layer_period=4, attn_layer_offset=2, mamba_proj_bias=True,
+                                   tie_word_embeddings=True), "JambaForCausalLM"),
 }
 
 
@@ -108,6 +136,20 @@ def test_hf_hybrid_loads_generates_and_saves_back(tmp_path, name):
         assert torch.equal(back(ids).logits, ref(ids).logits)
 
 
+def test_jamba_loads_transformers_in_memory_expert_names():
+    """transformers 5 packs Jamba's experts in memory (``experts.gate_up_proj`` as [gate; up], ``down_proj``)."""
+    ref = tiny_hf("jamba")
+    sd = ref.state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    config = hf.to_model_config(ref.config.to_dict())
+    m = ssmkit.LanguageModel(config).eval()
+    m.load_state_dict(hf.state_dict_in(sd, config))
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 def test_imported_hybrid_trains(tmp_path):
     tiny_hf("granite-moe").save_pretrained(tmp_path)
     m = ssmkit.from_pretrained(tmp_path).train()
@@ -139,6 +181,35 @@ def test_native_model_saves_as_the_family_that_holds_it(tmp_path):
     with torch.no_grad():
         want = back(ids).logits
         assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_native_parallel_model_saves_as_falcon_h1(tmp_path):
+    torch.manual_seed(0)
+    cfg = ssmkit.ModelConfig(d_model=32, n_layer=2, vocab_size=64, layer_pattern="PP", mlp="swiglu", d_intermediate=40,
+                             mamba2_cfg={"d_state": 8, "headdim": 8, "chunk_size": 8, "in_multiplier": 0.5},
+                             attn_cfg={"n_heads": 4, "n_kv_heads": 2, "key_multiplier": 0.7},
+                             parallel_cfg={"ssm_out_multiplier": 1.5}, mlp_cfg={"down_multiplier": 0.8},
+                             tie_embeddings=False)
+    m = ssmkit.LanguageModel(cfg).eval()
+    m.save_pretrained(tmp_path, format="hf")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "falcon_h1"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (1, 11))
+    with torch.no_grad():
+        want = back(ids).logits
+        assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(layer_pattern="2A", attn_cfg={"n_heads": 4, "key_multiplier": 0.5}), "key_multiplier"),
+    (dict(layer_pattern="2A", attn_cfg={"n_heads": 4}, mlp_cfg={"gate_multiplier": 0.5}), "gate_multiplier"),
+    (dict(layer_pattern="PP", attn_cfg={"n_heads": 4}, residual_multiplier=2.0), "residual_multiplier"),
+])
+def test_multipliers_no_architecture_holds_are_refused(tmp_path, kw, match):
+    cfg = ssmkit.ModelConfig(d_model=32, n_layer=2, vocab_size=64, mlp="swiglu", d_intermediate=40,
+                             mamba2_cfg={"d_state": 8, "headdim": 8}, **kw)
+    with pytest.raises(ValueError, match=match):
+        ssmkit.LanguageModel(cfg).save_pretrained(tmp_path, format="hf")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +290,79 @@ def test_published_nemotron_h_structure():
         (128, 80, 10240, (2 * 10240 + 2 * 8 * 128 + 128, 4480))
 
 
+FALCON_H1_0_5B = {  # tiiuae/Falcon-H1-0.5B-Instruct
+    "model_type": "falcon_h1", "architectures": ["FalconH1ForCausalLM"], "hidden_size": 1024, "num_hidden_layers": 36,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 2048,
+    "mamba_d_ssm": 1536, "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_d_state": 128, "mamba_n_groups": 1,
+    "mamba_expand": 2, "mamba_d_conv": 4, "mamba_chunk_size": 128, "mamba_conv_bias": True, "mamba_proj_bias": False,
+    "projectors_bias": False, "mamba_rms_norm": False, "mamba_norm_before_gate": False, "rope_theta": 1e11,
+    "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5, "hidden_act": "silu", "vocab_size": 32784,
+    "embedding_multiplier": 5.656854249492381, "lm_head_multiplier": 0.0390625, "key_multiplier": 0.390625,
+    "attention_in_multiplier": 1.0, "attention_out_multiplier": 0.9375, "ssm_in_multiplier": 1.25,
+    "ssm_out_multiplier": 0.23570226039551587, "mlp_multipliers": [0.8838834764831844, 0.5859375],
+    "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 11, "pad_token_id": 0,
+}
+
+
+def test_published_falcon_h1_structure():
+    c = hf.to_model_config(FALCON_H1_0_5B)
+    assert c.layer_pattern == "P" * 36 and (c.mlp, c.d_intermediate) == ("swiglu", 2048)
+    assert c.attn_cfg == {"n_heads": 8, "n_kv_heads": 2, "head_dim": 64, "rope_theta": 1e11, "qkv_bias": False,
+                          "out_bias": False, "key_multiplier": 0.390625}
+    assert c.mamba2_cfg["d_inner"] == 1536 and c.mamba2_cfg["headdim"] == 64 and c.mamba2_cfg["rmsnorm"] is False
+    assert c.mamba2_cfg["in_multiplier"] == 1.25 and c.mamba2_cfg["in_proj_multipliers"][3] == 0.5
+    assert c.parallel_cfg == {"attn_out_multiplier": 0.9375, "ssm_out_multiplier": 0.23570226039551587}
+    assert c.mlp_cfg == {"gate_multiplier": 0.8838834764831844, "down_multiplier": 0.5859375}
+    assert (c.embedding_multiplier, c.logits_scaling, c.eos_token_id) == (5.656854249492381, 25.6, 11)
+    t = transformers.FalconH1Config(**{k: v for k, v in FALCON_H1_0_5B.items() if k not in ("model_type", "rope_theta")},
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e11})
+    assert hf.to_model_config(t.to_dict()).to_dict() == c.to_dict()
+    assert hf.from_model_config(c)["lm_head_multiplier"] == 0.0390625
+    with torch.device("meta"):
+        mixer = ssmkit.LanguageModel(ssmkit.ModelConfig(**{**c.to_dict(), "n_layer": 1,
+                                                           "layer_pattern": "P"})).backbone.layers[0].mixer
+    assert tuple(mixer.mamba.in_proj.weight.shape) == (2 * 1536 + 2 * 128 + 24, 1024)
+    assert tuple(mixer.attn.in_proj.weight.shape) == (64 * (8 + 2 * 2), 1024)
+
+
+JAMBA_1_5_MINI = {  # ai21labs/AI21-Jamba-1.5-Mini
+    "model_type": "jamba", "architectures": ["JambaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "attn_layer_period": 8,
+    "attn_layer_offset": 4, "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 16,
+    "num_experts_per_tok": 2, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256,
+    "mamba_conv_bias": True, "mamba_proj_bias": False, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+    "vocab_size": 65536, "tie_word_embeddings": False, "sliding_window": None, "use_mamba_kernels": True,
+    "bos_token_id": 1, "eos_token_id": [2, 518], "pad_token_id": 0,
+}
+
+
+def test_published_jamba_structure():
+    c = hf.to_model_config(JAMBA_1_5_MINI)
+    assert c.layer_pattern == "".join("A" if i % 8 == 4 else "M" for i in range(32))
+    assert (c.mlp, c.d_intermediate, c.moe_layers()) == ("moe", 14336, list(range(1, 32, 2)))
+    assert c.moe_cfg == {"n_experts": 16, "top_k": 2, "every": 2, "offset": 1, "normalize_top_k": False}
+    assert c.ssm_cfg == {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 256, "conv_bias": True, "bias": False,
+                         "inner_norms": True, "inner_norm_eps": 1e-6}
+    assert c.attn_cfg == {"n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "rope_dim": 0} and c.eos_token_id == 2
+    t = transformers.JambaConfig(**{k: v for k, v in JAMBA_1_5_MINI.items() if k not in ("model_type", "sliding_window")})
+    assert hf.to_model_config(t.to_dict()).to_dict() == c.to_dict()
+    out = hf.from_model_config(c)
+    assert {k: out[k] for k in ("attn_layer_period", "attn_layer_offset", "expert_layer_period",
+                                "expert_layer_offset")} == {"attn_layer_period": 8, "attn_layer_offset": 4,
+                                                            "expert_layer_period": 2, "expert_layer_offset": 1}
+    with torch.device("meta"):
+        mixer = ssmkit.LanguageModel(ssmkit.ModelConfig(**{**c.to_dict(), "n_layer": 1, "layer_pattern": "M",
+                                                           "mlp": "swiglu"})).backbone.layers[0].mixer
+    assert tuple(mixer.x_proj.weight.shape) == (256 + 2 * 16, 8192) and mixer.dt_layernorm.weight.shape == (256,)
+
+
 @pytest.mark.parametrize("cfg, match", [
+    ({**JAMBA_1_5_MINI, "sliding_window": 4096}, "sliding_window=4096"),
+    ({**JAMBA_1_5_MINI, "attn_layer_offset": 8}, "attn_layer_offset=8"),
+    ({**FALCON_H1_0_5B, "projectors_bias": True}, "projectors_bias=True"),
+    ({**FALCON_H1_0_5B, "mamba_n_heads": 25}, "mamba_n_heads=25"),
+    ({**FALCON_H1_0_5B, "ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers"),
     ({**NEMOTRON_NANO_9B_V2, "hybrid_override_pattern": "ME*"}, "mixture-of-experts layers"),
     ({**NEMOTRON_NANO_9B_V2, "mlp_hidden_act": "gelu"}, "mlp_hidden_act='gelu'"),
     ({**NEMOTRON_NANO_9B_V2, "attention_bias": True}, "attention_bias=True"),

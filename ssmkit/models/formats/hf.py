@@ -1,8 +1,9 @@
 """Hugging Face ``transformers`` format: ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` here, and the
-hybrids ``BambaForCausalLM`` (:mod:`.hf_bamba`), ``GraniteMoeHybridForCausalLM`` (:mod:`.hf_granite`)
-and ``NemotronHForCausalLM`` (:mod:`.hf_nemotron_h`), picked by ``model_type``. Saving picks the
-architecture the model was loaded from (``ModelConfig.hf_model_type``), else the first that can
-hold it: Mamba / Mamba-2 for pure models, then Bamba, Granite 4.0-H, Nemotron-H.
+hybrids ``BambaForCausalLM`` (:mod:`.hf_bamba`), ``GraniteMoeHybridForCausalLM`` (:mod:`.hf_granite`),
+``NemotronHForCausalLM`` (:mod:`.hf_nemotron_h`), ``FalconH1ForCausalLM`` (:mod:`.hf_falcon_h1`) and
+``JambaForCausalLM`` (:mod:`.hf_jamba`), picked by ``model_type``. Saving picks the architecture the
+model was loaded from (``ModelConfig.hf_model_type``), else the first that can hold it: Mamba /
+Mamba-2 for pure models, then Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba.
 
 Mamba / Mamba-2:
 
@@ -28,13 +29,13 @@ import math
 from typing import Any
 
 from ssmkit.models.config import ModelConfig
-from ssmkit.models.formats import hf_bamba, hf_granite, hf_nemotron_h
+from ssmkit.models.formats import hf_bamba, hf_falcon_h1, hf_granite, hf_jamba, hf_nemotron_h
 from ssmkit.models.formats.hf_common import token_ids
 
 NAME = "hf"
 # model_type -> the module of a hybrid family (to_model_config, why_not, from_model_config,
 # state_dict_in, state_dict_out)
-HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h)}
+HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h, hf_falcon_h1, hf_jamba)}
 MODEL_TYPES = ("mamba", "mamba2", *HYBRIDS)
 WEIGHTS = "model.safetensors"
 

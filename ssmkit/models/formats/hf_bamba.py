@@ -83,6 +83,8 @@ def why_not(config: ModelConfig) -> str | None:
         return f"layer_pattern {pat!r}: Bamba layers are Mamba-2 (2) or attention (A)"
     if config.mlp != "swiglu" or config.mlp_cfg.get("activation", "swiglu") != "swiglu":
         return "Bamba has a SwiGLU MLP in every layer (mlp='swiglu')"
+    if c.mlp_multipliers_why(config):
+        return c.mlp_multipliers_why(config)
     if not config.rms_norm:
         return "Bamba uses RMSNorm"
     if (config.embedding_multiplier, config.residual_multiplier, config.logits_scaling) != (1.0, 1.0, 1.0):

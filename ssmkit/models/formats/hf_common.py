@@ -115,6 +115,12 @@ def mamba2_fields(config: ModelConfig) -> tuple[dict[str, Any], str | None]:
             "norm_eps": float(c.get("norm_eps", MAMBA2_GATED_NORM_EPS))}, None
 
 
+def mlp_multipliers_why(config: ModelConfig) -> str | None:
+    """Why ``config``'s MLPs cannot be written to an architecture without MLP multipliers."""
+    scaled = [k for k in ("gate_multiplier", "down_multiplier") if config.mlp_cfg.get(k, 1.0) != 1.0]
+    return f"mlp_cfg {scaled} (this architecture has no MLP multipliers)" if scaled else None
+
+
 def mamba2_expand_why(config: ModelConfig) -> str | None:
     """Why ``config``'s Mamba-2 layers cannot be Bamba / Granite mixers (None if they can): those
     size d_inner as ``mamba_expand * hidden_size`` and use the model's ``rms_norm_eps`` in the
@@ -130,9 +136,10 @@ def mamba2_expand_why(config: ModelConfig) -> str | None:
     return None
 
 
-def attention_fields(config: ModelConfig) -> tuple[dict[str, Any], str | None]:
+def attention_fields(config: ModelConfig, key_multiplier: bool = False) -> tuple[dict[str, Any], str | None]:
     """Attention settings of ``config`` (heads, head_dim, rope_dim, bias, scale) and why a Hugging
-    Face hybrid cannot hold them (None if it can)."""
+    Face hybrid cannot hold them (None if it can). ``key_multiplier``: the family scales keys
+    (Falcon-H1); otherwise an ``attn_cfg`` key multiplier is a reason."""
     from ssmkit.layers.attention import normalize_attn_cfg
 
     a = normalize_attn_cfg(dict(config.attn_cfg))
@@ -141,6 +148,8 @@ def attention_fields(config: ModelConfig) -> tuple[dict[str, Any], str | None]:
     head_dim = int(a.get("head_dim") or config.d_model // n_heads)
     rope_dim = a.get("rope_dim")
     rope_dim = head_dim if rope_dim is None else int(rope_dim)
+    if not key_multiplier and float(a.get("key_multiplier", 1.0)) != 1.0:
+        return {}, "attn_cfg key_multiplier (this architecture does not scale keys)"
     if bool(a.get("qkv_bias", False)) != bool(a.get("out_bias", False)):
         return {}, "attn_cfg qkv_bias != out_bias (Hugging Face's attention_bias covers all four projections)"
     return {"n_heads": n_heads, "n_kv_heads": n_kv, "head_dim": head_dim, "rope_dim": rope_dim,

@@ -112,6 +112,8 @@ def why_not(config: ModelConfig) -> str | None:
             return "Granite 4.0-H normalises the top-k router weights"
     elif config.mlp != "swiglu":
         return "Granite 4.0-H has an MLP in every layer (mlp='swiglu' or 'moe')"
+    if c.mlp_multipliers_why(config):
+        return c.mlp_multipliers_why(config)
     if not config.rms_norm:
         return "Granite 4.0-H uses RMSNorm"
     if "2" in pat:

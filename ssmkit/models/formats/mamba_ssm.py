@@ -66,6 +66,11 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
         why = f"layer_pattern {pat!r} mixes Mamba and Mamba-2 layers; mamba_ssm has one ssm_cfg"
     elif config.mlp == "moe":
         why = "mlp='moe'; mamba_ssm has no mixture of experts"
+    elif [k for k in ("gate_multiplier", "down_multiplier") if config.mlp_cfg.get(k, 1.0) != 1.0]:
+        why = "mlp_cfg gate/down multipliers; mamba_ssm's GatedMLP has none"
+    elif {"inner_norms", "in_multiplier", "in_proj_multipliers"} & set(
+            config.ssm_cfg if "M" in kinds else config.mamba2_cfg):
+        why = "ssm settings mamba_ssm does not have (Jamba's inner norms or Falcon-H1's multipliers)"
     elif norm_eps_bad(config):
         why = f"norm_eps={config.norm_eps}; mamba_ssm's blocks use 1e-5"
     if why:
