@@ -63,6 +63,8 @@ def check_shared_cfg(config) -> None:
         raise ValueError(f"ModelConfig.shared_cfg['activation'] must be 'geglu' or 'swiglu', "
                          f"got {sc.get('activation')!r}")
     a = attention_kwargs(config)
+    if a["n_heads"] % a["n_kv_heads"]:
+        raise ValueError(f"ModelConfig.shared_cfg['n_kv_heads']={a['n_kv_heads']} must divide n_heads={a['n_heads']}")
     if sc.get("attn_adapters") and a["n_kv_heads"] != a["n_heads"]:
         raise ValueError("ModelConfig.shared_cfg['attn_adapters'] needs n_kv_heads == n_heads (the adapters "
                          "add to q, k and v alike)")

@@ -170,3 +170,13 @@ def test_checkpoint_with_unshared_blocks_is_refused(tmp_path):
     transformers.Zamba2ForCausalLM(_zamba2(tie_word_embeddings=False)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"layers\.4\.shared_transformer\..* differs"):
         ssmkit.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["mamba_ssm", "gguf"])
+def test_formats_without_shared_blocks_refuse_them(tmp_path, fmt):
+    cfg = hf.to_model_config({**ZAMBA2_2_7B, "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64,
+                              "layers_block_type": ["mamba", "hybrid"], "num_mem_blocks": 1, "n_mamba_heads": 4,
+                              "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 48,
+                              "adapter_rank": 4})
+    with pytest.raises(ValueError, match="shared_cfg"):
+        ssmkit.LanguageModel(cfg).save_pretrained(tmp_path / "out", format=fmt)

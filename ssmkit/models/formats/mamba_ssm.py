@@ -66,6 +66,8 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
         why = f"layer_pattern {pat!r} mixes Mamba and Mamba-2 layers; mamba_ssm has one ssm_cfg"
     elif config.mlp == "moe":
         why = "mlp='moe'; mamba_ssm has no mixture of experts"
+    elif config.shared_cfg:
+        why = "shared_cfg (shared attention blocks); mamba_ssm's models have none"
     elif norm_eps_bad(config):
         why = f"norm_eps={config.norm_eps}; mamba_ssm's blocks use 1e-5"
     if why:
