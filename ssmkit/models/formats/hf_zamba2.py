@@ -181,7 +181,7 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def _names(config: ModelConfig):
-    """(hybrid layer ids, number of shared blocks) and per-layer HF prefixes of the Mamba part."""
+    """The hybrid layers (in use order) and the number of shared blocks."""
     from ssmkit.models.shared import shared_layers
 
     ids = shared_layers(config)
