@@ -1,8 +1,10 @@
-"""Feed-forward blocks: SwiGLU (Shazeer, 2020) and the non-gated squared ReLU (So et al., 2021).
+"""Feed-forward blocks: SwiGLU / GeGLU (Shazeer, 2020) and the non-gated squared ReLU (So et al., 2021).
 
 * ``activation="swiglu"``: ``fc2(a * silu(g))`` with ``[a, g] = fc1(x)``. Parameter names follow
   ``mamba_ssm``'s ``GatedMLP`` (``fc1`` of shape ``(2 * hidden, d_model)`` whose first half is the
   value ``a`` and second half the gate ``g``; ``fc2``), so its checkpoints load without renaming.
+* ``activation="geglu"``: the same with the exact (erf) GELU as the gate, ``fc2(a * gelu(g))``
+  (Zamba2's shared MLPs).
 * ``activation="relu2"``: ``fc2(relu(fc1(x))²)``, ``fc1`` of shape ``(hidden, d_model)`` (the MLP
   layers of Nemotron-H, "Primer"'s squared ReLU).
 
@@ -21,7 +23,7 @@ from torch import nn
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers.state import LayerState
 
-MLP_ACTIVATIONS = ("swiglu", "relu2")
+MLP_ACTIVATIONS = ("swiglu", "relu2", "geglu")
 
 
 class MLP(nn.Module):
@@ -39,7 +41,7 @@ class MLP(nn.Module):
         self.activation = activation
         # Falcon-H1's scalings: the gate before its activation, the output (1.0: none)
         self.gate_multiplier, self.down_multiplier = float(gate_multiplier), float(down_multiplier)
-        width = 2 * hidden if activation == "swiglu" else hidden
+        width = hidden if activation == "relu2" else 2 * hidden
         self.fc1 = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
 
@@ -48,14 +50,20 @@ class MLP(nn.Module):
                      desc=f"(..., d_model={self.d_model})")
         if self.activation == "relu2":
             return self.fc2(F.relu(self.fc1(x)).square())
-        a, g = self.fc1(x).chunk(2, dim=-1)
-        if self.gate_multiplier != 1.0:
-            g = g * self.gate_multiplier
-        y = self.fc2(a * F.silu(g))
+        y = self.fc2(gated(self.fc1(x), self.activation, gate_multiplier=self.gate_multiplier))
         return y if self.down_multiplier == 1.0 else y * self.down_multiplier
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"
+
+
+def gated(u: torch.Tensor, activation: str, *, gate_multiplier: float = 1.0) -> torch.Tensor:
+    """``a * act(m * g)`` of a gated MLP's first projection ``u = [a, g]`` (``act``: silu for
+    ``"swiglu"``, the exact GELU for ``"geglu"``; ``m``: Falcon-H1's gate multiplier)."""
+    a, g = u.chunk(2, dim=-1)
+    if gate_multiplier != 1.0:
+        g = g * gate_multiplier
+    return a * (F.gelu(g) if activation == "geglu" else F.silu(g))
 
 
 @dataclasses.dataclass

@@ -5,6 +5,9 @@ Pre-norm residual (as ``mamba_ssm``'s ``Block``)::
     h = h + mixer(norm(h))
     h = h + mlp(norm2(h))        # only when the layer has an MLP (SwiGLU or MoE)
 
+A layer that uses a shared block (``ModelConfig.shared_cfg``, :mod:`ssmkit.models.shared`) adds the
+block's output ``t`` to the mixer's input only: ``h = h + mixer(norm(h + t))``.
+
 The residual stream ``h`` is kept in float32 when ``residual_in_fp32`` (the norms' inputs are cast
 to the weights' dtype first, as mamba_ssm does).
 
@@ -104,6 +107,13 @@ class Block(nn.Module):
         self.residual_multiplier = config.residual_multiplier
         self.norm = build_norm(config, device, dtype)
         self.mixer = build_mixer(self.letter, config, layer_idx, device, dtype)
+        self.shared_use = None
+        if config.shared_cfg:
+            from ssmkit.models.shared import SharedUse, shared_layers
+
+            uses = shared_layers(config)
+            if layer_idx in uses:
+                self.shared_use = SharedUse(config, uses.index(layer_idx), device, dtype)
         self.mlp_kind = config.layer_mlp(layer_idx)
         if self.mlp_kind != "none":
             self.norm2 = build_norm(config, device, dtype)
@@ -136,16 +146,38 @@ class Block(nn.Module):
         """A branch's output times ``residual_multiplier`` (before its residual add)."""
         return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
+    def _shared_norm(self, out: torch.Tensor, residual: torch.Tensor | None, shared, state, return_state,
+                     mask, cu_seqlens):
+        """``(h, norm(h + t), new KV state)`` with ``h = residual + out`` and ``t`` this layer's use of
+        its shared block (``shared = (block, embeddings)``)."""
+        h = out if residual is None else residual + out
+        if self.residual_in_fp32:
+            h = h.float()
+        block, emb = shared
+        kv = state.shared if state is not None else None
+        if kv is not None or return_state:
+            t, new_kv = block(h, emb, self.shared_use, state=kv, return_state=True, mask=mask, cu_seqlens=cu_seqlens)
+        else:
+            t, new_kv = block(h, emb, self.shared_use, mask=mask, cu_seqlens=cu_seqlens), None
+        return h, self.norm((h + t).to(self.norm.weight.dtype)), new_kv
+
     def forward_residual(self, residual: torch.Tensor | None, out: torch.Tensor,
                          state: LayerState | None = None, return_state: bool = False,
-                         mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+                         mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                         shared=None):
         """Carried form: ``(residual, out)`` -> ``(residual, out, new_state or None, aux or None)``.
 
         ``residual`` (None before the first block) plus ``out`` (the previous branch's output,
         or the embedding) is the block's input stream; the returned ``residual + out`` is its
-        output stream. ``(batch, seqlen, d_model)`` each.
+        output stream. ``(batch, seqlen, d_model)`` each. ``shared``: ``(shared block, token
+        embeddings)`` for a layer with a ``shared_use``.
         """
-        residual, x = self._add_norm(self.norm, out, residual)
+        new_kv = None
+        if self.shared_use is not None:
+            residual, x, new_kv = self._shared_norm(out, residual, shared, state, return_state, mask, cu_seqlens)
+            state = state.layer if state is not None else None
+        else:
+            residual, x = self._add_norm(self.norm, out, residual)
         kw = {}
         if mask is not None:
             kw["mask"] = mask
@@ -156,6 +188,10 @@ class Block(nn.Module):
         else:
             out, new_state = self.mixer(x, **kw), None
         out = self._scale(out)
+        if new_kv is not None:
+            from ssmkit.models.shared import SharedUseState
+
+            new_state = SharedUseState(new_state, new_kv)
         aux = None
         if self.mlp_kind != "none":
             residual, x = self._add_norm(self.norm2, out, residual)
@@ -168,12 +204,20 @@ class Block(nn.Module):
         residual, out, new_state, aux = self.forward_residual(None, h, state, return_state, mask, cu_seqlens)
         return residual + out, new_state, aux
 
-    def step_residual(self, residual: torch.Tensor | None, out: torch.Tensor, state: LayerState
+    def step_residual(self, residual: torch.Tensor | None, out: torch.Tensor, state: LayerState, shared=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Carried form of :meth:`step`: ``(residual, out)`` ``(batch, d_model)`` each -> the same
         for the next block; updates ``state`` in place. Static shapes only (CUDA-graph safe)."""
         fused = getattr(self.mixer, "can_step_norm", None)
-        if fused is not None and isinstance(self.norm, RMSNorm) and fused(out):
+        if self.shared_use is not None:
+            h = out if residual is None else residual + out
+            if self.residual_in_fp32:
+                h = h.float()
+            block, emb = shared
+            t = block.step(h, emb, self.shared_use, state.shared)
+            residual = h
+            out = self.mixer.step(self.norm((h + t).to(self.norm.weight.dtype)), state.layer)
+        elif fused is not None and isinstance(self.norm, RMSNorm) and fused(out):
             # add + norm inside the mixer's first GEMV (small-batch Triton decode)
             residual, out = self.mixer.step_norm(
                 out, residual, self.norm.weight, self.norm.eps,
@@ -192,10 +236,18 @@ class Block(nn.Module):
         residual, out = self.step_residual(None, h, state)
         return residual + out
 
-    def allocate_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> LayerState:
+    def allocate_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None, shared=None) -> LayerState:
+        """The layer's state; with a ``shared_use``, with the KV cache of its use of ``shared`` (the
+        shared block) too."""
         if isinstance(self.mixer, Attention) or self.letter == "P":
-            return self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
-        return self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
+            st = self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
+        else:
+            st = self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
+        if self.shared_use is None:
+            return st
+        from ssmkit.models.shared import SharedUseState
+
+        return SharedUseState(st, shared.allocate_state(batch_size, max_seqlen, device=device, dtype=dtype))
 
 
 def add_norm(norm: nn.Module, out: torch.Tensor, residual: torch.Tensor | None,

@@ -20,6 +20,9 @@ Each block is pre-norm residual: ``h = h + mixer(norm(h))`` and, when ``mlp`` is
 selects). This is the block of ``mamba_ssm``'s ``MixerModel``, so its checkpoints map 1:1.
 An ``F`` block is ``h = h + mlp(norm(h))`` alone (Nemotron-H's MLP layers).
 
+Shared blocks (Zamba2): ``shared_cfg`` (empty: none) adds ``n_blocks`` attention + MLP blocks whose
+parameters are shared by every layer of ``shared_cfg["layers"]``; see :mod:`ssmkit.models.shared`.
+
 Scalings of the Granite 4.0 models (1.0 leaves a model as it was): ``embedding_multiplier``
 multiplies the embedding output, ``residual_multiplier`` every branch before its residual add, and
 the logits are divided by ``logits_scaling``. Falcon-H1's further scalings live in the settings
@@ -95,6 +98,7 @@ class ModelConfig:
     logits_scaling: float = 1.0
     hf_model_type: str | None = None
     parallel_cfg: dict[str, Any] = field(default_factory=dict)
+    shared_cfg: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
@@ -121,7 +125,7 @@ class ModelConfig:
         if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise ValueError(f"ModelConfig.d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
         for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg",
-                     "parallel_cfg"):
+                     "parallel_cfg", "shared_cfg"):
             v = getattr(self, name)
             if v is None:
                 setattr(self, name, {})
@@ -155,6 +159,10 @@ class ModelConfig:
         extra = sorted(set(self.parallel_cfg) - set(PARALLEL_KEYS))
         if extra:
             raise ValueError(f"ModelConfig.parallel_cfg has unknown keys {extra}; known keys: {', '.join(PARALLEL_KEYS)}")
+        if self.shared_cfg:
+            from ssmkit.models.shared import check_shared_cfg
+
+            check_shared_cfg(self)
         if self.hf_model_type is not None and not isinstance(self.hf_model_type, str):
             raise TypeError(f"ModelConfig.hf_model_type must be a string or None, got {self.hf_model_type!r}")
 
@@ -192,7 +200,7 @@ class ModelConfig:
     @property
     def is_ssm_only(self) -> bool:
         """True when no layer keeps a KV cache (decoding memory is constant)."""
-        return not set(self.layer_pattern) & {"A", "P"}
+        return not set(self.layer_pattern) & {"A", "P"} and not self.shared_cfg
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

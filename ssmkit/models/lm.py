@@ -59,6 +59,19 @@ class Backbone(nn.Module):
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
         self.norm_f = build_norm(config, device, dtype)
+        if config.shared_cfg:  # blocks whose parameters several layers use (ssmkit.models.shared)
+            from ssmkit.models.shared import SharedBlock
+
+            n = int(config.shared_cfg.get("n_blocks", 1))
+            self.shared_blocks = nn.ModuleList(SharedBlock(config, device, dtype) for _ in range(n))
+
+    def shared_for(self, blk: Block, emb: torch.Tensor | None = None):
+        """``(shared block, emb)`` for a block with a shared use (None otherwise); the block alone
+        when ``emb`` is None."""
+        if blk.shared_use is None:
+            return None
+        block = self.shared_blocks[blk.shared_use.block]
+        return block if emb is None else (block, emb)
 
 
 def _check_ids(name: str, ids: object, vocab: int, ndim: int) -> torch.Tensor:
@@ -147,7 +160,8 @@ class LanguageModel(nn.Module):
         """One zeroed state per layer (KV caches sized ``max_seqlen``; SSM states float32)."""
         device = device if device is not None else self.device
         dtype = dtype if dtype is not None else self.dtype
-        return [blk.allocate_state(batch_size, max_seqlen, device=device, dtype=dtype)
+        return [blk.allocate_state(batch_size, max_seqlen, device=device, dtype=dtype,
+                                   shared=self.backbone.shared_for(blk))
                 for blk in self.backbone.layers]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -213,12 +227,14 @@ class LanguageModel(nn.Module):
                                 f"holding {self.config.n_layer} layer states")
         # Carried (residual, out): each block's residual add is fused into the next norm.
         residual, out = None, self._embed(ids)
+        emb = out
         aux_total = None
         for i, blk in enumerate(self.backbone.layers):
             st = states[i] if states is not None else None
+            kw = {} if blk.shared_use is None else {"shared": self.backbone.shared_for(blk, emb)}
             residual, out, new_st, aux = blk.forward_residual(
                 residual, out, state=st, return_state=st is not None, mask=attention_mask,
-                cu_seqlens=cu_seqlens)
+                cu_seqlens=cu_seqlens, **kw)
             if st is not None:
                 st.copy_(new_st)  # keep the cache's buffers (addresses) for CUDA graphs
             if aux is not None:
@@ -263,8 +279,12 @@ class LanguageModel(nn.Module):
         if input_ids.device.type == "cpu" and get("add_rms_norm", "auto", input_ids) is add_rms_norm_reference:
             return self._step_cpu(input_ids, states)
         residual, out = None, self._embed(input_ids)
+        emb = out
         for blk, st in zip(self.backbone.layers, states):
-            residual, out = blk.step_residual(residual, out, st)
+            if blk.shared_use is None:
+                residual, out = blk.step_residual(residual, out, st)
+            else:
+                residual, out = blk.step_residual(residual, out, st, shared=self.backbone.shared_for(blk, emb))
         return self._head(residual, out)
 
     def _step_cpu(self, input_ids: torch.Tensor, states) -> torch.Tensor:
@@ -272,6 +292,7 @@ class LanguageModel(nn.Module):
         one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations).
         Same arithmetic as the carried form of the blocks."""
         h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
+        emb = h.clone() if self.config.shared_cfg else None
         if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         lowp = self.dtype in (torch.float16, torch.bfloat16)
@@ -280,7 +301,11 @@ class LanguageModel(nn.Module):
             torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)
         try:
             for blk, st in zip(self.backbone.layers, states):
-                h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h), st)))
+                if blk.shared_use is not None:  # the shared block's output enters the mixer's input only
+                    t = self.backbone.shared_for(blk).step(h, emb, blk.shared_use, st.shared)
+                    h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h + t), st.layer)))
+                else:
+                    h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h), st)))
                 if blk.mlp_kind != "none":
                     h.add_(blk._mlp(_norm(blk.norm2, h), None, dense=True)[0])
             logits = self.lm_head(_norm(self.backbone.norm_f, h))
@@ -330,7 +355,8 @@ def from_pretrained(path_or_repo_id: str, device: torch.device | str | None = No
     """Load a :class:`LanguageModel` from a directory or Hugging Face repo id.
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM``, ``Mamba2ForCausalLM``,
-    ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``) and mamba_ssm
+    ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``,
+    ``Zamba2ForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). ``quantize``: None, or ``"int8"`` for int8
     weight-only linear layers and LM head (:func:`ssmkit.models.quantize`; CPU decoding). The

@@ -116,6 +116,8 @@ def architecture(config: ModelConfig) -> str:
                "hold only Mamba or only Mamba-2 layers")
     elif config.mlp != "none":
         why = f"mlp={config.mlp!r}; llama.cpp's Mamba blocks have no MLP"
+    elif config.shared_cfg:
+        why = "shared_cfg (shared attention blocks); llama.cpp's Mamba architectures have none"
     elif not config.rms_norm:
         why = "rms_norm=False; llama.cpp's Mamba blocks use RMSNorm"
     else:

@@ -1,9 +1,10 @@
 """Hugging Face ``transformers`` format: ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` here, and the
 hybrids ``BambaForCausalLM`` (:mod:`.hf_bamba`), ``GraniteMoeHybridForCausalLM`` (:mod:`.hf_granite`),
-``NemotronHForCausalLM`` (:mod:`.hf_nemotron_h`), ``FalconH1ForCausalLM`` (:mod:`.hf_falcon_h1`) and
-``JambaForCausalLM`` (:mod:`.hf_jamba`), picked by ``model_type``. Saving picks the architecture the
-model was loaded from (``ModelConfig.hf_model_type``), else the first that can hold it: Mamba /
-Mamba-2 for pure models, then Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba.
+``NemotronHForCausalLM`` (:mod:`.hf_nemotron_h`), ``FalconH1ForCausalLM`` (:mod:`.hf_falcon_h1`),
+``JambaForCausalLM`` (:mod:`.hf_jamba`) and ``Zamba2ForCausalLM`` (:mod:`.hf_zamba2`), picked by
+``model_type``. Saving picks the architecture the model was loaded from
+(``ModelConfig.hf_model_type``), else the first that can hold it: Mamba / Mamba-2 for pure models,
+then Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba (Zamba2 for a model with shared blocks).
 
 Mamba / Mamba-2:
 
@@ -29,13 +30,13 @@ import math
 from typing import Any
 
 from ssmkit.models.config import ModelConfig
-from ssmkit.models.formats import hf_bamba, hf_falcon_h1, hf_granite, hf_jamba, hf_nemotron_h
+from ssmkit.models.formats import hf_bamba, hf_falcon_h1, hf_granite, hf_jamba, hf_nemotron_h, hf_zamba2
 from ssmkit.models.formats.hf_common import token_ids
 
 NAME = "hf"
 # model_type -> the module of a hybrid family (to_model_config, why_not, from_model_config,
 # state_dict_in, state_dict_out)
-HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h, hf_falcon_h1, hf_jamba)}
+HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h, hf_falcon_h1, hf_jamba, hf_zamba2)}
 MODEL_TYPES = ("mamba", "mamba2", *HYBRIDS)
 WEIGHTS = "model.safetensors"
 
@@ -106,11 +107,12 @@ def to_model_config(cfg: dict) -> ModelConfig:
 
 def _family(config: ModelConfig):
     """The hybrid family module ``config`` is written as, or None for the Mamba / Mamba-2 path."""
-    if config.hf_model_type in HYBRIDS:
-        fam = HYBRIDS[config.hf_model_type]
+    mt = config.hf_model_type
+    if mt in HYBRIDS or config.shared_cfg:  # shared blocks: only Zamba2 holds them
+        fam = hf_zamba2 if config.shared_cfg else HYBRIDS[mt]
         why = fam.why_not(config)
         if why:
-            raise ValueError(f"cannot save this model as Hugging Face {config.hf_model_type}: {why} "
+            raise ValueError(f"cannot save this model as Hugging Face {fam.MODEL_TYPE}: {why} "
                              "(set hf_model_type=None to let ssmkit pick, or use format='ssmkit')")
         return fam
     pure = set(config.layer_pattern) in ({"M"}, {"2"}) and config.mlp == "none"

@@ -71,6 +71,8 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
     elif {"inner_norms", "in_multiplier", "in_proj_multipliers"} & set(
             config.ssm_cfg if "M" in kinds else config.mamba2_cfg):
         why = "ssm settings mamba_ssm does not have (Jamba's inner norms or Falcon-H1's multipliers)"
+    elif config.shared_cfg:
+        why = "shared_cfg (shared attention blocks); mamba_ssm's models have none"
     elif norm_eps_bad(config):
         why = f"norm_eps={config.norm_eps}; mamba_ssm's blocks use 1e-5"
     if why:
