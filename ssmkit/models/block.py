@@ -41,6 +41,8 @@ MIXERS: dict[str, tuple[str, str, str]] = {
     "D": ("ssmkit.layers.delta_net", "DeltaNet", "deltanet_cfg"),
     "G": ("ssmkit.layers.delta_net", "GatedDeltaNet", "deltanet_cfg"),
     "S": ("ssmkit.layers.s4d", "S4D", "s4d_cfg"),
+    "H": ("ssmkit.layers.h3", "H3", "h3_cfg"),
+    "Y": ("ssmkit.layers.hyena", "Hyena", "hyena_cfg"),
     "F": ("ssmkit.layers.mlp", "FeedForward", "mlp_cfg"),
 }
 
@@ -187,6 +189,8 @@ class Block(nn.Module):
 
     def allocate_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> LayerState:
         if isinstance(self.mixer, Attention):
+            return self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
+        if "max_seqlen" in inspect.signature(self.mixer.allocate_state).parameters:  # caches (Hyena)
             return self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
         return self.mixer.allocate_state(batch_size, device=device, dtype=dtype)
 

@@ -11,6 +11,8 @@ letter  mixer                           its settings
 ``D``   DeltaNet                        ``deltanet_cfg``
 ``G``   gated DeltaNet                  ``deltanet_cfg``
 ``S``   S4D                             ``s4d_cfg``
+``H``   H3 (inner layer an option)      ``h3_cfg``
+``Y``   Hyena                           ``hyena_cfg``
 ``F``   none: the block is an MLP       ``mlp_cfg``, ``d_intermediate``
 ======  ==============================  =======================================
 
@@ -39,6 +41,8 @@ LAYER_LETTERS = {
     "D": "DeltaNet",
     "G": "gated DeltaNet",
     "S": "S4D",
+    "H": "H3",
+    "Y": "Hyena",
     "F": "MLP",
 }
 MLP_KINDS = ("none", "swiglu", "moe")
@@ -70,6 +74,8 @@ class ModelConfig:
     attn_cfg: dict[str, Any] = field(default_factory=dict)
     deltanet_cfg: dict[str, Any] = field(default_factory=dict)
     s4d_cfg: dict[str, Any] = field(default_factory=dict)
+    h3_cfg: dict[str, Any] = field(default_factory=dict)
+    hyena_cfg: dict[str, Any] = field(default_factory=dict)
     mlp: str = "none"
     d_intermediate: int = 0
     moe_cfg: dict[str, Any] = field(default_factory=dict)
@@ -111,7 +117,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise ValueError(f"ModelConfig.d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
-        for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg"):
+        for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg",
+                     "h3_cfg", "hyena_cfg"):
             v = getattr(self, name)
             if v is None:
                 setattr(self, name, {})
