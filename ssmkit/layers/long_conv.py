@@ -135,7 +135,8 @@ class DiagSSM(nn.Module):
     def step(self, u_t: torch.Tensor, st: dict) -> torch.Tensor:
         log_Abar, Bbar, C = self.discretized(u_t.dtype)
         x = st["ssm"]
-        x_new = torch.exp(log_Abar) * x.to(log_Abar.dtype) + Bbar * u_t[..., None]
+        x_old = x.clone() if torch.is_grad_enabled() else x  # the in-place update must not touch a saved tensor
+        x_new = torch.exp(log_Abar) * x_old.to(log_Abar.dtype) + Bbar * u_t[..., None]
         x.copy_(x_new.to(x.dtype))
         return 2 * (C * x_new).sum(-1).real + self.D.to(u_t.dtype) * u_t
 
@@ -263,7 +264,8 @@ class ImplicitFilter(nn.Module):
         h = self.filter(m, u_t.dtype)
         lag = pos[:, None] - torch.arange(m, device=cache.device)[None]  # (b, m): pos - j
         hk = h[lag.clamp(min=0)] * (lag >= 0)[..., None].to(u_t.dtype)  # (b, m, H)
-        return (hk * cache[:, :m].to(u_t.dtype)).sum(1) + self.D.to(u_t.dtype) * u_t
+        past = cache[:, :m].clone() if torch.is_grad_enabled() else cache[:, :m]
+        return (hk * past.to(u_t.dtype)).sum(1) + self.D.to(u_t.dtype) * u_t
 
 
 def write_cache(st: dict, u: torch.Tensor) -> None:
