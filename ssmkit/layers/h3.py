@@ -110,6 +110,9 @@ class H3(nn.Module):
             raise ValueError(f"state has batch {state.shift.shape[0]}, expected {n_rows}")
         if mask is not None and bool(mask.all()):
             mask = None
+        uneven = state is not None and state.pos is not None and bool((state.pos != state.pos[0]).any())
+        if uneven and mask is None and cu_seqlens is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # rows one at a time
         if cu_seqlens is None and mask is None:
             y, new = self._seq(x, state, return_state)
         else:
@@ -124,6 +127,8 @@ class H3(nn.Module):
             raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {tuple(x_t.shape)}")
         if not isinstance(state, H3State):
             raise TypeError(f"state must be an H3State (from allocate_state), got {type(state).__name__}")
+        if state.shift.shape[0] != x_t.shape[0]:
+            raise ValueError(f"x_t has batch {x_t.shape[0]} but state has batch {state.shift.shape[0]}")
         rd = self._rd()
         q, k, v = self.in_proj(x_t).to(rd).chunk(3, dim=-1)
         u = self.shift.step(k, {"shift": state.shift}) * v

@@ -113,6 +113,8 @@ class Hyena(nn.Module):
             raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {tuple(x_t.shape)}")
         if not isinstance(state, HyenaState):
             raise TypeError(f"state must be a HyenaState (from allocate_state), got {type(state).__name__}")
+        if state.conv.shape[0] != x_t.shape[0]:
+            raise ValueError(f"x_t has batch {x_t.shape[0]} but state has batch {state.conv.shape[0]}")
         rd = self._rd()
         p = self.in_proj(x_t).to(rd)
         window = torch.cat([state.conv.to(rd), p[:, None]], dim=1)  # (b, taps, C)
@@ -138,6 +140,9 @@ class Hyena(nn.Module):
         rd = self._rd()
         L = x.shape[1]
         P = 0 if state is None else int(state.pos[0])
+        if P + L > (self.l_max if state is None else state.cache.shape[2]):
+            raise ValueError(f"{P} cached + {L} new positions exceed the state's cache "
+                             f"({self.l_max if state is None else state.cache.shape[2]} positions)")
         p = self.in_proj(x).to(rd)
         K = self.short_conv.to(rd)
         if state is None:
@@ -152,8 +157,6 @@ class Hyena(nn.Module):
         for n, f in enumerate(self.filters):
             inputs.append(z)
             hist = None if P == 0 else state.cache[:, n, :P]
-            if P + L > self.l_max:
-                raise ValueError(f"{P} cached + {L} new positions exceed l_max={self.l_max}")
             z = xs[n] * f.conv(z, hist)
         y = self.out_proj(z.to(self.out_proj.weight.dtype))
         new = None

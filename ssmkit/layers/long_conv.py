@@ -290,7 +290,7 @@ def run_rows(seq, x: torch.Tensor, state, want: bool, cu_seqlens, mask, zero_sta
         pieces = [(r, mask[r].nonzero().flatten()) for r in range(b)]
     y, states = None, []
     for i, (row, idx) in enumerate(pieces):
-        st = None if state is None else state.index_select(0, torch.tensor([i], device=x.device))
+        st = None if state is None else state.index_select(torch.tensor([i], device=x.device))
         if idx.numel() == 0:
             states.append(st if st is not None else zero_state(1))
             continue

@@ -25,6 +25,10 @@ def test_bad_input_named():
         m(torch.randn(2, 5, D_MODEL + 1))
     with pytest.raises(ValueError, match="x_t"):
         m.step(torch.randn(2, 5, D_MODEL), m.allocate_state(2))
+    with pytest.raises(ValueError, match="x_t"):
+        m.step(torch.randn(3, D_MODEL), m.allocate_state(2))
+    with pytest.raises(ValueError, match="x_t"):
+        Hyena(D_MODEL, l_max=8).step(torch.randn(3, D_MODEL), Hyena(D_MODEL, l_max=8).allocate_state(2))
     with pytest.raises(TypeError, match="state"):
         m(torch.randn(2, 5, D_MODEL), state=Hyena(D_MODEL, l_max=8).allocate_state(2))
     hy = Hyena(D_MODEL, l_max=8)

@@ -42,3 +42,10 @@ def test_lm_pattern_hy_trains():
         model(ids[:1, :5], cache=states)
         steps = [model.step(ids[:1, t], states)[0] for t in range(5, 8)]
     assert_close("lm decode", full[5:8], torch.stack(steps).float(), rel=1e-4)
+    # a left-padded batch generates what each row generates alone
+    from ssmkit.inference.generate import generate
+
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, :3] = 0
+    out = generate(model, ids[:2, :8], max_new_tokens=3, attention_mask=am)
+    assert torch.equal(out[1, 8:], generate(model, ids[1:2, 3:8], max_new_tokens=3)[0, 5:])

@@ -79,7 +79,7 @@ def test_mask_and_packed(kind):
     x = torch.randn(2, L, D_MODEL, dtype=torch.float64)
     mask = torch.ones(2, L, dtype=torch.bool)
     mask[1, :5] = False  # left padding
-    y, st = m(x, mask=mask, return_state=True)
+    y, st = m(x, state=m.allocate_state(2), mask=mask, return_state=True)  # a prefill
     assert torch.all(y[1, :5] == 0)
     y1, s1 = m(x[1:, 5:], return_state=True)
     assert_close("masked row", y1[0], y[1, 5:], rel=1e-12)
