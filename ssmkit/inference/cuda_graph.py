@@ -223,7 +223,7 @@ def _prefill_capturable(model) -> bool:
 
     layers = getattr(getattr(model, "backbone", None), "layers", None)
     return bool(layers) and all(isinstance(blk.mixer, Mamba) and blk.mlp_kind == "none"
-                                for blk in layers)
+                                and getattr(blk.mixer, "inner_name", "s6") == "s6" for blk in layers)
 
 
 def clear_graphs() -> None:

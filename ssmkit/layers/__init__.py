@@ -13,6 +13,8 @@ Every sequence-mixing layer ("mixer") follows one contract:
 
 from ssmkit.layers.attention import Attention, KVCacheState
 from ssmkit.layers.delta_net import DeltaNet, DeltaNetState, GatedDeltaNet
+from ssmkit.layers.h3 import H3, H3State
+from ssmkit.layers.hyena import Hyena, HyenaState
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.mlp import MLP
@@ -27,5 +29,6 @@ __all__ = [
     "S4", "S4D", "S4State",  # S4 / S4D
     "Mamba", "MambaState",  # Mamba
     "Mamba2", "Mamba2State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, DeltaNet
+    "H3", "H3State", "Hyena", "HyenaState",  # H3, Hyena
     "Attention", "KVCacheState", "MLP", "MoE", "RMSNorm", "RMSNormGated",  # attention, MLP, MoE, norms
 ]

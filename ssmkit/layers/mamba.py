@@ -12,6 +12,12 @@ Data flow for ``x: (batch, seqlen, d_model)``::
 Initialisation (Sec. 3.6 and the reference code): S4D-real A_n = n + 1 (A_log = log A), Δ drawn
 log-uniformly in [dt_min, dt_max] and stored as its softplus preimage in ``dt_proj.bias``,
 ``dt_proj.weight`` uniform in ±dt_rank^-1/2·dt_scale, D = 1.
+
+``inner="s4d"`` or ``"hyena"`` puts another sequence layer in the block in S6's place (the Mamba
+paper's Table 1: Mamba block x inner layer): a diagonal LTI SSM
+(:class:`~ssmkit.layers.long_conv.DiagSSM`, ``d_state`` states) or Hyena's implicit long filter
+(:class:`~ssmkit.layers.long_conv.ImplicitFilter`), on the d_inner channels after the conv, then
+the same gate and out_proj. ``inner_cfg`` holds the inner layer's keyword arguments.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers import _decode
+from ssmkit.layers.long_conv import DiagSSM, ImplicitFilter, run_rows
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs
@@ -40,6 +47,8 @@ from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba", "MambaState"]
 
+MAMBA_INNER = ("s6", "s4d", "hyena")
+
 _LOG2E = 1.4426950408889634
 
 
@@ -49,7 +58,10 @@ class MambaState(LayerState):
     ``ssm_state: (batch, d_inner, N)`` (float32; float64 for a float64 model)."""
 
     conv_state: torch.Tensor
-    ssm_state: torch.Tensor
+    ssm_state: torch.Tensor | None = None
+    # inner="hyena": the inner layer's inputs so far (batch, n, d_inner) and their count (batch,)
+    cache: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
 
 
 class Mamba(nn.Module):
@@ -89,8 +101,15 @@ class Mamba(nn.Module):
         layer_idx: int | None = None,
         device=None,
         dtype=None,
+        inner: str = "s6",
+        inner_cfg: dict | None = None,
     ):
         super().__init__()
+        if inner not in MAMBA_INNER:
+            raise ValueError(f"inner must be one of {MAMBA_INNER}, got {inner!r}")
+        if inner_cfg is not None and not isinstance(inner_cfg, dict):
+            raise TypeError(f"inner_cfg must be a dict, got {type(inner_cfg).__name__}")
+        self.inner_name = inner
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
             check_positive_int(name, v)
         if dt_rank == "auto":
@@ -108,6 +127,11 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(d_model, d_inner * (2 if use_gate else 1), bias=bias, **fk)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1,
                                 bias=conv_bias, **fk)
+        if inner != "s6":
+            self.inner = _inner_layer(inner, d_inner, d_state, inner_cfg or {})
+            self.inner.to(device=device, dtype=torch.float64 if dtype == torch.float64 else None)
+            self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+            return
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
         # dt_proj.weight keeps the variance of Δ's pre-activation independent of dt_rank.
@@ -190,6 +214,8 @@ class Mamba(nn.Module):
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         """Zero state for ``batch_size`` sequences (conv part in ``dtype``, SSM part float32)."""
         check_positive_int("batch_size", batch_size)
+        if self.inner_name != "s6":
+            return _inner_state(self, batch_size, device, dtype, max_seqlen=None)
         device = device or self.A_log.device
         dtype = dtype or float_dtype(self.in_proj)
         return MambaState(
@@ -211,6 +237,8 @@ class Mamba(nn.Module):
         input and Δ = 0 (Ā = 1, B̄x = 0), so they leave both states untouched.
         """
         self._check(x, state, cu_seqlens, mask)
+        if self.inner_name != "s6":
+            return _inner_forward(self, x, state, return_state, cu_seqlens, mask)
         xs, z = self._split_in(self.in_proj(x))
         if mask is not None:
             xs = xs * mask.to(xs.dtype)[..., None]
@@ -253,9 +281,11 @@ class Mamba(nn.Module):
         check_tensor("x_t", x_t, 2, desc=f"(batch, d_model={self.d_model})")
         if not isinstance(state, MambaState):
             raise TypeError(f"state must be a MambaState (from allocate_state), got {type(state).__name__}")
-        if x_t.shape[1] != self.d_model or state.ssm_state.shape[0] != x_t.shape[0]:
-            raise ValueError(f"x_t must have shape (batch={state.ssm_state.shape[0]}, d_model={self.d_model}), "
+        if x_t.shape[1] != self.d_model or state.conv_state.shape[0] != x_t.shape[0]:
+            raise ValueError(f"x_t must have shape (batch={state.conv_state.shape[0]}, d_model={self.d_model}), "
                              f"got {tuple(x_t.shape)}")
+        if self.inner_name != "s6":
+            return _inner_step(self, x_t, state)
         if _decode.use_cpu_step(x_t, self.conv1d.weight):
             return self._step_cpu(x_t, state)
         # Shapes are fixed by the layer, so the ops' unchecked forms are called directly: when
@@ -323,7 +353,8 @@ class Mamba(nn.Module):
         """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
         small batch, Mamba's usual layout (gate, no projection biases), no autograd."""
         return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH and self.use_gate
-                and not self.inner_norms and isinstance(self.in_proj, nn.Linear) and isinstance(self.x_proj, nn.Linear)
+                and self.inner_name == "s6" and not self.inner_norms
+                and isinstance(self.in_proj, nn.Linear) and isinstance(self.x_proj, nn.Linear)
                 and isinstance(self.out_proj, nn.Linear) and self.in_proj.bias is None and self.out_proj.bias is None and self.x_proj.bias is None
                 and get("norm_linear", "auto", x_t) is not norm_linear_reference
                 and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
@@ -354,4 +385,72 @@ class Mamba(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
-                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, use_gate={self.use_gate}")
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, use_gate={self.use_gate}"
+                + ("" if self.inner_name == "s6" else f", inner={self.inner_name!r}"))
+
+
+# -- the Mamba block around another inner layer (inner="s4d" | "hyena") -----------------------------
+
+
+def _inner_layer(inner: str, d_inner: int, d_state: int, cfg: dict) -> nn.Module:
+    if inner == "s4d":
+        return DiagSSM(d_inner, d_state, **cfg)
+    return ImplicitFilter(d_inner, **cfg)
+
+
+def _inner_state(m: Mamba, batch: int, device, dtype, max_seqlen: int | None) -> MambaState:
+    device = device or m.in_proj.weight.device
+    dtype = dtype or float_dtype(m.in_proj)
+    conv = torch.zeros(batch, m.d_inner, m.d_conv - 1, device=device, dtype=dtype)
+    if isinstance(m.inner, DiagSSM):
+        return MambaState(conv_state=conv, ssm_state=m.inner.allocate(batch, device)["ssm"])
+    st = m.inner.allocate(batch, device, max_seqlen)
+    return MambaState(conv_state=conv, cache=st["cache"], pos=st["pos"])
+
+
+def _inner_seq(m: Mamba, x: torch.Tensor, state: MambaState | None, want: bool):
+    xs, z = m._split_in(m.in_proj(x))
+    xs, conv_state = causal_conv1d(xs, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu",
+                                   initial_state=None if state is None else state.conv_state,
+                                   return_final_state=True)
+    rd = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    st = None if state is None else {"ssm": state.ssm_state, "cache": state.cache, "pos": state.pos}
+    y, new = m.inner(xs.to(rd), st, want)
+    if z is not None:
+        y = y * F.silu(z.to(rd))
+    out = m.out_proj(y.to(x.dtype))
+    if not want:
+        return out, None
+    return out, MambaState(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=new.get("ssm"),
+                           cache=new.get("cache"), pos=new.get("pos"))
+
+
+def _inner_forward(m: Mamba, x, state, return_state, cu_seqlens, mask):
+    if mask is not None and bool(mask.all()):
+        mask = None
+    if cu_seqlens is None and mask is None:
+        out, new = _inner_seq(m, x, state, return_state)
+    else:
+        def cat(states):
+            return dataclasses.replace(states[0], **{k: torch.cat([getattr(s, k) for s in states])
+                                                     for k in states[0].tensors()})
+        seq = functools.partial(_inner_seq, m)
+        out, new = run_rows(seq, x, state, return_state, cu_seqlens, mask,
+                            lambda n: m.allocate_state(n, x.device, x.dtype), cat)
+    return (out, new) if return_state else out
+
+
+def _inner_step(m: Mamba, x_t: torch.Tensor, state: MambaState) -> torch.Tensor:
+    xs, z = m._split_in(m.in_proj(x_t))
+    window = torch.cat([state.conv_state, xs[..., None].to(state.conv_state.dtype)], dim=-1)  # (b, d_inner, d_conv)
+    state.conv_state.copy_(window[..., 1:])
+    xs = F.silu((window * m.conv1d.weight.squeeze(1)).sum(-1) + (0 if m.conv1d.bias is None else m.conv1d.bias))
+    rd = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    if isinstance(m.inner, DiagSSM):
+        y = m.inner.step(xs.to(rd), {"ssm": state.ssm_state})
+    else:
+        y = m.inner.step(xs.to(rd), state.cache, state.pos)
+        state.pos += 1
+    if z is not None:
+        y = y * F.silu(z.to(rd))
+    return m.out_proj(y.to(x_t.dtype))

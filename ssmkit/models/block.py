@@ -44,6 +44,8 @@ MIXERS: dict[str, tuple[str, str, str]] = {
     "D": ("ssmkit.layers.delta_net", "DeltaNet", "deltanet_cfg"),
     "G": ("ssmkit.layers.delta_net", "GatedDeltaNet", "deltanet_cfg"),
     "S": ("ssmkit.layers.s4d", "S4D", "s4d_cfg"),
+    "H": ("ssmkit.layers.h3", "H3", "h3_cfg"),
+    "Y": ("ssmkit.layers.hyena", "Hyena", "hyena_cfg"),
     "F": ("ssmkit.layers.mlp", "FeedForward", "mlp_cfg"),
     "P": ("ssmkit.layers.parallel", "ParallelHybrid", "parallel_cfg"),
 }
@@ -239,7 +241,8 @@ class Block(nn.Module):
     def allocate_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None, shared=None) -> LayerState:
         """The layer's state; with a ``shared_use``, with the KV cache of its use of ``shared`` (the
         shared block) too."""
-        if isinstance(self.mixer, Attention) or self.letter == "P":
+        if (isinstance(self.mixer, Attention) or self.letter == "P"
+                or "max_seqlen" in inspect.signature(self.mixer.allocate_state).parameters):  # KV / Hyena caches
             st = self.mixer.allocate_state(batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
         else:
             st = self.mixer.allocate_state(batch_size, device=device, dtype=dtype)

@@ -11,6 +11,8 @@ letter  mixer                           its settings
 ``D``   DeltaNet                        ``deltanet_cfg``
 ``G``   gated DeltaNet                  ``deltanet_cfg``
 ``S``   S4D                             ``s4d_cfg``
+``H``   H3 (inner layer an option)      ``h3_cfg``
+``Y``   Hyena                           ``hyena_cfg``
 ``F``   none: the block is an MLP       ``mlp_cfg``, ``d_intermediate``
 ``P``   Mamba-2 + attention in parallel ``mamba2_cfg``, ``attn_cfg``, ``parallel_cfg``
 ======  ==============================  =======================================
@@ -47,6 +49,8 @@ LAYER_LETTERS = {
     "D": "DeltaNet",
     "G": "gated DeltaNet",
     "S": "S4D",
+    "H": "H3",
+    "Y": "Hyena",
     "F": "MLP",
     "P": "Mamba-2 + attention",
 }
@@ -99,6 +103,8 @@ class ModelConfig:
     hf_model_type: str | None = None
     parallel_cfg: dict[str, Any] = field(default_factory=dict)
     shared_cfg: dict[str, Any] = field(default_factory=dict)
+    h3_cfg: dict[str, Any] = field(default_factory=dict)
+    hyena_cfg: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
@@ -125,7 +131,7 @@ class ModelConfig:
         if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise ValueError(f"ModelConfig.d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
         for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg",
-                     "parallel_cfg", "shared_cfg"):
+                     "parallel_cfg", "shared_cfg", "h3_cfg", "hyena_cfg"):
             v = getattr(self, name)
             if v is None:
                 setattr(self, name, {})

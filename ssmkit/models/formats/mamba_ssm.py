@@ -82,6 +82,8 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
     ssm.pop("layer", None)
     if not ssm.get("use_gate", True):
         raise ValueError("cannot save in mamba_ssm format: ssm_cfg use_gate=False has no mamba_ssm equivalent")
+    if ssm.get("inner", "s6") != "s6":
+        raise ValueError(f"cannot save in mamba_ssm format: ssm_cfg inner={ssm['inner']!r} has no mamba_ssm equivalent")
     ssm = {"layer": "Mamba1" if letter == "M" else "Mamba2", **ssm}
     attn_idx = [i for i, c in enumerate(pat) if c == "A"]
     attn_cfg: dict[str, Any] = {}
