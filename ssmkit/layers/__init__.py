@@ -20,6 +20,7 @@ from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE
 from ssmkit.layers.norm import RMSNorm, RMSNormGated
+from ssmkit.layers.parallel import ParallelHybrid
 from ssmkit.layers.s4 import S4
 from ssmkit.layers.s4d import S4D, S4State
 from ssmkit.layers.state import LayerState
@@ -31,4 +32,5 @@ __all__ = [
     "Mamba2", "Mamba2State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, DeltaNet
     "H3", "H3State", "Hyena", "HyenaState",  # H3, Hyena
     "Attention", "KVCacheState", "MLP", "MoE", "RMSNorm", "RMSNormGated",  # attention, MLP, MoE, norms
+    "ParallelHybrid",  # Mamba-2 and attention side by side (Falcon-H1)
 ]
