@@ -11,6 +11,11 @@ and k, GPT-NeoX layout (the two halves are rotated as pairs, not interleaved):
 Parameter names follow ``mamba_ssm``'s ``MHA`` (``in_proj`` packing [q, k, v] along its output,
 ``out_proj``), so hybrid checkpoints from it load without renaming.
 
+Qwen3-Next options: ``qk_norm`` (``"rms"`` or ``"zero_centred_rms"``) RMS-normalises each query and
+key head over ``head_dim`` before RoPE (weights ``q_norm`` / ``k_norm``, eps ``qk_norm_eps``);
+``output_gate`` multiplies the attention output by ``sigmoid(gate)``, the gate being a second
+``n_heads * head_dim`` block of ``in_proj`` (packed ``[q, gate, k, v]``).
+
 KV cache (:class:`KVCacheState`): buffers of ``max_seqlen`` slots allocated once; ``step`` writes
 the new key/value at slot ``offset`` with ``index_copy_`` and attends over all slots with a
 validity mask, so a decode step has static shapes and no host synchronisation (CUDA-graph
@@ -104,6 +109,7 @@ class Attention(nn.Module):
                  head_dim: int | None = None, rope_theta: float = 10000.0, rope_dim: int | None = None,
                  qkv_bias: bool = False, out_bias: bool = False, softmax_scale: float | None = None,
                  max_seqlen: int = 2048, key_multiplier: float = 1.0, layer_idx: int | None = None,
+                 qk_norm: str | None = None, qk_norm_eps: float = 1e-6, output_gate: bool = False,
                  device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -128,8 +134,19 @@ class Attention(nn.Module):
         self.key_multiplier = float(key_multiplier)  # keys times this before RoPE (Falcon-H1)
         self.max_seqlen = max_seqlen
         self.layer_idx = layer_idx
-        self.in_proj = nn.Linear(d_model, head_dim * (n_heads + 2 * n_kv_heads), bias=qkv_bias,
+        if qk_norm not in (None, "rms", "zero_centred_rms"):
+            raise ValueError(f"qk_norm must be None, 'rms' or 'zero_centred_rms', got {qk_norm!r}")
+        self.output_gate = bool(output_gate)
+        n_q = 2 * n_heads if self.output_gate else n_heads
+        self.in_proj = nn.Linear(d_model, head_dim * (n_q + 2 * n_kv_heads), bias=qkv_bias,
                                  device=device, dtype=dtype)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            from ssmkit.layers.norm import RMSNorm, ZeroCentredRMSNorm
+
+            cls = ZeroCentredRMSNorm if qk_norm == "zero_centred_rms" else RMSNorm
+            self.q_norm = cls(head_dim, eps=qk_norm_eps, device=device, dtype=dtype)
+            self.k_norm = cls(head_dim, eps=qk_norm_eps, device=device, dtype=dtype)
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias, device=device, dtype=dtype)
         if rope_dim:
             inv_freq = rope_theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim)
@@ -145,6 +162,26 @@ class Attention(nn.Module):
         if self.key_multiplier != 1.0:
             k = k * self.key_multiplier
         return (q.unflatten(-1, (hq, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d)))
+
+    def _qkv_gate(self, x: torch.Tensor):
+        """``(q, k, v, gate)`` per head, q/k normalised when ``qk_norm``; gate ``(..., n_heads * head_dim)`` or None."""
+        if not self.output_gate and not self.qk_norm:
+            return (*self._qkv(x), None)
+        hq, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
+        gate = None
+        if self.output_gate:
+            q, gate, k, v = self.in_proj(x).split([hq * d, hq * d, hk * d, hk * d], dim=-1)
+        else:
+            q, k, v = self.in_proj(x).split([hq * d, hk * d, hk * d], dim=-1)
+        if self.key_multiplier != 1.0:
+            k = k * self.key_multiplier
+        q, k, v = q.unflatten(-1, (hq, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v, gate
+
+    def _gated(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return o if gate is None else o * torch.sigmoid(gate.to(o.dtype))
 
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rotate ``t: (..., H, head_dim)`` at positions ``pos`` (shape ``t.shape[:-2]``)."""
@@ -197,7 +234,7 @@ class Attention(nn.Module):
             check_cu_seqlens(cu_seqlens, B, L)
             if state is not None or mask is not None:
                 raise ValueError("cu_seqlens cannot be combined with state or mask")
-        q, k, v = self._qkv(x)
+        q, k, v, gate = self._qkv_gate(x)
         dev = x.device
         base = state.pos if state is not None else torch.zeros(B, device=dev, dtype=torch.long)
         ar = torch.arange(L, device=dev)
@@ -246,7 +283,7 @@ class Attention(nn.Module):
             attn_mask, is_causal = allowed, False
         o = _sdpa(q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
                   attn_mask=attn_mask, is_causal=is_causal, scale=self.softmax_scale)
-        y = self.out_proj(o.transpose(1, 2).flatten(2))
+        y = self.out_proj(self._gated(o.transpose(1, 2).flatten(2), gate))
         return (y, new_state) if return_state else y
 
     @staticmethod
@@ -267,7 +304,7 @@ class Attention(nn.Module):
         check_tensor("x_t", x_t, 2, desc=f"(batch, d_model={self.d_model})")
         if not isinstance(state, KVCacheState):
             raise TypeError(f"state must be a KVCacheState, got {type(state).__name__}")
-        q, k, v = self._qkv(x_t)  # (B, H, D)
+        q, k, v, gate = self._qkv_gate(x_t)  # (B, H, D)
         q, k = self._rope(q, state.pos), self._rope(k, state.pos)
         slot = state.offset[:1]
         state.k.index_copy_(1, slot, k[:, None].to(state.k.dtype))
@@ -276,7 +313,7 @@ class Attention(nn.Module):
         o = self._decode_attention(q, state)
         state.pos += 1
         state.offset += 1
-        return self.out_proj(o.flatten(1).to(x_t.dtype))
+        return self.out_proj(self._gated(o.flatten(1).to(x_t.dtype), gate))
 
     def _decode_attention(self, q: torch.Tensor, state: KVCacheState) -> torch.Tensor:
         """One query per row over every cache slot, invalid slots masked: ``(B, H, D)``.

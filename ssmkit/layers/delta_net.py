@@ -51,7 +51,10 @@ class DeltaNet(nn.Module):
     """DeltaNet mixer (``gated=False``) or Gated DeltaNet (``gated=True``, see :class:`GatedDeltaNet`).
 
     ``head_dim`` is the key size K (default ``d_model // num_heads``); the value size is
-    ``V = expand_v * K``. Same contract as every mixer in :mod:`ssmkit.layers`.
+    ``V = expand_v * K``. ``num_v_heads`` (default ``num_heads``, a multiple of it) gives more
+    value heads than query/key heads: value head ``j`` reads query/key head ``j // (num_v_heads /
+    num_heads)``, and β, the decay and the state are per value head (Qwen3-Next). Same contract
+    as every mixer in :mod:`ssmkit.layers`.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class DeltaNet(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         layer_idx: int | None = None,
+        num_v_heads: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -81,12 +85,17 @@ class DeltaNet(nn.Module):
         check_positive_int("chunk_size", chunk_size)
         head_dim = head_dim if head_dim is not None else d_model // num_heads
         check_positive_int("head_dim", head_dim)
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        check_positive_int("num_v_heads", num_v_heads)
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
         head_v_dim = int(head_dim * expand_v)
         if head_v_dim <= 0 or head_v_dim != head_dim * expand_v:
             raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads, self.head_k_dim, self.head_v_dim = d_model, num_heads, head_dim, head_v_dim
-        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim
+        self.num_v_heads = num_v_heads
+        self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * head_v_dim
         self.conv_size, self.chunk_size, self.gated, self.layer_idx = conv_size, chunk_size, gated, layer_idx
         self.use_output_gate = use_output_gate
         self.conv_dim = 2 * self.key_dim + self.value_dim
@@ -95,16 +104,16 @@ class DeltaNet(nn.Module):
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False, **fk)
         self.k_proj = nn.Linear(d_model, self.key_dim, bias=False, **fk)
         self.v_proj = nn.Linear(d_model, self.value_dim, bias=False, **fk)
-        self.b_proj = nn.Linear(d_model, num_heads, bias=False, **fk)
+        self.b_proj = nn.Linear(d_model, num_v_heads, bias=False, **fk)
         # one short convolution over [q | k | v] (three depthwise convs, computed in one call)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_size, groups=self.conv_dim,
                                 padding=conv_size - 1, bias=conv_bias, **fk)
         if gated:
-            self.a_proj = nn.Linear(d_model, num_heads, bias=False, **fk)
-            A = torch.empty(num_heads).uniform_(*A_init_range)
+            self.a_proj = nn.Linear(d_model, num_v_heads, bias=False, **fk)
+            A = torch.empty(num_v_heads).uniform_(*A_init_range)
             self.A_log = nn.Parameter(torch.log(A).to(device=device, dtype=dtype or torch.float32))
             self.A_log._no_weight_decay = True
-            dt = log_uniform_dt(num_heads, dt_min, dt_max, floor=dt_init_floor)
+            dt = log_uniform_dt(num_v_heads, dt_min, dt_max, floor=dt_init_floor)
             self.dt_bias = nn.Parameter(inverse_softplus(dt).to(device=device, dtype=dtype or torch.float32))
             self.dt_bias._no_weight_decay = True
         if use_output_gate:
@@ -121,9 +130,14 @@ class DeltaNet(nn.Module):
         dtype = dtype or float_dtype(self.q_proj)
         return DeltaNetState(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.conv_size - 1, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device,
+            ssm_state=torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, device=device,
                                   dtype=self._ssm_dtype(dtype)),
         )
+
+    def _per_v_head(self, t: torch.Tensor) -> torch.Tensor:
+        """Query/key heads ``(..., H, K)`` -> one per value head ``(..., num_v_heads, K)``."""
+        r = self.num_v_heads // self.num_heads
+        return t if r == 1 else t.repeat_interleave(r, dim=-2)
 
     def _beta_g(self, x: torch.Tensor):
         cdt = self._ssm_dtype(x.dtype)
@@ -135,7 +149,7 @@ class DeltaNet(nn.Module):
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o: (..., H, V) -> (..., d_model): per-head RMSNorm, output gate, o_proj."""
-        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)) if self.use_output_gate else None
+        gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_output_gate else None
         o = self.o_norm(o, gate)
         return self.o_proj(o.flatten(-2))
 
@@ -159,8 +173,10 @@ class DeltaNet(nn.Module):
             m = mask.to(beta.dtype)
             beta = beta * m[..., None]
             g = None if g is None else g * m[..., None]
+        Hv = self.num_v_heads
         o, ssm_state = delta_rule(
-            q.reshape(b, l, H, K), k.reshape(b, l, H, K), v.reshape(b, l, H, V), beta=beta, g=g,
+            self._per_v_head(q.reshape(b, l, H, K)), self._per_v_head(k.reshape(b, l, H, K)),
+            v.reshape(b, l, Hv, V), beta=beta, g=g,
             scale=self.scale, use_qk_l2norm=True, chunk_size=self.chunk_size,
             initial_state=None if state is None else state.ssm_state, return_final_state=True,
             cu_seqlens=cu_seqlens,
@@ -183,7 +199,9 @@ class DeltaNet(nn.Module):
                                                        "silu").squeeze(1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta, g = self._beta_g(x_t)
-        o = delta_step(state.ssm_state, q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, H, V), beta, g,
+        Hv = self.num_v_heads
+        o = delta_step(state.ssm_state, self._per_v_head(q.reshape(b, H, K)), self._per_v_head(k.reshape(b, H, K)),
+                       v.reshape(b, Hv, V), beta, g,
                        scale=self.scale, use_qk_l2norm=True)
         return self._output(o.to(x_t.dtype), x_t)
 
@@ -200,10 +218,11 @@ class DeltaNet(nn.Module):
         qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
         qkv = _decode.conv_step(ws, state.conv_state, qkv, _decode.conv_kernel(self.conv1d, dtype))
         qk = l2norm(qkv[:, :2 * kd].to(sdt).reshape(b, 2 * H, K))
-        q = qk[:, :H].reshape(b * H, 1, K)
+        H = self.num_v_heads
+        q = self._per_v_head(qk[:, :self.num_heads]).reshape(b * H, 1, K)
         if self.scale != 1.0:
             q = q * self.scale
-        k = qk[:, H:].reshape(b * H, 1, K)
+        k = self._per_v_head(qk[:, self.num_heads:]).reshape(b * H, 1, K)
         v = qkv[:, 2 * kd:].to(sdt).reshape(b * H, 1, V)
         beta, g = self._beta_g(x_t)
         Sh = S.view(b * H, K, V)
@@ -216,7 +235,8 @@ class DeltaNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
-                f"head_v_dim={self.head_v_dim}, gated={self.gated}")
+                f"head_v_dim={self.head_v_dim}, gated={self.gated}"
+                + (f", num_v_heads={self.num_v_heads}" if self.num_v_heads != self.num_heads else ""))
 
 
 class GatedDeltaNet(DeltaNet):

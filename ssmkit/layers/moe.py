@@ -17,7 +17,8 @@ router probability of ``e``; it is 1 for a perfectly uniform router and grows wi
 Padding tokens (``mask == 0``) are left out of it.
 
 Shared expert (``d_shared > 0``; DeepSeekMoE, Dai et al., 2024; Granite 4.0-H): one more MLP of
-width ``d_shared`` that every token goes through, added to the routed output with weight 1.
+width ``d_shared`` that every token goes through, added to the routed output with weight 1, or
+with ``shared_gate`` with the per-token weight ``sigmoid(shared_gate(x))`` (Qwen2-MoE, Qwen3-Next).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, n_experts: int = 8, top_k: int = 2,
                  normalize_top_k: bool = True, d_shared: int = 0, activation: str = "swiglu",
-                 device=None, dtype=None):
+                 shared_gate: bool = False, device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("n_experts", n_experts)
@@ -53,6 +54,10 @@ class MoE(nn.Module):
                                      for _ in range(n_experts))
         if d_shared:
             self.shared = MLP(d_model, d_shared, activation=activation, device=device, dtype=dtype)
+        if shared_gate:
+            if not d_shared:
+                raise ValueError("shared_gate=True needs a shared expert (d_shared > 0)")
+            self.shared_gate = nn.Linear(d_model, 1, bias=False, device=device, dtype=dtype)
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x2: (T, d_model)`` -> router probs ``(T, E)`` float32, top-k weights ``(T, k)``, indices ``(T, k)``."""
@@ -88,7 +93,8 @@ class MoE(nn.Module):
                     continue
                 y.index_add_(0, tok, w[tok, slot, None] * expert(x2[tok]))
         if hasattr(self, "shared"):
-            y = y + self.shared(x2)
+            s = self.shared(x2)
+            y = y + (torch.sigmoid(self.shared_gate(x2)) * s if hasattr(self, "shared_gate") else s)
         aux = self.load_balancing_loss(probs, idx, mask)
         return y.reshape(shape), aux
 

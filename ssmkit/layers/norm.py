@@ -33,6 +33,22 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class ZeroCentredRMSNorm(nn.Module):
+    """RMSNorm whose weight is stored as its offset from 1: ``y = x / rms(x) * (1 + weight)``
+    (Qwen3-Next, Gemma). The weight starts at zero; weight decay pulls the scale towards 1."""
+
+    def __init__(self, d: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, 1.0 + _upcast(self.weight), self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, zero_centred=True"
+
+
 class RMSNormGated(nn.Module):
     """Gated RMSNorm of Mamba-2: ``forward(x, z)`` with ``x, z: (..., d)``."""
 

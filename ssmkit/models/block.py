@@ -29,7 +29,7 @@ from torch import nn
 from ssmkit.layers.attention import Attention, normalize_attn_cfg
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE
-from ssmkit.layers.norm import RMSNorm
+from ssmkit.layers.norm import RMSNorm, ZeroCentredRMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models.config import LAYER_LETTERS, ModelConfig
 from ssmkit.ops.dispatch import get
@@ -93,6 +93,8 @@ def build_mixer(letter: str, config: ModelConfig, layer_idx: int, device=None, d
 
 
 def build_norm(config: ModelConfig, device=None, dtype=None) -> nn.Module:
+    if config.rms_norm and config.zero_centred_norm:
+        return ZeroCentredRMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
     if config.rms_norm:
         return RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
@@ -125,7 +127,8 @@ class Block(nn.Module):
                 self.mlp = MoE(config.d_model, int(m.get("d_expert", config.mlp_hidden)),
                                n_experts=int(m.get("n_experts", 8)), top_k=int(m.get("top_k", 2)),
                                normalize_top_k=bool(m.get("normalize_top_k", True)),
-                               d_shared=int(m.get("d_shared", 0)), activation=act, device=device, dtype=dtype)
+                               d_shared=int(m.get("d_shared", 0)), activation=act,
+                               shared_gate=bool(m.get("shared_gate", False)), device=device, dtype=dtype)
             else:
                 mc = config.mlp_cfg
                 self.mlp = MLP(config.d_model, config.mlp_hidden, bias=bool(mc.get("bias", False)), activation=act,

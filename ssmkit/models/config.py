@@ -72,7 +72,9 @@ class ModelConfig:
     width of a shared expert every token goes through). ``mlp_cfg``: ``activation`` ("swiglu" or
     "relu2") and ``bias`` (False) of every MLP, experts included. ``hf_model_type``: the Hugging Face
     architecture ``save_pretrained(format="hf")`` writes (set when a model is loaded from one; None:
-    chosen from the layers).
+    chosen from the layers). ``zero_centred_norm``: the block and final RMSNorms store their weight
+    as the offset from 1 (``x / rms(x) * (1 + weight)``, Qwen3-Next); ``moe_cfg`` ``shared_gate``
+    weights the shared expert by ``sigmoid(w·x)`` per token.
     """
 
     d_model: int = 768
@@ -105,6 +107,7 @@ class ModelConfig:
     shared_cfg: dict[str, Any] = field(default_factory=dict)
     h3_cfg: dict[str, Any] = field(default_factory=dict)
     hyena_cfg: dict[str, Any] = field(default_factory=dict)
+    zero_centred_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):

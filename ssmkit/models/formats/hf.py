@@ -1,10 +1,11 @@
 """Hugging Face ``transformers`` format: ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` here, and the
 hybrids ``BambaForCausalLM`` (:mod:`.hf_bamba`), ``GraniteMoeHybridForCausalLM`` (:mod:`.hf_granite`),
 ``NemotronHForCausalLM`` (:mod:`.hf_nemotron_h`), ``FalconH1ForCausalLM`` (:mod:`.hf_falcon_h1`),
-``JambaForCausalLM`` (:mod:`.hf_jamba`) and ``Zamba2ForCausalLM`` (:mod:`.hf_zamba2`), picked by
+``JambaForCausalLM`` (:mod:`.hf_jamba`), ``Zamba2ForCausalLM`` (:mod:`.hf_zamba2`) and
+``Qwen3NextForCausalLM`` (:mod:`.hf_qwen3_next`), picked by
 ``model_type``. Saving picks the architecture the model was loaded from
 (``ModelConfig.hf_model_type``), else the first that can hold it: Mamba / Mamba-2 for pure models,
-then Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba (Zamba2 for a model with shared blocks).
+then Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba, Qwen3-Next (Zamba2 for a model with shared blocks).
 
 Mamba / Mamba-2:
 
@@ -30,13 +31,22 @@ import math
 from typing import Any
 
 from ssmkit.models.config import ModelConfig
-from ssmkit.models.formats import hf_bamba, hf_falcon_h1, hf_granite, hf_jamba, hf_nemotron_h, hf_zamba2
+from ssmkit.models.formats import (
+    hf_bamba,
+    hf_falcon_h1,
+    hf_granite,
+    hf_jamba,
+    hf_nemotron_h,
+    hf_qwen3_next,
+    hf_zamba2,
+)
 from ssmkit.models.formats.hf_common import token_ids
 
 NAME = "hf"
 # model_type -> the module of a hybrid family (to_model_config, why_not, from_model_config,
 # state_dict_in, state_dict_out)
-HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h, hf_falcon_h1, hf_jamba, hf_zamba2)}
+HYBRIDS = {m.MODEL_TYPE: m for m in (hf_bamba, hf_granite, hf_nemotron_h, hf_falcon_h1, hf_jamba, hf_zamba2,
+                                          hf_qwen3_next)}
 MODEL_TYPES = ("mamba", "mamba2", *HYBRIDS)
 WEIGHTS = "model.safetensors"
 
