@@ -124,3 +124,30 @@ def test_errors():
         layer(torch.randn(1, 5, 32, dtype=torch.float64), state=st)
     with pytest.raises(TypeError, match="KVCacheState"):
         layer.step(torch.randn(1, 32, dtype=torch.float64), state=object())
+
+
+def test_output_gate_and_zero_centred_qk_norm():
+    """Qwen3-Next attention: RMS-normalised q/k heads (weight as offset from 1) and a sigmoid output gate."""
+    layer = make(head_dim=12, rope_dim=4, qk_norm="zero_centred_rms", output_gate=True, max_seqlen=16)
+    assert layer.in_proj.weight.shape == (12 * (2 * 4 + 2 * 2), 32)
+    with torch.no_grad():
+        layer.q_norm.weight.normal_(0, 0.3)
+        layer.k_norm.weight.normal_(0, 0.3)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    q, gate, k, v = layer.in_proj(x).split([48, 48, 24, 24], -1)
+
+    def norm(t, w):
+        return t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * (1 + w)
+
+    qk = torch.cat([norm(q.unflatten(-1, (4, 12)), layer.q_norm.weight).flatten(2),
+                    norm(k.unflatten(-1, (2, 12)), layer.k_norm.weight).flatten(2)], -1)
+    # the naive attention of the normalised q / k (a layer whose projections are the identity)
+    plain = make(head_dim=12, rope_dim=4)
+    plain.in_proj, plain.out_proj = torch.nn.Identity(), torch.nn.Identity()
+    att = naive_attention(plain, torch.cat([qk, v], -1))
+    want = layer.out_proj(att * torch.sigmoid(gate))
+    assert_close("gated attention", want, layer(x), rel=1e-10)
+    st = layer.allocate_state(2)
+    assert_close("step", layer(x), torch.stack([layer.step(x[:, t], st) for t in range(9)], 1), rel=1e-12)
+    with pytest.raises(ValueError, match="qk_norm"):
+        make(qk_norm="layer")

@@ -11,6 +11,7 @@ CASES = [
     (DeltaNet, dict(num_heads=2, chunk_size=4)),
     (DeltaNet, dict(num_heads=4, head_dim=3, expand_v=2.0, chunk_size=5, use_output_gate=False, conv_bias=True)),
     (GatedDeltaNet, dict(num_heads=2, chunk_size=4)),
+    (GatedDeltaNet, dict(num_heads=2, num_v_heads=4, head_dim=4, expand_v=1.5, chunk_size=4)),  # Qwen3-Next
 ]
 
 
@@ -26,7 +27,7 @@ def test_step_repeated_equals_forward_and_split_carry(cls, kw):
     y, st = m(x, return_state=True)
     assert all(t.is_contiguous() for t in st.tensors().values()), "returned state must be contiguous"
     assert isinstance(st, DeltaNetState)
-    assert st.ssm_state.shape == (2, m.num_heads, m.head_k_dim, m.head_v_dim)
+    assert st.ssm_state.shape == (2, m.num_v_heads, m.head_k_dim, m.head_v_dim)
     state = m.allocate_state(2)
     ys = torch.stack([m.step(x[:, t], state) for t in range(11)], 1)
     assert_close("step == forward", y, ys, rel=1e-11)
@@ -42,7 +43,7 @@ def test_step_repeated_equals_forward_and_split_carry(cls, kw):
         assert_close("chunked == reference inside the layer", m(x), y, rel=1e-11)
 
 
-@pytest.mark.parametrize("cls,kw", [CASES[0], CASES[2]])
+@pytest.mark.parametrize("cls,kw", [CASES[0], CASES[2], CASES[3]])
 def test_left_padding_equals_alone(cls, kw):
     m = make(cls, kw)
     a = torch.randn(1, 4, 16, dtype=torch.float64)
@@ -96,3 +97,23 @@ def test_bad_inputs_raise_clear_errors():
         m(torch.randn(1, 3, 12))
     with pytest.raises(TypeError, match="state must be a DeltaNetState"):
         m(torch.randn(1, 3, 16), state=GatedDeltaNet(16, num_heads=2).allocate_state(1).ssm_state)
+
+
+def test_more_value_heads_share_their_query_key_head():
+    """num_v_heads = r * num_heads: value head j reads query/key head j // r (as r key-head copies would)."""
+    m = make(GatedDeltaNet, CASES[3][1])
+    assert (m.b_proj.out_features, m.A_log.shape[0], m.v_proj.out_features) == (4, 4, 4 * 6)
+    wide = GatedDeltaNet(16, num_heads=4, head_dim=4, expand_v=1.5, chunk_size=4).double()
+    with torch.no_grad():
+        for name, p in wide.named_parameters():
+            src = m.get_parameter(name)
+            if name in ("q_proj.weight", "k_proj.weight"):
+                src = src.unflatten(0, (2, 4)).repeat_interleave(2, 0).flatten(0, 1)
+            elif name == "conv1d.weight":
+                q, k, v = src.split([8, 8, 24])
+                src = torch.cat([t.unflatten(0, (2, 4)).repeat_interleave(2, 0).flatten(0, 1) for t in (q, k)] + [v])
+            p.copy_(src)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    assert_close("grouped == repeated heads", wide(x), m(x), rel=1e-11)
+    with pytest.raises(ValueError, match="num_v_heads=3"):
+        GatedDeltaNet(16, num_heads=2, num_v_heads=3)

@@ -66,3 +66,13 @@ def test_shared_expert_is_added_to_every_token_and_experts_take_the_activation()
     assert_close("dense", y, moe(x, dense=True)[0], rel=1e-12)
     with pytest.raises(ValueError, match="d_shared"):
         MoE(8, 16, d_shared=-1)
+
+
+def test_shared_gate_weights_the_shared_expert_per_token():
+    moe = MoE(8, 16, n_experts=4, top_k=2, d_shared=12, shared_gate=True).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    ref = loop_reference(moe, x.reshape(-1, 8)).reshape(2, 6, 8) + torch.sigmoid(moe.shared_gate(x)) * moe.shared(x)
+    assert_close("gated shared", ref, moe(x)[0], rel=1e-12)
+    assert_close("dense", moe(x)[0], moe(x, dense=True)[0], rel=1e-12)
+    with pytest.raises(ValueError, match="shared_gate"):
+        MoE(8, 16, shared_gate=True)

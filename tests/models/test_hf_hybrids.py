@@ -1,4 +1,5 @@
-"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba): load, save, generate and train.
+"""Hugging Face hybrids (Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba, Qwen3-Next): load, save, generate
+and train.
 
 Parity: tiny random models built with ``transformers`` (float32, CPU) give the same logits in
 ssmkit (float32 noise: relative error <= 1e-5 of the largest logit) and the same greedy tokens with
@@ -68,6 +69,18 @@ def _jamba(**kw):
     return transformers.JambaConfig(**base)
 
 
+def _qwen3_next(**kw):
+    # more linear value heads than key heads, value head size != key head size, partial RoPE
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+                linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=24,
+                shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2, full_attention_interval=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                pad_token_id=0)
+    base.update(kw)
+    return transformers.Qwen3NextConfig(**base)
+
+
 FAMILIES = {
     "bamba": (_bamba, "BambaForCausalLM"),
     "granite-moe": (_granite, "GraniteMoeHybridForCausalLM"),
@@ -81,6 +94,11 @@ FAMILIES = {
     "jamba": (_jamba, "JambaForCausalLM"),
     "jamba-dense": (lambda: _jamba(num_experts=1, attn_layer_period=4, attn_layer_offset=2, mamba_proj_bias=True,
                                    tie_word_embeddings=True), "JambaForCausalLM"),
+    "qwen3-next": (_qwen3_next, "Qwen3NextForCausalLM"),
+    "qwen3-next-dense": (lambda: _qwen3_next(num_experts=0, num_hidden_layers=3, attention_bias=True,
+                                             layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                             linear_value_head_dim=8, tie_word_embeddings=True),
+                         "Qwen3NextForCausalLM"),
 }
 
 
@@ -92,7 +110,7 @@ def tiny_hf(name: str):
         for n, p in model.named_parameters():
             if n.endswith(("A_log", "D", "dt_bias")) or "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
-            elif "experts" in n or "router" in n:
+            elif "experts" in n or "router" in n or n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
                 p.normal_(0.0, 0.3)
     return model
 
@@ -136,9 +154,10 @@ def test_hf_hybrid_loads_generates_and_saves_back(tmp_path, name):
         assert torch.equal(back(ids).logits, ref(ids).logits)
 
 
-def test_jamba_loads_transformers_in_memory_expert_names():
-    """transformers 5 packs Jamba's experts in memory (``experts.gate_up_proj`` as [gate; up], ``down_proj``)."""
-    ref = tiny_hf("jamba")
+@pytest.mark.parametrize("name", ["jamba", "qwen3-next"])
+def test_loads_transformers_in_memory_expert_names(name):
+    """transformers 5 packs the experts in memory (``experts.gate_up_proj`` as [gate; up], ``down_proj``)."""
+    ref = tiny_hf(name)
     sd = ref.state_dict()
     assert any(k.endswith("experts.gate_up_proj") for k in sd)
     config = hf.to_model_config(ref.config.to_dict())
@@ -150,8 +169,9 @@ def test_jamba_loads_transformers_in_memory_expert_names():
         assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-def test_imported_hybrid_trains(tmp_path):
-    tiny_hf("granite-moe").save_pretrained(tmp_path)
+@pytest.mark.parametrize("name", ["granite-moe", "qwen3-next"])
+def test_imported_hybrid_trains(tmp_path, name):
+    tiny_hf(name).save_pretrained(tmp_path)
     m = ssmkit.from_pretrained(tmp_path).train()
     ids = torch.randint(1, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -357,7 +377,54 @@ def test_published_jamba_structure():
     assert tuple(mixer.x_proj.weight.shape) == (256 + 2 * 16, 8192) and mixer.dt_layernorm.weight.shape == (256,)
 
 
+QWEN3_NEXT_80B_A3B = {  # Qwen/Qwen3-Next-80B-A3B-Instruct
+    "model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 48,
+    "full_attention_interval": 4, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_scaling": None, "attention_bias": False,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "intermediate_size": 5120, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "norm_topk_prob": True, "rms_norm_eps": 1e-6, "hidden_act": "silu", "vocab_size": 151936,
+    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+}
+
+
+def test_published_qwen3_next_structure():
+    c = hf.to_model_config(QWEN3_NEXT_80B_A3B)
+    assert c.layer_pattern == "GGGA" * 12 and c.zero_centred_norm and c.norm_eps == 1e-6
+    assert (c.mlp, c.moe_layers()) == ("moe", list(range(48)))
+    assert c.moe_cfg == {"n_experts": 512, "top_k": 10, "every": 1, "d_expert": 512, "d_shared": 512,
+                         "shared_gate": True, "normalize_top_k": True}
+    assert c.attn_cfg == {"n_heads": 16, "n_kv_heads": 2, "head_dim": 256, "rope_dim": 64, "rope_theta": 1e7,
+                          "qkv_bias": False, "out_bias": False, "qk_norm": "zero_centred_rms", "qk_norm_eps": 1e-6,
+                          "output_gate": True}
+    assert c.deltanet_cfg == {"num_heads": 16, "num_v_heads": 32, "head_dim": 128, "expand_v": 1, "conv_size": 4,
+                              "conv_bias": False, "norm_eps": 1e-6, "use_output_gate": True}
+    # transformers reads the same file (its class defaults besides rope_theta) to the same architecture ...
+    t = transformers.Qwen3NextConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e7},
+                                     intermediate_size=5120, bos_token_id=151643, eos_token_id=151645)
+    assert hf.to_model_config(t.to_dict()).to_dict() == c.to_dict()
+    assert hf.to_model_config(hf.from_model_config(c)).to_dict() == c.to_dict()
+    # ... and the layers have the checkpoint's shapes (built on the meta device, one layer each)
+    with torch.device("meta"):
+        m = ssmkit.LanguageModel(ssmkit.ModelConfig(**{**c.to_dict(), "n_layer": 2, "layer_pattern": "GA",
+                                                       "moe_cfg": {**c.moe_cfg, "n_experts": 16}}))
+        sd = hf.state_dict_out(m.state_dict(), m.config)
+        hf_layers = [transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextDecoderLayer(
+            transformers.Qwen3NextConfig(num_experts=16, num_hidden_layers=2, layer_types=[k, k]), 0)
+            for k in ("linear_attention", "full_attention")]
+    for i, layer in enumerate(hf_layers):
+        want = {k: tuple(v.shape) for k, v in layer.state_dict().items() if "experts" not in k}
+        assert {k: want[k] for k in want} == {k: tuple(sd[f"model.layers.{i}.{k}"].shape) for k in want}
+    assert tuple(sd["model.layers.0.mlp.experts.15.gate_proj.weight"].shape) == (512, 2048)
+
+
 @pytest.mark.parametrize("cfg, match", [
+    ({**QWEN3_NEXT_80B_A3B, "decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ({**QWEN3_NEXT_80B_A3B, "mlp_only_layers": [0]}, "mlp_only_layers"),
+    ({**QWEN3_NEXT_80B_A3B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({**QWEN3_NEXT_80B_A3B, "linear_num_value_heads": 24}, "linear_num_value_heads=24"),
+    ({**QWEN3_NEXT_80B_A3B, "layer_types": ["linear_attention"] * 47 + ["sliding_attention"]}, "layer_types"),
     ({**JAMBA_1_5_MINI, "sliding_window": 4096}, "sliding_window=4096"),
     ({**JAMBA_1_5_MINI, "attn_layer_offset": 8}, "attn_layer_offset=8"),
     ({**FALCON_H1_0_5B, "projectors_bias": True}, "projectors_bias=True"),
