@@ -356,7 +356,7 @@ def from_pretrained(path_or_repo_id: str, device: torch.device | str | None = No
 
     Reads ssmkit, Hugging Face (``MambaForCausalLM``, ``Mamba2ForCausalLM``,
     ``BambaForCausalLM``, ``GraniteMoeHybridForCausalLM``, ``NemotronHForCausalLM``,
-    ``Zamba2ForCausalLM``) and mamba_ssm
+    ``FalconH1ForCausalLM``, ``JambaForCausalLM``, ``Zamba2ForCausalLM``, ``Qwen3NextForCausalLM``) and mamba_ssm
     checkpoints, detected from ``config.json`` (or forced by ``format``). ``dtype``: a torch dtype,
     ``"auto"`` (the checkpoint's) or None (float32). ``quantize``: None, or ``"int8"`` for int8
     weight-only linear layers and LM head (:func:`ssmkit.models.quantize`; CPU decoding). The

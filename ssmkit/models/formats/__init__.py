@@ -41,7 +41,8 @@ def detect_format(cfg: dict) -> str:
         if FORMATS[name].matches(cfg):
             return name
     raise ValueError(
-        "config.json is not a recognised checkpoint: expected model_type 'ssmkit', 'mamba', 'mamba2', "
-        "'bamba', 'granitemoehybrid' or 'nemotron_h' (Hugging Face), or mamba_ssm keys d_model/n_layer/ssm_cfg; "
+        "config.json is not a recognised checkpoint: expected model_type 'ssmkit', "
+        + ", ".join(repr(t) for t in FORMATS["hf"].MODEL_TYPES)
+        + " (Hugging Face), or mamba_ssm keys d_model/n_layer/ssm_cfg; "
         f"got model_type {cfg.get('model_type')!r} and keys {sorted(cfg)[:12]}"
     )
