@@ -220,6 +220,30 @@ def test_native_parallel_model_saves_as_falcon_h1(tmp_path):
         assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
+def test_native_gated_deltanet_model_saves_as_qwen3_next(tmp_path):
+    torch.manual_seed(0)
+    cfg = ssmkit.ModelConfig(d_model=32, n_layer=2, vocab_size=64, layer_pattern="GA", mlp="moe", norm_eps=1e-6,
+                             moe_cfg={"n_experts": 4, "top_k": 2, "every": 1, "d_expert": 24, "d_shared": 16,
+                                      "shared_gate": True},
+                             deltanet_cfg={"num_heads": 2, "num_v_heads": 4, "head_dim": 8, "conv_bias": False,
+                                           "norm_eps": 1e-6},
+                             attn_cfg={"n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "rope_dim": 4,
+                                       "qk_norm": "zero_centred_rms", "output_gate": True},
+                             zero_centred_norm=True, tie_embeddings=False)
+    m = ssmkit.LanguageModel(cfg).eval()
+    m.save_pretrained(tmp_path, format="hf")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen3_next"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (1, 11))
+    with torch.no_grad():
+        want = back(ids).logits
+        assert (want - m(ids).logits).abs().max().item() <= 1e-5 * want.abs().max().item()
+    with pytest.raises(ValueError, match="zero-centred"):
+        ssmkit.LanguageModel(ssmkit.ModelConfig(**{**cfg.to_dict(), "zero_centred_norm": False,
+                                                   "hf_model_type": "qwen3_next"})).save_pretrained(
+            tmp_path / "no", format="hf")
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(layer_pattern="2A", attn_cfg={"n_heads": 4, "key_multiplier": 0.5}), "key_multiplier"),
     (dict(layer_pattern="2A", attn_cfg={"n_heads": 4}, mlp_cfg={"gate_multiplier": 0.5}), "gate_multiplier"),
