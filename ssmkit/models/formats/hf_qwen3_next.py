@@ -33,8 +33,14 @@ published checkpoints store them); transformers 5's in-memory ``experts.gate_up_
 ``down_proj`` load too. The multi-token-prediction head of the published checkpoints (``mtp.*``)
 is not part of the causal LM (transformers skips it too) and is dropped on load.
 
-transformers vs Qwen's original code: both compute the same layers; transformers is followed where
-they are spelled differently (it is what the published checkpoints and configs are read by).
+transformers is the reference followed here (Qwen's own release of the architecture is its
+transformers implementation; the published configs and checkpoints are written for it). Where
+ssmkit differs from it: padding. transformers zeroes the hidden states of padded tokens before the
+linear-attention projections but still applies their decay (``g`` of a zero input is not zero);
+ssmkit leaves the state untouched at padding (β = 0, g = 0), as for every native mixer. With left
+padding the state is still zero there, so the two agree token for token (tested); with right or
+inner padding ssmkit gives what the row alone gives. In bfloat16 the gated output norm rounds once
+(float32 inside) where transformers rounds the normalised value before the weight and gate.
 """
 
 from __future__ import annotations
