@@ -130,17 +130,7 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
 
 def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    c.move(src, dst, "model.embed_tokens", "backbone.embedding")
-    c.move(src, dst, "model.final_layernorm", "backbone.norm_f")
-    c.move(src, dst, "lm_head", "lm_head")
-    for i, letter in enumerate(config.layer_pattern):
-        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
-        c.move(src, dst, f"{a}.input_layernorm", f"{b}.norm")
-        c.move(src, dst, f"{a}.pre_ff_layernorm", f"{b}.norm2")
-        if letter == "A":
-            c.attention_in(src, dst, f"{a}.self_attn", f"{b}.mixer")
-        else:
-            c.move_prefix(src, dst, f"{a}.mamba", f"{b}.mixer")
+    for _i, a, b in c.layers_in(src, dst, config, final_norm="final_layernorm", norm2="pre_ff_layernorm"):
         c.gated_mlp_in(src, dst, f"{a}.feed_forward.gate_proj", f"{a}.feed_forward.up_proj",
                        f"{a}.feed_forward.down_proj", f"{b}.mlp")
     return c.passthrough(src, dst)
@@ -148,18 +138,7 @@ def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 
 def state_dict_out(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    att, _ = c.attention_fields(config)
-    c.move(src, dst, "backbone.embedding", "model.embed_tokens")
-    c.move(src, dst, "backbone.norm_f", "model.final_layernorm")
-    c.move(src, dst, "lm_head", "lm_head")
-    for i, letter in enumerate(config.layer_pattern):
-        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
-        c.move(src, dst, f"{b}.norm", f"{a}.input_layernorm")
-        c.move(src, dst, f"{b}.norm2", f"{a}.pre_ff_layernorm")
-        if letter == "A":
-            c.attention_out(src, dst, f"{b}.mixer", f"{a}.self_attn", att)
-        else:
-            c.move_prefix(src, dst, f"{b}.mixer", f"{a}.mamba")
+    for _i, a, b in c.layers_out(src, dst, config, final_norm="final_layernorm", norm2="pre_ff_layernorm"):
         c.gated_mlp_out(src, dst, f"{b}.mlp", f"{a}.feed_forward.gate_proj", f"{a}.feed_forward.up_proj",
                         f"{a}.feed_forward.down_proj", config.mlp_hidden)
     return c.passthrough(src, dst)

@@ -230,3 +230,47 @@ def passthrough(src: Tensors, dst: Tensors) -> Tensors:
     dst.update(src)
     src.clear()
     return dst
+
+
+def pop_any(src: dict, *keys: str) -> torch.Tensor | None:
+    """The first of ``keys`` present in ``src``, removed from it (None if none is)."""
+    for k in keys:
+        if k in src:
+            return src.pop(k)
+    return None
+
+
+def layers_in(src: dict, dst: dict, config: ModelConfig, *, final_norm: str, norm2: str):
+    """Move the embedding, the final norm (``model.{final_norm}``), the head, and every layer's
+    input norm, second norm (``{norm2}``) and mixer (``self_attn`` for attention, ``mamba``
+    otherwise) from Hugging Face names to ssmkit's; yields ``(i, hf_prefix, ssmkit_prefix)`` per
+    layer for the family's MLP part (Bamba, Granite 4.0-H, Jamba)."""
+    move(src, dst, "model.embed_tokens", "backbone.embedding")
+    move(src, dst, f"model.{final_norm}", "backbone.norm_f")
+    move(src, dst, "lm_head", "lm_head")
+    for i, letter in enumerate(config.layer_pattern):
+        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
+        move(src, dst, f"{a}.input_layernorm", f"{b}.norm")
+        move(src, dst, f"{a}.{norm2}", f"{b}.norm2")
+        if letter == "A":
+            attention_in(src, dst, f"{a}.self_attn", f"{b}.mixer")
+        else:
+            move_prefix(src, dst, f"{a}.mamba", f"{b}.mixer")
+        yield i, a, b
+
+
+def layers_out(src: dict, dst: dict, config: ModelConfig, *, final_norm: str, norm2: str):
+    """The inverse of :func:`layers_in` (ssmkit names to Hugging Face's), yielding the same."""
+    att, _ = attention_fields(config)
+    move(src, dst, "backbone.embedding", "model.embed_tokens")
+    move(src, dst, "backbone.norm_f", f"model.{final_norm}")
+    move(src, dst, "lm_head", "lm_head")
+    for i, letter in enumerate(config.layer_pattern):
+        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
+        move(src, dst, f"{b}.norm", f"{a}.input_layernorm")
+        move(src, dst, f"{b}.norm2", f"{a}.{norm2}")
+        if letter == "A":
+            attention_out(src, dst, f"{b}.mixer", f"{a}.self_attn", att)
+        else:
+            move_prefix(src, dst, f"{b}.mixer", f"{a}.mamba")
+        yield i, a, b

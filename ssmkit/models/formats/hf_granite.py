@@ -161,26 +161,10 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _pop_any(src: dict, *keys: str) -> torch.Tensor | None:
-    for k in keys:
-        if k in src:
-            return src.pop(k)
-    return None
-
 
 def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    c.move(src, dst, "model.embed_tokens", "backbone.embedding")
-    c.move(src, dst, "model.norm", "backbone.norm_f")
-    c.move(src, dst, "lm_head", "lm_head")
-    for i, letter in enumerate(config.layer_pattern):
-        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
-        c.move(src, dst, f"{a}.input_layernorm", f"{b}.norm")
-        c.move(src, dst, f"{a}.post_attention_layernorm", f"{b}.norm2")
-        if letter == "A":
-            c.attention_in(src, dst, f"{a}.self_attn", f"{b}.mixer")
-        else:
-            c.move_prefix(src, dst, f"{a}.mamba", f"{b}.mixer")
+    for _i, a, b in c.layers_in(src, dst, config, final_norm="norm", norm2="post_attention_layernorm"):
         shared = f"{b}.mlp.shared" if config.mlp == "moe" else f"{b}.mlp"
         if f"{a}.shared_mlp.input_linear.weight" in src:
             dst[f"{shared}.fc1.weight"] = c.swap_halves(src.pop(f"{a}.shared_mlp.input_linear.weight"))
@@ -188,9 +172,9 @@ def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
         if config.mlp != "moe":
             continue
         moe = f"{a}.block_sparse_moe"
-        router = _pop_any(src, f"{moe}.router.layer.weight", f"{moe}.router.weight")
-        up = _pop_any(src, f"{moe}.input_linear.weight", f"{moe}.experts.gate_up_proj")
-        down = _pop_any(src, f"{moe}.output_linear.weight", f"{moe}.experts.down_proj")
+        router = c.pop_any(src, f"{moe}.router.layer.weight", f"{moe}.router.weight")
+        up = c.pop_any(src, f"{moe}.input_linear.weight", f"{moe}.experts.gate_up_proj")
+        down = c.pop_any(src, f"{moe}.output_linear.weight", f"{moe}.experts.down_proj")
         if router is not None:
             dst[f"{b}.mlp.router.weight"] = router
         for e in range(up.shape[0] if up is not None else 0):
@@ -202,19 +186,8 @@ def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 
 def state_dict_out(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    att, _ = c.attention_fields(config)
-    c.move(src, dst, "backbone.embedding", "model.embed_tokens")
-    c.move(src, dst, "backbone.norm_f", "model.norm")
-    c.move(src, dst, "lm_head", "lm_head")
     n_exp = int(config.moe_cfg.get("n_experts", 8))
-    for i, letter in enumerate(config.layer_pattern):
-        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
-        c.move(src, dst, f"{b}.norm", f"{a}.input_layernorm")
-        c.move(src, dst, f"{b}.norm2", f"{a}.post_attention_layernorm")
-        if letter == "A":
-            c.attention_out(src, dst, f"{b}.mixer", f"{a}.self_attn", att)
-        else:
-            c.move_prefix(src, dst, f"{b}.mixer", f"{a}.mamba")
+    for _i, a, b in c.layers_out(src, dst, config, final_norm="norm", norm2="post_attention_layernorm"):
         shared = f"{b}.mlp.shared" if config.mlp == "moe" else f"{b}.mlp"
         dst[f"{a}.shared_mlp.input_linear.weight"] = c.swap_halves(src.pop(f"{shared}.fc1.weight"))
         c.move(src, dst, f"{shared}.fc2", f"{a}.shared_mlp.output_linear")

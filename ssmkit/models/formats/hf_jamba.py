@@ -168,34 +168,18 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _pop_any(src: dict, *keys: str) -> torch.Tensor | None:
-    for k in keys:
-        if k in src:
-            return src.pop(k)
-    return None
-
 
 def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    c.move(src, dst, "model.embed_tokens", "backbone.embedding")
-    c.move(src, dst, "model.final_layernorm", "backbone.norm_f")
-    c.move(src, dst, "lm_head", "lm_head")
     n_exp = int(config.moe_cfg.get("n_experts", 8))
-    for i, letter in enumerate(config.layer_pattern):
-        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
-        c.move(src, dst, f"{a}.input_layernorm", f"{b}.norm")
-        c.move(src, dst, f"{a}.pre_ff_layernorm", f"{b}.norm2")
-        if letter == "A":
-            c.attention_in(src, dst, f"{a}.self_attn", f"{b}.mixer")
-        else:
-            c.move_prefix(src, dst, f"{a}.mamba", f"{b}.mixer")
+    for i, a, b in c.layers_in(src, dst, config, final_norm="final_layernorm", norm2="pre_ff_layernorm"):
         ff = f"{a}.feed_forward"
         if config.layer_mlp(i) != "moe":
             c.gated_mlp_in(src, dst, f"{ff}.gate_proj", f"{ff}.up_proj", f"{ff}.down_proj", f"{b}.mlp")
             continue
         c.move(src, dst, f"{ff}.router", f"{b}.mlp.router")
-        gate_up = _pop_any(src, f"{ff}.experts.gate_up_proj")
-        down = _pop_any(src, f"{ff}.experts.down_proj")
+        gate_up = c.pop_any(src, f"{ff}.experts.gate_up_proj")
+        down = c.pop_any(src, f"{ff}.experts.down_proj")
         for e in range(n_exp):
             if gate_up is not None:
                 dst[f"{b}.mlp.experts.{e}.fc1.weight"] = c.swap_halves(gate_up[e])
@@ -208,20 +192,9 @@ def state_dict_in(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 
 def state_dict_out(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     src, dst = dict(sd), {}
-    att, _ = c.attention_fields(config)
-    c.move(src, dst, "backbone.embedding", "model.embed_tokens")
-    c.move(src, dst, "backbone.norm_f", "model.final_layernorm")
-    c.move(src, dst, "lm_head", "lm_head")
     n_exp = int(config.moe_cfg.get("n_experts", 8))
     hidden = config.mlp_hidden
-    for i, letter in enumerate(config.layer_pattern):
-        a, b = f"model.layers.{i}", f"backbone.layers.{i}"
-        c.move(src, dst, f"{b}.norm", f"{a}.input_layernorm")
-        c.move(src, dst, f"{b}.norm2", f"{a}.pre_ff_layernorm")
-        if letter == "A":
-            c.attention_out(src, dst, f"{b}.mixer", f"{a}.self_attn", att)
-        else:
-            c.move_prefix(src, dst, f"{b}.mixer", f"{a}.mamba")
+    for i, a, b in c.layers_out(src, dst, config, final_norm="final_layernorm", norm2="pre_ff_layernorm"):
         ff = f"{a}.feed_forward"
         if config.layer_mlp(i) != "moe":
             c.gated_mlp_out(src, dst, f"{b}.mlp", f"{ff}.gate_proj", f"{ff}.up_proj", f"{ff}.down_proj", hidden)
