@@ -57,6 +57,31 @@ def _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS: tl.constexpr,
+                 HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, CDT: tl.constexpr):
+    """A, dt_bias (0 without it) and D (per head, or ``(BLOCK_P,)`` per channel; 0 without it)
+    of ``head``."""
+    A = tl.load(A_ptr + head).to(CDT)
+    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
+    Dv = 0.0
+    if HAS_D:
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + head * P + offs_p, mask=p_mask, other=0.0).to(CDT)
+        else:
+            Dv = tl.load(D_ptr + head).to(CDT)
+    return A, bias, Dv
+
+
+@triton.jit
+def _load_state(ptr, sidx, state_offs, state_mask, PRESENT: tl.constexpr, CDT: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A ``(P, N)`` state from ``ptr`` (zeros when not ``PRESENT``)."""
+    if PRESENT:
+        return tl.load(ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
+    return tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+
+
+@triton.jit
 def _ssd_fwd(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr,
     y_ptr, hT_ptr,
@@ -89,20 +114,12 @@ def _ssd_fwd(
     B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
     C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
 
-    A = tl.load(A_ptr + head).to(CDT)
-    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
-    if HAS_D:
-        if D_PER_CHANNEL:
-            Dv = tl.load(D_ptr + head * P + offs_p, mask=p_mask, other=0.0).to(CDT)
-        else:
-            Dv = tl.load(D_ptr + head).to(CDT)
+    A, bias, Dv = _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS, HAS_D,
+                               D_PER_CHANNEL, CDT)
     state_offs = offs_p[:, None] * N + offs_n[None, :]
     state_mask = p_mask[:, None] & n_mask[None, :]
     sidx = (seq * H + head).to(tl.int64) * P * N
-    if HAS_H0:
-        h = tl.load(h0_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
-    else:
-        h = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+    h = _load_state(h0_ptr, sidx, state_offs, state_mask, HAS_H0, CDT, BLOCK_P, BLOCK_N)
     causal = offs_q[:, None] >= offs_q[None, :]
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
 
@@ -231,20 +248,12 @@ def _ssd_bwd(
     ddt_base = ddt_ptr + row * stride_ddt_b + head + start * stride_ddt_t
     B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
     C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
-    A = tl.load(A_ptr + head).to(CDT)
-    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
-    if HAS_D:
-        if D_PER_CHANNEL:
-            Dv = tl.load(D_ptr + head * P + offs_p, mask=p_mask, other=0.0).to(CDT)
-        else:
-            Dv = tl.load(D_ptr + head).to(CDT)
+    A, bias, Dv = _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS, HAS_D,
+                               D_PER_CHANNEL, CDT)
     state_offs = offs_p[:, None] * N + offs_n[None, :]
     state_mask = p_mask[:, None] & n_mask[None, :]
     sidx = (seq * H + head).to(tl.int64) * P * N
-    if HAS_DHT:
-        dh = tl.load(dhT_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
-    else:
-        dh = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
+    dh = _load_state(dhT_ptr, sidx, state_offs, state_mask, HAS_DHT, CDT, BLOCK_P, BLOCK_N)
     causal = offs_q[:, None] >= offs_q[None, :]
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dA_acc = tl.zeros((BLOCK_Q,), dtype=CDT)
