@@ -226,6 +226,21 @@ class ImplicitFilter(nn.Module):
         h = z @ self.ffn_out.weight.to(dtype).t()
         return h * (torch.exp(-self.decay.to(dtype) * t) + self.shift)
 
+    def _decode_filter(self, dtype: torch.dtype) -> torch.Tensor:
+        """``filter(l_max)`` for decoding. Its rows do not depend on the length asked for (t is
+        measured in units of l_max), so without autograd it is built once and cached on the module
+        until a parameter changes in place or is replaced, instead of running the FFN every token."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self.filter(self.l_max, dtype)
+        params = [*self.ffn.parameters(), self.ffn_out.weight, self.decay]
+        key = (tuple((p._version, p.data_ptr()) for p in params), dtype, torch.is_inference_mode_enabled())
+        cache = self.__dict__.get("_decode_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.filter(self.l_max, dtype))
+            self.__dict__["_decode_cache"] = cache
+        return cache[1]
+
     def allocate(self, batch: int, device=None, max_seqlen: int | None = None) -> dict[str, torch.Tensor]:
         n = self.l_max if max_seqlen is None else min(max_seqlen, self.l_max)
         return {"cache": torch.zeros(batch, n, self.channels, dtype=_cdtype(self.D), device=device),
@@ -261,7 +276,7 @@ class ImplicitFilter(nn.Module):
         rows = torch.arange(b, device=cache.device)
         cache[rows, pos] = u_t.to(cache.dtype)
         m = int(pos.max()) + 1
-        h = self.filter(m, u_t.dtype)
+        h = self._decode_filter(u_t.dtype)[:m]
         lag = pos[:, None] - torch.arange(m, device=cache.device)[None]  # (b, m): pos - j
         hk = h[lag.clamp(min=0)] * (lag >= 0)[..., None].to(u_t.dtype)  # (b, m, H)
         past = cache[:, :m].clone() if torch.is_grad_enabled() else cache[:, :m]

@@ -40,6 +40,17 @@ def _dt_process(dt_ptr, bias, t_idx, t_mask, stride_dt_t, DT_SOFTPLUS: tl.conste
 
 
 @triton.jit
+def _chunk_decays(dt_ptr, bias, A, t_idx, t_mask, stride_dt_t, DT_SOFTPLUS: tl.constexpr, dt_min, dt_max,
+                  CDT: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Δ and dΔ/d(dt) of a chunk's rows (:func:`_dt_process`), the prefix sums ``c`` of its log
+    decays ΔA and their total ``c_Q``."""
+    dlt, deriv = _dt_process(dt_ptr, bias, t_idx, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
+    cum = tl.cumsum(dlt * A, axis=0)
+    c_last = tl.sum(tl.where(tl.arange(0, BLOCK_Q) == BLOCK_Q - 1, cum, 0.0), axis=0)
+    return dlt, deriv, cum, c_last
+
+
+@triton.jit
 def _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN: tl.constexpr):
     """(batch row, first token, length, first chunk in the state scratch) of sequence ``seq``:
     row ``seq`` of the batch, or with packed sequences rows ``cu[seq]:cu[seq + 1]`` of row 0."""
@@ -126,9 +137,8 @@ def _ssd_fwd(
     for c0 in range(0, length, BLOCK_Q):
         t = (c0 + offs_q).to(tl.int64)
         t_mask = t < length
-        dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
-        cum = tl.cumsum(dlt * A, axis=0)  # (Q,) prefix sums of the log decays
-        c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+        dlt, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
+                                              CDT, BLOCK_Q)
         x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :],
                     mask=t_mask[:, None] & p_mask[None, :], other=0.0)
         Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :],
@@ -199,9 +209,8 @@ def _ssd_states_fwd(
         tl.store(S_ptr + ((chunk0 + c0 // BLOCK_Q) * H + head) * P * N + state_offs, h, mask=state_mask)
         t = (c0 + offs_q).to(tl.int64)
         t_mask = t < length
-        dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
-        cum = tl.cumsum(dlt * A, axis=0)
-        c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+        dlt, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
+                                              CDT, BLOCK_Q)
         x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :],
                     mask=t_mask[:, None] & p_mask[None, :], other=0.0)
         Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :],
@@ -269,9 +278,8 @@ def _ssd_bwd(
         t_mask = t < length
         qp_mask = t_mask[:, None] & p_mask[None, :]
         qn_mask = t_mask[:, None] & n_mask[None, :]
-        dlt, deriv = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
-        cum = tl.cumsum(dlt * A, axis=0)
-        c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+        dlt, deriv, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
+                                              CDT, BLOCK_Q)
         x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :], mask=qp_mask, other=0.0)
         Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :], mask=qn_mask, other=0.0)
         Cm = tl.load(C_base + t[:, None] * stride_B_t + offs_n[None, :], mask=qn_mask, other=0.0)
@@ -380,9 +388,8 @@ def _ssd_bwd_dbc(
             A = tl.load(A_ptr + head).to(CDT)
             bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
             dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
-            dlt, _ = _dt_process(dt_base, bias, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max, CDT)
-            cum = tl.cumsum(dlt * A, axis=0)
-            c_last = tl.sum(tl.where(offs_q == BLOCK_Q - 1, cum, 0.0), axis=0)
+            dlt, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
+                                                  CDT, BLOCK_Q)
             x_off = row * stride_x_b + head * stride_x_h + (start + t)[:, None] * stride_x_t + offs_p[None, :]
             x = tl.load(x_ptr + x_off, mask=qp_mask, other=0.0)
             ys_off = row * stride_ys_b + head * stride_ys_h + (start + t)[:, None] * stride_ys_t + offs_p[None, :]
