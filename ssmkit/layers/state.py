@@ -63,3 +63,21 @@ def check_mixer_inputs(layer: torch.nn.Module, x, state, cu_seqlens, mask, state
                      floating=False)
         if cu_seqlens is not None:
             raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
+
+
+def context_parallel_group(layer: torch.nn.Module, state, mask=None):
+    """The layer's context-parallel group (its ``context_parallel`` attribute; None: off).
+
+    Under context parallelism ``x`` is this rank's shard of the sequence, which starts from a zero
+    state on the group's first rank: no ``state`` to continue from, and no padding ``mask``
+    (pack sequences with ``cu_seqlens`` instead)."""
+    group = getattr(layer, "context_parallel", None)
+    if group is not None:
+        name = type(layer).__name__
+        if state is not None:
+            raise ValueError(f"{name}: state cannot be combined with context parallelism "
+                             "(the sharded sequence starts from a zero state on the first rank)")
+        if mask is not None:
+            raise ValueError(f"{name}: mask cannot be combined with context parallelism; "
+                             "pack the sequences with cu_seqlens")
+    return group

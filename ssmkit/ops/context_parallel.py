@@ -50,7 +50,7 @@ from ssmkit.ops.ssd.reference import heads_from_groups
 
 __all__ = [
     "resolve_group", "group_size", "group_rank", "shard_bounds", "shard",
-    "exchange", "all_gather_seq",
+    "exchange", "all_gather_seq", "all_gather_tensor", "all_reduce_sum",
     "selective_scan", "ssd", "delta_rule", "causal_conv1d",
 ]
 
@@ -101,6 +101,27 @@ def shard(t: torch.Tensor, rank: int, world: int, dim: int = 1) -> torch.Tensor:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return t.narrow(dim, start, base + (rank < extra))
+
+
+@torch.no_grad()
+def all_gather_tensor(t: torch.Tensor, *, group) -> torch.Tensor:
+    """``(R, *t.shape)``: every rank's ``t`` (same shape on all ranks), not differentiable."""
+    group = resolve_group(group)
+    if group_size(group) == 1:
+        return t[None]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def all_reduce_sum(t: torch.Tensor, *, group) -> torch.Tensor:
+    """The sum of ``t`` over the group (a new tensor; not differentiable)."""
+    t = t.detach().clone()
+    group = resolve_group(group)
+    if group_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
 
 
 # -- the exchange -------------------------------------------------------------------------------
