@@ -24,7 +24,7 @@ from ssmkit.layers.mamba import Mamba
 from ssmkit.layers.mamba2 import Mamba2
 from ssmkit.ops import context_parallel as cp
 
-__all__ = ["set_context_parallel", "shifted_labels", "loss_share"]
+__all__ = ["set_context_parallel", "active_group", "shifted_labels", "loss_share"]
 
 # Mixers with a context-parallel form (subclasses included).
 CONTEXT_PARALLEL_MIXERS = (Mamba, Mamba2, DeltaNet, Attention)
@@ -51,6 +51,11 @@ def set_context_parallel(model: nn.Module, group) -> None:
         if isinstance(m, CONTEXT_PARALLEL_MIXERS):
             m.context_parallel = group
     model.context_parallel = group
+
+
+def active_group(group):
+    """``group``, or None when it is None or has one rank (then the model runs its plain path)."""
+    return None if group is None or cp.group_size(group) == 1 else group
 
 
 def shifted_labels(labels: torch.Tensor, group) -> torch.Tensor:

@@ -239,7 +239,7 @@ class LanguageModel(nn.Module):
             attention_mask = attention_mask.to(ids.device)
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: take the faster unmasked paths
-        group = self.context_parallel
+        group = _cp.active_group(self.context_parallel)
         if group is not None and (attention_mask is not None or cache is not None or logits_to_keep):
             raise ValueError("context parallelism takes whole shards: no attention_mask (pack sequences with "
                              "cu_seqlens), cache or logits_to_keep")

@@ -61,11 +61,25 @@ def _case(rank, world, group, dtype, packed, chunked, ckpt):
 CASES_BY_WORLD = {2: CASES, 4: CASES[1:2]}
 
 
+def _group_of_one_is_plain(group) -> bool:
+    """With a group of one rank the model takes its plain path: the very same numbers."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(**CONFIG)).train()
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(2))
+    plain = model(ids, labels=ids)
+    model.set_context_parallel(group)
+    one = model(ids, labels=ids)
+    return bool(plain.logits.equal(one.logits) and plain.loss.equal(one.loss))
+
+
 def _worker(rank, world):
     """4 processes: the 2-rank cases on ranks {0, 1}, then the 4-rank cases on all."""
     groups = {2: dist.new_group([0, 1]), 4: dist.group.WORLD}
-    return {(size, case): _case(rank, size, group, *case) for size, group in groups.items() if rank < size
-            for case in CASES_BY_WORLD[size]}
+    own = [dist.new_group([r]) for r in range(world)][rank]  # (every rank creates every group)
+    out = {(size, case): _case(rank, size, group, *case) for size, group in groups.items() if rank < size
+           for case in CASES_BY_WORLD[size]}
+    out["group of one"] = _group_of_one_is_plain(own)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +90,11 @@ def results():
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_lm_matches_single_process(results, world):
     for rank, res in enumerate(results[:world]):
-        for (size, case), (_, errs) in res.items():
-            if size != world:
+        assert res["group of one"]
+        for key, val in res.items():
+            if key == "group of one" or key[0] != world:
                 continue
+            (_, case), (_, errs) = key, val
             bad = {k: v for k, v in errs.items() if v > TOL[case[0]]}
             assert not bad, f"world {world} rank {rank} case {case}: {bad}"
 
