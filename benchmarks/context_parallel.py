@@ -10,6 +10,9 @@ memory per rank, extrapolated linearly from the last two lengths, would pass ``-
 length measured and the longest predicted to fit. Peak memory: ``torch.cuda.max_memory_allocated``
 on CUDA; the process's peak resident set on the CPU (it never shrinks, so it is an upper bound).
 
+``--op-costs`` instead times each op's context-parallel form (2 ranks, exchange included)
+against the plain op on the same shard of ``--start-seqlen`` positions.
+
 ``--group-of-one`` also times the context-parallel path with a group of one rank against the plain
 path (interleaved steps, medians) at ``--start-seqlen``.
 
@@ -145,6 +148,75 @@ def group_of_one(args, device, rank) -> dict:
     return {"seqlen": args.start_seqlen, "step_ms": med, "overhead": med["group_of_one"] / med["plain"] - 1}
 
 
+def _op_cases(L, device):
+    """``name -> (plain(), context_parallel(group))`` on one rank's shard of length ``L``: each a
+    forward and backward of the op."""
+    from ssmkit import ops
+    from ssmkit.ops import context_parallel as cp
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+
+    def fb(fn):
+        def run():
+            out = fn()
+            out.float().square().sum().backward()
+        return run
+
+    d, N = 256, 16
+    sx, sdt, sB, sC = r(1, L, d), r(1, L, d, scale=0.5), r(1, L, 1, N), r(1, L, 1, N)
+    sA = (-torch.rand(d, N, generator=g) - 0.5).to(device)
+    H, P, Ns = 8, 64, 64
+    x, dt, B, C = r(1, L, H, P), r(1, L, H, scale=0.5), r(1, L, 1, Ns), r(1, L, 1, Ns)
+    A = (-torch.rand(H, generator=g) - 0.5).to(device)
+    Hd, K, V = 4, 64, 128
+    q, k, v = r(1, L, Hd, K), r(1, L, Hd, K), r(1, L, Hd, V)
+    beta = torch.rand(1, L, Hd, generator=g).to(device).requires_grad_()
+    lg = (-torch.rand(1, L, Hd, generator=g) * 0.1).to(device).requires_grad_()
+    cx, cw = r(1, L, 1024), r(1024, 4)
+    return {
+        f"selective_scan (d={d}, N={N})": (
+            fb(lambda: ops.selective_scan(sx, sdt, sA, sB, sC, dt_softplus=True)),
+            lambda grp: fb(lambda: cp.selective_scan(sx, sdt, sA, sB, sC, group=grp, dt_softplus=True))),
+        f"ssd (H={H}, P={P}, N={Ns})": (
+            fb(lambda: ops.ssd(x, dt, A, B, C, dt_softplus=True)),
+            lambda grp: fb(lambda: cp.ssd(x, dt, A, B, C, group=grp, dt_softplus=True))),
+        f"gated delta rule (H={Hd}, K={K}, V={V})": (
+            fb(lambda: ops.delta_rule(q, k, v, beta=beta, g=lg, use_qk_l2norm=True)),
+            lambda grp: fb(lambda: cp.delta_rule(q, k, v, beta=beta, g=lg, group=grp, use_qk_l2norm=True))),
+        "causal_conv1d (dim=1024, width=4)": (
+            fb(lambda: ops.causal_conv1d(cx, cw, activation="silu")),
+            lambda grp: fb(lambda: cp.causal_conv1d(cx, cw, activation="silu", group=grp))),
+    }
+
+
+def op_costs(args, device, rank, world) -> dict:
+    """Forward + backward of each op on one rank's shard: the context-parallel form (2 ranks,
+    its exchange included) against the plain op on the same shard, interleaved, medians."""
+    group = dist.new_group(list(range(2)))
+    out = {}
+    if rank < 2:
+        for name, (plain, make) in _op_cases(args.start_seqlen, device).items():
+            runs = {"plain": plain, "context_parallel": make(group)}
+            for fn in runs.values():
+                fn()
+            times = {k: [] for k in runs}
+            for _ in range(args.steps):
+                for k, fn in runs.items():
+                    times[k] += _timed(fn, 1)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            out[name] = {"ms": med, "ratio": med["context_parallel"] / med["plain"]}
+            if rank == 1:
+                print(f"{name}: plain {med['plain']:.1f} ms, context-parallel {med['context_parallel']:.1f} ms "
+                      f"(x{out[name]['ratio']:.2f}) per rank, shard of {args.start_seqlen}", flush=True)
+    # rank 1's numbers: the rank that receives a state and corrects its outputs
+    shared = [None] * world
+    dist.all_gather_object(shared, out)
+    return shared[1]
+
+
 def measure(rank: int, world: int, args) -> dict:
     """Every process runs this; rank 0's return value is the report."""
     if torch.cuda.is_available() and not args.cpu:
@@ -157,6 +229,9 @@ def measure(rank: int, world: int, args) -> dict:
     if budget is None:
         budget = 0.9 * torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 2.0
     args.memory_gib = budget
+    if args.op_costs:
+        return {"machine": machine(device), "device": device.type, "date": datetime.date.today().isoformat(),
+                "torch": str(torch.__version__), "shard": args.start_seqlen, "op_costs": op_costs(args, device, rank, world)}
     report = {"machine": machine(device), "device": device.type, "date": datetime.date.today().isoformat(),
               "torch": str(torch.__version__), "preset": args.preset, "memory_gib_per_rank": budget,
               "activation_checkpointing": args.activation_checkpointing, "ranks": {}}
@@ -193,6 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per length (median)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--group-of-one", action="store_true", help="also time a one-rank group against the plain path")
+    p.add_argument("--op-costs", action="store_true",
+                   help="instead: each op's context-parallel form on a shard of --start-seqlen (2 ranks) "
+                        "against the plain op on the same shard")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with CUDA present")
     p.add_argument("--out-dir", default="results")
     args = p.parse_args(argv)
@@ -206,16 +284,18 @@ def main(argv=None) -> int:
         report = measure(rank, world, args)
         dist.barrier()
         dist.destroy_process_group()
-    elif max(args.ranks) > 1:
+    elif max(args.ranks) > 1 or args.op_costs:
         if cuda:
             p.error("on CUDA, launch with torchrun --nproc_per_node=N (one process per GPU)")
         from ssmkit.testing import run_on_ranks
 
-        rank, report = 0, run_on_ranks(_spawned, max(args.ranks), args, timeout_s=600)[0]
+        world = 2 if args.op_costs else max(args.ranks)
+        rank, report = 0, run_on_ranks(_spawned, world, args, timeout_s=600)[0]
     else:
         rank, report = 0, measure(0, 1, args)
     if rank == 0:
-        path = result_path(args.out_dir, "context_parallel", "cuda" if cuda else "cpu")
+        name = "context_parallel_ops" if args.op_costs else "context_parallel"
+        path = result_path(args.out_dir, name, "cuda" if cuda else "cpu")
         write_json(path, report)
         print(f"{report['machine']}: results in {path}")
     return 0
