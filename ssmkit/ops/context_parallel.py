@@ -124,6 +124,17 @@ def all_reduce_sum(t: torch.Tensor, *, group) -> torch.Tensor:
     return t
 
 
+def _state_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """States, decays and corrections: float64 for float64 inputs, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _no_autocast(t: torch.Tensor):
+    """States and their corrections stay in their own precision (float32 / float64) under
+    autocast, as inside the scans."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 # -- the exchange -------------------------------------------------------------------------------
 def _reduce_scatter_rows(rows: torch.Tensor, group, rank: int) -> torch.Tensor:
     """``rows (R, n)`` on every rank -> the sum over ranks of row ``rank``."""
@@ -152,13 +163,13 @@ class _Exchange(torch.autograd.Function):
                  for p, t in zip(rows.split([t.numel() for t in local], dim=1), local)]
         ctx.group, ctx.fold, ctx.rank, ctx.world, ctx.dtype = group, fold, rank, world, dtype
         ctx.save_for_backward(*parts)
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(flat):
             return fold(rank, *parts)
 
     @staticmethod
     def backward(ctx, grad):
         parts = [p.detach().requires_grad_(p.is_floating_point()) for p in ctx.saved_tensors]
-        with torch.enable_grad():
+        with torch.enable_grad(), _no_autocast(parts[0]):
             out = ctx.fold(ctx.rank, *parts)
         grads = [None] * len(parts)
         if out.requires_grad:
@@ -282,6 +293,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, group, dt_so
     pk = _packed(cu_seqlens, x.shape[1], x.shape[0], pg, x.device)
     kw["cu_seqlens"] = None if pk is None else pk.cu
     _, h = _selective_scan(x, dt, A, B, C, None, None, dt_bias, return_final_state=True, **kw)
+    h = h.to(_state_dtype(x))
     delta = prepare_dt(dt, dt_bias, dt_softplus, h.dtype)
     if pk is not None:
         h, delta = h[-1:], delta[:, pk.last_start():]
@@ -309,7 +321,8 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, group, chunk_size=64, d
     pk = _packed(cu_seqlens, L, b, pg, x.device)
     y, h = _ssd(x, dt, A, B, C, None, None, dt_bias, return_final_state=True,
                 cu_seqlens=None if pk is None else pk.cu, **kw)
-    cdt = h.dtype
+    cdt = _state_dtype(x)
+    h = h.to(cdt)
     a = process_dt(dt, dt_bias, dt_softplus, tuple(dt_limit), cdt) * A.to(cdt)  # (b, L, H)
     f = L if pk is None else pk.first_end()
     a_last = a if pk is None else a[:, pk.last_start():]
@@ -321,7 +334,8 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, group, chunk_size=64, d
         carried = carried * float(pk.continues)
     cum = torch.exp(torch.cumsum(a[:, :f], 1))  # (b, f, H)
     Ch = heads_from_groups(C[:, :f].to(cdt), H)
-    corr = cum[..., None] * torch.einsum("blhn,bhpn->blhp", Ch, carried)
+    with _no_autocast(x):
+        corr = cum[..., None] * torch.einsum("blhn,bhpn->blhp", Ch, carried)
     yc = y.to(cdt)
     yc = yc + corr if f == L else torch.cat([yc[:, :f] + corr, yc[:, f:]], 1)
     if D is not None:
@@ -355,7 +369,7 @@ def delta_rule(q, k, v, *, beta, g=None, group, scale=None, use_qk_l2norm=False,
     b, L, H, K = q.shape
     V = v.shape[-1]
     pk = _packed(cu_seqlens, L, b, pg, q.device)
-    cdt = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    cdt = _state_dtype(q, k, v)
     eye = torch.eye(K, dtype=cdt, device=q.device).expand(b, H, K, K)
     init = torch.cat([eye, eye.new_zeros(b, H, K, V)], -1)
     if pk is not None and pk.pieces > 1:  # only the first piece can continue a sequence
@@ -364,16 +378,18 @@ def delta_rule(q, k, v, *, beta, g=None, group, scale=None, use_qk_l2norm=False,
     o2, h2 = _delta_rule(q, k, va, initial_state=init, return_final_state=True,
                          cu_seqlens=None if pk is None else pk.cu, **kw)
     u, o = o2[..., :K], o2[..., K:]
+    h2 = h2.to(cdt)  # (autocast may hand back a lower-precision state)
     P, h = h2[..., :K], h2[..., K:]
     if pk is not None:
         P_last = P[-1:] if pk.carries else torch.zeros_like(P[-1:])
         carried = exchange(pg, _fold_matrix, h[-1:], P_last) * float(pk.continues)
     else:
         carried = exchange(pg, _fold_matrix, h, P)
-    o = (o.to(cdt) + torch.einsum("blhk,bhkv->blhv", u.to(cdt), carried)).to(q.dtype)
-    if not return_final_state:
-        return o
-    final = P[: 1 if pk is not None else b] @ carried + h[: 1 if pk is not None else b]
+    with _no_autocast(q):
+        o = (o.to(cdt) + torch.einsum("blhk,bhkv->blhv", u.to(cdt), carried)).to(q.dtype)
+        if not return_final_state:
+            return o
+        final = P[: 1 if pk is not None else b] @ carried + h[: 1 if pk is not None else b]
     return o, final if pk is None else torch.cat([final, h[1:]])
 
 
