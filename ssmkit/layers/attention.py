@@ -311,7 +311,7 @@ class Attention(nn.Module):
         else:
             pos = ar[None, start:]
         q, k = self._rope(q, pos), self._rope(k, pos)
-        kv = cp.all_gather_seq(torch.cat([k, v], -1), group=group, bounds=bounds)[:, :end]
+        kv = cp.all_gather_seq(torch.cat([k, v], -1), group=group, bounds=bounds, causal=True)  # (B, end, ...)
         keys, vals = kv.split([self.head_dim, self.head_dim], -1)
         allowed = ar[None, :] <= ar[start:, None]  # (L, end) causal, bottom-right aligned
         if cu_seqlens is not None:

@@ -44,7 +44,8 @@ class LMOutput:
 
     logits: ``(batch, seqlen, padded_vocab_size)`` float32 (``seqlen`` = ``logits_to_keep`` when
     that is set; None with ``return_logits=False``). loss: mean next-token cross entropy
-    over labels != -100 (labels aligned with input_ids, shifted inside), or None. aux_loss: sum of
+    over labels != -100 (labels aligned with input_ids, shifted inside), or None; under context
+    parallelism this rank's share of that mean (the shares add up to it). aux_loss: sum of
     the MoE layers' load-balancing losses (not added to ``loss``; scale it yourself), or None.
     cache: the cache passed in, updated in place, or None.
     """

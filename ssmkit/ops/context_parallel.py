@@ -208,9 +208,10 @@ def _fold_matrix(rank, h, P):
     return out
 
 
-def all_gather_seq(t: torch.Tensor, *, group, bounds: list[int], dim: int = 1) -> torch.Tensor:
+def all_gather_seq(t: torch.Tensor, *, group, bounds: list[int], dim: int = 1, causal: bool = False) -> torch.Tensor:
     """The whole sequence from every rank's shard ``t`` (differentiable; backward: every rank
-    gets the summed gradient of its own shard). ``bounds`` from :func:`shard_bounds`."""
+    gets the summed gradient of its own shard). ``bounds`` from :func:`shard_bounds`.
+    ``causal``: only up to the end of this rank's shard (what causal attention reads)."""
     group = resolve_group(group)
     world = group_size(group)
     if world == 1:
@@ -221,7 +222,8 @@ def all_gather_seq(t: torch.Tensor, *, group, bounds: list[int], dim: int = 1) -
         t = torch.cat([t, t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1:])], dim=dim)
 
     def fold(rank, stacked):
-        return torch.cat([stacked[j].narrow(dim, 0, n) for j, n in enumerate(lens)], dim=dim)
+        upto = lens[: rank + 1] if causal else lens
+        return torch.cat([stacked[j].narrow(dim, 0, n) for j, n in enumerate(upto)], dim=dim)
 
     return exchange(group, fold, t)
 
