@@ -10,6 +10,9 @@ memory per rank, extrapolated linearly from the last two lengths, would pass ``-
 length measured and the longest predicted to fit. Peak memory: ``torch.cuda.max_memory_allocated``
 on CUDA; the process's peak resident set on the CPU (it never shrinks, so it is an upper bound).
 
+``--compare-checkpointing`` also times one rank at ``--start-seqlen`` without and with activation
+checkpointing (peak memory on CUDA).
+
 ``--op-costs`` instead times each op's context-parallel form (2 ranks, exchange included)
 against the plain op on the same shard of ``--start-seqlen`` positions.
 
@@ -23,7 +26,12 @@ CPU, gloo (spawns max(--ranks) processes)::
 GPUs, NCCL (one process per GPU; R ranks run on GPUs 0..R-1, the others wait)::
 
     torchrun --nproc_per_node=8 benchmarks/context_parallel.py --ranks 1 2 4 8 \\
-        --preset mamba2-130m --activation-checkpointing --group-of-one --out-dir results/
+        --preset mamba2-130m --activation-checkpointing --out-dir results/
+
+One GPU: a group of one rank against the plain path, and activation checkpointing at 65,536::
+
+    torchrun --nproc_per_node=1 benchmarks/context_parallel.py --ranks 1 --preset mamba2-130m \\
+        --start-seqlen 65536 --max-seqlen 65536 --group-of-one --compare-checkpointing --out-dir results/
 """
 
 from __future__ import annotations
@@ -148,6 +156,30 @@ def group_of_one(args, device, rank) -> dict:
     return {"seqlen": args.start_seqlen, "step_ms": med, "overhead": med["group_of_one"] / med["plain"] - 1}
 
 
+def compare_checkpointing(args, device) -> dict:
+    """One rank, ``--start-seqlen`` positions: step time and peak memory without and with
+    activation checkpointing (peak memory on CUDA only: a process's peak resident set never
+    falls, so the CPU cannot tell the second run's peak from the first's)."""
+    out = {"seqlen": args.start_seqlen}
+    ids = torch.randint(0, 1 << 30, (1, args.start_seqlen), generator=torch.Generator().manual_seed(0))
+    for name, on in (("plain", False), ("activation_checkpointing", True)):
+        model, opt = _build(args, device, None, on)
+        step = _step_fn(model, opt, (ids % model.config.vocab_size).to(device), device)
+        step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = statistics.median(_timed(step, args.steps))
+        out[name] = {"step_ms": t * 1e3, "tokens_per_s": args.start_seqlen / t,
+                     "peak_gib": _peak_gib(device) if device.type == "cuda" else None}
+        del model, opt, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"activation checkpointing at {args.start_seqlen:,}: step {out['plain']['step_ms']:.0f} -> "
+          f"{out['activation_checkpointing']['step_ms']:.0f} ms; peak {out['plain']['peak_gib']} -> "
+          f"{out['activation_checkpointing']['peak_gib']} GiB", flush=True)
+    return out
+
+
 def _op_cases(L, device):
     """``name -> (plain(), context_parallel(group))`` on one rank's shard of length ``L``: each a
     forward and backward of the op."""
@@ -233,7 +265,7 @@ def measure(rank: int, world: int, args) -> dict:
         return {"machine": machine(device), "device": device.type, "date": datetime.date.today().isoformat(),
                 "torch": str(torch.__version__), "shard": args.start_seqlen, "op_costs": op_costs(args, device, rank, world)}
     report = {"machine": machine(device), "device": device.type, "date": datetime.date.today().isoformat(),
-              "torch": str(torch.__version__), "preset": args.preset, "memory_gib_per_rank": budget,
+              "torch": str(torch.__version__), "threads_per_rank": torch.get_num_threads(), "preset": args.preset, "memory_gib_per_rank": budget,
               "activation_checkpointing": args.activation_checkpointing, "ranks": {}}
     for R in args.ranks:
         group = dist.new_group(list(range(R))) if world > 1 else None  # every rank calls new_group
@@ -250,6 +282,8 @@ def measure(rank: int, world: int, args) -> dict:
             dist.barrier()
     if args.group_of_one:
         report["group_of_one"] = group_of_one(args, device, rank)
+    if args.compare_checkpointing and rank == 0:
+        report["checkpointing"] = compare_checkpointing(args, device)
     return report
 
 
@@ -268,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per length (median)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--group-of-one", action="store_true", help="also time a one-rank group against the plain path")
+    p.add_argument("--compare-checkpointing", action="store_true",
+                   help="also time one rank at --start-seqlen without and with activation checkpointing")
     p.add_argument("--op-costs", action="store_true",
                    help="instead: each op's context-parallel form on a shard of --start-seqlen (2 ranks) "
                         "against the plain op on the same shard")
