@@ -85,3 +85,59 @@ def use_triton_interpreter() -> bool:
 def triton_device() -> torch.device:
     """Where Triton kernels run in tests: CUDA if present, else CPU under the interpreter."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a local process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, fn, args, out_dir, timeout_s):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = fn(rank, world, *args)
+    except BaseException:  # report it to the parent, then leave (the peers time out)
+        result, code = {"error": traceback.format_exc()}, 1
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if code == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+    # Leave without interpreter-exit destructors (a joinable gloo thread can abort there).
+    os._exit(code)
+
+
+def run_on_ranks(fn, world: int, *args, timeout_s: float = 120.0) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` CPU processes joined in a gloo process group
+    (``torch.multiprocessing.spawn``); returns each rank's return value (saved with
+    ``torch.save``: tensors, numbers, containers). ``fn`` must be importable by name. A rank that
+    raises makes this raise with its traceback."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            mp.spawn(_rank_main, args=(world, free_port(), fn, args, d, timeout_s), nprocs=world, join=True)
+        finally:
+            results = []
+            for r in range(world):
+                p = os.path.join(d, f"rank{r}.pt")
+                results.append(torch.load(p, weights_only=True) if os.path.exists(p) else None)
+            errors = [res["error"] for res in results if isinstance(res, dict) and "error" in res]
+            if errors:
+                raise RuntimeError("a rank failed:\n" + errors[0])
+    return results

@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,3 +47,23 @@ def test_cpu_floor_smoke(tmp_path):
                        "--no-decode", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["prefill"]
     assert row["model"] == "mamba" and row["mode"] == "eager" and row["floor_ms"] > 0
+
+
+@pytest.mark.slow
+def test_context_parallel_cpu_smoke(tmp_path):
+    """(Marked slow: 2 spawned processes; the context-parallel code itself is tested in
+    tests/ops, tests/models and tests/training.)"""
+    import sys
+
+    # imported by name (not from a path) so that the spawned ranks can import it too
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import context_parallel as bench
+    finally:
+        sys.path.pop(0)
+    assert bench.main(["--ranks", "1", "2", "--start-seqlen", "32", "--max-seqlen", "64", "--steps", "1",
+                       "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("context_parallel_cpu_*.json")
+    res = json.loads(path.read_text())
+    assert set(res["ranks"]) == {"1", "2"} and res["machine"]
+    assert [r["seqlen"] for r in res["ranks"]["2"]["rows"]] == [32, 64]

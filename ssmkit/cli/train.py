@@ -98,6 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast: auto = on CUDA only; bf16 needs CUDA")
     t.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data parallelism under torchrun (fsdp shards the model)")
+    t.add_argument("--context-parallel", type=A.positive_int, default=1, metavar="N",
+                   help="shard each sequence over N ranks (long sequences; under torchrun, N divides the "
+                        "world size; the rest is data parallelism)")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward instead of keeping its activations")
     t.add_argument("--deterministic", action="store_true", help="deterministic CPU mode (bit-exact resume)")
     t.add_argument("--threads", type=A.positive_int, default=None, help="CPU threads (default: torch's choice)")
     t.add_argument("--log", choices=("tensorboard", "wandb"), default=None,
@@ -179,9 +184,13 @@ def _check_flags(args: argparse.Namespace, world: int) -> None:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if args.amp == "bf16" and not cuda:
         raise A.CLIError("--amp bf16 needs a CUDA device (this run is on the CPU); use --amp auto or none")
-    if args.batch_size % (world * args.accum):
-        raise A.CLIError(f"--batch-size {args.batch_size} must be a multiple of world size x --accum "
-                         f"= {world} x {args.accum}")
+    if args.context_parallel > 1 and world % args.context_parallel:
+        raise A.CLIError(f"--context-parallel {args.context_parallel} must divide the number of processes "
+                         f"({world}); run under torchrun --nproc_per_node=N")
+    dp = world // args.context_parallel if world % args.context_parallel == 0 else world
+    if args.batch_size % (dp * args.accum):
+        raise A.CLIError(f"--batch-size {args.batch_size} must be a multiple of data-parallel size x --accum "
+                         f"= {dp} x {args.accum}")
     if args.preset and (args.d_state or args.no_gate or args.mlp != "none"):
         raise A.CLIError("--preset sets the model: drop --d-state, --no-gate and --mlp, or drop --preset")
     if args.log:
@@ -240,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=str(out), seed=args.seed, device=args.device, amp=args.amp, strategy=args.strategy,
         deterministic=args.deterministic, threads=args.threads, progress=not args.quiet,
         log_every=max(1, min(50, args.steps // 20 or 1)), log=args.log,
+        context_parallel=args.context_parallel, activation_checkpointing=args.activation_checkpointing,
     )
     trainer = Trainer(model, task, cfg, eval_tasks=eval_tasks, model_config=mcfg.to_dict(), tokenizer=tokenizer)
     main = trainer.dist.is_main

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_tensor
-from ssmkit.layers.state import LayerState
+from ssmkit.layers.state import LayerState, context_parallel_group
+from ssmkit.ops import context_parallel as cp
 
 # mamba_ssm's MHA argument names -> ours (so an ``attn_cfg`` from a mamba_ssm config works).
 ATTN_CFG_ALIASES = {
@@ -230,6 +231,11 @@ class Attention(nn.Module):
             raise TypeError(f"state must be a KVCacheState, got {type(state).__name__}")
         if state is not None and state.k.shape[0] != B:
             raise ValueError(f"state has batch {state.k.shape[0]} but x has batch {B}")
+        group = context_parallel_group(self, state, mask)
+        if group is not None:
+            if return_state:
+                raise ValueError("Attention: return_state cannot be combined with context parallelism")
+            return self._forward_context_parallel(x, group, cu_seqlens)
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, B, L)
             if state is not None or mask is not None:
@@ -285,6 +291,34 @@ class Attention(nn.Module):
                   attn_mask=attn_mask, is_causal=is_causal, scale=self.softmax_scale)
         y = self.out_proj(self._gated(o.transpose(1, 2).flatten(2), gate))
         return (y, new_state) if return_state else y
+
+    def _forward_context_parallel(self, x: torch.Tensor, group, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """``x``: this rank's shard ``[start, end)`` of the sequence. Causal attention over the
+        keys and values of positions ``< end``, all-gathered from the group (the gradient of each
+        rank's keys and values is summed over the ranks that attended to them)."""
+        B, L, _ = x.shape
+        dev = x.device
+        q, k, v, gate = self._qkv_gate(x)
+        bounds = cp.shard_bounds(L, group, dev)
+        r = cp.group_rank(group)
+        start, end = bounds[r], bounds[r + 1]
+        ar = torch.arange(end, device=dev)  # global positions up to this shard's end
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, B, bounds[-1])
+            cu = cu_seqlens.to(dev).long()
+            seg = torch.searchsorted(cu[1:], ar, right=True)
+            pos = (ar - cu[seg])[None, start:]
+        else:
+            pos = ar[None, start:]
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        kv = cp.all_gather_seq(torch.cat([k, v], -1), group=group, bounds=bounds, causal=True)  # (B, end, ...)
+        keys, vals = kv.split([self.head_dim, self.head_dim], -1)
+        allowed = ar[None, :] <= ar[start:, None]  # (L, end) causal, bottom-right aligned
+        if cu_seqlens is not None:
+            allowed = allowed & (seg[None, :] == seg[start:, None])
+        o = _sdpa(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=allowed[None, None],
+                  scale=self.softmax_scale)
+        return self.out_proj(self._gated(o.transpose(1, 2).flatten(2), gate))
 
     @staticmethod
     def _write(st: KVCacheState, off: int, k, v, mask, pos) -> None:

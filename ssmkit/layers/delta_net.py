@@ -18,6 +18,7 @@ bounded without any decay (DeltaNet); the gate adds Mamba-2's data-dependent for
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ from ssmkit._checks import check_positive_int
 from ssmkit.layers import _decode
 from ssmkit.layers.norm import RMSNormGated
 from ssmkit.layers.quantized import float_dtype
-from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
+from ssmkit.ops import context_parallel as cp
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.delta_rule import delta_rule
 from ssmkit.ops.delta_rule._common import l2norm
@@ -157,15 +159,22 @@ class DeltaNet(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """``x: (batch, seqlen, d_model) -> y`` (same shape), and the new state if ``return_state``."""
         check_mixer_inputs(self, x, state, cu_seqlens, mask, DeltaNetState)
+        group = context_parallel_group(self, state, mask)
+        conv, rule = causal_conv1d, delta_rule
+        conv_kw = {"initial_state": None if state is None else state.conv_state}
+        rule_kw = {"initial_state": None if state is None else state.ssm_state}
+        if group is not None:  # x is this rank's shard of the sequence
+            conv = functools.partial(cp.causal_conv1d, group=group)
+            rule = functools.partial(cp.delta_rule, group=group)
+            conv_kw, rule_kw = {}, {}
         b, l, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         if mask is not None:
             qkv = qkv * mask.to(qkv.dtype)[..., None]
-        qkv, conv_state = causal_conv1d(
+        qkv, conv_state = conv(
             qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-            initial_state=None if state is None else state.conv_state, return_final_state=True,
-            cu_seqlens=cu_seqlens,
+            return_final_state=True, cu_seqlens=cu_seqlens, **conv_kw,
         )
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta, g = self._beta_g(x)
@@ -174,12 +183,11 @@ class DeltaNet(nn.Module):
             beta = beta * m[..., None]
             g = None if g is None else g * m[..., None]
         Hv = self.num_v_heads
-        o, ssm_state = delta_rule(
+        o, ssm_state = rule(
             self._per_v_head(q.reshape(b, l, H, K)), self._per_v_head(k.reshape(b, l, H, K)),
             v.reshape(b, l, Hv, V), beta=beta, g=g,
             scale=self.scale, use_qk_l2norm=True, chunk_size=self.chunk_size,
-            initial_state=None if state is None else state.ssm_state, return_final_state=True,
-            cu_seqlens=cu_seqlens,
+            return_final_state=True, cu_seqlens=cu_seqlens, **rule_kw,
         )
         out = self._output(o.to(x.dtype), x)
         if return_state:

@@ -35,7 +35,8 @@ from ssmkit.layers import _decode
 from ssmkit.layers.long_conv import DiagSSM, ImplicitFilter, run_rows
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.quantized import float_dtype
-from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
+from ssmkit.ops import context_parallel as cp
 from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
@@ -237,19 +238,23 @@ class Mamba(nn.Module):
         input and Δ = 0 (Ā = 1, B̄x = 0), so they leave both states untouched.
         """
         self._check(x, state, cu_seqlens, mask)
+        group = context_parallel_group(self, state, mask)
         if self.inner_name != "s6":
+            if group is not None:
+                raise ValueError(f"Mamba(inner={self.inner_name!r}) has no context-parallel form")
             return _inner_forward(self, x, state, return_state, cu_seqlens, mask)
         xs, z = self._split_in(self.in_proj(x))
         if mask is not None:
             xs = xs * mask.to(xs.dtype)[..., None]
         # (Triton forms as torch.library ops: see the scan below)
-        conv = causal_conv1d
-        if get("causal_conv1d", "auto", xs) is causal_conv1d_triton:
+        conv, conv_kw = causal_conv1d, {"initial_state": None if state is None else state.conv_state}
+        if group is not None:  # x is this rank's shard of the sequence
+            conv, conv_kw = functools.partial(cp.causal_conv1d, group=group), {}
+        elif get("causal_conv1d", "auto", xs) is causal_conv1d_triton:
             conv = functools.partial(custom_ops.causal_conv1d, backend="triton")
         xs, conv_state = conv(
             xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-            initial_state=None if state is None else state.conv_state, return_final_state=True,
-            cu_seqlens=cu_seqlens,
+            return_final_state=True, cu_seqlens=cu_seqlens, **conv_kw,
         )
         # Full precision: dt_proj's bias goes into its matmul (addmm) rather than a separate pass in
         # the scan; half-precision models keep it apart so it is added in float32 (as mamba_ssm does).
@@ -265,12 +270,16 @@ class Mamba(nn.Module):
         # the dispatched form is called directly, without the public op's checks.
         # The Triton form runs as a torch.library op: torch.compile(fullgraph=True) sees one node,
         # and its backward reads the states the forward saved.
-        scan = get("selective_scan", "auto", xs)
-        if scan is selective_scan_triton:
-            scan = functools.partial(custom_ops.selective_scan, backend="triton",
-                                     state_mem_limit=self.scan_state_mem_limit)
-        y, ssm_state = scan(xs, dt, self._A(), B, C, self.D, z, dt_bias, softplus,
-                            None if state is None else state.ssm_state, True, cu_seqlens)
+        if group is not None:
+            y, ssm_state = cp.selective_scan(xs, dt, self._A(), B, C, self.D, z, dt_bias, group=group,
+                                             dt_softplus=softplus, return_final_state=True, cu_seqlens=cu_seqlens)
+        else:
+            scan = get("selective_scan", "auto", xs)
+            if scan is selective_scan_triton:
+                scan = functools.partial(custom_ops.selective_scan, backend="triton",
+                                         state_mem_limit=self.scan_state_mem_limit)
+            y, ssm_state = scan(xs, dt, self._A(), B, C, self.D, z, dt_bias, softplus,
+                                None if state is None else state.ssm_state, True, cu_seqlens)
         out = self.out_proj(y)
         if return_state:
             return out, MambaState(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=ssm_state)

@@ -27,7 +27,8 @@ from ssmkit._checks import check_positive_int
 from ssmkit.layers import _decode
 from ssmkit.layers.norm import RMSNormGated
 from ssmkit.layers.quantized import float_dtype
-from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
+from ssmkit.ops import context_parallel as cp
 from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
@@ -188,6 +189,7 @@ class Mamba2(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """``x: (batch, seqlen, d_model) -> y`` (same shape), and the new state if ``return_state``."""
         check_mixer_inputs(self, x, state, cu_seqlens, mask, Mamba2State)
+        group = context_parallel_group(self, state, mask)
         b, l, _ = x.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         z, xBC, dt = self._project(x).split([self.d_inner, self.conv_dim, h], dim=-1)
@@ -197,15 +199,20 @@ class Mamba2(nn.Module):
         # The Triton forms run as torch.library ops (torch.compile(fullgraph=True) sees one node
         # each); the SSD kernels then also apply softplus(dt + dt_bias) and the Δ clamp.
         conv, scan = causal_conv1d, ssd
-        if get("causal_conv1d", "auto", xBC) is causal_conv1d_triton:
+        conv_kw = {"initial_state": None if state is None else state.conv_state}
+        scan_kw = {"initial_state": None if state is None else state.ssm_state}
+        fused = group is None and get("ssd", "auto", xBC) is ssd_triton
+        if group is not None:  # x is this rank's shard of the sequence
+            conv = functools.partial(cp.causal_conv1d, group=group)
+            scan = functools.partial(cp.ssd, group=group)
+            conv_kw, scan_kw = {}, {}
+        elif get("causal_conv1d", "auto", xBC) is causal_conv1d_triton:
             conv = functools.partial(custom_ops.causal_conv1d, backend="triton")
-        fused = get("ssd", "auto", xBC) is ssd_triton
         if fused:
             scan = functools.partial(custom_ops.ssd, backend="triton")
         xBC, conv_state = conv(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-            initial_state=None if state is None else state.conv_state, return_final_state=True,
-            cu_seqlens=cu_seqlens,
+            return_final_state=True, cu_seqlens=cu_seqlens, **conv_kw,
         )
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         if fused and mask is None:
@@ -217,8 +224,7 @@ class Mamba2(nn.Module):
         y, ssm_state = scan(
             xs.reshape(b, l, h, p), delta, self._A(), B.reshape(b, l, g, n), C.reshape(b, l, g, n),
             chunk_size=self.chunk_size, D=self._D(), z=None if self.rmsnorm else z.reshape(b, l, h, p),
-            initial_state=None if state is None else state.ssm_state, return_final_state=True,
-            cu_seqlens=cu_seqlens, **dt_opts,
+            return_final_state=True, cu_seqlens=cu_seqlens, **scan_kw, **dt_opts,
         )
         y = y.reshape(b, l, self.d_inner)
         if self.rmsnorm:

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from ssmkit._checks import check_tensor
+from ssmkit.ops import context_parallel as cp
 
 
 @dataclasses.dataclass
@@ -63,3 +64,24 @@ def check_mixer_inputs(layer: torch.nn.Module, x, state, cu_seqlens, mask, state
                      floating=False)
         if cu_seqlens is not None:
             raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
+
+
+def context_parallel_group(layer: torch.nn.Module, state, mask=None):
+    """The layer's context-parallel group (its ``context_parallel`` attribute; None: off, or a
+    group of one rank).
+
+    Under context parallelism ``x`` is this rank's shard of the sequence, which starts from a zero
+    state on the group's first rank: no ``state`` to continue from, and no padding ``mask``
+    (pack sequences with ``cu_seqlens`` instead)."""
+    group = getattr(layer, "context_parallel", None)
+    if group is not None and cp.group_size(group) == 1:
+        return None  # a group of one rank: the plain path, exactly
+    if group is not None:
+        name = type(layer).__name__
+        if state is not None:
+            raise ValueError(f"{name}: state cannot be combined with context parallelism "
+                             "(the sharded sequence starts from a zero state on the first rank)")
+        if mask is not None:
+            raise ValueError(f"{name}: mask cannot be combined with context parallelism; "
+                             "pack the sequences with cu_seqlens")
+    return group

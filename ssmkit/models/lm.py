@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
+from ssmkit.models import context_parallel as _cp
 from ssmkit.models.block import Block, add_norm, build_norm
 from ssmkit.models.checkpoint import load_pretrained, save_pretrained
 from ssmkit.models.config import ModelConfig
@@ -42,7 +44,8 @@ class LMOutput:
 
     logits: ``(batch, seqlen, padded_vocab_size)`` float32 (``seqlen`` = ``logits_to_keep`` when
     that is set; None with ``return_logits=False``). loss: mean next-token cross entropy
-    over labels != -100 (labels aligned with input_ids, shifted inside), or None. aux_loss: sum of
+    over labels != -100 (labels aligned with input_ids, shifted inside), or None; under context
+    parallelism this rank's share of that mean (the shares add up to it). aux_loss: sum of
     the MoE layers' load-balancing losses (not added to ``loss``; scale it yourself), or None.
     cache: the cache passed in, updated in place, or None.
     """
@@ -119,6 +122,26 @@ class LanguageModel(nn.Module):
     # state per ScanConfig.coarse_blocks blocks and the backward recomputes the rest. At the
     # 130M shape, batch 8 x 2048, one state per block would be 9.7 GB (0.4 GB per layer).
     DEFAULT_SCAN_STATE_BUDGET = 2**31
+
+    # A ProcessGroup / 1-D DeviceMesh over which input_ids' seqlen is sharded (None: off), and
+    # whether training forwards recompute each block in the backward instead of keeping its
+    # activations (see the setters).
+    context_parallel = None
+    activation_checkpointing = False
+
+    def set_context_parallel(self, group) -> None:
+        """Shard the sequence over ``group`` (None: off): each rank then passes its contiguous
+        shard of ``input_ids`` (and ``labels``, ``cu_seqlens`` of the whole sequence), in rank
+        order, and gets its shard of the logits; ``loss`` is the rank's share of the whole
+        sequence's mean (the shares add up to it). See :mod:`ssmkit.models.context_parallel`."""
+        _cp.set_context_parallel(self, group)
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """Recompute each block's forward in the backward (training memory: one residual stream per
+        block is kept instead of every activation inside it)."""
+        if not isinstance(on, bool):
+            raise TypeError(f"on must be a bool, got {type(on).__name__}")
+        self.activation_checkpointing = on
 
     def set_scan_state_budget(self, nbytes: int | None) -> None:
         """Share ``nbytes`` of saved scan states among the model's Mamba layers (None: each layer
@@ -217,7 +240,11 @@ class LanguageModel(nn.Module):
             attention_mask = attention_mask.to(ids.device)
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: take the faster unmasked paths
-        if cu_seqlens is not None:
+        group = _cp.active_group(self.context_parallel)
+        if group is not None and (attention_mask is not None or cache is not None or logits_to_keep):
+            raise ValueError("context parallelism takes whole shards: no attention_mask (pack sequences with "
+                             "cu_seqlens), cache or logits_to_keep")
+        if cu_seqlens is not None and group is None:  # (sharded: the ops check the whole sequence's)
             check_cu_seqlens(cu_seqlens, B, L)
         states = None
         if cache is not None:
@@ -232,9 +259,14 @@ class LanguageModel(nn.Module):
         for i, blk in enumerate(self.backbone.layers):
             st = states[i] if states is not None else None
             kw = {} if blk.shared_use is None else {"shared": self.backbone.shared_for(blk, emb)}
-            residual, out, new_st, aux = blk.forward_residual(
-                residual, out, state=st, return_state=st is not None, mask=attention_mask,
-                cu_seqlens=cu_seqlens, **kw)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and st is None:
+                residual, out, new_st, aux = torch.utils.checkpoint.checkpoint(
+                    blk.forward_residual, residual, out, None, False, attention_mask, cu_seqlens,
+                    use_reentrant=False, **kw)
+            else:
+                residual, out, new_st, aux = blk.forward_residual(
+                    residual, out, state=st, return_state=st is not None, mask=attention_mask,
+                    cu_seqlens=cu_seqlens, **kw)
             if st is not None:
                 st.copy_(new_st)  # keep the cache's buffers (addresses) for CUDA graphs
             if aux is not None:
@@ -257,14 +289,26 @@ class LanguageModel(nn.Module):
             # HF convention: labels are aligned with input_ids; position t predicts labels[t + 1].
             _, x = add_norm(self.backbone.norm_f, out, residual, self.config.residual_in_fp32)
             head = self.lm_head
-            x = x[:, :-1].to(head.weight.dtype).reshape(-1, x.shape[-1])
+            if group is not None:
+                targets = _cp.shifted_labels(lab, group).reshape(-1).to(x.device)
+                x = x.to(head.weight.dtype).reshape(-1, x.shape[-1])
+            else:
+                targets = lab[:, 1:].reshape(-1).to(x.device)
+                x = x[:, :-1].to(head.weight.dtype).reshape(-1, x.shape[-1])
             if self.config.logits_scaling != 1.0:
                 x = x / self.config.logits_scaling
-            loss = linear_cross_entropy(x, head.weight, lab[:, 1:].reshape(-1).to(x.device))
+            if group is not None:
+                loss = _cp.loss_share(lambda: linear_cross_entropy(x, head.weight, targets), x, targets, group)
+            else:
+                loss = linear_cross_entropy(x, head.weight, targets)
             return LMOutput(logits=None, loss=loss, aux_loss=aux_total, cache=cache)
         logits = self._head(residual, out)
         loss = None
-        if labels is not None:
+        if labels is not None and group is not None:
+            targets = _cp.shifted_labels(lab, group).reshape(-1).to(logits.device)
+            flat = logits.reshape(-1, logits.shape[-1])
+            loss = _cp.loss_share(lambda: F.cross_entropy(flat, targets, ignore_index=-100), logits, targets, group)
+        elif labels is not None:
             # HF convention: labels are aligned with input_ids; position t predicts labels[t + 1].
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    lab[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)

@@ -8,6 +8,8 @@ signatures, chosen by ``backend=`` (see :mod:`ssmkit.ops.dispatch`). Tensors com
 * Decoding, T >= 1 tokens from a state updated in place (state first, ``backend=`` on all):
   :func:`selective_scan_step`, :func:`causal_conv1d_step`, :func:`ssd_step`, :func:`delta_rule_step`
 * Fused decode-step kernels (norm, GEMV, Mamba step): :mod:`ssmkit.ops.fused`
+* One sequence sharded over the ranks of a process group (context parallelism):
+  :mod:`ssmkit.ops.context_parallel`
 
 Deprecated names (one release, with a ``DeprecationWarning``): ``selective_state_update``,
 ``ssd_state_update``, ``causal_conv1d_update`` (its ``mamba_ssm`` argument order stays in

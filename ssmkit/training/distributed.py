@@ -1,4 +1,5 @@
-"""Data parallelism through ``torch.distributed``: DDP, or FSDP for models too big for one GPU.
+"""Data parallelism through ``torch.distributed``: DDP, or FSDP for models too big for one GPU, composed
+with context parallelism (each sequence sharded over ``context_parallel`` ranks) on a 2-D mesh.
 
 Launch with ``torchrun --nproc_per_node=N -m ssmkit train ...`` (multi-node: add ``--nnodes``,
 ``--node_rank`` and ``--rdzv_endpoint``): torchrun sets ``RANK``, ``WORLD_SIZE`` and
@@ -62,6 +63,23 @@ def cleanup(info: DistInfo) -> None:
         # finishes a collective (FSDP's last gathers) can abort that rank's gloo threads.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def context_mesh(info: DistInfo, context_parallel: int, device: torch.device):
+    """The 2-D ``DeviceMesh`` ``("dp", "cp")`` of ``world / context_parallel`` data-parallel replicas
+    of ``context_parallel`` ranks each (rank = dp_rank * context_parallel + cp_rank: a sequence's
+    shards sit on neighbouring ranks, on one host where possible); None for 1.
+
+    The ``cp`` dimension shards each sequence; gradients are reduced over every rank (DDP / FSDP
+    over the whole world), since a model's gradient is the sum over all shards of all rows."""
+    if context_parallel == 1:
+        return None
+    if info.world_size % context_parallel:
+        raise ValueError(f"context_parallel={context_parallel} must divide the world size {info.world_size}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (info.world_size // context_parallel, context_parallel),
+                            mesh_dim_names=("dp", "cp"))
 
 
 # Methods besides ``forward`` through which a model may call its blocks.

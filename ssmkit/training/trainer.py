@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ssmkit._checks import check_positive_int
+from ssmkit.ops import context_parallel as cp
 from ssmkit.tasks.base import Batch, Task, masked_cross_entropy, token_accuracy_counts, token_accuracy_tensors
 from ssmkit.training import checkpoint as ckpt
 from ssmkit.training import distributed as ddp
@@ -72,9 +73,12 @@ class TrainConfig:
     progress: bool = True
     stop_at_acc: float | None = None  # stop early once the periodic evaluation reaches this
     log: str | None = None  # also log metrics to "tensorboard" (out_dir/tb) or "wandb" (offline-able)
+    context_parallel: int = 1  # ranks each sequence is sharded over (the model's set_context_parallel)
+    activation_checkpointing: bool = False  # recompute each block in the backward (set_activation_checkpointing)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "accum_steps", "eval_batches", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "accum_steps", "eval_batches", "log_every", "keep_checkpoints",
+                     "context_parallel"):
             check_positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             v = getattr(self, name)
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
         if self.log not in (None, "tensorboard", "wandb"):
             raise ValueError(f"log must be None, 'tensorboard' or 'wandb', got {self.log!r}")
 
@@ -195,12 +201,27 @@ class Trainer:
         self.dist = ddp.init(device=self.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        per_rank, rem = divmod(cfg.batch_size, self.dist.world_size * cfg.accum_steps)
+        self.mesh = ddp.context_mesh(self.dist, cfg.context_parallel, self.device)
+        # data-parallel replicas (rows of the batch) x context-parallel ranks (pieces of a sequence)
+        self.dp_size, self.dp_rank, self.cp_rank = self.dist.world_size, self.dist.rank, 0
+        if self.mesh is not None:
+            self.dp_size, self.dp_rank = self.mesh["dp"].size(), self.mesh["dp"].get_local_rank()
+            self.cp_rank = self.mesh["cp"].get_local_rank()
+        per_rank, rem = divmod(cfg.batch_size, self.dp_size * cfg.accum_steps)
         if rem or per_rank == 0:
             raise ValueError(
-                f"batch_size={cfg.batch_size} must be a positive multiple of world_size x accum_steps "
-                f"= {self.dist.world_size} x {cfg.accum_steps}"
+                f"batch_size={cfg.batch_size} must be a positive multiple of data-parallel size x accum_steps "
+                f"= {self.dp_size} x {cfg.accum_steps}"
             )
+        for flag, method in (("context_parallel", "set_context_parallel"),
+                             ("activation_checkpointing", "set_activation_checkpointing")):
+            if getattr(cfg, flag) not in (1, False) and not callable(getattr(model, method, None)):
+                raise ValueError(f"{flag} needs a model with {method}() (a LanguageModel), "
+                                 f"got {type(model).__name__}")
+        if self.mesh is not None:
+            model.set_context_parallel(self.mesh["cp"])
+        if cfg.activation_checkpointing:
+            model.set_activation_checkpointing(True)
         self.task = task
         self.eval_tasks = dict(eval_tasks or {})
         if not self.eval_tasks:
@@ -258,8 +279,8 @@ class Trainer:
         cfg, info = self.config, self.dist
         global_batch = self.task.sample(cfg.batch_size, self.generator)
         n_global = max(global_batch.n_scored, 1)
-        per_rank = cfg.batch_size // info.world_size
-        local = global_batch[info.rank * per_rank : (info.rank + 1) * per_rank].to(self.device)
+        per_rank = cfg.batch_size // self.dp_size
+        local = self._shard(global_batch[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]).to(self.device)
         micro = per_rank // cfg.accum_steps
         self.model.train()
         # Statistics stay on the device until the end of the step: one read-back per step instead
@@ -308,6 +329,23 @@ class Trainer:
             "stop": bool(stats[3] > 0),
         }
 
+    def _shard(self, batch: Batch) -> Batch:
+        """This rank's piece of every sequence of ``batch`` (all of it without context parallelism)."""
+        if self.mesh is None:
+            return batch
+        n = self.config.context_parallel
+        return Batch(*(cp.shard(t, self.cp_rank, n) for t in (batch.inputs, batch.targets, batch.loss_mask)))
+
+    def _eval_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits of the whole sequences of ``batch`` (context parallel: each rank runs its shard
+        and the shards' logits are gathered)."""
+        if self.mesh is None:
+            return self.logits(model, batch.inputs)[0]
+        inputs = self._shard(batch).inputs
+        logits = self.logits(model, inputs)[0]
+        group = self.mesh["cp"]
+        return cp.all_gather_seq(logits, group=group, bounds=cp.shard_bounds(inputs.shape[1], group, logits.device))
+
     @torch.no_grad()
     def evaluate(self, task: Task | None = None, n_batches: int | None = None,
                  batch_size: int | None = None, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
@@ -317,7 +355,7 @@ class Trainer:
         cfg = self.config
         task = task or self.task
         n_batches = n_batches or cfg.eval_batches
-        batch_size = batch_size or cfg.eval_batch_size or max(cfg.batch_size // self.dist.world_size, 1)
+        batch_size = batch_size or cfg.eval_batch_size or max(cfg.batch_size // self.dp_size, 1)
         gen = torch.Generator().manual_seed(cfg.eval_seed)
         model = self.module
         was_training = model.training
@@ -328,7 +366,7 @@ class Trainer:
             for _ in range(n_batches):
                 batch: Batch = task.sample(batch_size, gen).to(self.device)
                 with self.autocast():
-                    logits, _ = self.logits(model, batch.inputs)
+                    logits = self._eval_logits(model, batch)
                 loss_sum += float(masked_cross_entropy(logits, batch, reduction="sum"))
                 for k, v in token_accuracy_counts(logits, batch).items():
                     tot[k] += v

@@ -60,6 +60,8 @@ MALFORMED = [
     (["train", *TASK, "--threads", "0"], "argument --threads: expected an integer >= 1"),
     (["train", *TASK, "--device", "tpu9"], "argument --device: expected cpu, cuda or cuda:N (or auto)"),
     (["train", *TASK, "--strategy", "fsdp", "--out", "new"], "--strategy fsdp shards the model over processes"),
+    (["train", *TASK, "--context-parallel", "2", "--out", "new"], "--context-parallel 2 must divide the number of"),
+    (["train", *TASK, "--context-parallel", "0"], "argument --context-parallel: expected an integer >= 1"),
     pytest.param(["train", *TASK, "--amp", "bf16", "--out", "new"], "--amp bf16 needs a CUDA device",
                  marks=pytest.mark.skipif(not _NO_CUDA, reason="has CUDA")),
     (["train", "--task", "selective-copying", "--task-arg", "n_tokens=abc", "--out", "new"],
