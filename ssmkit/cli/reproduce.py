@@ -7,6 +7,12 @@ writes reproduce.json, reproduce.md and reproduce.png into --out (default ./repr
 Seeds and thread counts are fixed, so a rerun on the same machine prints the same table (another
 CPU may round differently and differ in a few cells).
 
+Two more runs, each with its own files in --out:
+  --table1   Table 1 as the paper's grid: selective copying with block {no gate, H3, Mamba} x inner
+             layer {S4D, Hyena, S6} (table1.*; about 9 minutes on 2 cores)
+  --lra      Long Range Arena's Pathfinder: S4D vs attention on 32x32 images (lra.*; about 15
+             minutes on 2 cores); with --full, Path-X (128x128, 16,385 tokens) for a GPU
+
 Sizes:
   (default)  CPU scale: about 9 minutes on 2 cores
   --quick    a seconds-long smoke test of the pipeline: its numbers mean nothing, no verdicts
@@ -15,6 +21,8 @@ Sizes:
 Examples:
   ssmkit reproduce
   ssmkit reproduce induction-heads --rows mamba attention --out results/ih
+  ssmkit reproduce --table1
+  ssmkit reproduce --lra
 """
 
 from __future__ import annotations
@@ -29,11 +37,18 @@ HELP = "re-run the Mamba paper's selective-copying and induction-heads experimen
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ssmkit.training.reproduce import EXPERIMENTS, ROWS
+    from ssmkit.training.reproduce import DEFAULT_EXPERIMENTS, DEFAULT_ROWS, ROWS
 
     p.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
-                   help=f"which experiments (default: all of {', '.join(EXPERIMENTS)})")
-    p.add_argument("--rows", nargs="+", metavar="ROW", help=f"which models (default: all of {', '.join(ROWS)})")
+                   help=f"which experiments (default: {', '.join(DEFAULT_EXPERIMENTS)})")
+    p.add_argument("--rows", nargs="+", metavar="ROW",
+                   help=f"which models (default: {', '.join(DEFAULT_ROWS)}; also {', '.join(sorted(set(ROWS) - set(DEFAULT_ROWS)))})")
+    p.add_argument("--table1", action="store_true",
+                   help="the Mamba paper's Table 1 grid: selective copying, block {no gate, H3, Mamba} x inner "
+                        "layer {S4D, Hyena, S6} (writes table1.*)")
+    p.add_argument("--lra", action="store_true",
+                   help="Long Range Arena's Pathfinder: S4D vs attention at 32x32, Path-X (128x128) with --full "
+                        "(writes lra.*)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the paper's sizes (for a GPU; hours)")
     size.add_argument("--quick", action="store_true", help="a seconds-long smoke test (numbers mean nothing)")
@@ -49,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu or cuda (default: cuda for --full when available, else cpu)")
 
 
-def _split(args: argparse.Namespace, experiments: tuple, rows: dict) -> tuple[list[str], list[str]]:
+def _split(args: argparse.Namespace, experiments: tuple, rows: dict, default_rows: tuple,
+           default_experiments: tuple | None = None) -> tuple[list[str], list[str]]:
     """Experiments and rows; experiment names typed after --rows (which takes several) count as experiments."""
     exps = list(args.experiments)
     rws = []
@@ -64,7 +80,7 @@ def _split(args: argparse.Namespace, experiments: tuple, rows: dict) -> tuple[li
             raise A.CLIError(f"--rows: unknown row {r!r}: choose from {', '.join(rows)}")
     if args.rows and not rws:
         raise A.CLIError(f"--rows: no row given (choose from {', '.join(rows)})")
-    return exps or list(experiments), rws or list(rows)
+    return exps or list(default_experiments or experiments), rws or list(default_rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,11 +88,19 @@ def run(args: argparse.Namespace) -> int:
 
     from ssmkit.training import reproduce as rp
 
-    experiments, rows = _split(args, rp.EXPERIMENTS, rp.ROWS)
+    if args.table1 and args.lra:
+        raise A.CLIError("--table1 and --lra are separate runs: give one of them")
+    if args.table1:
+        name, (experiments, rows) = "table1", _split(args, ("selective-copying",), rp.ROWS, rp.TABLE1_ROWS)
+    elif args.lra:
+        name, (experiments, rows) = "lra", _split(args, ("pathfinder",), rp.ROWS, rp.LRA_ROWS)
+    else:
+        name, (experiments, rows) = "reproduce", _split(args, rp.EXPERIMENTS, rp.ROWS, rp.DEFAULT_ROWS,
+                                                        rp.DEFAULT_EXPERIMENTS)
     size = "full" if args.full else "quick" if args.quick else "default"
     device = args.device or ("cuda" if size == "full" and torch.cuda.is_available() else "cpu")
     out = A.check_output_dir("--out", args.out)
-    earlier = [p.name for p in (out / "reproduce.json", out / "reproduce.md", out / "reproduce.png") if p.exists()]
+    earlier = [p.name for p in (out / f"{name}.json", out / f"{name}.md", out / f"{name}.png") if p.exists()]
     if earlier and not args.force:
         raise A.CLIError(f"--out {out} already holds results ({', '.join(earlier)}); pass --force to overwrite "
                          "them or choose another --out")
@@ -91,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
               "use a GPU (--device cuda) or drop --full.", file=sys.stderr, flush=True)
     report = rp.reproduce(experiments, rows, size=size, jobs=jobs, threads=args.threads, seed=args.seed,
                           device=device, steps=args.steps, progress=True)
-    paths = rp.write_outputs(report, out)
+    paths = rp.write_outputs(report, out, name)
     print()
     print(report["tables"])
     print("Claims (reported as measured, never tuned):")

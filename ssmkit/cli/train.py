@@ -70,7 +70,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("data (one of --task or --data)")
-    src.add_argument("--task", help="synthetic task: copying, selective-copying, induction-heads, mqar, listops")
+    src.add_argument("--task", help="synthetic task: copying, selective-copying, induction-heads, mqar, listops, pathfinder")
     src.add_argument("--task-arg", type=A.key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="a task size setting, e.g. length=256 (repeatable)")
     src.add_argument("--data", nargs="+", metavar="PATH", help="text files or directories (byte-level LM)")

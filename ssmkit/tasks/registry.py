@@ -7,6 +7,7 @@ from ssmkit.tasks.copying import Copying
 from ssmkit.tasks.induction_heads import InductionHeads
 from ssmkit.tasks.listops import ListOps
 from ssmkit.tasks.mqar import MQAR
+from ssmkit.tasks.pathfinder import Pathfinder
 from ssmkit.tasks.selective_copying import SelectiveCopying
 
 TASKS: dict[str, type[Task]] = {
@@ -15,6 +16,7 @@ TASKS: dict[str, type[Task]] = {
     "induction-heads": InductionHeads,
     "mqar": MQAR,
     "listops": ListOps,
+    "pathfinder": Pathfinder,
 }
 
 

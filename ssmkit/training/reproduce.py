@@ -21,6 +21,7 @@ is fixed, so a rerun prints the same table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -33,25 +34,51 @@ from typing import Any
 
 import torch
 
+from ssmkit.models.checkpoint import atomic_write_text
 from ssmkit.tasks import get_task
 
 # --------------------------------------------------------------------------------------------
 # Rows (models) and the paper's numbers.
 
 ROWS: dict[str, dict[str, Any]] = {
-    "s4d": {"label": "S4D, no gate", "paper_label": "S4, no gate", "letter": "S",
-            "cfg": {"s4d_cfg": {"postact": None}}},
-    "s6": {"label": "S6, no gate", "paper_label": "S6, no gate", "letter": "M",
-           "cfg": {"ssm_cfg": {"use_gate": False}}},
-    "mamba": {"label": "Mamba", "paper_label": "Mamba (S6)", "letter": "M", "cfg": {}},
-    "mamba2": {"label": "Mamba-2", "paper_label": "-", "letter": "2", "cfg": {}},
-    "attention": {"label": "Attention (RoPE)", "paper_label": "MHA-RoPE", "letter": "A", "cfg": {}},
+    "s4d": {"label": "S4D, no gate", "paper_label": "S4, no gate", "letter": "S", "block": "no gate",
+            "inner": "S4D", "cfg": {"s4d_cfg": {"postact": None}}},
+    "s6": {"label": "S6, no gate", "paper_label": "S6, no gate", "letter": "M", "block": "no gate",
+           "inner": "S6", "cfg": {"ssm_cfg": {"use_gate": False}}},
+    "mamba": {"label": "Mamba", "paper_label": "Mamba (S6)", "letter": "M", "block": "Mamba", "inner": "S6",
+              "cfg": {}},
+    "mamba2": {"label": "Mamba-2", "paper_label": "-", "letter": "2", "block": "Mamba-2", "inner": "SSD",
+               "cfg": {}},
+    "attention": {"label": "Attention (RoPE)", "paper_label": "MHA-RoPE", "letter": "A", "block": "attention",
+                  "inner": "-", "cfg": {}},
+    # Table 1's other cells: a block (H3 or Mamba) around another inner sequence layer.
+    "h3-s4d": {"label": "H3 + S4D", "paper_label": "H3 + S4", "letter": "H", "block": "H3", "inner": "S4D",
+               "cfg": {"h3_cfg": {"inner": "s4d"}}},
+    "h3-hyena": {"label": "H3 + Hyena", "paper_label": "H3 + Hyena", "letter": "H", "block": "H3",
+                 "inner": "Hyena", "cfg": {"h3_cfg": {"inner": "hyena"}}},
+    "h3-s6": {"label": "H3 + S6", "paper_label": "H3 + S6", "letter": "H", "block": "H3", "inner": "S6",
+              "cfg": {"h3_cfg": {"inner": "s6"}}},
+    "mamba-s4d": {"label": "Mamba + S4D", "paper_label": "Mamba + S4", "letter": "M", "block": "Mamba",
+                  "inner": "S4D", "cfg": {"ssm_cfg": {"inner": "s4d"}}},
+    "mamba-hyena": {"label": "Mamba + Hyena", "paper_label": "Mamba + Hyena", "letter": "M", "block": "Mamba",
+                    "inner": "Hyena", "cfg": {"ssm_cfg": {"inner": "hyena"}}},
+    # Long Range Arena's Pathfinder (``--lra``): S4D as in the S4 papers (GLU output) vs attention.
+    "s4d-glu": {"label": "S4D", "paper_label": "S4", "letter": "S", "block": "S4D (GLU)", "inner": "S4D",
+                "cfg": {"s4d_cfg": {}}},
 }
+
+# The Mamba paper's Table 1, block x inner layer, in the paper's order (``--table1``).
+TABLE1_ROWS = ("s4d", "s6", "h3-s4d", "h3-hyena", "h3-s6", "mamba-s4d", "mamba-hyena", "mamba")
 
 PAPER = {
     "selective-copying": {
         "source": "Mamba paper, Table 1 (accuracy)",
         "s4d": "18.3%", "s6": "97.0%", "mamba": "99.8%", "mamba2": "n/a", "attention": "n/a",
+        "h3-s4d": "57.0%", "h3-hyena": "30.1%", "h3-s6": "99.7%", "mamba-s4d": "56.4%", "mamba-hyena": "28.4%",
+    },
+    "pathfinder": {
+        "source": "S4 paper (Gu et al. 2022), Table 4: Pathfinder (32x32) / Path-X (128x128)",
+        "s4d-glu": "S4: 86.1% / 88.1%", "attention": "Transformer: 71.4% / chance (50%)",
     },
     "induction-heads": {
         "source": "Mamba paper, Table 2 / Fig. 5 (trained at 256, tested up to 2^20)",
@@ -93,9 +120,25 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-MULTIPLIERS = {"selective-copying": [1], "induction-heads": [1, 4, 16, 64, 256]}
+# Pathfinder: 32x32 images (1,025 tokens with the query) from a fixed training set of ``pool``
+# images, accuracy on fresh ones; 4 layers. ``full`` is Path-X (128x128: 16,385 tokens), fresh
+# images every batch.
+SIZES["pathfinder"] = {
+    "quick": {"task": {"size": 32, "n_paddles": 6, "n_distractors": 1, "pool": 32}, "d_model": 16,
+              "d_state": 8, "n_layer": 2, "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup": 2, "eval_every": 0},
+    "default": {"task": {"size": 32, "n_paddles": 14, "n_distractors": 4, "pool": 8192}, "d_model": 64,
+                "d_state": 64, "n_layer": 4, "steps": 1500, "batch_size": 32, "lr": 3e-3, "warmup": 100,
+                "eval_every": 250, "stop_at_acc": None},
+    "full": {"task": {"size": 128, "n_paddles": 14, "n_distractors": 4, "pool": 0}, "d_model": 128,
+             "d_state": 64, "n_layer": 6, "steps": 50_000, "batch_size": 32, "lr": 1e-3, "warmup": 1000,
+             "eval_every": 2500, "stop_at_acc": None},
+}
+
+MULTIPLIERS = {"selective-copying": [1], "induction-heads": [1, 4, 16, 64, 256], "pathfinder": [1]}
 EXPERIMENTS = tuple(SIZES)
-DEFAULT_ROWS = tuple(ROWS)
+DEFAULT_EXPERIMENTS = ("selective-copying", "induction-heads")
+LRA_ROWS = ("s4d-glu", "attention")
+DEFAULT_ROWS = ("s4d", "s6", "mamba", "mamba2", "attention")
 # Attention is quadratic in length: longer evaluations are skipped and the table says so.
 ATTENTION_MAX_EVAL_LEN = {"quick": 1024, "default": 8192, "full": 65536}
 EVAL_TOKENS = {"quick": 2048, "default": 1 << 17, "full": 1 << 20}  # tokens per evaluation point
@@ -103,7 +146,7 @@ EVAL_TOKENS = {"quick": 2048, "default": 1 << 17, "full": 1 << 20}  # tokens per
 
 def model_config(experiment: str, row: str, size: str = "default", vocab_size: int | None = None,
                  overrides: dict | None = None):
-    """The :class:`ssmkit.ModelConfig` of one row (2 layers, no MLP)."""
+    """The :class:`ssmkit.ModelConfig` of one row (2 layers, 4 for Pathfinder; no MLP)."""
     from ssmkit.models.config import ModelConfig
 
     sz = _sizes(experiment, size, overrides)
@@ -113,16 +156,24 @@ def model_config(experiment: str, row: str, size: str = "default", vocab_size: i
     N = sz["d_state"]
     dt = sz.get("dt_range")
     dt_kw = {"dt_min": dt[0], "dt_max": dt[1]} if dt else {}
-    if row in ("s6", "mamba"):
-        cfg.setdefault("ssm_cfg", {}).update(d_state=N, **dt_kw)
-    elif row == "mamba2":
+    letter = spec["letter"]
+    if letter == "M":
+        cfg.setdefault("ssm_cfg", {}).update(d_state=N, **(dt_kw if spec["inner"] == "S6" else {}))
+    elif letter == "H":
+        cfg["h3_cfg"]["d_state"] = N
+    if spec["inner"] == "Hyena":  # the implicit filter is defined up to l_max positions
+        sub = cfg["h3_cfg" if letter == "H" else "ssm_cfg"]
+        sub["inner_cfg"] = {"l_max": get_task(experiment, **sz["task"]).seqlen * max(multipliers(experiment, size))}
+    if row == "mamba2":
         cfg["mamba2_cfg"] = {"d_state": N, "headdim": max(d // 4, 4), **dt_kw}
-    elif row == "s4d":
+    elif row in ("s4d", "s4d-glu"):
         cfg["s4d_cfg"].update(d_state=N, **dt_kw)
     elif row == "attention":
         cfg["attn_cfg"] = {"n_heads": max(d // 16, 1)}
-    return ModelConfig(d_model=d, n_layer=2, vocab_size=vocab_size or sz["task"]["vocab"],
-                       layer_pattern=spec["letter"] * 2, mlp="none", **cfg)
+    n_layer = sz.get("n_layer", 2)
+    return ModelConfig(d_model=d, n_layer=n_layer,
+                       vocab_size=vocab_size or get_task(experiment, **sz["task"]).vocab_size,
+                       layer_pattern=spec["letter"] * n_layer, mlp="none", **cfg)
 
 
 def multipliers(experiment: str, size: str) -> list[int]:
@@ -136,7 +187,7 @@ def _sizes(experiment: str, size: str, overrides: dict | None = None) -> dict:
     for k, v in (overrides or {}).items():
         if k == "task":
             sz["task"].update(v)
-        elif k in sz or k in ("stop_at_acc", "dt_range", "weight_decay", "row_lr", "row_steps"):
+        elif k in sz or k in ("stop_at_acc", "dt_range", "weight_decay", "row_lr", "row_steps", "n_layer"):
             sz[k] = v
         else:
             raise ValueError(f"unknown size setting {k!r}: choose from {', '.join(sz)}")
@@ -149,9 +200,11 @@ def _eval_plan(experiment: str, row: str, size: str, L: int) -> list[tuple[int, 
     for m in multipliers(experiment, size):
         n = m * L
         n_seq = int(min(256, max(32, EVAL_TOKENS[size] // n)))
+        if experiment == "pathfinder":  # one answer per image: more images for a finer percentage
+            n_seq = 1024
         if size == "quick":
             n_seq = 8
-        skip = row == "attention" and n > ATTENTION_MAX_EVAL_LEN[size]
+        skip = row == "attention" and m > 1 and n > ATTENTION_MAX_EVAL_LEN[size]
         plan.append((m, None if skip else n, n_seq))
     return plan
 
@@ -211,7 +264,9 @@ def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, thr
             acc[str(m)] = None
             continue
         bs = min(n_seq, max(1, (1 << 15) // n)) if row == "attention" else min(n_seq, 64)
-        res = trainer.evaluate(task.with_seqlen(n), n_batches=math.ceil(n_seq / bs), batch_size=bs)
+        # Pathfinder is scored on fresh images, not on its training pool.
+        ev = dataclasses.replace(task, pool=0) if experiment == "pathfinder" else task.with_seqlen(n)
+        res = trainer.evaluate(ev, n_batches=math.ceil(n_seq / bs), batch_size=bs)
         acc[str(m)] = res["acc"]
     eval_s = time.perf_counter() - t1
     if progress:
@@ -259,6 +314,18 @@ def check_claims(results: list[dict], size: str) -> list[dict]:
     if att is not None and "64" in att["acc"]:
         claims.append({"claim": "induction heads: attention < 50% at 64x the training length",
                        "ok": a_ih is not None and a_ih < 0.5, "value": a_ih})
+    s4, att = acc("pathfinder", "s4d-glu"), acc("pathfinder", "attention")
+    if s4 is not None:
+        claims.append({"claim": "Pathfinder: S4D above chance (>= 60%)", "ok": s4 >= 0.60, "value": s4})
+    if s4 is not None and att is not None:
+        claims.append({"claim": "Pathfinder: attention below S4D", "ok": att < s4, "value": att})
+    # Table 1's point: inside every block, the selective inner layer (S6) beats the LTI ones.
+    for block in ("no gate", "H3", "Mamba"):
+        cells = {ROWS[r]["inner"]: acc("selective-copying", r) for r in TABLE1_ROWS if ROWS[r]["block"] == block}
+        if all(v is not None for v in cells.values()):
+            lti = [v for k, v in cells.items() if k != "S6"]
+            claims.append({"claim": f"selective copying, {block} block: S6 beats the LTI inner layer(s) "
+                                    "by >= 20 points", "ok": cells["S6"] - max(lti) >= 0.20, "value": cells["S6"]})
     return claims
 
 
@@ -287,15 +354,22 @@ def format_tables(results: list[dict], size: str) -> str:
         planned = sorted({r["planned_steps"] for r in rows})
         if planned != sorted({sz.get("row_steps", {}).get(r["row"], sz["steps"]) for r in rows}):
             nsteps = "/".join(map(str, planned)) + " steps (--steps override)"
-        out.append(f"Task: {task_desc}. Models: 2 layers, d_model={sz['d_model']}, d_state={sz['d_state']}, "
+        out.append(f"Task: {task_desc}. Models: {sz.get('n_layer', 2)} layers, d_model={sz['d_model']}, d_state={sz['d_state']}, "
                    f"no MLP; batch {sz['batch_size']}, up to {nsteps}{stop}, {lrs}, "
                    f"AdamW + warmup/cosine. Paper: {PAPER[exp]['source']}.\n")
-        if exp == "selective-copying":
-            out.append("| model | params | steps | accuracy | paper |")
-            out.append("|---|---:|---:|---:|---|")
+        if exp == "pathfinder":
+            out.append("| model | layers | params | steps | accuracy (fresh images) | paper |")
+            out.append("|---|---:|---:|---:|---:|---|")
             for r in rows:
-                out.append(f"| {r['label']} | {r['params']:,} | {r['steps']} | {_pct(r['acc']['1'])} | "
-                           f"{PAPER[exp][r['row']]} |")
+                out.append(f"| {r['label']} | {r['model_config']['n_layer']} | {r['params']:,} | {r['steps']} | "
+                           f"{_pct(r['acc']['1'])} | {PAPER[exp].get(r['row'], 'n/a')} |")
+        elif exp == "selective-copying":
+            out.append("| model | block | inner layer | params | steps | accuracy | paper |")
+            out.append("|---|---|---|---:|---:|---:|---|")
+            for r in rows:
+                spec = ROWS[r["row"]]
+                out.append(f"| {r['label']} | {spec['block']} | {spec['inner']} | {r['params']:,} | {r['steps']} | "
+                           f"{_pct(r['acc']['1'])} | {PAPER[exp].get(r['row'], 'n/a')} |")
         else:
             L = t["length"]
             mults = multipliers(exp, size)
@@ -303,7 +377,8 @@ def format_tables(results: list[dict], size: str) -> str:
             out.append("|---|---:|---:|" + "---:|" * len(mults) + "---|")
             for r in rows:
                 cells = " | ".join(_pct(r["acc"][str(m)]) for m in mults)
-                out.append(f"| {r['label']} | {r['params']:,} | {r['steps']} | {cells} | {PAPER[exp][r['row']]} |")
+                out.append(f"| {r['label']} | {r['params']:,} | {r['steps']} | {cells} | "
+                           f"{PAPER[exp].get(r['row'], 'n/a')} |")
             if any(r["row"] == "attention" and None in r["acc"].values() for r in rows):
                 out.append(f"\nAttention is evaluated only up to {ATTENTION_MAX_EVAL_LEN[size]} tokens "
                            "(quadratic cost); longer points are marked skipped.")
@@ -335,7 +410,8 @@ def plot(results: list[dict], path: str | os.PathLike, size: str) -> Path | None
         return None
     sc = [r for r in results if r["experiment"] == "selective-copying"]
     ih = [r for r in results if r["experiment"] == "induction-heads"]
-    panels = [p for p in (sc, ih) if p]
+    pf = [r for r in results if r["experiment"] == "pathfinder"]
+    panels = [p for p in (sc, ih, pf) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     ax_i = 0
     if sc:
@@ -344,7 +420,7 @@ def plot(results: list[dict], path: str | os.PathLike, size: str) -> Path | None
         names = [r["label"] for r in sc]
         vals = [100 * (r["acc"]["1"] or 0) for r in sc]
         bars = ax.bar(range(len(sc)), vals, color="tab:blue", label="ssmkit (CPU scale)" if size != "full" else "ssmkit")
-        paper = {"s4d": 18.3, "s6": 97.0, "mamba": 99.8}
+        paper = {k: float(v.rstrip("%")) for k, v in PAPER["selective-copying"].items() if v.endswith("%")}
         px = [i for i, r in enumerate(sc) if r["row"] in paper]
         ax.scatter(px, [paper[sc[i]["row"]] for i in px], color="black", marker="_", s=400, zorder=3,
                    label="paper (Table 1)")
@@ -355,6 +431,18 @@ def plot(results: list[dict], path: str | os.PathLike, size: str) -> Path | None
         ax.set_ylabel("accuracy (%)")
         ax.set_title("Selective copying")
         ax.legend(loc="upper center", ncol=2, fontsize=8)
+    if pf:
+        ax = axes[0][ax_i]
+        ax_i += 1
+        bars = ax.bar(range(len(pf)), [100 * (r["acc"]["1"] or 0) for r in pf], color="tab:green")
+        ax.bar_label(bars, fmt="%.1f")
+        ax.axhline(50, color="gray", ls=":", lw=1, label="chance")
+        ax.set_xticks(range(len(pf)), [r["label"] for r in pf])
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("accuracy on fresh images (%)")
+        side = pf[0]["task"]["size"]
+        ax.set_title(f"Pathfinder {side}x{side} ({side * side + 1:,} tokens)")
+        ax.legend(fontsize=8)
     if ih:
         ax = axes[0][ax_i]
         L = ih[0]["task"]["length"]
@@ -394,7 +482,7 @@ def machine() -> dict:
     }
 
 
-def reproduce(experiments: list[str] | tuple[str, ...] = EXPERIMENTS, rows: list[str] | tuple[str, ...] = DEFAULT_ROWS,
+def reproduce(experiments: list[str] | tuple[str, ...] = DEFAULT_EXPERIMENTS, rows: list[str] | tuple[str, ...] = DEFAULT_ROWS,
               size: str = "default", jobs: int | None = None, threads: int = 1, seed: int = 0,
               device: str = "cpu", steps: int | None = None, progress: bool = True) -> dict:
     """Run every (experiment, row) pair and return ``{"results", "claims", "tables", ...}``."""
@@ -411,13 +499,14 @@ def reproduce(experiments: list[str] | tuple[str, ...] = EXPERIMENTS, rows: list
     work = [(e, r, size, seed, threads, device, steps, progress) for e in experiments for r in rows]
     # Longest rows first so the parallel workers finish together.
     # Rough relative cost (CPU seconds) of each row, to start the longest first.
-    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "attention": 1, "s4d": 1}
+    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "attention": 1, "s4d": 1, "h3-s4d": 2, "h3-hyena": 3, "h3-s6": 4,
+            "mamba-s4d": 3, "mamba-hyena": 4, "s4d-glu": 2}
 
     def est(i: int) -> float:
         e, r = work[i][0], work[i][1]
         sz = SIZES[e][size]
         n = steps or sz.get("row_steps", {}).get(r, sz["steps"])
-        return cost[r] * n * sz["batch_size"] * sz["task"]["length"]
+        return cost[r] * n * sz["batch_size"] * get_task(e, **sz["task"]).seqlen
 
     order = sorted(range(len(work)), key=lambda i: -est(i))
     jobs = jobs or max(1, min(len(work), (os.cpu_count() or 1) // threads))
@@ -470,12 +559,12 @@ def write_outputs(report: dict, out_dir: str | os.PathLike, name: str = "reprodu
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
     md = [f"# `ssmkit reproduce` ({report['size']} size)\n", report["tables"], "## Claims\n",
           format_claims(report["claims"], report["size"]), "",
           f"Wall time {report['wall_seconds']:.0f} s on {report['machine']['cpu_count']} CPU(s) "
           f"({report['jobs']} job(s) x {report['threads_per_job']} thread(s)), torch {report['machine']['torch']}.", ""]
-    paths["md"].write_text("\n".join(md))
+    atomic_write_text(paths["md"], "\n".join(md))
     png = plot(report["results"], out / f"{name}.png", report["size"])
     if png is not None:
         paths["png"] = png
@@ -486,4 +575,4 @@ def describe_sizes(size: str = "default") -> str:
     return "\n".join(f"{e}: {json.dumps(SIZES[e][size])}" for e in SIZES)
 
 
-__all__ = ["ROWS", "SIZES", "PAPER", "reproduce", "run_row", "write_outputs", "check_claims", "format_tables"]
+__all__ = ["ROWS", "TABLE1_ROWS", "LRA_ROWS", "DEFAULT_ROWS", "DEFAULT_EXPERIMENTS", "SIZES", "PAPER", "reproduce", "run_row", "write_outputs", "check_claims", "format_tables"]

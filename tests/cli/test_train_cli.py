@@ -80,6 +80,18 @@ def test_reproduce_quick_smoke(tmp_path, capsys):
     assert (tmp_path / "reproduce.md").exists() and (tmp_path / "reproduce.png").exists()
 
 
+def test_reproduce_table1_and_lra_quick(tmp_path, capsys):
+    assert main(["reproduce", "--table1", "--quick", "--rows", "h3-hyena", "mamba-s4d", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| H3 + Hyena | H3 | Hyena |" in text and "| Mamba + S4D | Mamba | S4D |" in text and "30.1%" in text
+    assert main(["reproduce", "--lra", "--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| S4D | 2 |" in text and "Attention (RoPE)" in text and "accuracy (fresh images)" in text
+    for name in ("table1", "lra"):
+        assert all((tmp_path / f"{name}.{ext}").exists() for ext in ("json", "md", "png"))
+    assert not (tmp_path / "reproduce.json").exists()
+
+
 def test_reproduce_experiment_names_after_rows_are_experiments():
     import argparse
 
@@ -87,4 +99,4 @@ def test_reproduce_experiment_names_after_rows_are_experiments():
     from ssmkit.training.reproduce import EXPERIMENTS, ROWS
 
     ns = argparse.Namespace(experiments=[], rows=["mamba", "induction-heads"])
-    assert _split(ns, EXPERIMENTS, ROWS) == (["induction-heads"], ["mamba"])
+    assert _split(ns, EXPERIMENTS, ROWS, tuple(ROWS)) == (["induction-heads"], ["mamba"])

@@ -24,6 +24,7 @@ SMALL = {
     "induction-heads": dict(length=33, vocab=16),
     "mqar": dict(length=64, num_kv_pairs=8, vocab=64),
     "listops": dict(length=64, max_depth=4, max_args=4, min_length=5, max_length=60),
+    "pathfinder": dict(size=32, n_paddles=6, n_distractors=1),
 }
 
 

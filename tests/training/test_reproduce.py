@@ -25,7 +25,7 @@ def test_claims_follow_the_stated_thresholds():
         "induction heads: attention < 50% at 64x the training length": True,
     }
     text = rp.format_tables(results, "default")
-    assert "| Mamba | 1 | 1 | 97.0% | 99.8% |" in text and "skipped" in text
+    assert "| Mamba | Mamba | S6 | 1 | 1 | 97.0% | 99.8% |" in text and "skipped" in text
     assert "NOT reproduced" in rp.format_claims(rp.check_claims(results, "default"))
 
 
@@ -34,7 +34,16 @@ def test_claims_follow_the_stated_thresholds():
 @pytest.mark.parametrize("size", ["quick", "default", "full"])
 def test_every_row_has_a_model_config(exp, row, size):
     cfg = rp.model_config(exp, row, size)
-    assert cfg.n_layer == 2 and cfg.layer_pattern == rp.ROWS[row]["letter"] * 2 and cfg.mlp == "none"
+    n = rp.SIZES[exp][size].get("n_layer", 2)
+    assert cfg.n_layer == n and cfg.layer_pattern == rp.ROWS[row]["letter"] * n and cfg.mlp == "none"
+    spec = rp.ROWS[row]
+    if spec["block"] == "H3":
+        assert cfg.h3_cfg["inner"] == spec["inner"].lower()
+    if spec["block"] == "Mamba" and spec["inner"] != "S6":
+        assert cfg.ssm_cfg["inner"] == spec["inner"].lower()
+    if spec["inner"] == "Hyena":  # the implicit filter covers the longest evaluation
+        sub = cfg.h3_cfg if spec["block"] == "H3" else cfg.ssm_cfg
+        assert sub["inner_cfg"]["l_max"] >= rp.SIZES[exp][size]["task"].get("length", 0)
     if row == "s6":
         assert cfg.ssm_cfg["use_gate"] is False
     if row == "s4d":
@@ -48,3 +57,23 @@ def test_bad_arguments():
         rp.reproduce(rows=["lstm"])
     with pytest.raises(ValueError, match="size setting"):
         rp._sizes("induction-heads", "default", {"colour": 1})
+
+
+def test_table1_and_pathfinder_claims_and_tables():
+    cells = {"s4d": 0.6, "s6": 0.99, "h3-s4d": 0.7, "h3-hyena": 0.85, "h3-s6": 0.99, "mamba-s4d": 0.5,
+             "mamba-hyena": 0.6, "mamba": 0.98}
+    results = [fake("selective-copying", r, {"1": v}) for r, v in cells.items()]
+    results += [fake("pathfinder", "s4d-glu", {"1": 0.71}), fake("pathfinder", "attention", {"1": 0.52})]
+    for r in results:
+        r["model_config"] = {"n_layer": 4}
+        r["task"] = {"name": r["experiment"], "length": 32, "size": 32}
+    claims = {c["claim"]: c["ok"] for c in rp.check_claims(results, "default")}
+    assert claims["selective copying, no gate block: S6 beats the LTI inner layer(s) by >= 20 points"] is True
+    assert claims["selective copying, H3 block: S6 beats the LTI inner layer(s) by >= 20 points"] is False
+    assert claims["selective copying, Mamba block: S6 beats the LTI inner layer(s) by >= 20 points"] is True
+    assert claims["Pathfinder: S4D above chance (>= 60%)"] is True
+    assert claims["Pathfinder: attention below S4D"] is True
+    text = rp.format_tables(results, "default")
+    assert "| H3 + Hyena | H3 | Hyena | 1 | 1 | 85.0% | 30.1% |" in text
+    assert "| S4D | 4 | 1 | 1 | 71.0% | S4: 86.1% / 88.1% |" in text
+    assert tuple(rp.TABLE1_ROWS) == ("s4d", "s6", "h3-s4d", "h3-hyena", "h3-s6", "mamba-s4d", "mamba-hyena", "mamba")
