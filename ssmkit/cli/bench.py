@@ -1,11 +1,21 @@
-"""Time the ops (selective scan, causal conv1d, SDPA attention) for every backend available here,
-over seqlens: forward and forward+backward medians (triton.testing.do_bench on CUDA,
-torch.utils.benchmark on CPU), peak CUDA memory, peers when installed (mamba_ssm).
-Prints a table; --out FILE.json also writes JSON and a PNG plot of time vs seqlen.
+"""Benchmarks on this machine.
+
+ssmkit bench [ops] times the ops (selective scan, causal conv1d, SDPA attention) for every backend
+available here, over seqlens: forward and forward+backward medians (triton.testing.do_bench on
+CUDA, torch.utils.benchmark on CPU), peak CUDA memory, peers when installed (mamba_ssm).
+
+ssmkit bench generation times generation (prompt --prompt, --new greedy tokens) of a Mamba model
+and a same-size attention model (--size): tokens/s at batch 1, or with --max-batch at batch 1, 2,
+4, ... up to the largest batch that fits (or N), with the peak memory of each batch: the Mamba
+paper's throughput-vs-batch figure.
+
+Both print a table; --out FILE.json also writes JSON and a PNG plot beside it.
 
 Examples:
   ssmkit bench --device cpu --ops selective_scan --seqlens 256,1024 --out bench/cpu.json
   ssmkit bench --device cuda --dtype bf16 --backends triton,reference
+  ssmkit bench generation --device cuda --max-batch --out bench/generation.json
+  ssmkit bench generation --device cpu --size tiny --prompt 64 --new 16 --max-batch 8
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ HELP = "benchmark the ops on this machine (CPU or GPU), JSON + plot"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", default="ops", choices=["ops", "generation"],
+                        help="ops (default) or generation (throughput against batch size)")
     parser.add_argument("--device", type=A.device(allow_auto=False), default=None,
                         help="cpu or cuda (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
@@ -33,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bwd", action="store_true", help="forward only")
     parser.add_argument("--out", default=None, metavar="FILE.json",
                         help="write JSON here (and a PNG beside it); checked before the benchmark starts")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--size", default=None, choices=["1.4b", "130m", "tiny"],
+                     help="model pair (default: 1.4b on CUDA, 130m on the CPU)")
+    gen.add_argument("--prompt", type=A.positive_int, default=2048, help="prompt tokens (default 2048)")
+    gen.add_argument("--new", type=A.positive_int, default=128, help="generated tokens (default 128)")
+    gen.add_argument("--max-batch", type=A.positive_int, nargs="?", const=4096, default=1, metavar="N",
+                     help="double the batch from 1 up to N or until memory runs out (alone: as far as it fits)")
+    gen.add_argument("--reps", type=A.positive_int, default=3, help="timed runs per batch (median; default 3)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         A.check_output_file("--out", args.out)
         if not args.out.endswith(".json"):
             raise A.CLIError(f"--out {args.out}: expected a .json file name (the PNG goes beside it)")
+    if args.what == "generation":
+        return _generation(args, device)
     from ssmkit.bench import ops
 
     known = ops.registry.REGISTRY
@@ -66,3 +88,50 @@ def run(args: argparse.Namespace) -> int:
     if args.no_bwd:
         argv.append("--no-bwd")
     return ops.main(argv)
+
+
+def _generation(args: argparse.Namespace, device: str) -> int:
+    import json
+
+    import torch
+
+    from ssmkit.bench import generation as g
+    from ssmkit.bench.registry import machine_info
+    from ssmkit.bench.results import write_json
+
+    size = args.size or ("1.4b" if device == "cuda" else "130m")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    info = {**machine_info(torch.device(device)), "size": size, "prompt": args.prompt, "new": args.new,
+            "dtype": str(dtype).replace("torch.", ""), "reps": args.reps}
+    print(json.dumps(info), flush=True)
+    res: dict[str, list[dict]] = {}
+    for kind in ("mamba", "attention"):
+        model = g.build(size, kind, torch.device(device), dtype)
+        n = sum(p.numel() for p in model.parameters())
+        info[f"{kind}_params"] = n
+        print(f"{kind}: {n / 1e6:.0f}M parameters", file=sys.stderr, flush=True)
+        res[kind] = g.sweep(model, prompt=args.prompt, new=args.new, max_batch=args.max_batch, reps=args.reps,
+                            progress=lambda r, k=kind: print(f"  {k} {r}", file=sys.stderr, flush=True))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    summ = g.summary(res)
+    print("\n| batch | Mamba tok/s | attention tok/s | Mamba / attention |")
+    print("|---:|---:|---:|---:|")
+    att = {r["batch"]: r for r in res["attention"]}
+    for r in res["mamba"]:
+        a = att.get(r["batch"], {})
+        cell = lambda x: "out of memory" if x.get("oom") else (f"{x['tokens_per_s']:.0f}" if x else "-")  # noqa: E731
+        ratio = summ.get("ratio_per_batch", {}).get(r["batch"])
+        print(f"| {r['batch']} | {cell(r)} | {cell(a)} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    if "best_ratio" in summ:
+        b = summ["best"]
+        print(f"\nbest: Mamba {b['mamba']['tokens_per_s']:.0f} tok/s at batch {b['mamba']['batch']}, attention "
+              f"{b['attention']['tokens_per_s']:.0f} tok/s at batch {b['attention']['batch']}: "
+              f"{summ['best_ratio']:.2f}x (the paper: ~5x)")
+    if args.out:
+        write_json(args.out, {"info": info, "results": res, "summary": summ})
+        png = g.plot(res, args.out[: -len(".json")] + ".png",
+                     f"{info.get('gpu', info['cpu'])}: {size} pair, prompt {args.prompt} + {args.new}")
+        print(f"wrote {args.out}" + (f" and {png}" if png else ""))
+    return 0
