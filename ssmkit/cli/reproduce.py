@@ -13,6 +13,11 @@ Two more runs, each with its own files in --out:
   --lra      Long Range Arena's Pathfinder: S4D vs attention on 32x32 images (lra.*; about 15
              minutes on 2 cores); with --full, Path-X (128x128, 16,385 tokens) for a GPU
 
+Each row trains in its own run directory (--out/<run>_rows/<experiment>__<row>: checkpoints,
+metrics, result.json). Stop a run with Ctrl-C or SIGTERM (a time limit): the row in progress
+writes a checkpoint first; the same command with --resume reads the finished rows back and
+continues the stopped one, so a --full run can be split over several commands.
+
 Sizes:
   (default)  CPU scale: about 9 minutes on 2 cores
   --quick    a seconds-long smoke test of the pipeline: its numbers mean nothing, no verdicts
@@ -23,6 +28,7 @@ Examples:
   ssmkit reproduce induction-heads --rows mamba attention --out results/ih
   ssmkit reproduce --table1
   ssmkit reproduce --lra
+  timeout 590 ssmkit reproduce --full --device cuda --out full; ssmkit reproduce --full --device cuda --out full --resume
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reproduce_out", metavar="DIR",
                    help="output directory for reproduce.json, .md and .png")
     p.add_argument("--force", action="store_true", help="overwrite the results of an earlier run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run stopped in --out: finished rows are read back, the interrupted one "
+                        "continues from its last checkpoint (split a long --full run over several commands)")
     p.add_argument("--jobs", type=A.positive_int, default=None,
                    help="parallel worker processes (default: CPU cores / --threads; 1 for --quick)")
     p.add_argument("--threads", type=A.positive_int, default=1, help="threads per worker (fixed for rerun equality)")
@@ -100,11 +109,20 @@ def run(args: argparse.Namespace) -> int:
     size = "full" if args.full else "quick" if args.quick else "default"
     device = args.device or ("cuda" if size == "full" and torch.cuda.is_available() else "cpu")
     out = A.check_output_dir("--out", args.out)
-    earlier = [p.name for p in (out / f"{name}.json", out / f"{name}.md", out / f"{name}.png") if p.exists()]
-    if earlier and not args.force:
-        raise A.CLIError(f"--out {out} already holds results ({', '.join(earlier)}); pass --force to overwrite "
-                         "them or choose another --out")
+    rows_dir = out / f"{name}_rows"  # one run directory (checkpoints, metrics, result) per row
+    earlier = [p.name for p in (out / f"{name}.json", out / f"{name}.md", out / f"{name}.png", rows_dir)
+               if p.exists()]
+    if args.resume and args.force:
+        raise A.CLIError("--resume and --force contradict each other: --resume keeps the earlier rows, "
+                         "--force replaces them")
+    if earlier and not (args.force or args.resume):
+        raise A.CLIError(f"--out {out} already holds results ({', '.join(earlier)}); pass --resume to continue "
+                         "that run, --force to overwrite it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if args.force and rows_dir.exists():
+        import shutil
+
+        shutil.rmtree(rows_dir)
     jobs = args.jobs if args.jobs is not None else (1 if size == "quick" else None)
     print(f"ssmkit reproduce ({size} size): {', '.join(experiments)}; rows {', '.join(rows)}; device {device}; "
           f"{jobs or 'auto'} job(s) x {args.threads} thread(s); results in {out}/", flush=True)
@@ -113,8 +131,15 @@ def run(args: argparse.Namespace) -> int:
     if size == "full" and device == "cpu":
         print("--full on the CPU: the paper's sizes (up to 400,000 steps per row) take days here; "
               "use a GPU (--device cuda) or drop --full.", file=sys.stderr, flush=True)
-    report = rp.reproduce(experiments, rows, size=size, jobs=jobs, threads=args.threads, seed=args.seed,
-                          device=device, steps=args.steps, progress=True)
+    from ssmkit.cli.main import Interrupted
+    from ssmkit.training.trainer import TrainingInterrupted
+
+    try:
+        report = rp.reproduce(experiments, rows, size=size, jobs=jobs, threads=args.threads, seed=args.seed,
+                              device=device, steps=args.steps, progress=True, rows_dir=rows_dir,
+                              resume=args.resume)
+    except TrainingInterrupted as e:
+        raise Interrupted(f"{e}; continue with the same command and --resume", 128 + int(e.signum)) from None
     paths = rp.write_outputs(report, out, name)
     print()
     print(report["tables"])

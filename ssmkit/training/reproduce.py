@@ -225,9 +225,14 @@ def _fix_threads(threads: int) -> None:
 
 def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, threads: int = 1,
             device: str = "cpu", steps: int | None = None, progress: bool = True,
-            overrides: dict | None = None) -> dict:
+            overrides: dict | None = None, out_dir: str | os.PathLike | None = None,
+            resume: bool = False) -> dict:
     """Train and evaluate one row; returns a JSON-able result. ``overrides`` replaces entries of
-    :data:`SIZES` (``{"task": {"length": 128}, "lr": 1e-3, ...}``)."""
+    :data:`SIZES` (``{"task": {"length": 128}, "lr": 1e-3, ...}``).
+
+    ``out_dir``: the row's run directory: a checkpoint at every evaluation (and on SIGINT/SIGTERM,
+    which stop the row with :class:`~ssmkit.training.trainer.TrainingInterrupted`), the metrics,
+    and ``result.json`` once the row is done; ``resume`` continues from its newest checkpoint."""
     from ssmkit.models.lm import LanguageModel
     from ssmkit.training.trainer import TrainConfig, Trainer
 
@@ -246,17 +251,24 @@ def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, thr
         eval_every=sz["eval_every"] if sz["eval_every"] < total else 0, eval_batches=2,
         eval_batch_size=64, log_every=max(total // 4, 1), seed=seed, device=device, threads=threads,
         deterministic=device == "cpu", progress=progress, stop_at_acc=sz.get("stop_at_acc", 1.0),
+        out_dir=None if out_dir is None else str(out_dir),
+        checkpoint_every=(sz["eval_every"] or max(total // 10, 1)) if out_dir is not None else 0,
     )
     label = f"{experiment} / {ROWS[row]['label']}"
     trainer = Trainer(model, task, tcfg, model_config=mcfg.to_dict())
     trainer.progress_prefix, trainer.progress_lines = f"[{label}] ", True
+    if resume and out_dir is not None and trainer.resume() and progress:
+        print(f"[{label}] resumed at step {trainer.step}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     if progress:
         print(f"[{label}] training {n_params:,} params, {total} steps x {sz['batch_size']} x {task.seqlen} tokens",
               file=sys.stderr, flush=True)
     trainer.train()
     train_s = time.perf_counter() - t0
-    losses = [r["loss"] for r in trainer.history if "loss" in r]
+    history = trainer.history
+    if out_dir is not None and (Path(out_dir) / "metrics.jsonl").exists():  # the steps before a resume too
+        history = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    losses = [r["loss"] for r in history if "loss" in r]
     t1 = time.perf_counter()
     acc: dict[str, float | None] = {}
     for m, n, n_seq in _eval_plan(experiment, row, size, task.seqlen):
@@ -273,15 +285,18 @@ def run_row(experiment: str, row: str, size: str = "default", seed: int = 0, thr
         shown = ", ".join(f"{m}x {v:.1%}" if v is not None else f"{m}x skipped" for m, v in acc.items())
         print(f"[{label}] done in {train_s:.0f}s train + {eval_s:.0f}s eval after {trainer.step} steps: {shown}",
               file=sys.stderr, flush=True)
-    return {
+    result = {
         "experiment": experiment, "row": row, "label": ROWS[row]["label"], "size": size,
         "task": task.config(), "params": n_params, "steps": trainer.step, "planned_steps": total,
         "batch_size": sz["batch_size"], "lr": lr, "final_train_loss": losses[-1] if losses else None,
         "acc": acc, "train_seconds": round(train_s, 2), "eval_seconds": round(eval_s, 2),
         "model_config": mcfg.to_dict(),
-        "curve": [[r["step"], round(r["eval"]["eval"]["acc"], 4)] for r in trainer.history if "eval" in r],
+        "curve": [[r["step"], round(r["eval"]["eval"]["acc"], 4)] for r in history if "eval" in r],
         "settings": sz,
     }
+    if out_dir is not None:
+        atomic_write_text(Path(out_dir) / "result.json", json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _run_row_star(args: tuple) -> dict:
@@ -484,8 +499,15 @@ def machine() -> dict:
 
 def reproduce(experiments: list[str] | tuple[str, ...] = DEFAULT_EXPERIMENTS, rows: list[str] | tuple[str, ...] = DEFAULT_ROWS,
               size: str = "default", jobs: int | None = None, threads: int = 1, seed: int = 0,
-              device: str = "cpu", steps: int | None = None, progress: bool = True) -> dict:
-    """Run every (experiment, row) pair and return ``{"results", "claims", "tables", ...}``."""
+              device: str = "cpu", steps: int | None = None, progress: bool = True,
+              rows_dir: str | os.PathLike | None = None, resume: bool = False) -> dict:
+    """Run every (experiment, row) pair and return ``{"results", "claims", "tables", ...}``.
+
+    ``rows_dir``: one run directory per row (``<experiment>__<row>``: checkpoints, metrics,
+    ``result.json``); with ``resume``, rows with a ``result.json`` are read back instead of rerun
+    and an interrupted row continues from its newest checkpoint, so a long run (``full``) can be
+    split over several commands (stop one with SIGTERM or SIGINT: the row in progress writes a
+    checkpoint first)."""
     for e in experiments:
         if e not in SIZES:
             raise ValueError(f"unknown experiment {e!r}: choose from {', '.join(SIZES)}")
@@ -496,7 +518,19 @@ def reproduce(experiments: list[str] | tuple[str, ...] = DEFAULT_EXPERIMENTS, ro
         raise ValueError(f"size must be 'quick', 'default' or 'full', got {size!r}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    work = [(e, r, size, seed, threads, device, steps, progress) for e in experiments for r in rows]
+    def row_dir(e: str, r: str) -> Path | None:
+        return None if rows_dir is None else Path(rows_dir) / f"{e}__{r}"
+
+    work = [(e, r, size, seed, threads, device, steps, progress, None, row_dir(e, r), resume)
+            for e in experiments for r in rows]
+    done = {}
+    for i, w in enumerate(work):  # rows an earlier command finished
+        d = w[9]
+        if resume and d is not None and (d / "result.json").exists():
+            done[i] = json.loads((d / "result.json").read_text())
+            if progress:
+                print(f"[{w[0]} / {ROWS[w[1]]['label']}] done earlier: read {d / 'result.json'}",
+                      file=sys.stderr, flush=True)
     # Longest rows first so the parallel workers finish together.
     # Rough relative cost (CPU seconds) of each row, to start the longest first.
     cost = {"mamba": 4, "s6": 3, "mamba2": 2, "attention": 1, "s4d": 1, "h3-s4d": 2, "h3-hyena": 3, "h3-s6": 4,
@@ -508,18 +542,19 @@ def reproduce(experiments: list[str] | tuple[str, ...] = DEFAULT_EXPERIMENTS, ro
         n = steps or sz.get("row_steps", {}).get(r, sz["steps"])
         return cost[r] * n * sz["batch_size"] * get_task(e, **sz["task"]).seqlen
 
-    order = sorted(range(len(work)), key=lambda i: -est(i))
-    jobs = jobs or max(1, min(len(work), (os.cpu_count() or 1) // threads))
+    order = sorted((i for i in range(len(work)) if i not in done), key=lambda i: -est(i))
+    jobs = jobs or max(1, min(len(order) or 1, (os.cpu_count() or 1) // threads))
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
     # Rows done, with the time left (on a terminal; the rows' own lines go to logs as well).
-    bar = tqdm(total=len(work), unit="row", desc="reproduce", file=sys.stderr, disable=None if progress else True)
+    bar = tqdm(total=len(work), initial=len(done), unit="row", desc="reproduce", file=sys.stderr,
+               disable=None if progress else True)
     if jobs == 1 or device != "cpu":
         # In this process: restore the thread count and determinism flag afterwards.
         saved_threads, saved_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
         try:
-            results_by_i = {}
+            results_by_i = dict(done)
             for i in order:
                 results_by_i[i] = _run_row_star(work[i])
                 bar.update(1)
@@ -536,7 +571,7 @@ def reproduce(experiments: list[str] | tuple[str, ...] = DEFAULT_EXPERIMENTS, ro
             with ctx.Pool(jobs, maxtasksperchild=1) as pool:
                 futures = {i: pool.apply_async(_run_row_star, (work[i],), callback=lambda _: bar.update(1))
                            for i in order}
-                results_by_i = {i: f.get() for i, f in futures.items()}
+                results_by_i = {**done, **{i: f.get() for i, f in futures.items()}}
         finally:
             bar.close()
             for k, v in saved.items():

@@ -109,6 +109,7 @@ MALFORMED = [
     (["reproduce", "--quick", "--full"], "argument --full: not allowed with argument --quick"),
     (["reproduce", "mamba"], "unknown experiment 'mamba' (a row: give it after --rows)"),
     (["reproduce", "--table1", "--lra"], "--table1 and --lra are separate runs: give one of them"),
+    (["reproduce", "--quick", "--resume", "--force"], "--resume and --force contradict each other"),
     (["reproduce", "--table1", "induction-heads"], "unknown experiment 'induction-heads': choose from selective-copying"),
     # bench
     (["bench", "--device", "cpu", "--out", "missing_dir/x.json"], "--out missing_dir/x.json: the directory missing_dir does not exist"),

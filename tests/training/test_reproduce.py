@@ -77,3 +77,40 @@ def test_table1_and_pathfinder_claims_and_tables():
     assert "| H3 + Hyena | H3 | Hyena | 1 | 1 | 85.0% | 30.1% |" in text
     assert "| S4D | 4 | 1 | 1 | 71.0% | S4: 86.1% / 88.1% |" in text
     assert tuple(rp.TABLE1_ROWS) == ("s4d", "s6", "h3-s4d", "h3-hyena", "h3-s6", "mamba-s4d", "mamba-hyena", "mamba")
+
+
+def test_a_stopped_row_resumes_from_its_checkpoint_and_finished_rows_are_read_back(tmp_path, monkeypatch):
+    import json
+    import os
+    import signal
+
+    from ssmkit.training.trainer import Trainer, TrainingInterrupted
+
+    whole = rp.run_row("selective-copying", "mamba", "quick", progress=False, out_dir=tmp_path / "whole")
+    step = Trainer.train_step
+
+    def stop_after_3(self):
+        rec = step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: checkpoint, then stop
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_3)
+    with pytest.raises(TrainingInterrupted):
+        rp.run_row("selective-copying", "mamba", "quick", progress=False, out_dir=tmp_path / "split")
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert not (tmp_path / "split" / "result.json").exists()
+    split = rp.run_row("selective-copying", "mamba", "quick", progress=False, out_dir=tmp_path / "split",
+                       resume=True)
+    assert split["steps"] == whole["steps"] == 6
+    assert split["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-6)
+    assert split["acc"] == whole["acc"]
+    assert json.loads((tmp_path / "split" / "result.json").read_text())["acc"] == split["acc"]
+
+    # reproduce(resume=True) reads a finished row back instead of training it again
+    (tmp_path / "rows").mkdir()
+    os.replace(tmp_path / "split", tmp_path / "rows" / "selective-copying__mamba")
+    monkeypatch.setattr(rp, "run_row", lambda *a, **k: pytest.fail("a finished row was trained again"))
+    rep = rp.reproduce(["selective-copying"], ["mamba"], size="quick", jobs=1, progress=False,
+                       rows_dir=tmp_path / "rows", resume=True)
+    assert rep["results"][0]["acc"] == split["acc"]
