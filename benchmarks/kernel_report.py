@@ -105,7 +105,7 @@ def _signature(name: str, consts: dict):
             if p in consts:
                 sig[p] = "constexpr"
             elif p.endswith("_ptr"):
-                sig[p] = ("*bf16" if p in _SSD_HALF else "*i32" if p in ("cu_ptr", "choff_ptr")
+                sig[p] = ("*bf16" if p in _SSD_HALF and not consts.get("IEEE") else "*i32" if p in ("cu_ptr", "choff_ptr")
                           else "*fp32")
             else:
                 sig[p] = "fp32" if p in ("dt_min", "dt_max") else "i32"

@@ -68,15 +68,15 @@ def peer(x, dt, A, B, C, D, z, bias):
     return mamba_chunk_scan_combined(x, dt, A, B, C, 256, D=D, z=z, dt_bias=bias, dt_softplus=True)
 
 
-def grad_errors(ts):
-    """Relative RMS error of the Triton form's output and gradients (bf16 inputs) against the
-    chunked form on the same inputs in float32."""
+def grad_errors(ts, fn=None):
+    """Relative RMS error of the output and gradients of ``fn`` (default: the Triton form) on bf16
+    inputs against the chunked form on the same inputs in float32."""
     gy = torch.randn_like(ts[0])
     res = {}
     outs = []
-    for backend, cast in (("triton", lambda t: t), ("chunked", lambda t: t.float())):
+    for f, cast in ((fn or ours("triton"), lambda t: t), (ours("chunked"), lambda t: t.float())):
         leaves = [cast(t).detach().requires_grad_() for t in ts]
-        y = ours(backend)(*leaves)
+        y = f(*leaves)
         g = torch.autograd.grad(y, leaves, gy.to(y.dtype))
         outs.append([y, *g])
     for name, a, b in zip(["y", "dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias"], *outs):
@@ -109,7 +109,7 @@ def main(argv=None):
                 print("mamba_ssm failed:", repr(e), flush=True)
         row["ssmkit"] = _time(ours("triton"), ts, True)
         if a.sweep:  # warps per program, forward and backward
-            import ssmkit.ops.ssd.triton as sdt
+            sdt = sys.modules["ssmkit.ops.ssd.triton"]  # (ssmkit.ops.ssd names the function too)
 
             base = (sdt.FWD_WARPS, sdt.BWD_WARPS)
             for fw, bw in ((4, 4), (8, 8), (4, 8), (8, 4)):
@@ -125,6 +125,8 @@ def main(argv=None):
             row["ssmkit chunked"] = _time(ours("chunked"), ts, True)
         if L <= 2048:
             row["rel_rms_vs_fp32"] = grad_errors(ts)
+            if "mamba_ssm" in row:
+                row["mamba_ssm rel_rms_vs_fp32"] = grad_errors(ts, peer)
         print(L, row, flush=True)
         rows.append(row)
     print("\n| L | ssmkit fwd ms | mamba_ssm fwd ms | ratio | ssmkit fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio |")

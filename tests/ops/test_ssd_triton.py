@@ -88,3 +88,28 @@ def test_strided_views_as_in_the_layer():
     views = [xv.view(b, L, H, P), dtv, A, Bv.view(b, L, G, N), Cv.view(b, L, G, N), D, zv.view(b, L, H, P), bias, h0]
     assert not views[0].is_contiguous()
     _check(views)
+
+
+def test_without_the_final_state_no_state_gradient_is_read(monkeypatch):
+    """Without ``return_final_state`` the forward's final state is a placeholder: the backward must
+    not hand the kernels autograd's zeros of its shape as the state's gradient."""
+    import sys
+
+    sdt = sys.modules["ssmkit.ops.ssd.triton"]  # (ssmkit.ops.ssd also names the function)
+    seen = []
+    real = sdt.backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(sdt, "backward", spy)
+    x, dt, A, B, C, D, z, bias, _ = [t.requires_grad_() if t is not None else None
+                                     for t in _inputs(1, 70, 2, 8, 1, 16)]
+    y = ssd_triton(x, dt, A, B, C, 64, D, z, bias, True)
+    gx, gB = torch.autograd.grad(y.sum(), [x, B])
+    assert seen == [None]
+    yr = ssd(x, dt, A, B, C, D, z, bias, dt_softplus=True, backend="reference")
+    rx, rB = torch.autograd.grad(yr.sum(), [x, B])
+    assert_close("dx", rx, gx, rel=1e-10)
+    assert_close("dB", rB, gB, rel=1e-10)

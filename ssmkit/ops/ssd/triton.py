@@ -97,13 +97,16 @@ class _SSDFn(torch.autograd.Function):
         y, hT = _launch_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, cu, store_ht)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, cu)
         ctx.opts = (dt_softplus, dt_limit)
+        ctx.store_ht = store_ht
         ctx.mark_non_differentiable(*(() if store_ht else (hT,)))
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
         x, dt, A, B, C, D, z, dt_bias, h0, cu = ctx.saved_tensors
-        grads = backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, *ctx.opts, dy, dhT)
+        # Without a final state, hT is a one-element placeholder and autograd hands back zeros
+        # of its shape: no gradient reaches the state then (the kernels must not read it).
+        grads = backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, *ctx.opts, dy, dhT if ctx.store_ht else None)
         return (*grads, None, None, None, None)
 
 
@@ -117,6 +120,10 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
         import triton as _triton
 
         triton = _triton
+    nseq_ = x.shape[0] if cu is None else cu.numel() - 1
+    if dhT is not None and dhT.shape != (nseq_, x.shape[2], x.shape[3], B.shape[3]):
+        raise ValueError(f"dhT must have the final state's shape {(nseq_, x.shape[2], x.shape[3], B.shape[3])}, "
+                         f"got {tuple(dhT.shape)}")
     x, dt, B, C, z, dy = (_row_major(t) for t in (x, dt, B, C, z, dy))
     A, D, dt_bias, h0 = (None if t is None else t.contiguous() for t in (A, D, dt_bias, h0))
     from ssmkit.ops.ssd import triton_fused_chunk as k
@@ -172,7 +179,9 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
         dx.stride(0), dx.stride(1), dx.stride(2), dzz.stride(0), dzz.stride(1), dzz.stride(2),
         ddt.stride(0), ddt.stride(1), dys.stride(0), dys.stride(1), dys.stride(2),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, HAS_DHT=dhT is not None, **common)
+        HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, HAS_DHT=dhT is not None,
+        # float32 tiles at 3 stages need up to 361 KB of shared memory on sm_90 (limit 227 KB)
+        num_stages=3 if x.element_size() <= 2 else 2, **common)
     k._ssd_bwd_dbc[(nseq, nch_max, G)](
         x, dt, A, B, C, bias_, cu_, choff, S, dS, dys, dB, dC,
         L, H, P, N, H // G, nch_max, lo, hi, *strides,
