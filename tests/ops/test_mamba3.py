@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ssmkit.ops.mamba3 import Mamba3State, mamba3, mamba3_step
+from ssmkit.ops.mamba3 import Mamba3Carry, mamba3, mamba3_step
 from ssmkit.testing import assert_close
 
 # (R, rotary_pairs, G): SISO with and without grouped B/C, MIMO in both rotary layouts
@@ -27,7 +27,7 @@ def make_inputs(b, l, h=4, p=3, g=1, n=8, s=2, r=None, *, dtype=torch.float64, i
         kw.update(mimo_x=rn(h, r, p), mimo_z=rn(h, r, p) if z else None, mimo_o=rn(h, r, p))
     state = None
     if init:
-        state = Mamba3State(torch.rand(b, h, s, generator=gen, dtype=dtype) * 6, rn(b, h, p, n),
+        state = Mamba3Carry(torch.rand(b, h, s, generator=gen, dtype=dtype) * 6, rn(b, h, p, n),
                             rn(b, r or 1, h, n), rn(b, h, p))
     return inp, kw, state
 
@@ -54,7 +54,7 @@ def test_chunked_and_step_match_reference_float64(r, pairs, g, l, chunk):
                     backend="chunked")
     assert_close("chunked y", ref, y, 1e-10)
     check_states("chunked", ref_st, fin, 1e-10)
-    state = Mamba3State(*(t.clone() for t in st))
+    state = Mamba3Carry(*(t.clone() for t in st))
     ys = mamba3_step(state, **inp, **kw, rotary_pairs=pairs)
     assert_close("step y", ref, ys, 1e-10)
     check_states("step", ref_st, state, 1e-10)
@@ -67,7 +67,7 @@ def test_float32_matches_float64_reference(r, pairs, g):
                          backend="reference")
     f32 = {k: v.float() for k, v in inp.items()}
     kw32 = {k: None if v is None else v.float() for k, v in kw.items()}
-    st32 = Mamba3State(*(t.float() for t in st))
+    st32 = Mamba3Carry(*(t.float() for t in st))
     y, fin = mamba3(**f32, **kw32, rotary_pairs=pairs, initial_state=st32, chunk_size=16, return_final_state=True)
     assert_close("chunked y", ref, y, 1e-5)
     check_states("chunked", ref_st, fin, 1e-5)
@@ -77,7 +77,7 @@ def test_float32_matches_float64_reference(r, pairs, g):
 
 def _grads(form, inp, kw, st, pairs, wy, wst):
     leaves = {k: v.clone().requires_grad_(True) for k, v in {**inp, **kw}.items() if v is not None}
-    st = Mamba3State(*(t.clone().requires_grad_(True) for t in st))
+    st = Mamba3Carry(*(t.clone().requires_grad_(True) for t in st))
     x = {k: leaves.get(k) for k in (*inp, *kw)}
     y, fin = mamba3(**x, rotary_pairs=pairs, initial_state=st, chunk_size=4, return_final_state=True, backend=form)
     loss = (y * wy).sum() + sum((torch.sin(a) if i == 0 else a) .mul(w).sum()
@@ -127,13 +127,13 @@ def test_packed_equals_separate(form, r):
     packed = {k: torch.cat([s[0][k][:, :n] for s, n in zip(seqs, lens)], 1) for k in seqs[0][0]}
     shared = {k: v for k, v in seqs[0][1].items() if k != "z"}
     zs = torch.cat([s[1]["z"][:, :n] for s, n in zip(seqs, lens)], 1)
-    init = Mamba3State(*(torch.cat([getattr(s[2], f) for s in seqs]) for f in Mamba3State._fields))
+    init = Mamba3Carry(*(torch.cat([getattr(s[2], f) for s in seqs]) for f in Mamba3Carry._fields))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     y, fin = mamba3(**packed, **shared, z=zs, initial_state=init, chunk_size=4, return_final_state=True,
                     cu_seqlens=cu, backend=form)
     for i, (s, n) in enumerate(zip(seqs, lens)):
         if n == 0:
-            for f in Mamba3State._fields:
+            for f in Mamba3Carry._fields:
                 assert_close(f"empty {f}", getattr(s[2], f) if f != "angle" else s[2].angle,
                              getattr(fin, f)[i:i + 1], 1e-12)
             continue
@@ -142,7 +142,7 @@ def test_packed_equals_separate(form, r):
                         backend=form)
         a = cu[i].item()
         assert_close(f"y[{i}]", yi, y[:, a:a + n], 1e-10)
-        check_states(f"seq {i}", si, Mamba3State(*(t[i:i + 1] for t in fin)), 1e-10)
+        check_states(f"seq {i}", si, Mamba3Carry(*(t[i:i + 1] for t in fin)), 1e-10)
 
 
 def test_strong_decay_long_sequence_float32_finite():
@@ -175,7 +175,7 @@ def test_errors_name_the_argument():
         mamba3(**inp, mimo_x=torch.ones(4, 1, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="initial_state.ssm must have shape"):
         mamba3(**inp, initial_state=st._replace(ssm=st.ssm[..., :3]))
-    with pytest.raises(TypeError, match="Mamba3State"):
+    with pytest.raises(TypeError, match="Mamba3Carry"):
         mamba3(**inp, initial_state=tuple(st))
     minp, mkw, _ = make_inputs(1, 6, r=2, init=False)
     with pytest.raises(TypeError, match="mimo_x must be a tensor"):

@@ -12,9 +12,9 @@ import torch
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, read_values
 from ssmkit.ops import dispatch
 from ssmkit.ops.mamba3 import chunked, reference, step  # noqa: F401  (registers the forms)
-from ssmkit.ops.mamba3._common import Mamba3State
+from ssmkit.ops.mamba3._common import Mamba3Carry
 
-__all__ = ["mamba3", "mamba3_step", "Mamba3State"]
+__all__ = ["mamba3", "mamba3_step", "Mamba3Carry"]
 
 PAIRS = ("interleaved", "halves")
 
@@ -65,8 +65,8 @@ def _check_common(x, dt, dA, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, m
 
 
 def _check_state(name, st, n, H, P, R, N, S, who):
-    if not isinstance(st, Mamba3State):
-        raise TypeError(f"{name} must be a Mamba3State (angle, ssm, k, v), got {type(st).__name__}")
+    if not isinstance(st, Mamba3Carry):
+        raise TypeError(f"{name} must be a Mamba3Carry (angle, ssm, k, v), got {type(st).__name__}")
     for field, shape in (("angle", (n, H, S)), ("ssm", (n, H, P, N)), ("k", (n, R, H, N)), ("v", (n, H, P))):
         check_tensor(f"{name}.{field}", getattr(st, field), shape=shape,
                      desc=f"({who}={n}, {', '.join(map(str, shape[1:]))})")
@@ -90,7 +90,7 @@ def mamba3(
     mimo_o: torch.Tensor | None = None,
     rotary_pairs: str = "interleaved",
     chunk_size: int = 64,
-    initial_state: Mamba3State | None = None,
+    initial_state: Mamba3Carry | None = None,
     return_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
@@ -112,11 +112,11 @@ def mamba3(
     pairs (2j, 2j+1), "halves" pairs (j, j + N/2)); ``D: (H,)``; ``z`` like ``x``; ``B_bias,
     C_bias: (H, N)`` SISO, ``(H, R, N)`` MIMO; ``mimo_x, mimo_z, mimo_o: (H, R, P)`` (MIMO only;
     ``mimo_x`` required; without ``mimo_o`` the output keeps the rank axis, ``(batch, seqlen, R,
-    H, P)``). ``initial_state``: a :class:`Mamba3State` with batch (or, with ``cu_seqlens``
+    H, P)``). ``initial_state``: a :class:`Mamba3Carry` (the carried state) with batch (or, with ``cu_seqlens``
     ``(num_seqs + 1,)``, batch 1 and sequences packed along seqlen, num_seqs) rows.
 
     Returns ``y`` (``(batch, seqlen, H, P)``, x's dtype), and with ``return_final_state`` also
-    the final :class:`Mamba3State` (float32; float64 for float64 inputs). ``check``: also check
+    the final :class:`Mamba3Carry` (float32; float64 for float64 inputs). ``check``: also check
     ``cu_seqlens``' values (None: only for CPU tensors).
     """
     check_tensor("x", x, 4, desc="(batch, seqlen, H, P)")
@@ -137,7 +137,7 @@ def mamba3(
 
 
 def mamba3_step(
-    state: Mamba3State,
+    state: Mamba3Carry,
     x: torch.Tensor,
     dt: torch.Tensor,
     dA: torch.Tensor,
@@ -156,7 +156,7 @@ def mamba3_step(
     rotary_pairs: str = "interleaved",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Mamba-3 decoding: advance ``state`` (a :class:`Mamba3State`, updated in place) by T >= 1
+    """Mamba-3 decoding: advance ``state`` (a :class:`Mamba3Carry`, updated in place) by T >= 1
     tokens and return ``y``: :func:`mamba3` continued from ``state``.
 
     One token: ``x: (batch, H, P)``, ``dt, dA, trap: (batch, H)``, ``B, C: (batch, [R,] G, N)``,

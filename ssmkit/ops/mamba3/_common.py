@@ -23,7 +23,7 @@ from ssmkit.ops.ssd._common import compute_dtype, pad_packed, unpad_packed
 TWO_PI = 2.0 * math.pi
 
 
-class Mamba3State(NamedTuple):
+class Mamba3Carry(NamedTuple):
     """The decode state of a Mamba-3 layer, per sequence (float32, float64 for float64 inputs):
 
     * ``angle: (batch, H, S)`` accumulated rotary angles, kept in [0, 2π);
@@ -125,7 +125,7 @@ def epilogue(y, v, x, D, z, mimo_z, mimo_o, siso, cdt):
     return y
 
 
-def initial_parts(init: Mamba3State | None, nstate, H, P, N, R, S, mimo_x, cdt, device):
+def initial_parts(init: Mamba3Carry | None, nstate, H, P, N, R, S, mimo_x, cdt, device):
     """``(angle0, h0, k0, v0)`` in the compute dtype; ``v0 (n, R, H, P)`` is up-projected."""
     if init is None:
         z = functools.partial(torch.zeros, dtype=cdt, device=device)
@@ -177,11 +177,11 @@ def make_form(core: Core) -> Callable:
     return form
 
 
-def final_state(prep: Prepared, xs, valid, angle0, h_T, k0, initial_state, cdt) -> Mamba3State:
+def final_state(prep: Prepared, xs, valid, angle0, h_T, k0, initial_state, cdt) -> Mamba3Carry:
     """The state after the last token of each row (of each packed sequence: its last valid
     token; an empty sequence keeps its initial state)."""
     if valid is None:
-        return Mamba3State(wrap_angle(prep.theta[:, -1]), h_T, prep.k[:, -1], xs[:, -1].to(cdt))
+        return Mamba3Carry(wrap_angle(prep.theta[:, -1]), h_T, prep.k[:, -1], xs[:, -1].to(cdt))
     lens = valid.sum(1)
     last = (lens - 1).clamp(min=0)
     rows = torch.arange(valid.shape[0], device=last.device)
@@ -191,4 +191,4 @@ def final_state(prep: Prepared, xs, valid, angle0, h_T, k0, initial_state, cdt) 
     v_init = (initial_state.v.to(cdt) if initial_state is not None
               else xs.new_zeros(xs.shape[0], *xs.shape[2:]).to(cdt))
     v = torch.where(keep, xs[rows, last].to(cdt), v_init)
-    return Mamba3State(wrap_angle(angle), h_T, k, v)
+    return Mamba3Carry(wrap_angle(angle), h_T, k, v)

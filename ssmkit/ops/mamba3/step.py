@@ -1,4 +1,4 @@
-"""Mamba-3 decoding: advance a :class:`Mamba3State` in place by T >= 1 tokens.
+"""Mamba-3 decoding: advance a :class:`Mamba3Carry` in place by T >= 1 tokens.
 
 Per token (see reference.py): θ += tanh(angle)·π·Δ; q, k rotated by θ; then two rank-R writes
 into the state, the previous token's (β) and this token's (γ), after its decay::
