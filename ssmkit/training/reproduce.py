@@ -9,8 +9,8 @@ Two experiments, each training one small language model per row:
   Mamba stays at 100% (up to 2^20 tokens in the paper), attention with RoPE fails past ~2x.
 
 Rows: S4D without gating (S4D layer with ``postact=None``: SSM, GELU, a plain linear, no GLU),
-S6 without gating (the Mamba block with ``use_gate=False``), Mamba, Mamba-2 and attention with
-RoPE, each in a 2-layer model without MLPs. ``size="default"`` is the CPU scale (shorter sequences,
+S6 without gating (the Mamba block with ``use_gate=False``), Mamba, Mamba-2, Mamba-3 (SISO, and
+MIMO with rank 2) and attention with RoPE, each in a 2-layer model without MLPs. ``size="default"`` is the CPU scale (shorter sequences,
 fewer tokens to memorise, fewer steps than the paper: see :data:`SIZES` and the table header);
 ``size="full"`` uses the paper's task and model sizes (for a GPU); ``size="quick"`` is a
 seconds-long smoke test whose numbers mean nothing.
@@ -45,17 +45,22 @@ ROWS: dict[str, dict[str, Any]] = {
            "cfg": {"ssm_cfg": {"use_gate": False}}},
     "mamba": {"label": "Mamba", "paper_label": "Mamba (S6)", "letter": "M", "cfg": {}},
     "mamba2": {"label": "Mamba-2", "paper_label": "-", "letter": "2", "cfg": {}},
+    "mamba3": {"label": "Mamba-3", "paper_label": "-", "letter": "3", "cfg": {}},
+    "mamba3-mimo": {"label": "Mamba-3 MIMO (R=2)", "paper_label": "-", "letter": "3",
+                    "cfg": {"mamba3_cfg": {"is_mimo": True, "mimo_rank": 2, "chunk_size": 32}}},
     "attention": {"label": "Attention (RoPE)", "paper_label": "MHA-RoPE", "letter": "A", "cfg": {}},
 }
 
 PAPER = {
     "selective-copying": {
         "source": "Mamba paper, Table 1 (accuracy)",
-        "s4d": "18.3%", "s6": "97.0%", "mamba": "99.8%", "mamba2": "n/a", "attention": "n/a",
+        "s4d": "18.3%", "s6": "97.0%", "mamba": "99.8%", "mamba2": "n/a", "mamba3": "n/a", "mamba3-mimo": "n/a",
+        "attention": "n/a",
     },
     "induction-heads": {
         "source": "Mamba paper, Table 2 / Fig. 5 (trained at 256, tested up to 2^20)",
         "s4d": "n/a", "s6": "n/a", "mamba": "100% at every length up to 2^20 (4096x)", "mamba2": "n/a",
+        "mamba3": "n/a", "mamba3-mimo": "n/a",
         "attention": "fails past ~2x the training length",
     },
 }
@@ -117,6 +122,8 @@ def model_config(experiment: str, row: str, size: str = "default", vocab_size: i
         cfg.setdefault("ssm_cfg", {}).update(d_state=N, **dt_kw)
     elif row == "mamba2":
         cfg["mamba2_cfg"] = {"d_state": N, "headdim": max(d // 4, 4), **dt_kw}
+    elif row in ("mamba3", "mamba3-mimo"):
+        cfg.setdefault("mamba3_cfg", {}).update(d_state=N, headdim=max(d // 4, 4), **dt_kw)
     elif row == "s4d":
         cfg["s4d_cfg"].update(d_state=N, **dt_kw)
     elif row == "attention":
@@ -411,7 +418,7 @@ def reproduce(experiments: list[str] | tuple[str, ...] = EXPERIMENTS, rows: list
     work = [(e, r, size, seed, threads, device, steps, progress) for e in experiments for r in rows]
     # Longest rows first so the parallel workers finish together.
     # Rough relative cost (CPU seconds) of each row, to start the longest first.
-    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "attention": 1, "s4d": 1}
+    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "mamba3": 2, "mamba3-mimo": 3, "attention": 1, "s4d": 1}
 
     def est(i: int) -> float:
         e, r = work[i][0], work[i][1]
