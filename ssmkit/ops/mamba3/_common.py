@@ -52,27 +52,44 @@ class Prepared(NamedTuple):
     theta: torch.Tensor
 
 
-def rotate(t: torch.Tensor, theta: torch.Tensor, pairs: str) -> torch.Tensor:
-    """Rotate pairs of the last axis of ``t (..., N)`` by ``theta (..., S)`` (S <= N/2 pairs).
+def rotation(theta: torch.Tensor) -> torch.Tensor:
+    """``exp(iθ)``: the rotations of :func:`rotate` as complex numbers (computed once for q and k)."""
+    return torch.complex(torch.cos(theta), torch.sin(theta))
+
+
+def rotate(t: torch.Tensor, rot: torch.Tensor, pairs: str) -> torch.Tensor:
+    """Rotate pairs of the last axis of ``t (..., N)`` by the angles of ``rot = exp(iθ) (..., S)``
+    (S <= N/2 pairs): each pair, read as a complex number, times ``rot``.
 
     ``"interleaved"``: pairs (2j, 2j+1) for j < S (mamba_ssm's SISO layout); ``"halves"``: pairs
     (j, j + N/2) for j < S (its MIMO kernels' layout). Entries in no pair are left as they are.
     """
-    S, N = theta.shape[-1], t.shape[-1]
-    cos, sin = torch.cos(theta), torch.sin(theta)
+    S, N = rot.shape[-1], t.shape[-1]
     if pairs == "interleaved":
-        t0, t1 = t[..., 0:2 * S:2], t[..., 1:2 * S:2]
-        r = torch.stack([t0 * cos - t1 * sin, t0 * sin + t1 * cos], dim=-1).flatten(-2)
+        head = t[..., :2 * S]
+        if head.stride(-1) != 1 or any(st % 2 for st in head.stride()[:-1]) or head.storage_offset() % 2:
+            head = head.contiguous()
+        r = torch.view_as_real(torch.view_as_complex(head.unflatten(-1, (S, 2))) * rot).flatten(-2)
         return torch.cat([r, t[..., 2 * S:]], dim=-1) if 2 * S < N else r
     h = N // 2
-    t0, t1 = t[..., :S], t[..., h:h + S]
-    return torch.cat([t0 * cos - t1 * sin, t[..., S:h], t0 * sin + t1 * cos, t[..., h + S:]], dim=-1)
+    r = torch.complex(t[..., :S], t[..., h:h + S]) * rot
+    return torch.cat([r.real, t[..., S:h], r.imag, t[..., h + S:]], dim=-1)
 
 
 def heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
     """Groups -> heads along ``dim``: head i reads group i // (H / G)."""
     g = t.shape[dim]
     return t if g == nheads else t.repeat_interleave(nheads // g, dim=dim)
+
+
+def heads_plus_bias(t: torch.Tensor, bias: torch.Tensor | None, nheads: int) -> torch.Tensor:
+    """``t (..., R, G, N)`` per head plus ``bias (R, H, N)`` -> ``(..., R, H, N)``, in one pass
+    (the group axis is broadcast against the heads of each group)."""
+    if bias is None:
+        return heads(t, nheads, t.dim() - 2)
+    *lead, R, G, N = t.shape
+    out = t.unsqueeze(-2) + bias.view(R, G, nheads // G, N)
+    return out.view(*lead, R, nheads, N)
 
 
 def rank_weights(w: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor | None:
@@ -99,13 +116,9 @@ def prepare(x, dt, dA, B, C, trap, angles, B_bias, C_bias, mimo_x, angle0, pairs
     H = x.shape[2]
     dt, dA = dt.to(cdt), dA.to(cdt)
     theta = torch.cumsum(torch.tanh(angles.to(cdt)) * (math.pi * dt).unsqueeze(-1), dim=1) + angle0.unsqueeze(1)
-    th = theta.unsqueeze(2)  # (b, l, 1, H, S): one angle per head, shared by the ranks
-    Bh, Ch = heads(B.to(cdt), H, 3), heads(C.to(cdt), H, 3)
-    if B_bias is not None:
-        Bh = Bh + B_bias
-    if C_bias is not None:
-        Ch = Ch + C_bias
-    q, k = rotate(Ch, th, pairs), rotate(Bh, th, pairs)
+    rot = rotation(theta.unsqueeze(2))  # (b, l, 1, H, S): one angle per head, shared by the ranks
+    q = rotate(heads_plus_bias(C.to(cdt), C_bias, H), rot, pairs)
+    k = rotate(heads_plus_bias(B.to(cdt), B_bias, H), rot, pairs)
     v = up_project(x.to(cdt), mimo_x)
     return Prepared(q, k, v, dt, dA, torch.sigmoid(trap.to(cdt)), theta)
 

@@ -16,7 +16,16 @@ import math
 import torch
 
 from ssmkit.ops.dispatch import register
-from ssmkit.ops.mamba3._common import bias_rank, epilogue, heads, rank_weights, rotate, up_project, wrap_angle
+from ssmkit.ops.mamba3._common import (
+    bias_rank,
+    epilogue,
+    heads_plus_bias,
+    rank_weights,
+    rotate,
+    rotation,
+    up_project,
+    wrap_angle,
+)
 
 
 def mamba3_step_one(state, x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None,
@@ -30,14 +39,9 @@ def mamba3_step_one(state, x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias
     mx, mz, mo = (rank_weights(w, sdt) for w in (mimo_x, mimo_z, mimo_o))
     dt, dA = dt.to(sdt), dA.to(sdt)
     theta = state.angle + torch.tanh(angles.to(sdt)) * (math.pi * dt).unsqueeze(-1)  # (b, H, S)
-    Bh, Ch = heads(B.to(sdt), H, 2), heads(C.to(sdt), H, 2)  # (b, R, H, N)
-    bb, cb = bias_rank(B_bias, sdt, siso), bias_rank(C_bias, sdt, siso)
-    if bb is not None:
-        Bh = Bh + bb
-    if cb is not None:
-        Ch = Ch + cb
-    th = theta.unsqueeze(1)
-    q, k = rotate(Ch, th, rotary_pairs), rotate(Bh, th, rotary_pairs)
+    rot = rotation(theta.unsqueeze(1))
+    q = rotate(heads_plus_bias(C.to(sdt), bias_rank(C_bias, sdt, siso), H), rot, rotary_pairs)  # (b, R, H, N)
+    k = rotate(heads_plus_bias(B.to(sdt), bias_rank(B_bias, sdt, siso), H), rot, rotary_pairs)
     v = up_project(x.to(sdt), mx)  # (b, R, H, P)
     vp = up_project(state.v.to(sdt), mx)
     lam = torch.sigmoid(trap.to(sdt))
