@@ -5,8 +5,8 @@ into the state, the previous token's (β) and this token's (γ), after its decay
 
     h <- α h + β Σ_r v_{prev,r} k_{prev,r}ᵀ + γ Σ_r v_r k_rᵀ,     y_r = h q_r
 
-and (k, v) become the carried pair. The writes are batched matmuls over the rank axis
-(``(P, R) @ (R, N)`` per head), the readout one more.
+and (k, v) become the carried pair. SISO's writes are rank-1 updates in place; MIMO's are
+``(P, R) @ (R, N)`` matmuls per head accumulated in place; the readout is one batched matmul.
 """
 
 from __future__ import annotations
@@ -46,13 +46,21 @@ def mamba3_step_one(state, x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias
     vp = up_project(state.v.to(sdt), mx)
     lam = torch.sigmoid(trap.to(sdt))
     alpha = torch.exp(dA)
-    beta = ((1 - lam) * dt * alpha)[..., None, None]
+    beta = ((1 - lam) * dt * alpha)[..., None, None]  # (b, H, 1, 1)
     gamma = (lam * dt)[..., None, None]
-    # (b, H, P, R) @ (b, H, R, N): the rank-R writes as batched matmuls
-    prev = vp.permute(0, 2, 3, 1) @ state.k.to(sdt).transpose(1, 2)
-    cur = v.permute(0, 2, 3, 1) @ k.transpose(1, 2)
     h = state.ssm
-    h.mul_(alpha[..., None, None]).addcmul_(beta, prev).addcmul_(gamma, cur)
+    h.mul_(alpha[..., None, None])
+    b, R, _, N = k.shape
+    P = h.shape[2]
+    if R == 1:  # two rank-1 writes in place (a broadcast matmul is several times slower on a CPU)
+        h.addcmul_((vp[:, 0] * beta[..., 0]).unsqueeze(-1), state.k[:, 0].to(sdt).unsqueeze(-2))
+        h.addcmul_((v[:, 0] * gamma[..., 0]).unsqueeze(-1), k[:, 0].unsqueeze(-2))
+    else:  # rank-R writes: (P, R) @ (R, N) per (batch, head), accumulated in place
+        hv = h.view(b * H, P, N)
+        hv.baddbmm_((vp * beta.view(b, 1, H, 1)).permute(0, 2, 3, 1).reshape(b * H, P, R),
+                    state.k.to(sdt).transpose(1, 2).reshape(b * H, R, N))
+        hv.baddbmm_((v * gamma.view(b, 1, H, 1)).permute(0, 2, 3, 1).reshape(b * H, P, R),
+                    k.transpose(1, 2).reshape(b * H, R, N))
     y = (h @ q.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (b, H, P, R) -> (b, R, H, P)
     state.angle.copy_(wrap_angle(theta))
     state.k.copy_(k)
