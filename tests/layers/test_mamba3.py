@@ -117,3 +117,9 @@ def test_bad_inputs_raise_clear_errors():
         m(torch.randn(1, 3, 8))
     with pytest.raises(TypeError, match="Mamba3State"):
         m(torch.randn(1, 3, 16), state=m.allocate_state(1).carry())
+
+
+def test_step_continues_a_state_returned_with_autograd_on():
+    m = Mamba3(16, d_state=8, headdim=4)
+    _, st = m(torch.randn(2, 5, 16), return_state=True)
+    assert m.step(torch.randn(2, 16), st).shape == (2, 16)

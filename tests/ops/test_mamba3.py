@@ -182,3 +182,13 @@ def test_errors_name_the_argument():
         mamba3(**minp)
     with pytest.raises(ValueError, match="mimo_z is None"):
         mamba3(**minp, z=mkw["z"], mimo_x=mkw["mimo_x"])
+
+
+def test_returned_state_owns_its_memory():
+    """The step updates the state in place: it must not write into the inputs it came from."""
+    inp, kw, _ = make_inputs(1, 5, init=False)
+    x0 = inp["x"].clone()
+    _, st = mamba3(**inp, **kw, return_final_state=True)
+    one = {k: v[:, 0] for k, v in inp.items()}
+    mamba3_step(st, **one, **{**kw, "z": kw["z"][:, 0]})
+    assert torch.equal(inp["x"], x0)

@@ -194,7 +194,9 @@ def final_state(prep: Prepared, xs, valid, angle0, h_T, k0, initial_state, cdt) 
     """The state after the last token of each row (of each packed sequence: its last valid
     token; an empty sequence keeps its initial state)."""
     if valid is None:
-        return Mamba3Carry(wrap_angle(prep.theta[:, -1]), h_T, prep.k[:, -1], xs[:, -1].to(cdt))
+        # (copies: the state is updated in place by the step and must not alias the inputs)
+        return Mamba3Carry(wrap_angle(prep.theta[:, -1]), h_T, prep.k[:, -1].clone(),
+                           xs[:, -1].to(cdt, copy=True))
     lens = valid.sum(1)
     last = (lens - 1).clamp(min=0)
     rows = torch.arange(valid.shape[0], device=last.device)
