@@ -57,23 +57,27 @@ def rotation(theta: torch.Tensor) -> torch.Tensor:
     return torch.complex(torch.cos(theta), torch.sin(theta))
 
 
-def rotate(t: torch.Tensor, rot: torch.Tensor, pairs: str) -> torch.Tensor:
-    """Rotate pairs of the last axis of ``t (..., N)`` by the angles of ``rot = exp(iθ) (..., S)``
-    (S <= N/2 pairs): each pair, read as a complex number, times ``rot``.
+def rotate_(t: torch.Tensor, rot: torch.Tensor, pairs: str) -> torch.Tensor:
+    """Rotate pairs of the last axis of ``t (..., N)`` in place (``t`` must be a tensor of one's
+    own) by the angles of ``rot = exp(iθ) (..., S)`` (S <= N/2 pairs): each pair, read as a
+    complex number, times ``rot``. Returns ``t``.
 
     ``"interleaved"``: pairs (2j, 2j+1) for j < S (mamba_ssm's SISO layout); ``"halves"``: pairs
     (j, j + N/2) for j < S (its MIMO kernels' layout). Entries in no pair are left as they are.
+    Written back into ``t`` without autograd (no pass over the unrotated part); with autograd into
+    a copy of ``t``, as autograd keeps views of it.
     """
     S, N = rot.shape[-1], t.shape[-1]
     if pairs == "interleaved":
-        head = t[..., :2 * S]
-        if head.stride(-1) != 1 or any(st % 2 for st in head.stride()[:-1]) or head.storage_offset() % 2:
-            head = head.contiguous()
-        r = torch.view_as_real(torch.view_as_complex(head.unflatten(-1, (S, 2))) * rot).flatten(-2)
-        return torch.cat([r, t[..., 2 * S:]], dim=-1) if 2 * S < N else r
-    h = N // 2
-    r = torch.complex(t[..., :S], t[..., h:h + S]) * rot
-    return torch.cat([r.real, t[..., S:h], r.imag, t[..., h + S:]], dim=-1)
+        i0, i1 = slice(0, 2 * S, 2), slice(1, 2 * S, 2)
+    else:
+        i0, i1 = slice(0, S), slice(N // 2, N // 2 + S)
+    r = torch.complex(t[..., i0], t[..., i1]) * rot
+    if torch.is_grad_enabled() and (t.requires_grad or rot.requires_grad):
+        t = t.clone()  # autograd holds views of the input: write into a copy
+    t[..., i0] = r.real
+    t[..., i1] = r.imag
+    return t
 
 
 def heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
@@ -84,9 +88,10 @@ def heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
 
 def heads_plus_bias(t: torch.Tensor, bias: torch.Tensor | None, nheads: int) -> torch.Tensor:
     """``t (..., R, G, N)`` per head plus ``bias (R, H, N)`` -> ``(..., R, H, N)``, in one pass
-    (the group axis is broadcast against the heads of each group)."""
+    (the group axis is broadcast against the heads of each group); always a new tensor."""
     if bias is None:
-        return heads(t, nheads, t.dim() - 2)
+        out = heads(t, nheads, t.dim() - 2)
+        return out.clone() if out is t or out.data_ptr() == t.data_ptr() else out
     *lead, R, G, N = t.shape
     out = t.unsqueeze(-2) + bias.view(R, G, nheads // G, N)
     return out.view(*lead, R, nheads, N)
@@ -117,8 +122,8 @@ def prepare(x, dt, dA, B, C, trap, angles, B_bias, C_bias, mimo_x, angle0, pairs
     dt, dA = dt.to(cdt), dA.to(cdt)
     theta = torch.cumsum(torch.tanh(angles.to(cdt)) * (math.pi * dt).unsqueeze(-1), dim=1) + angle0.unsqueeze(1)
     rot = rotation(theta.unsqueeze(2))  # (b, l, 1, H, S): one angle per head, shared by the ranks
-    q = rotate(heads_plus_bias(C.to(cdt), C_bias, H), rot, pairs)
-    k = rotate(heads_plus_bias(B.to(cdt), B_bias, H), rot, pairs)
+    q = rotate_(heads_plus_bias(C.to(cdt), C_bias, H), rot, pairs)
+    k = rotate_(heads_plus_bias(B.to(cdt), B_bias, H), rot, pairs)
     v = up_project(x.to(cdt), mimo_x)
     return Prepared(q, k, v, dt, dA, torch.sigmoid(trap.to(cdt)), theta)
 

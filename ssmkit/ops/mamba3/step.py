@@ -21,7 +21,7 @@ from ssmkit.ops.mamba3._common import (
     epilogue,
     heads_plus_bias,
     rank_weights,
-    rotate,
+    rotate_,
     rotation,
     up_project,
     wrap_angle,
@@ -40,8 +40,8 @@ def mamba3_step_one(state, x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias
     dt, dA = dt.to(sdt), dA.to(sdt)
     theta = state.angle + torch.tanh(angles.to(sdt)) * (math.pi * dt).unsqueeze(-1)  # (b, H, S)
     rot = rotation(theta.unsqueeze(1))
-    q = rotate(heads_plus_bias(C.to(sdt), bias_rank(C_bias, sdt, siso), H), rot, rotary_pairs)  # (b, R, H, N)
-    k = rotate(heads_plus_bias(B.to(sdt), bias_rank(B_bias, sdt, siso), H), rot, rotary_pairs)
+    q = rotate_(heads_plus_bias(C.to(sdt), bias_rank(C_bias, sdt, siso), H), rot, rotary_pairs)  # (b, R, H, N)
+    k = rotate_(heads_plus_bias(B.to(sdt), bias_rank(B_bias, sdt, siso), H), rot, rotary_pairs)
     v = up_project(x.to(sdt), mx)  # (b, R, H, P)
     vp = up_project(state.v.to(sdt), mx)
     lam = torch.sigmoid(trap.to(sdt))
