@@ -45,3 +45,13 @@ def test_cpu_floor_smoke(tmp_path):
                        "--no-decode", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["prefill"]
     assert row["model"] == "mamba" and row["mode"] == "eager" and row["floor_ms"] > 0
+
+
+def test_mamba3_cpu_smoke(tmp_path):
+    out = tmp_path / "m3.json"
+    bench = _load("mamba3_cpu")
+    assert bench.main(["--tiny", "--seqlen", "32", "--decode-tokens", "2", "--threads", "1", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"mamba2-tiny", "mamba3-tiny", "mamba3-mimo4-tiny"}
+    assert all(r["decode_tok_per_s"] > 0 and r["floor_s"] > 0 for r in rows)
