@@ -2,7 +2,8 @@
 T >= 1 tokens).
 
 Forms registered under op name ``"mamba3"``: ``reference`` (recurrence) and ``chunked``
-(SSD-style block matmuls); ``"mamba3_step"``: ``reference``. See README.md.
+(SSD-style block matmuls); ``"mamba3_step"``: ``reference`` and ``triton`` (one kernel; only when
+asked for by name). See README.md.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, read_values
 from ssmkit.ops import dispatch
-from ssmkit.ops.mamba3 import chunked, reference, step  # noqa: F401  (registers the forms)
+from ssmkit.ops.mamba3 import chunked, reference, step, triton  # noqa: F401  (registers the forms)
 from ssmkit.ops.mamba3._common import Mamba3Carry
 
 __all__ = ["mamba3", "mamba3_step", "Mamba3Carry"]
