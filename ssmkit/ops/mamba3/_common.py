@@ -120,7 +120,10 @@ def prepare(x, dt, dA, B, C, trap, angles, B_bias, C_bias, mimo_x, angle0, pairs
     present), biases ``(R, H, N)``, ``mimo_x (R, H, P)``, ``angle0 (b, H, S)``."""
     H = x.shape[2]
     dt, dA = dt.to(cdt), dA.to(cdt)
-    theta = torch.cumsum(torch.tanh(angles.to(cdt)) * (math.pi * dt).unsqueeze(-1), dim=1) + angle0.unsqueeze(1)
+    # The accumulated angles grow without bound (~0.1 rad a token): summed in float64 and wrapped to
+    # [0, 2π) before the cast, so that cos and sin keep float32 accuracy on long sequences.
+    step = (torch.tanh(angles.to(cdt)) * (math.pi * dt).unsqueeze(-1)).double()
+    theta = wrap_angle(torch.cumsum(step, dim=1) + angle0.double().unsqueeze(1)).to(cdt)
     rot = rotation(theta.unsqueeze(2))  # (b, l, 1, H, S): one angle per head, shared by the ranks
     q = rotate_(heads_plus_bias(C.to(cdt), C_bias, H), rot, pairs)
     k = rotate_(heads_plus_bias(B.to(cdt), B_bias, H), rot, pairs)
