@@ -67,3 +67,13 @@ def test_context_parallel_cpu_smoke(tmp_path):
     res = json.loads(path.read_text())
     assert set(res["ranks"]) == {"1", "2"} and res["machine"]
     assert [r["seqlen"] for r in res["ranks"]["2"]["rows"]] == [32, 64]
+
+
+def test_mamba3_cpu_smoke(tmp_path):
+    out = tmp_path / "m3.json"
+    bench = _load("mamba3_cpu")
+    assert bench.main(["--tiny", "--seqlen", "32", "--decode-tokens", "2", "--threads", "1", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"mamba2-tiny", "mamba3-tiny", "mamba3-mimo4-tiny"}
+    assert all(r["decode_tok_per_s"] > 0 and r["floor_s"] > 0 for r in rows)

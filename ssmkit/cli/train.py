@@ -147,6 +147,8 @@ def build_model_config(args: argparse.Namespace, vocab_size: int):
             kw["ssm_cfg"]["d_state"] = args.d_state
     if set("2P") & set(args.pattern) and args.d_state:
         kw["mamba2_cfg"] = {"d_state": args.d_state}
+    if "3" in args.pattern and args.d_state:
+        kw["mamba3_cfg"] = {"d_state": args.d_state}
     if "S" in args.pattern and args.d_state:
         kw["s4d_cfg"] = {"d_state": args.d_state}
     if set("AP") & set(args.pattern):

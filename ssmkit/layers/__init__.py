@@ -17,6 +17,7 @@ from ssmkit.layers.h3 import H3, H3State
 from ssmkit.layers.hyena import Hyena, HyenaState
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
+from ssmkit.layers.mamba3 import Mamba3, Mamba3State
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE
 from ssmkit.layers.norm import RMSNorm, RMSNormGated
@@ -29,7 +30,7 @@ __all__ = [
     "LayerState",
     "S4", "S4D", "S4State",  # S4 / S4D
     "Mamba", "MambaState",  # Mamba
-    "Mamba2", "Mamba2State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, DeltaNet
+    "Mamba2", "Mamba2State", "Mamba3", "Mamba3State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, -3, DeltaNet
     "H3", "H3State", "Hyena", "HyenaState",  # H3, Hyena
     "Attention", "KVCacheState", "MLP", "MoE", "RMSNorm", "RMSNormGated",  # attention, MLP, MoE, norms
     "ParallelHybrid",  # Mamba-2 and attention side by side (Falcon-H1)

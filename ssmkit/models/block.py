@@ -40,6 +40,7 @@ from ssmkit.ops.fused.norm import add_rms_norm_reference
 MIXERS: dict[str, tuple[str, str, str]] = {
     "M": ("ssmkit.layers.mamba", "Mamba", "ssm_cfg"),
     "2": ("ssmkit.layers.mamba2", "Mamba2", "mamba2_cfg"),
+    "3": ("ssmkit.layers.mamba3", "Mamba3", "mamba3_cfg"),
     "A": ("ssmkit.layers.attention", "Attention", "attn_cfg"),
     "D": ("ssmkit.layers.delta_net", "DeltaNet", "deltanet_cfg"),
     "G": ("ssmkit.layers.delta_net", "GatedDeltaNet", "deltanet_cfg"),

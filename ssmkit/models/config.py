@@ -7,6 +7,7 @@ letter  mixer                           its settings
 ======  ==============================  =======================================
 ``M``   Mamba (selective SSM, S6)       ``ssm_cfg``
 ``2``   Mamba-2 (SSD)                   ``mamba2_cfg``
+``3``   Mamba-3 (SISO or MIMO)          ``mamba3_cfg``
 ``A``   causal attention (MHA / GQA)    ``attn_cfg``
 ``D``   DeltaNet                        ``deltanet_cfg``
 ``G``   gated DeltaNet                  ``deltanet_cfg``
@@ -45,6 +46,7 @@ from typing import Any
 LAYER_LETTERS = {
     "M": "Mamba",
     "2": "Mamba-2",
+    "3": "Mamba-3",
     "A": "attention",
     "D": "DeltaNet",
     "G": "gated DeltaNet",
@@ -108,6 +110,7 @@ class ModelConfig:
     h3_cfg: dict[str, Any] = field(default_factory=dict)
     hyena_cfg: dict[str, Any] = field(default_factory=dict)
     zero_centred_norm: bool = False
+    mamba3_cfg: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
@@ -134,7 +137,7 @@ class ModelConfig:
         if isinstance(self.d_intermediate, bool) or not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise ValueError(f"ModelConfig.d_intermediate must be an int >= 0, got {self.d_intermediate!r}")
         for name in ("ssm_cfg", "mamba2_cfg", "attn_cfg", "deltanet_cfg", "s4d_cfg", "moe_cfg", "mlp_cfg",
-                     "parallel_cfg", "shared_cfg", "h3_cfg", "hyena_cfg"):
+                     "parallel_cfg", "shared_cfg", "h3_cfg", "hyena_cfg", "mamba3_cfg"):
             v = getattr(self, name)
             if v is None:
                 setattr(self, name, {})
@@ -288,6 +291,14 @@ def _mamba2(d_model: int, n_layer: int) -> dict[str, Any]:
             "eos_token_id": 0}
 
 
+def _mamba3(d_model: int, n_layer: int) -> dict[str, Any]:
+    # Mamba-2's shapes (d_state 128, headdim 64, expand 2) with Mamba-3 mixers, SISO, half the
+    # state rotated: the defaults of mamba_ssm's Mamba3
+    return {"d_model": d_model, "n_layer": n_layer, "vocab_size": 50277, "pad_vocab_size_multiple": 16,
+            "layer_pattern": "3" * n_layer, "mamba3_cfg": {"d_state": 128, "headdim": 64, "expand": 2},
+            "eos_token_id": 0}
+
+
 def _jamba_pattern(n_layer: int, period: int = 8, attn_offset: int = 4) -> str:
     # Jamba (Lieber et al., 2024): one attention layer per 8 (a:m = 1:7), at offset 4.
     return "".join("A" if i % period == attn_offset else "M" for i in range(n_layer))
@@ -306,6 +317,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba2-780m": _mamba2(1536, 48),
     "mamba2-1.3b": _mamba2(2048, 48),
     "mamba2-2.7b": _mamba2(2560, 64),
+    # Mamba-3 (Lahoti et al. 2026) in the Mamba-2 presets' shapes.
+    "mamba3-130m": _mamba3(768, 24),
+    "mamba3-370m": _mamba3(1024, 48),
+    "mamba3-1.3b": _mamba3(2048, 48),
     # Jamba-style hybrids: Mamba + 1/8 attention, MoE (16 experts, top-2) every other layer.
     "jamba-tiny": {
         "d_model": 128, "n_layer": 8, "vocab_size": 257, "layer_pattern": _jamba_pattern(8),
@@ -327,6 +342,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "eos_token_id": 256},
     "tiny-mamba2": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "22",
                     "mamba2_cfg": {"d_state": 16, "headdim": 16, "chunk_size": 16}, "eos_token_id": 256},
+    "tiny-mamba3": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "33",
+                    "mamba3_cfg": {"d_state": 16, "headdim": 16, "chunk_size": 16}, "eos_token_id": 256},
+    "tiny-mamba3-mimo": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "33",
+                         "mamba3_cfg": {"d_state": 16, "headdim": 16, "chunk_size": 8, "is_mimo": True,
+                                        "mimo_rank": 2, "is_outproj_norm": True}, "eos_token_id": 256},
     "tiny-attention": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "AA",
                        "attn_cfg": {"n_heads": 4, "n_kv_heads": 2}, "mlp": "swiglu", "d_intermediate": 128,
                        "eos_token_id": 256},

@@ -9,8 +9,8 @@ Two experiments, each training one small language model per row:
   Mamba stays at 100% (up to 2^20 tokens in the paper), attention with RoPE fails past ~2x.
 
 Rows: S4D without gating (S4D layer with ``postact=None``: SSM, GELU, a plain linear, no GLU),
-S6 without gating (the Mamba block with ``use_gate=False``), Mamba, Mamba-2 and attention with
-RoPE, each in a 2-layer model without MLPs. ``size="default"`` is the CPU scale (shorter sequences,
+S6 without gating (the Mamba block with ``use_gate=False``), Mamba, Mamba-2, Mamba-3 (SISO, and
+MIMO with rank 2) and attention with RoPE, each in a 2-layer model without MLPs. ``size="default"`` is the CPU scale (shorter sequences,
 fewer tokens to memorise, fewer steps than the paper: see :data:`SIZES` and the table header);
 ``size="full"`` uses the paper's task and model sizes (for a GPU); ``size="quick"`` is a
 seconds-long smoke test whose numbers mean nothing.
@@ -65,6 +65,10 @@ ROWS: dict[str, dict[str, Any]] = {
     # Long Range Arena's Pathfinder (``--lra``): S4D as in the S4 papers (GLU output) vs attention.
     "s4d-glu": {"label": "S4D", "paper_label": "S4", "letter": "S", "block": "S4D (GLU)", "inner": "S4D",
                 "cfg": {"s4d_cfg": {}}},
+    "mamba3": {"label": "Mamba-3", "paper_label": "-", "letter": "3", "block": "Mamba-3", "inner": "SISO",
+               "cfg": {}},
+    "mamba3-mimo": {"label": "Mamba-3 MIMO (R=2)", "paper_label": "-", "letter": "3", "block": "Mamba-3",
+                    "inner": "MIMO", "cfg": {"mamba3_cfg": {"is_mimo": True, "mimo_rank": 2, "chunk_size": 32}}},
 }
 
 # The Mamba paper's Table 1, block x inner layer, in the paper's order (``--table1``).
@@ -73,7 +77,8 @@ TABLE1_ROWS = ("s4d", "s6", "h3-s4d", "h3-hyena", "h3-s6", "mamba-s4d", "mamba-h
 PAPER = {
     "selective-copying": {
         "source": "Mamba paper, Table 1 (accuracy)",
-        "s4d": "18.3%", "s6": "97.0%", "mamba": "99.8%", "mamba2": "n/a", "attention": "n/a",
+        "s4d": "18.3%", "s6": "97.0%", "mamba": "99.8%", "mamba2": "n/a", "mamba3": "n/a", "mamba3-mimo": "n/a",
+        "attention": "n/a",
         "h3-s4d": "57.0%", "h3-hyena": "30.1%", "h3-s6": "99.7%", "mamba-s4d": "56.4%", "mamba-hyena": "28.4%",
     },
     "pathfinder": {
@@ -83,6 +88,7 @@ PAPER = {
     "induction-heads": {
         "source": "Mamba paper, Table 2 / Fig. 5 (trained at 256, tested up to 2^20)",
         "s4d": "n/a", "s6": "n/a", "mamba": "100% at every length up to 2^20 (4096x)", "mamba2": "n/a",
+        "mamba3": "n/a", "mamba3-mimo": "n/a",
         "attention": "fails past ~2x the training length",
     },
 }
@@ -166,6 +172,8 @@ def model_config(experiment: str, row: str, size: str = "default", vocab_size: i
         sub["inner_cfg"] = {"l_max": get_task(experiment, **sz["task"]).seqlen * max(multipliers(experiment, size))}
     if row == "mamba2":
         cfg["mamba2_cfg"] = {"d_state": N, "headdim": max(d // 4, 4), **dt_kw}
+    elif row in ("mamba3", "mamba3-mimo"):
+        cfg.setdefault("mamba3_cfg", {}).update(d_state=N, headdim=max(d // 4, 4), **dt_kw)
     elif row in ("s4d", "s4d-glu"):
         cfg["s4d_cfg"].update(d_state=N, **dt_kw)
     elif row == "attention":
@@ -533,8 +541,8 @@ def reproduce(experiments: list[str] | tuple[str, ...] = DEFAULT_EXPERIMENTS, ro
                       file=sys.stderr, flush=True)
     # Longest rows first so the parallel workers finish together.
     # Rough relative cost (CPU seconds) of each row, to start the longest first.
-    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "attention": 1, "s4d": 1, "h3-s4d": 2, "h3-hyena": 3, "h3-s6": 4,
-            "mamba-s4d": 3, "mamba-hyena": 4, "s4d-glu": 2}
+    cost = {"mamba": 4, "s6": 3, "mamba2": 2, "mamba3": 2, "mamba3-mimo": 3, "attention": 1, "s4d": 1, "h3-s4d": 2,
+            "h3-hyena": 3, "h3-s6": 4, "mamba-s4d": 3, "mamba-hyena": 4, "s4d-glu": 2}
 
     def est(i: int) -> float:
         e, r = work[i][0], work[i][1]

@@ -2,8 +2,8 @@
 ``pytorch_model.bin`` (read with ``torch.load(weights_only=True)``; ``model.safetensors`` is also
 accepted). Parameter names are ssmkit's own.
 
-Config: ``d_model, d_intermediate, n_layer, vocab_size, ssm_cfg ({"layer": "Mamba1" | "Mamba2",
-...}), attn_layer_idx, attn_cfg, rms_norm, residual_in_fp32, fused_add_norm,
+Config: ``d_model, d_intermediate, n_layer, vocab_size, ssm_cfg ({"layer": "Mamba1" | "Mamba2" |
+"Mamba3", ...}), attn_layer_idx, attn_cfg, rms_norm, residual_in_fp32, fused_add_norm,
 pad_vocab_size_multiple, tie_embeddings``. Attention uses mamba_ssm's MHA names (``num_heads``,
 ``num_heads_kv``, ``rotary_emb_dim`` (default 0: no RoPE), ``qkv_proj_bias`` / ``out_proj_bias``
 (default True)); a nonzero ``d_intermediate`` puts a gated MLP (SwiGLU) on every layer.
@@ -16,6 +16,8 @@ from typing import Any
 from ssmkit.models.config import ModelConfig
 
 NAME = "mamba_ssm"
+LETTERS = {"Mamba1": "M", "Mamba2": "2", "Mamba3": "3"}  # ssm_cfg["layer"] -> layer letter
+CFG_FIELDS = {"M": "ssm_cfg", "2": "mamba2_cfg", "3": "mamba3_cfg"}  # layer letter -> ModelConfig field
 WEIGHTS = "pytorch_model.bin"
 
 
@@ -30,9 +32,12 @@ def to_model_config(cfg: dict) -> ModelConfig:
         raise ValueError(f"config.json (mamba_ssm) lacks the key {e.args[0]!r}") from e
     ssm = dict(cfg.get("ssm_cfg") or {})
     layer = ssm.pop("layer", "Mamba1")
-    if layer not in ("Mamba1", "Mamba2"):
-        raise ValueError(f"config.json ssm_cfg['layer']={layer!r}: expected 'Mamba1' or 'Mamba2'")
-    letter = "M" if layer == "Mamba1" else "2"
+    if layer not in LETTERS:
+        raise ValueError(f"config.json ssm_cfg['layer']={layer!r}: expected 'Mamba1', 'Mamba2' or 'Mamba3'")
+    letter = LETTERS[layer]
+    if letter == "3":
+        for k in ("dropout", "n_layer"):  # keyword arguments mamba_ssm's Mamba3 takes and ignores
+            ssm.pop(k, None)
     attn_idx = [int(i) for i in (cfg.get("attn_layer_idx") or [])]
     bad = [i for i in attn_idx if not 0 <= i < n_layer]
     if bad:
@@ -44,7 +49,7 @@ def to_model_config(cfg: dict) -> ModelConfig:
     attn.setdefault("qkv_proj_bias", True)
     attn.setdefault("out_proj_bias", True)
     d_int = int(cfg.get("d_intermediate", 0) or 0)
-    kw: dict[str, Any] = {"ssm_cfg": ssm} if letter == "M" else {"mamba2_cfg": ssm}
+    kw: dict[str, Any] = {CFG_FIELDS[letter]: ssm}
     return ModelConfig(
         d_model=d_model, n_layer=n_layer, vocab_size=vocab,
         pad_vocab_size_multiple=int(cfg.get("pad_vocab_size_multiple", 8)), layer_pattern=pattern,
@@ -60,16 +65,16 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
     pat = config.layer_pattern
     kinds = set(pat) - {"A"}
     why = None
-    if kinds - {"M", "2"}:
-        why = f"layer_pattern {pat!r} has layers mamba_ssm cannot build ({sorted(kinds - {'M', '2'})})"
+    if kinds - set(CFG_FIELDS):
+        why = f"layer_pattern {pat!r} has layers mamba_ssm cannot build ({sorted(kinds - set(CFG_FIELDS))})"
     elif len(kinds) > 1:
-        why = f"layer_pattern {pat!r} mixes Mamba and Mamba-2 layers; mamba_ssm has one ssm_cfg"
+        why = f"layer_pattern {pat!r} mixes Mamba generations; mamba_ssm has one ssm_cfg"
     elif config.mlp == "moe":
         why = "mlp='moe'; mamba_ssm has no mixture of experts"
     elif [k for k in ("gate_multiplier", "down_multiplier") if config.mlp_cfg.get(k, 1.0) != 1.0]:
         why = "mlp_cfg gate/down multipliers; mamba_ssm's GatedMLP has none"
     elif {"inner_norms", "in_multiplier", "in_proj_multipliers"} & set(
-            config.ssm_cfg if "M" in kinds else config.mamba2_cfg):
+            getattr(config, CFG_FIELDS[min(kinds or {"M"})])):
         why = "ssm settings mamba_ssm does not have (Jamba's inner norms or Falcon-H1's multipliers)"
     elif config.shared_cfg:
         why = "shared_cfg (shared attention blocks); mamba_ssm's models have none"
@@ -78,13 +83,13 @@ def from_model_config(config: ModelConfig) -> dict[str, Any]:
     if why:
         raise ValueError(f"cannot save this model in mamba_ssm format: {why} (use format='ssmkit')")
     letter = (kinds or {"M"}).pop()
-    ssm = dict(config.ssm_cfg if letter == "M" else config.mamba2_cfg)
+    ssm = dict(getattr(config, CFG_FIELDS[letter]))
     ssm.pop("layer", None)
     if not ssm.get("use_gate", True):
         raise ValueError("cannot save in mamba_ssm format: ssm_cfg use_gate=False has no mamba_ssm equivalent")
     if ssm.get("inner", "s6") != "s6":
         raise ValueError(f"cannot save in mamba_ssm format: ssm_cfg inner={ssm['inner']!r} has no mamba_ssm equivalent")
-    ssm = {"layer": "Mamba1" if letter == "M" else "Mamba2", **ssm}
+    ssm = {"layer": {v: k for k, v in LETTERS.items()}[letter], **ssm}
     attn_idx = [i for i, c in enumerate(pat) if c == "A"]
     attn_cfg: dict[str, Any] = {}
     if attn_idx:

@@ -1,0 +1,166 @@
+"""``backend="triton"`` form of :func:`ssmkit.ops.mamba3.mamba3_step`: the decode step as one kernel.
+
+One program per (sequence, head) keeps that head's state ``h (P, N)`` in registers for all T
+tokens of the call and, per token: advances the angles, rotates q and k, writes the previous
+token's pair (β) and this token's (γ) into h after its decay, reads ``y_r = h q_r`` for each
+rank, and stores the carried (k, v); h is written back once at the end. The rotation is a gather:
+coordinate n reads its partner ``pair[n]`` and angle ``angle_of[n]`` (−1: not rotated), built on
+the host for either rotary layout, so one kernel serves both. The D skip, the gate and the MIMO
+down-projection run after the kernel (:func:`ssmkit.ops.mamba3._common.epilogue`), as in every
+other form.
+
+Registered with ``auto=False``: it is tested against the reference under ``TRITON_INTERPRET=1``
+but not yet timed on a GPU, so ``backend="auto"`` keeps the reference step; ask for it with
+``backend="triton"``. Computes in the state's dtype (float32, or float64).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ssmkit.ops.dispatch import register
+from ssmkit.ops.mamba3._common import bias_rank, epilogue, rank_weights, up_project, wrap_angle
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def mamba3_step_kernel(
+        angle_ptr, h_ptr, kst_ptr, vst_ptr,  # state: (b, H, S), (b, H, P, N), (b, R, H, N), (b, H, P)
+        x_ptr, dt_ptr, dA_ptr, trap_ptr, ang_ptr,  # (b, T, H, P), (b, T, H) x3, (b, T, H, S)
+        B_ptr, C_ptr,  # (b, T, R, G, N)
+        bb_ptr, cb_ptr, mx_ptr,  # (R, H, N), (R, H, N), (R, H, P)
+        pair_ptr, aof_ptr,  # (N,) int32
+        y_ptr,  # (b, T, R, H, P)
+        T, H, G, P, N, S,
+        R: tl.constexpr, HAS_BB: tl.constexpr, HAS_CB: tl.constexpr, HAS_MX: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        hh = pid % H
+        g = hh // (H // G)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_s = tl.arange(0, BLOCK_S)
+        mp, mn, ms = offs_p < P, offs_n < N, offs_s < S
+        pair = tl.load(pair_ptr + offs_n, mask=mn, other=0)
+        aof = tl.load(aof_ptr + offs_n, mask=mn, other=-1)
+        rotated = aof >= 0
+        aidx = tl.where(rotated, aof, 0)
+        first = offs_n < pair  # the first coordinate of a pair turns by -sin, the second by +sin
+        sgn = tl.where(first, -1.0, 1.0)
+        hmask = mp[:, None] & mn[None, :]
+        h_off = (b * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :]
+        h = tl.load(h_ptr + h_off, mask=hmask, other=0.0)
+        theta = tl.load(angle_ptr + (b * H + hh) * S + offs_s, mask=ms, other=0.0)
+        for t in range(T):
+            tok = (b * T + t) * H + hh
+            dt = tl.load(dt_ptr + tok)
+            dA = tl.load(dA_ptr + tok)
+            tr = tl.load(trap_ptr + tok)
+            a = tl.load(ang_ptr + tok * S + offs_s, mask=ms, other=0.0)
+            tanh_a = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+            theta = theta + tanh_a * (3.141592653589793 * dt)
+            lam = 1.0 / (1.0 + tl.exp(-tr))
+            alpha = tl.exp(dA)
+            beta = (1.0 - lam) * dt * alpha
+            gamma = lam * dt
+            # each coordinate's angle (0 where it is not rotated), gathered from the S angles
+            th_n = tl.sum(tl.where(offs_s[None, :] == aidx[:, None], theta[None, :], 0.0), axis=1)
+            th_n = tl.where(rotated, th_n, 0.0)
+            cos_n = tl.cos(th_n)
+            sin_n = tl.sin(th_n) * sgn
+            x = tl.load(x_ptr + tok * P + offs_p, mask=mp, other=0.0)
+            vprev = tl.load(vst_ptr + (b * H + hh) * P + offs_p, mask=mp, other=0.0)
+            h = h * alpha
+            for r in tl.static_range(R):
+                kr_off = ((b * R + r) * H + hh) * N + offs_n
+                kprev = tl.load(kst_ptr + kr_off, mask=mn, other=0.0)
+                bc_off = (((b * T + t) * R + r) * G + g) * N
+                kraw = tl.load(B_ptr + bc_off + offs_n, mask=mn, other=0.0)
+                kpar = tl.load(B_ptr + bc_off + pair, mask=mn, other=0.0)
+                if HAS_BB:
+                    kraw += tl.load(bb_ptr + (r * H + hh) * N + offs_n, mask=mn, other=0.0)
+                    kpar += tl.load(bb_ptr + (r * H + hh) * N + pair, mask=mn, other=0.0)
+                k = kraw * cos_n + kpar * sin_n
+                if HAS_MX:
+                    mx = tl.load(mx_ptr + (r * H + hh) * P + offs_p, mask=mp, other=0.0)
+                    vp = vprev * mx
+                    v = x * mx
+                else:
+                    vp = vprev
+                    v = x
+                h += beta * vp[:, None] * kprev[None, :] + gamma * v[:, None] * k[None, :]
+                tl.store(kst_ptr + kr_off, k, mask=mn)
+            # y_r reads the state after every rank's write: a second pass over the ranks
+            for r in tl.static_range(R):
+                bc_off = (((b * T + t) * R + r) * G + g) * N
+                qraw = tl.load(C_ptr + bc_off + offs_n, mask=mn, other=0.0)
+                qpar = tl.load(C_ptr + bc_off + pair, mask=mn, other=0.0)
+                if HAS_CB:
+                    qraw += tl.load(cb_ptr + (r * H + hh) * N + offs_n, mask=mn, other=0.0)
+                    qpar += tl.load(cb_ptr + (r * H + hh) * N + pair, mask=mn, other=0.0)
+                q = qraw * cos_n + qpar * sin_n
+                y = tl.sum(h * q[None, :], axis=1)
+                tl.store(y_ptr + (((b * T + t) * R + r) * H + hh) * P + offs_p, y, mask=mp)
+            tl.store(vst_ptr + (b * H + hh) * P + offs_p, x, mask=mp)
+        tl.store(h_ptr + h_off, h, mask=hmask)
+        tl.store(angle_ptr + (b * H + hh) * S + offs_s, theta, mask=ms)
+
+    return mamba3_step_kernel
+
+
+@functools.lru_cache(maxsize=32)
+def _pairs(N: int, S: int, layout: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair[n]`` (n's partner; n itself when not rotated) and ``angle_of[n]`` (−1: not rotated)."""
+    pair = list(range(N))
+    angle_of = [-1] * N
+    for j in range(S):
+        a, b = (2 * j, 2 * j + 1) if layout == "interleaved" else (j, N // 2 + j)
+        pair[a], pair[b] = b, a
+        angle_of[a] = angle_of[b] = j
+    return (torch.tensor(pair, dtype=torch.int32, device=device),
+            torch.tensor(angle_of, dtype=torch.int32, device=device))
+
+
+def _pow2(n: int) -> int:
+    return max(2, 1 << (max(n, 1) - 1).bit_length())
+
+
+@register("mamba3_step", "triton", auto=False)
+def mamba3_step_triton(state, x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None,
+                       mimo_x=None, mimo_z=None, mimo_o=None, rotary_pairs="interleaved"):
+    """Same arguments as the reference step's T-token form (``B, C`` with the rank axis)."""
+    sdt = state.ssm.dtype
+    b, T, H, P = x.shape
+    R, G, N = B.shape[2], B.shape[3], B.shape[4]
+    S = angles.shape[-1]
+    siso = mimo_x is None
+    for name, t in (("angle", state.angle), ("ssm", state.ssm), ("k", state.k), ("v", state.v)):
+        if t.dtype != sdt or not t.is_contiguous():
+            raise ValueError(f"state.{name} must be contiguous and of the state's dtype {sdt} for the Triton step")
+    xs, dts, dAs, traps, angs, Bs, Cs = (t.to(sdt).contiguous() for t in (x, dt, dA, trap, angles, B, C))
+    bb, cb = bias_rank(B_bias, sdt, siso), bias_rank(C_bias, sdt, siso)
+    mx, mz, mo = (rank_weights(w, sdt) for w in (mimo_x, mimo_z, mimo_o))
+    pair, angle_of = _pairs(N, S, rotary_pairs, x.device)
+    y = torch.empty(b, T, R, H, P, device=x.device, dtype=sdt)
+    dummy = xs
+    _kernel()[(b * H,)](
+        state.angle, state.ssm, state.k, state.v, xs, dts, dAs, traps, angs, Bs, Cs,
+        dummy if bb is None else bb.contiguous(), dummy if cb is None else cb.contiguous(),
+        dummy if mx is None else mx.contiguous(), pair, angle_of, y,
+        T, H, G, P, N, S, R=R, HAS_BB=bb is not None, HAS_CB=cb is not None, HAS_MX=mx is not None,
+        BLOCK_P=_pow2(P), BLOCK_N=_pow2(N), BLOCK_S=_pow2(S),
+    )
+    state.angle.copy_(wrap_angle(state.angle))  # (on the host: exact 2π in float64 too)
+    v = up_project(xs, mx)
+    return epilogue(y, v, x, D, z, mz, mo, siso, sdt).to(x.dtype)
+
+
+__all__ = ["mamba3_step_triton"]
