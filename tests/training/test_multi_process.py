@@ -118,3 +118,34 @@ def test_collectives_refuse_tensors_off_the_group_device():
     info = ddp.DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="collective got a tensor on meta.*run on cpu"):
         ddp.all_reduce_sum(torch.zeros(2, device="meta"), info)
+
+
+def test_nccl_group_is_bound_to_the_local_gpu(monkeypatch):
+    """Under NCCL the group's device is cuda:LOCAL_RANK (given to init_process_group), and NCCL's
+    environment (NVLink multicast off) is left as it is. No GPU needed: CUDA and the group are faked."""
+    from ssmkit.training import distributed as ddp
+
+    calls = {}
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "NCCL_NVLS_ENABLE": "0",
+           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    info = ddp.init(device=torch.device("cuda"))
+    assert calls["init"]["backend"] == "nccl" and calls["init"]["device_id"] == torch.device("cuda", 1)
+    assert info.device == torch.device("cuda", 1) == calls["set_device"] and info.initialized_here
+    import os
+
+    assert {k: os.environ[k] for k in env} == env
+
+
+def test_trainer_refuses_a_device_other_than_the_groups(monkeypatch):
+    from ssmkit.training import distributed as ddp
+    from ssmkit.training import trainer
+
+    monkeypatch.setattr(trainer.ddp, "init", lambda device=None: ddp.DistInfo(0, 2, device=torch.device("cuda", 0)))
+    with pytest.raises(ValueError, match="device='cpu' does not match the process group.*cuda:0"):
+        _trainer(None)
