@@ -239,7 +239,8 @@ def plot(report: dict, path: str) -> None:
             ax1.plot(range(1, len(row["losses"]) + 1), row["losses"], label=label + strategy)
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss")
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
     rows = {"1 GPU": (base or {}).get("scaling", {}).get("single")}
     rows.update({f"{report['ranks']} ranks {s}": r for s, r in report.get("scaling", {}).items()})
     rows = {k: v for k, v in rows.items() if v}
