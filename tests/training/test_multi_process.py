@@ -149,3 +149,20 @@ def test_trainer_refuses_a_device_other_than_the_groups(monkeypatch):
     monkeypatch.setattr(trainer.ddp, "init", lambda device=None: ddp.DistInfo(0, 2, device=torch.device("cuda", 0)))
     with pytest.raises(ValueError, match="device='cpu' does not match the process group.*cuda:0"):
         _trainer(None)
+
+
+def test_position_keyed_optimizer_state_still_loads(tmp_path):
+    """Checkpoints written before the optimizer state was keyed by parameter name load as before."""
+    from ssmkit.training.checkpoint import rng_state
+
+    a = _trainer(tmp_path / "a")
+    a.train_step()
+    state = {**a.state_dict(), "optimizer": a.optimizer.state_dict(), "step": a.step,
+             "rng": rng_state()}
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])
+    b = _trainer(tmp_path / "b")
+    b.load_state_dict(state)
+    for pa, pb in zip(a.optimizer.param_groups[0]["params"], b.optimizer.param_groups[0]["params"]):
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a.optimizer.state[pa][k], b.optimizer.state[pb][k], rtol=0, atol=0)
+    assert a.train_step()["loss"] == b.train_step()["loss"]
