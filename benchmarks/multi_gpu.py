@@ -18,7 +18,8 @@ Launched once per rank count N, one process per GPU; each launch writes
   uninterrupted curve at the same steps (the global batch is the same).
 * ``context``: :mod:`benchmarks/context_parallel.py <context_parallel>`'s sweep for one sequence
   over N ranks (``--cp-preset``, default ``mamba2-1.3b``, activation checkpointing): the longest
-  length that fits, tokens/s (target: 1M tokens on 8 H100s).
+  length that fits, tokens/s (target: 1M tokens on 8 H100s); and the loss and gradient of one
+  ``--cp-check-seqlen`` sequence over the N ranks against rank 0 alone (bf16 tolerance).
 
 GPUs (NCCL; NVLink multicast stays as the environment sets it: keep ``NCCL_NVLS_ENABLE=0``)::
 
@@ -169,6 +170,53 @@ def resumed(args, device, rank, world, curves) -> dict:
     return out
 
 
+BF16_TOLERANCE = 2.0**-5  # 8 units of bfloat16 rounding: relative, loss and gradient norm
+
+
+def _loss_and_grads(model, ids, labels, device) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
+    loss.backward()
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1)
+                       for p in model.parameters()])
+    return loss.detach().float().reshape(1), grads
+
+
+def context_check(args, device, rank, world) -> dict:
+    """One sequence of ``--cp-check-seqlen`` over the N ranks against the whole of it on rank 0
+    alone (bf16 autocast on GPUs): the loss and the gradient (the ranks' gradients summed), as
+    relative differences."""
+    from ssmkit.models.config import ModelConfig
+    from ssmkit.models.lm import LanguageModel
+    from ssmkit.ops import context_parallel as cp
+
+    def build(group):
+        torch.manual_seed(0)
+        model = LanguageModel(ModelConfig.from_name(args.cp_preset)).to(device).train()
+        model.set_context_parallel(group)
+        return model
+
+    group = dist.new_group(list(range(world)))
+    model = build(group)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.cp_check_seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    shard = cp.shard(ids, rank, world)
+    loss, grads = _loss_and_grads(model, shard, shard, device)
+    dist.all_reduce(loss, group=group)  # each rank's loss is its share of the sequence's mean
+    dist.all_reduce(grads, group=group)
+    del model
+    if rank != 0:
+        return {}
+    ref_loss, ref_grads = _loss_and_grads(build(None), ids, ids, device)
+    out = {"seqlen": args.cp_check_seqlen, "loss": float(loss), "loss_1gpu": float(ref_loss),
+           "loss_rel_diff": float((loss - ref_loss).abs() / ref_loss.abs()),
+           "grad_rel_diff": float((grads - ref_grads).norm() / ref_grads.norm()), "tolerance": BF16_TOLERANCE}
+    out["pass"] = max(out["loss_rel_diff"], out["grad_rel_diff"]) <= BF16_TOLERANCE
+    print(f"context parallel over {world}, {args.cp_check_seqlen} tokens against 1 GPU: loss {out['loss_rel_diff']:.1e}, "
+          f"gradient {out['grad_rel_diff']:.1e} (relative)", flush=True)
+    return out
+
+
 def context(args, device, rank, world) -> dict:
     argv = ["--ranks", str(world), "--preset", args.cp_preset, "--activation-checkpointing",
             "--start-seqlen", str(args.cp_start_seqlen), "--max-seqlen", str(args.cp_max_seqlen),
@@ -177,7 +225,10 @@ def context(args, device, rank, world) -> dict:
         argv += ["--memory-gib", str(args.cp_memory_gib)]
     if device.type == "cpu":
         argv.append("--cpu")
-    return cp_bench.measure(rank, world, cp_bench.parser().parse_args(argv))["ranks"].get(world)
+    out = cp_bench.measure(rank, world, cp_bench.parser().parse_args(argv))["ranks"].get(world) or {}
+    if world > 1:
+        out["equals_1gpu"] = context_check(args, device, rank, world)
+    return out
 
 
 def measure(rank: int, world: int, args) -> dict:
@@ -277,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cp-start-seqlen", type=int, default=65536)
     p.add_argument("--cp-max-seqlen", type=int, default=2**21)
     p.add_argument("--cp-steps", type=int, default=2)
+    p.add_argument("--cp-check-seqlen", type=int, default=4096,
+                   help="the sequence whose loss and gradient over N ranks are compared with 1 GPU")
     p.add_argument("--cp-memory-gib", type=float, default=None, help="default: 90%% of the GPU, 2 GiB on the CPU")
     p.add_argument("--out-dir", default="results")
     return p
@@ -284,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     for name in ("nproc", "seqlen", "task_vocab", "global_batch", "micro_batch", "steps", "last", "timed_steps",
-                 "resume_at", "resume_steps", "cp_start_seqlen", "cp_max_seqlen", "cp_steps"):
+                 "resume_at", "resume_steps", "cp_start_seqlen", "cp_max_seqlen", "cp_steps", "cp_check_seqlen"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.last > args.steps or args.resume_at >= args.steps:

@@ -84,7 +84,8 @@ def test_multi_gpu_cpu_two_processes(tmp_path):
     flags = ["--device", "cpu", "--preset", "tiny-hybrid", "--seqlen", "16", "--global-batch", "4",
              "--micro-batch", "2", "--steps", "3", "--last", "2", "--resume-at", "1", "--resume-steps", "2",
              "--timed-steps", "1", "--warmup-steps-timing", "0", "--cp-preset", "tiny-mamba2",
-             "--cp-start-seqlen", "32", "--cp-max-seqlen", "32", "--cp-steps", "1", "--ckpt-dir", str(ckpt),
+             "--cp-start-seqlen", "32", "--cp-max-seqlen", "32", "--cp-steps", "1", "--cp-check-seqlen", "32",
+             "--ckpt-dir", str(ckpt),
              "--out-dir", str(out)]
     assert bench.main(flags + ["--parts", "loss"]) == 0
     (base,) = out.glob("multi_gpu_1rank_cpu_*.json")
@@ -97,6 +98,8 @@ def test_multi_gpu_cpu_two_processes(tmp_path):
         assert res["scaling"][strategy]["tokens_per_s_per_gpu"] > 0
         assert res["resume"][f"{strategy}<-single1"]["pass"]
     assert [r["seqlen"] for r in res["context_parallel"]["rows"]] == [32]
+    check = res["context_parallel"]["equals_1gpu"]  # float32 on the CPU
+    assert check["pass"] and check["grad_rel_diff"] < 1e-5 and check["loss_rel_diff"] < 1e-5, check
     assert two.with_suffix(".png").exists() or "matplotlib" not in sys.modules
     # the 2-rank checkpoints, resumed by one process against the one-process curve
     assert bench.main(flags + ["--parts", "resume", "--resume-from-ranks", "2", "--baseline", str(base)]) == 0
