@@ -291,7 +291,7 @@ def _spawned(rank, world, args):  # (ssmkit.testing.run_on_ranks: a gloo group o
     return measure(rank, world, args)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="rank counts to measure")
     p.add_argument("--preset", default=None, help="model preset (default: tiny-mamba2 on CPU, mamba2-130m on CUDA)")
@@ -309,6 +309,11 @@ def main(argv=None) -> int:
                         "against the plain op on the same shard")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with CUDA present")
     p.add_argument("--out-dir", default="results")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     args.preset = args.preset or ("mamba2-130m" if cuda else "tiny-mamba2")

@@ -77,3 +77,43 @@ def test_mamba3_cpu_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"mamba2-tiny", "mamba3-tiny", "mamba3-mimo4-tiny"}
     assert all(r["decode_tok_per_s"] > 0 and r["floor_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_multi_gpu_cpu_two_processes(tmp_path):
+    """benchmarks/multi_gpu.py end to end at tiny sizes: one process (the loss curve and its
+    checkpoint), then 2 gloo processes against it (loss curves, weak scaling, 1 -> 2 resume,
+    context parallelism), then 2 -> 1. (Marked slow: ~30 s of spawned processes; resuming on
+    another number of ranks is tested in tests/training/test_multi_process.py.)"""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # by name: the spawned ranks import it
+    try:
+        import multi_gpu as bench
+    finally:
+        sys.path.pop(0)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    flags = ["--device", "cpu", "--preset", "tiny-hybrid", "--seqlen", "16", "--global-batch", "4",
+             "--micro-batch", "2", "--steps", "3", "--last", "2", "--resume-at", "1", "--resume-steps", "2",
+             "--timed-steps", "1", "--warmup-steps-timing", "0", "--cp-preset", "tiny-mamba2",
+             "--cp-start-seqlen", "32", "--cp-max-seqlen", "32", "--cp-steps", "1", "--cp-check-seqlen", "32",
+             "--ckpt-dir", str(ckpt),
+             "--out-dir", str(out)]
+    assert bench.main(flags + ["--parts", "loss"]) == 0
+    (base,) = out.glob("multi_gpu_1rank_cpu_*.json")
+    assert bench.main(flags + ["--nproc", "2", "--baseline", str(base), "--resume-from-ranks", "1"]) == 0
+    (two,) = out.glob("multi_gpu_2rank_cpu_*.json")
+    res = json.loads(two.read_text())
+    assert res["ranks"] == 2 and res["backend"] == "gloo" and res["machine"]
+    for strategy in ("ddp", "fsdp"):
+        assert res["loss"][strategy]["pass"] and len(res["loss"][strategy]["losses"]) == 3
+        assert res["scaling"][strategy]["tokens_per_s_per_gpu"] > 0
+        assert res["resume"][f"{strategy}<-single1"]["pass"]
+    assert [r["seqlen"] for r in res["context_parallel"]["rows"]] == [32]
+    check = res["context_parallel"]["equals_1gpu"]  # float32 on the CPU
+    assert check["pass"] and check["grad_rel_diff"] < 1e-5 and check["loss_rel_diff"] < 1e-5, check
+    assert two.with_suffix(".png").exists() or "matplotlib" not in sys.modules
+    # the 2-rank checkpoints, resumed by one process against the one-process curve
+    assert bench.main(flags + ["--parts", "resume", "--resume-from-ranks", "2", "--baseline", str(base)]) == 0
+    res = json.loads(base.read_text())
+    assert all(r["pass"] for r in res["resume"].values()) and set(res["resume"]) == {"single<-ddp2", "single<-fsdp2"}

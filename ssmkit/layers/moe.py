@@ -89,8 +89,11 @@ class MoE(nn.Module):
             y = torch.zeros_like(x2)
             for e, expert in enumerate(self.experts):
                 tok, slot = (idx == e).nonzero(as_tuple=True)
-                if tok.numel() == 0:
+                if tok.numel() == 0 and not torch.is_grad_enabled():
                     continue
+                # An expert without tokens still runs (on none) while training: its gradient is
+                # zero, not missing, so every data-parallel rank reduces the same parameters
+                # (DDP's buckets and FSDP's reduce-scatters must match across ranks).
                 y.index_add_(0, tok, w[tok, slot, None] * expert(x2[tok]))
         if hasattr(self, "shared"):
             s = self.shared(x2)

@@ -337,6 +337,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attn_cfg": {"n_heads": 16, "n_kv_heads": 8}, "mlp": "moe", "d_intermediate": 5632,
         "moe_cfg": {"n_experts": 16, "top_k": 2, "every": 2, "offset": 1}, "eos_token_id": 0,
     },
+    # Mamba-2 + 1/8 attention + MoE (8 experts, top-2) every other layer: 377M parameters, 226M
+    # active per token (the size the multi-GPU benchmarks train; docs/multi-gpu.md).
+    "hybrid-370m": {
+        "d_model": 1024, "n_layer": 16, "vocab_size": 50277, "pad_vocab_size_multiple": 16,
+        "layer_pattern": _jamba_pattern(16).replace("M", "2"),
+        "mamba2_cfg": {"d_state": 128, "headdim": 64, "expand": 2},
+        "attn_cfg": {"n_heads": 16, "n_kv_heads": 8}, "mlp": "moe", "d_intermediate": 1024,
+        "moe_cfg": {"n_experts": 8, "top_k": 2, "every": 2, "offset": 1}, "eos_token_id": 0,
+    },
     # Tiny models for tests and examples (byte-level vocabulary: 256 bytes + end-of-text = 257).
     "tiny-mamba": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "ssm_cfg": {"d_state": 8},
                    "eos_token_id": 256},

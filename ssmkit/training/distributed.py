@@ -25,10 +25,14 @@ from torch import nn
 
 @dataclasses.dataclass
 class DistInfo:
+    """This process's place in the process group; ``device`` is where the group's collectives run
+    (``cuda:LOCAL_RANK`` under NCCL, which only reduces CUDA tensors; the model's device under gloo)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     initialized_here: bool = False
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -39,29 +43,43 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _group_device(backend: str, local_rank: int, device: torch.device | None) -> torch.device:
+    if "nccl" in backend or (device is not None and device.type == "cuda"):
+        return torch.device("cuda", local_rank)
+    return device if device is not None else torch.device("cpu")
+
+
 def init(backend: str | None = None, device: torch.device | None = None) -> DistInfo:
-    """Join the process group described by torchrun's environment variables (no-op without them)."""
+    """Join the process group described by torchrun's environment variables (no-op without them).
+
+    Under NCCL the group is bound to ``cuda:LOCAL_RANK`` (its barriers and collectives run there).
+    NCCL's own settings (``NCCL_*``, ``TORCH_SYMM_MEM_*`` in the environment) are left as they are."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        dev = _group_device(dist.get_backend(), local_rank, device)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device=dev)
+    if world <= 1:
+        return DistInfo(device=device if device is not None else torch.device("cpu"))
+    rank = int(os.environ["RANK"])
     if backend is None:
         use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
         backend = "nccl" if use_cuda else "gloo"
+    dev = _group_device(backend, local_rank, device)
+    kw = {}
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
-    return DistInfo(rank, world, local_rank, initialized_here=True)
+        torch.cuda.set_device(dev)
+        kw["device_id"] = dev
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10),
+                            **kw)
+    return DistInfo(rank, world, local_rank, initialized_here=True, device=dev)
 
 
 def cleanup(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         # Wait for every rank first: a rank that tears its connections down while another still
         # finishes a collective (FSDP's last gathers) can abort that rank's gloo threads.
-        dist.barrier()
+        _barrier(info)
         dist.destroy_process_group()
 
 
@@ -99,16 +117,19 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", device: 
         # Each block of a ModuleList (the model's layers) is its own shard group, then the root.
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        for m in list(model.modules()):
-            if isinstance(m, nn.ModuleList):
+        # Only the outermost lists: a block's own lists (MoE experts) belong to the block's shard.
+        sharded: list[str] = []
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.ModuleList) and not any(name.startswith(s + ".") for s in sharded):
+                sharded.append(name)
                 for block in m:
                     if any(True for _ in block.parameters()):
                         fully_shard(block)
                         # Blocks that the model calls through another method than forward
                         # (LanguageModel's forward_residual) gather their shards there too.
-                        for name in FORWARD_METHODS:
-                            if callable(getattr(block, name, None)):
-                                register_fsdp_forward_method(block, name)
+                        for method in FORWARD_METHODS:
+                            if callable(getattr(block, method, None)):
+                                register_fsdp_forward_method(block, method)
         fully_shard(model)
         return model
     raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
@@ -138,15 +159,34 @@ def no_grad_sync(model: nn.Module):
         yield
 
 
+def check_device(t: torch.Tensor, info: DistInfo) -> None:
+    """Refuse a tensor that is not where the process group's collectives run (a CPU tensor handed
+    to NCCL fails deep inside it, or under gloo silently costs a copy per step)."""
+    if t.device != info.device:
+        raise RuntimeError(f"a collective got a tensor on {t.device}, but this process group's collectives run "
+                           f"on {info.device}: create it with device={str(info.device)!r}")
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum of ``t`` over ranks (returns ``t`` itself in a single process)."""
+    """Sum of ``t`` over ranks, in place (returns ``t`` itself in a single process); ``t`` must be
+    on ``info.device``."""
     if info.enabled:
+        check_device(t, info)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
+        _barrier(info)
+
+
+def _barrier(info: DistInfo) -> None:
+    # NCCL's barrier is an all-reduce on a device: name it (a group initialised elsewhere may not
+    # be bound to one, and NCCL would guess from the rank).
+    if info.device.type == "cuda" and "nccl" in dist.get_backend():
+        dist.barrier(device_ids=[info.device.index])
+    else:
         dist.barrier()
 
 

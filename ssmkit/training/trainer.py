@@ -199,8 +199,13 @@ class Trainer:
             set_deterministic(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.dist = ddp.init(device=self.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled:
+            # Collectives (the gradient and statistics all-reduces, FSDP's gathers) run on the
+            # process group's device: the model and every tensor the step reduces live there.
+            if self.dist.device.type != self.device.type:
+                raise ValueError(f"device={cfg.device!r} does not match the process group, whose collectives "
+                                 f"run on {self.dist.device}; use device={self.dist.device.type!r}")
+            self.device = self.dist.device
         self.mesh = ddp.context_mesh(self.dist, cfg.context_parallel, self.device)
         # data-parallel replicas (rows of the batch) x context-parallel ranks (pieces of a sequence)
         self.dp_size, self.dp_rank, self.cp_rank = self.dist.world_size, self.dist.rank, 0
@@ -389,20 +394,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        if ddp.is_fsdp(self.model):
-            # Gather full (unsharded) tensors so the checkpoint loads with any world size.
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+        # Full (unsharded) tensors, the optimizer's state keyed by parameter name: the checkpoint
+        # loads with any number of ranks and either strategy (FSDP gathers, on every rank).
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd = get_model_state_dict(self.model, options=opts)
-            optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        else:
-            model_sd = self.module.state_dict()
-            optim_sd = self.optimizer.state_dict()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=ddp.is_fsdp(self.model))
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         return {
             "model": model_sd,
             "optimizer": optim_sd,
@@ -433,24 +435,31 @@ class Trainer:
         return path
 
     def load_state_dict(self, state: dict) -> None:
-        if ddp.is_fsdp(self.model):
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=opts)
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        else:
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, self._optim_by_name(state["optimizer"]), options=opts)
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["data"]["generator"])
         self.step = int(state["step"])
         self._saved_step = self.step
         ckpt.set_rng_state(state["rng"])
+
+    def _optim_by_name(self, sd: dict) -> dict:
+        """An optimizer state keyed by position (``torch.optim``'s own format, checkpoints written
+        before names were used) -> keyed by parameter name, the positions being this optimizer's."""
+        if not any(isinstance(k, int) for k in sd["state"]) and not any(
+                isinstance(i, int) for g in sd["param_groups"] for i in g["params"]):
+            return sd
+        names = {id(p): n for n, p in ddp.unwrap(self.model).named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        return {"state": {order[i]: v for i, v in sd["state"].items()},
+                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         """Load ``path`` or the newest checkpoint in ``out_dir``; False if there is none."""

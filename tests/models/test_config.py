@@ -70,3 +70,19 @@ def test_new_fields_default_to_the_old_model_and_are_checked():
                       (dict(mlp_cfg={"act": "relu2"}), "unknown keys")):
         with pytest.raises(ValueError, match=match):
             ModelConfig(d_model=32, n_layer=2, **kw)
+
+
+def test_hybrid_370m_size():
+    """The multi-GPU benchmarks' hybrid: Mamba-2 + attention + MoE, ~370M parameters."""
+    import torch
+
+    from ssmkit import LanguageModel
+
+    cfg = ModelConfig.from_name("hybrid-370m")
+    assert set(cfg.layer_pattern) == {"2", "A"} and cfg.mlp == "moe"
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - experts + experts * cfg.moe_cfg["top_k"] // cfg.moe_cfg["n_experts"]
+    assert 360e6 < total < 390e6 and 215e6 < active < 235e6, (total, active)
