@@ -18,7 +18,7 @@ import torch
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, read_values
 from ssmkit.ops import dispatch
-from ssmkit.ops.delta_rule import chunked, reference  # noqa: F401  (registers the forms)
+from ssmkit.ops.delta_rule import chunked, reference, triton  # noqa: F401  (registers the forms)
 from ssmkit.ops.delta_rule.step import delta_step
 from ssmkit.ops.dispatch import register
 
