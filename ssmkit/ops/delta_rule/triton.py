@@ -10,8 +10,9 @@ Shapes as in :func:`ssmkit.ops.delta_rule`: ``q, k: (batch, seqlen, H, K)``, ``v
 Hv, V)``, ``beta, g: (batch, seqlen, Hv)``, states ``(batch | num_seqs, Hv, K, V)``. The chunked
 WY / UT kernels (:mod:`triton_kernels`) run forward and backward (an ``autograd.Function``:
 gradients of q, k, v, beta, g and the initial state, the final state differentiable); the state
-is float32 (float64 for float64 inputs), half-precision inputs multiply on the tensor cores with
-float32 accumulation, float32 inputs in IEEE float32. ``chunk_size`` does not change the result:
+is float32 (float64 for float64 inputs). Half-precision inputs multiply on the tensor cores in TF32
+(float32 operands: the UT inverse, the state and the pseudo-values keep 10 mantissa bits where
+bfloat16 operands would keep 7; see README.md), float32 inputs in IEEE float32. ``chunk_size`` does not change the result:
 the kernels use their own chunk (:data:`BLOCK_T`). The decoding step is one fused recurrent
 kernel over T >= 1 tokens. The kernels are imported on first use, so this module imports without
 Triton.
@@ -50,15 +51,15 @@ def _next_pow2(n: int, lo: int = 16) -> int:
 
 
 def _dtypes(*ts):
-    """(compute dtype, tl compute dtype, tl matmul operand dtype, dot precision)."""
+    """(compute dtype, tl compute dtype, tl matmul operand dtype, dot precision): TF32 tensor-core
+    matmuls for half-precision q, k, v, IEEE otherwise."""
     import triton.language as tl
 
     live = [t for t in ts if t is not None]
     if any(t.dtype == torch.float64 for t in live):
         return torch.float64, tl.float64, tl.float64, "ieee"
-    half = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-    mm = half.get(ts[0].dtype) if all(t.dtype == ts[0].dtype for t in ts[:3]) else None
-    return torch.float32, tl.float32, mm or tl.float32, "tf32" if mm else "ieee"
+    half = all(t.dtype in (torch.bfloat16, torch.float16) for t in ts[:3])
+    return torch.float32, tl.float32, tl.float32, "tf32" if half else "ieee"
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
@@ -125,15 +126,26 @@ def _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do, dhT):
     dg_p = alloc(NV, ntok, Hv, device=q.device, dtype=cdt) if g is not None else None
     dv = alloc(v.shape, device=v.device, dtype=v.dtype)
     dh0 = torch.empty(nseq, Hv, K, V, device=q.device, dtype=cdt) if h0 is not None else None
+    dS = torch.empty_like(S)
     dummy = dbeta_p
-    kern._dr_bwd[(nseq * Hv, NV)](
-        q, k, v, beta, g if g is not None else dummy, cu if cu is not None else dummy,
-        choff if choff is not None else dummy, S, do, dhT if dhT is not None else dummy,
-        dq_p, dk_p, dv, dbeta_p, dg_p if dg_p is not None else dummy, dh0 if dh0 is not None else dummy,
-        L, ntok, H, Hv, K, V, nch_max, float(scale),
-        GATED=g is not None, L2NORM=bool(l2), HAS_H0=h0 is not None, HAS_DHT=dhT is not None,
-        VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS,
-    )
+    cu_ = cu if cu is not None else dummy
+    choff_ = choff if choff is not None else dummy
+    opts = dict(GATED=g is not None, L2NORM=bool(l2), VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM,
+                BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS)
+    kern._dr_bwd_dh[(nseq * Hv, NV)](
+        q, k, beta, g if g is not None else dummy, cu_, choff_, do, dhT if dhT is not None else dummy, dS,
+        dh0 if dh0 is not None else dummy, L, H, Hv, K, V, nch_max, float(scale),
+        HAS_H0=h0 is not None, HAS_DHT=dhT is not None, **opts)
+    cseq = dummy
+    if cu is not None:  # the sequence of every chunk in the scratch (nseq past the last one)
+        cseq = torch.searchsorted(choff, torch.arange(S.shape[0], device=q.device, dtype=torch.int32),
+                                  right=True).to(torch.int32) - 1
+        ends = choff + ((cu[1:] - cu[:-1]) + BLOCK_T - 1) // BLOCK_T
+        cseq = torch.where(torch.arange(S.shape[0], device=q.device) < ends[-1], cseq, nseq).to(torch.int32)
+    kern._dr_bwd_chunk[(S.shape[0], Hv, NV)](
+        q, k, v, beta, g if g is not None else dummy, cu_, choff_, cseq, S, dS, do,
+        dq_p, dk_p, dv, dbeta_p, dg_p if dg_p is not None else dummy,
+        L, ntok, nseq, H, Hv, K, V, nch_max, float(scale), **opts)
     r = Hv // H
     dq = dq_p.sum(0).view(B, L, H, r, K).sum(3) * scale
     dk = dk_p.sum(0).view(B, L, H, r, K).sum(3)

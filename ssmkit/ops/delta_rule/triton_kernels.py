@@ -10,13 +10,15 @@ head, block of V) and walks its chunks of ``BT`` tokens, the state ``h (K, BV)``
 * ``W = T diag(βγ) K``, ``U = T diag(β) V - W h``;
 * ``O = diag(γ) Q h + (Γ ∘ Q Kᵀ) U``, ``h <- γ_C h + (diag(γ_C / γ) K)ᵀ U``.
 
-Every product is a ``tl.dot`` (half-precision operands on the tensor cores with float32
-accumulation for half-precision inputs; IEEE float32 / float64 otherwise). q and k are
+Every product is a ``tl.dot`` of float32 operands (TF32 tensor cores for half-precision inputs,
+IEEE float32 for float32; float64 for float64). q and k are
 L2-normalised in the kernel (``L2NORM``) and q scaled. Value head ``hv`` reads query/key head
 ``hv // (Hv // H)``. The forward stores the state entering every chunk (``S``) when a backward
-follows. The backward walks the chunks in reverse with the state's adjoint ``dh (K, BV)`` and
-writes per-V-block partial sums of dq̂, dk̂, dβ, dg (summed, and reduced over each query/key
-head's value heads, outside: deterministic). ``_dr_step`` is the fused recurrent decode step.
+follows. The backward is two passes: ``_dr_bwd_dh`` walks the chunks in reverse with the state's
+adjoint ``dh (K, BV)`` and stores it at every chunk boundary; ``_dr_bwd_chunk`` then runs all
+chunks in parallel from the stored states and adjoints, writing dv and per-V-block partial sums
+of dq̂, dk̂, dβ, dg (summed, and reduced over each query/key head's value heads, outside:
+deterministic). ``_dr_step`` is the fused recurrent decode step.
 """
 
 from __future__ import annotations
@@ -143,16 +145,16 @@ def _dr_fwd(
 
 
 @triton.jit
-def _dr_bwd(
-    q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, S_ptr, do_ptr, dhT_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, dh0_ptr,
-    seqlen, ntok, H, Hv, K, V, nchunks_max, scale,
+def _dr_bwd_dh(
+    q_ptr, k_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, do_ptr, dhT_ptr, dS_ptr, dh0_ptr,
+    seqlen, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr, MM_DT: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """Chunks in reverse with ``dh (K, BV)``: dv and dh0 (exact per V block), and this V block's
-    partial dq̂ (gradient of the normalised, scaled q), dk̂, dβ and dg (``(NV, tokens, Hv, ...)``)."""
+    """The state's adjoint, chunks in reverse: ``dS[chunk]`` = the gradient reaching the state
+    that leaves each chunk, and ``dh0``. Per chunk, dU = Pᵀ dO + diag(γ_C/γ) K dh and
+    dh <- γ_C dh + (diag(γ) Q)ᵀ dO - Wᵀ dU (the forward's h_C and O read h only there)."""
     pid = tl.program_id(0)
     pid_v = tl.program_id(1)
     seq = pid // Hv
@@ -167,8 +169,6 @@ def _dr_bwd(
     qk_base = start * H * K + hk * K
     v_base = start * Hv * V + hv * V
     bg_base = start * Hv + hv
-    part_qk = pid_v.to(tl.int64) * ntok * Hv * K + start * Hv * K + hv * K  # partial dq̂ / dk̂ rows
-    part_bg = pid_v.to(tl.int64) * ntok * Hv + bg_base
     state_offs = offs_k[:, None] * V + offs_v[None, :]
     state_mask = k_mask[:, None] & v_mask[None, :]
     sidx = (seq * Hv + hv).to(tl.int64) * K * V
@@ -176,74 +176,126 @@ def _dr_bwd(
         dh = tl.load(dhT_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
     else:
         dh = tl.zeros((BK, BV), dtype=CDT)
-    lower = offs_t[:, None] >= offs_t[None, :]
-    strict = offs_t[:, None] > offs_t[None, :]
     nch = tl.cdiv(length, BT)
     for i in range(0, nch):
         ci = nch - 1 - i
+        tl.store(dS_ptr + ((chunk0 + ci) * Hv + hv) * K * V + state_offs, dh, mask=state_mask)
         t = (ci * BT + offs_t).to(tl.int64)
         t_mask = t < length
-        tv_mask = t_mask[:, None] & v_mask[None, :]
-        tk_mask = t_mask[:, None] & k_mask[None, :]
-        h0 = tl.load(S_ptr + ((chunk0 + ci) * Hv + hv) * K * V + state_offs, mask=state_mask, other=0.0)
         kb = _load_qk(k_ptr, qk_base, t, t_mask, offs_k, k_mask, H * K, L2NORM, CDT)
         qb = _load_qk(q_ptr, qk_base, t, t_mask, offs_k, k_mask, H * K, L2NORM, CDT) * scale
-        vb = tl.load(v_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
         bt = tl.load(beta_ptr + bg_base + t * Hv, mask=t_mask, other=0.0).to(CDT)
-        do = tl.load(do_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
+        do = tl.load(do_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :],
+                     mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(CDT)
         Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
                                                          CDT, MM_DT, BT)
-        bgk = (bt * gam)[:, None] * kb
-        bv = bt[:, None] * vb
-        W = _mm(T, bgk, MM_DT, PREC).to(CDT)
-        U = _mm(T, bv, MM_DT, PREC).to(CDT) - _mm(W, h0, MM_DT, PREC).to(CDT)
-        qk = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT)
-        P = qk * Gam
-        # O = diag(γ) Q h0 + P U and h1 = γ_C h0 + (diag(γ_C/γ) K)ᵀ U
+        W = _mm(T, (bt * gam)[:, None] * kb, MM_DT, PREC).to(CDT)
+        P = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT) * Gam
         dU = _mm(tl.trans(P), do, MM_DT, PREC).to(CDT) + gam_end[:, None] * _mm(kb, dh, MM_DT, PREC).to(CDT)
-        dP = tl.where(lower, _mm(do, tl.trans(U), MM_DT, PREC).to(CDT), 0.0)
-        doh = _mm(do, tl.trans(h0), MM_DT, PREC).to(CDT)  # dO h0ᵀ: (BT, BK)
-        udh = _mm(U, tl.trans(dh), MM_DT, PREC).to(CDT)  # U dh1ᵀ: (BT, BK)
-        dPG = dP * Gam
-        dq = gam[:, None] * doh + _mm(dPG, kb, MM_DT, PREC).to(CDT)
-        dk = _mm(tl.trans(dPG), qb, MM_DT, PREC).to(CDT) + gam_end[:, None] * udh
-        dGam = dP * qk
-        dc = gam * tl.sum(doh * qb, 1) - gam_end * tl.sum(udh * kb, 1)
-        dc_last = tl.sum(gam_end * tl.sum(udh * kb, 1), 0) + decay * tl.sum(tl.sum(dh * h0, 1), 0)
-        dh_prev = decay * dh + _mm(tl.trans(gam[:, None] * qb), do, MM_DT, PREC).to(CDT) \
+        dh = decay * dh + _mm(tl.trans(gam[:, None] * qb), do, MM_DT, PREC).to(CDT) \
             - _mm(tl.trans(W), dU, MM_DT, PREC).to(CDT)
-        # U = T (βV) - T (βγK) h0
-        dW = -_mm(dU, tl.trans(h0), MM_DT, PREC).to(CDT)
-        dT = _mm(dU, tl.trans(bv), MM_DT, PREC).to(CDT) + _mm(dW, tl.trans(bgk), MM_DT, PREC).to(CDT)
-        dbv = _mm(tl.trans(T), dU, MM_DT, PREC).to(CDT)
-        dbgk = _mm(tl.trans(T), dW, MM_DT, PREC).to(CDT)
-        dv = bt[:, None] * dbv
-        dbgk_k = tl.sum(dbgk * kb, 1)
-        dbeta = tl.sum(dbv * vb, 1) + gam * dbgk_k
-        dc += bt * gam * dbgk_k
-        dk += (bt * gam)[:, None] * dbgk
-        # T = (I + A)⁻¹: dA = -Tᵀ dT Tᵀ (strictly lower); A = diag(β) (Γ ∘ K Kᵀ)
-        TT = tl.trans(T)
-        dA = tl.where(strict, -_mm(_mm(TT, dT, MM_DT, PREC).to(CDT), TT, MM_DT, PREC).to(CDT), 0.0)
-        dbeta += tl.sum(dA * Gam * kk, 1)
-        dkk = dA * bt[:, None] * Gam
-        dk += _mm(dkk, kb, MM_DT, PREC).to(CDT) + _mm(tl.trans(dkk), kb, MM_DT, PREC).to(CDT)
-        dGam += dA * bt[:, None] * kk
-        tl.store(dq_ptr + part_qk + t[:, None] * (Hv * K) + offs_k[None, :], dq, mask=tk_mask)
-        tl.store(dk_ptr + part_qk + t[:, None] * (Hv * K) + offs_k[None, :], dk, mask=tk_mask)
-        tl.store(dv_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=tv_mask)
-        tl.store(dbeta_ptr + part_bg + t * Hv, dbeta, mask=t_mask)
-        if GATED:
-            # Γ[t, i] = exp(c_t - c_i), γ = exp(c), γ_C = exp(c_last); g = differences of c
-            dGG = tl.where(lower, dGam * Gam, 0.0)
-            dc += tl.sum(dGG, 1) - tl.sum(dGG, 0)
-            dc += tl.where(offs_t == BT - 1, dc_last, 0.0)
-            dg = tl.cumsum(dc, 0, reverse=True)
-            tl.store(dg_ptr + part_bg + t * Hv, dg, mask=t_mask)
-        dh = dh_prev
     if HAS_H0:
         tl.store(dh0_ptr + sidx + state_offs, dh, mask=state_mask)
+
+
+@triton.jit
+def _dr_bwd_chunk(
+    q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, cseq_ptr, S_ptr, dS_ptr, do_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
+    seqlen, ntok, nseq, H, Hv, K, V, nchunks_max, scale,
+    GATED: tl.constexpr, L2NORM: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr,
+    MM_DT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """One chunk of one value head and V block, all chunks in parallel: from the state entering
+    the chunk (``S``) and the adjoint of the state leaving it (``dS``), dv (exact) and this V
+    block's partial dq̂ (the gradient of the normalised, scaled q), dk̂, dβ and dg
+    (``(NV, tokens, Hv, ...)``)."""
+    j = tl.program_id(0)  # the chunk in the state scratch
+    hv = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    hk = hv // (Hv // H)
+    if VARLEN:
+        seq = tl.load(cseq_ptr + j)
+        seq_c = tl.minimum(seq, nseq - 1)  # rows past the last chunk: masked out below
+        start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq_c, seqlen, nchunks_max, VARLEN)
+        ci = j - chunk0
+        length = tl.where(seq < nseq, length, 0)
+    else:
+        seq = j // nchunks_max
+        ci = j % nchunks_max
+        start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_mask = offs_k < K
+    v_mask = offs_v < V
+    qk_base = start * H * K + hk * K
+    v_base = start * Hv * V + hv * V
+    bg_base = start * Hv + hv
+    part_qk = pid_v.to(tl.int64) * ntok * Hv * K + start * Hv * K + hv * K
+    part_bg = pid_v.to(tl.int64) * ntok * Hv + bg_base
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    state_mask = k_mask[:, None] & v_mask[None, :]
+    lower = offs_t[:, None] >= offs_t[None, :]
+    strict = offs_t[:, None] > offs_t[None, :]
+    t = (ci * BT + offs_t).to(tl.int64)
+    t_mask = t < length
+    tv_mask = t_mask[:, None] & v_mask[None, :]
+    tk_mask = t_mask[:, None] & k_mask[None, :]
+    sk = (j.to(tl.int64) * Hv + hv) * K * V
+    h0 = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0).to(CDT)
+    dh = tl.load(dS_ptr + sk + state_offs, mask=state_mask, other=0.0).to(CDT)
+    kb = _load_qk(k_ptr, qk_base, t, t_mask, offs_k, k_mask, H * K, L2NORM, CDT)
+    qb = _load_qk(q_ptr, qk_base, t, t_mask, offs_k, k_mask, H * K, L2NORM, CDT) * scale
+    vb = tl.load(v_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
+    bt = tl.load(beta_ptr + bg_base + t * Hv, mask=t_mask, other=0.0).to(CDT)
+    do = tl.load(do_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
+    Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
+                                                     CDT, MM_DT, BT)
+    bgk = (bt * gam)[:, None] * kb
+    bv = bt[:, None] * vb
+    W = _mm(T, bgk, MM_DT, PREC).to(CDT)
+    U = _mm(T, bv, MM_DT, PREC).to(CDT) - _mm(W, h0, MM_DT, PREC).to(CDT)
+    qk = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT)
+    P = qk * Gam
+    # O = diag(γ) Q h0 + P U and h_C = γ_C h0 + (diag(γ_C/γ) K)ᵀ U
+    dU = _mm(tl.trans(P), do, MM_DT, PREC).to(CDT) + gam_end[:, None] * _mm(kb, dh, MM_DT, PREC).to(CDT)
+    dP = tl.where(lower, _mm(do, tl.trans(U), MM_DT, PREC).to(CDT), 0.0)
+    doh = _mm(do, tl.trans(h0), MM_DT, PREC).to(CDT)  # dO h0ᵀ: (BT, BK)
+    udh = _mm(U, tl.trans(dh), MM_DT, PREC).to(CDT)  # U dhᵀ: (BT, BK)
+    dPG = dP * Gam
+    dq = gam[:, None] * doh + _mm(dPG, kb, MM_DT, PREC).to(CDT)
+    dk = _mm(tl.trans(dPG), qb, MM_DT, PREC).to(CDT) + gam_end[:, None] * udh
+    dGam = dP * qk
+    dc = gam * tl.sum(doh * qb, 1) - gam_end * tl.sum(udh * kb, 1)
+    dc_last = tl.sum(gam_end * tl.sum(udh * kb, 1), 0) + decay * tl.sum(tl.sum(dh * h0, 1), 0)
+    # U = T (βV) - T (βγK) h0
+    dW = -_mm(dU, tl.trans(h0), MM_DT, PREC).to(CDT)
+    dT = _mm(dU, tl.trans(bv), MM_DT, PREC).to(CDT) + _mm(dW, tl.trans(bgk), MM_DT, PREC).to(CDT)
+    TT = tl.trans(T)
+    dbv = _mm(TT, dU, MM_DT, PREC).to(CDT)
+    dbgk = _mm(TT, dW, MM_DT, PREC).to(CDT)
+    dbgk_k = tl.sum(dbgk * kb, 1)
+    dbeta = tl.sum(dbv * vb, 1) + gam * dbgk_k
+    dc += bt * gam * dbgk_k
+    dk += (bt * gam)[:, None] * dbgk
+    # T = (I + A)⁻¹: dA = -Tᵀ dT Tᵀ (strictly lower); A = diag(β) (Γ ∘ K Kᵀ)
+    dA = tl.where(strict, -_mm(_mm(TT, dT, MM_DT, PREC).to(CDT), TT, MM_DT, PREC).to(CDT), 0.0)
+    dbeta += tl.sum(dA * Gam * kk, 1)
+    dkk = dA * bt[:, None] * Gam
+    dk += _mm(dkk, kb, MM_DT, PREC).to(CDT) + _mm(tl.trans(dkk), kb, MM_DT, PREC).to(CDT)
+    dGam += dA * bt[:, None] * kk
+    tl.store(dq_ptr + part_qk + t[:, None] * (Hv * K) + offs_k[None, :], dq, mask=tk_mask)
+    tl.store(dk_ptr + part_qk + t[:, None] * (Hv * K) + offs_k[None, :], dk, mask=tk_mask)
+    tl.store(dv_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], (bt[:, None] * dbv).to(dv_ptr.dtype.element_ty),
+             mask=tv_mask)
+    tl.store(dbeta_ptr + part_bg + t * Hv, dbeta, mask=t_mask)
+    if GATED:
+        # Γ[t, i] = exp(c_t - c_i), γ = exp(c), γ_C = exp(c_last); g = differences of c
+        dGG = tl.where(lower, dGam * Gam, 0.0)
+        dc += tl.sum(dGG, 1) - tl.sum(dGG, 0)
+        dc += tl.where(offs_t == BT - 1, dc_last, 0.0)
+        tl.store(dg_ptr + part_bg + t * Hv, tl.cumsum(dc, 0, reverse=True), mask=t_mask)
 
 
 @triton.jit
