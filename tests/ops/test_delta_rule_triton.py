@@ -1,6 +1,6 @@
 """The Triton delta-rule forms (``backend="triton"``) against the reference recurrence, under the
 Triton CPU interpreter when there is no GPU: outputs, final states and every gradient (q, k, v,
-beta, g, initial state) in float64; float32 against float64; seqlen 1, seqlens not a multiple of
+beta, g, initial state) in float64; float32 and float16 against float64; seqlen 1, seqlens not a multiple of
 the kernels' chunk, several V blocks, K not a power of two, grouped value heads, packed sequences
 with an empty one; the fused recurrent decoding kernel with T >= 1 tokens and state_batch_indices.
 Shapes are tiny: the interpreter runs each program in NumPy."""
@@ -76,6 +76,15 @@ def test_packed_sequences_with_an_empty_one():
 def test_float32_against_float64_reference():
     ts = _inputs(1, 70, 1, 2, 16, 16, seed=2)
     _check([None if t is None else t.float() for t in ts], rel=1e-5, reference_ts=ts)
+
+
+def test_half_precision_split_operands():
+    """Half-precision inputs take the tensor-core path with computed operands split in two parts
+    (float16 here: the interpreter's bfloat16 matmuls are not exact); against float64 on the same
+    rounded inputs, the output rounded to float16 included."""
+    ts = _inputs(1, 70, 1, 2, 16, 16, seed=5)
+    half = [None if t is None else t.to(torch.float16) if i < 4 else t.float() for i, t in enumerate(ts)]
+    _check(half, rel=2e-3, reference_ts=[None if t is None else t.double() for t in half])
 
 
 def test_no_final_state_and_inference():

@@ -10,9 +10,12 @@ Shapes as in :func:`ssmkit.ops.delta_rule`: ``q, k: (batch, seqlen, H, K)``, ``v
 Hv, V)``, ``beta, g: (batch, seqlen, Hv)``, states ``(batch | num_seqs, Hv, K, V)``. The chunked
 WY / UT kernels (:mod:`triton_kernels`) run forward and backward (an ``autograd.Function``:
 gradients of q, k, v, beta, g and the initial state, the final state differentiable); the state
-is float32 (float64 for float64 inputs). Half-precision inputs multiply on the tensor cores in TF32
-(float32 operands: the UT inverse, the state and the pseudo-values keep 10 mantissa bits where
-bfloat16 operands would keep 7; see README.md), float32 inputs in IEEE float32. ``chunk_size`` does not change the result:
+is float32 (float64 for float64 inputs). Half-precision inputs multiply on the tensor cores in
+their own dtype with float32 accumulation; the computed operands (the UT inverse T, W, the
+pseudo-values U, the state and the adjoints) go in as two half-precision parts (hi + lo, three
+matmuls), which keeps bfloat16 results within 5e-3 of float64 (one bfloat16 rounding of T, U and
+the state per chunk gives ~4.5e-3 on the forward alone; see README.md). Float32 inputs multiply
+in IEEE float32. ``chunk_size`` does not change the result:
 the kernels use their own chunk (:data:`BLOCK_T`). The decoding step is one fused recurrent
 kernel over T >= 1 tokens. The kernels are imported on first use, so this module imports without
 Triton.
@@ -51,15 +54,18 @@ def _next_pow2(n: int, lo: int = 16) -> int:
 
 
 def _dtypes(*ts):
-    """(compute dtype, tl compute dtype, tl matmul operand dtype, dot precision): TF32 tensor-core
-    matmuls for half-precision q, k, v, IEEE otherwise."""
+    """(compute dtype, tl compute dtype, tl matmul operand dtype, dot precision, split operands):
+    half-precision q, k, v multiply on the tensor cores in their own dtype, computed operands
+    split in two (see ``triton_kernels._mmx``); float32 in IEEE float32, float64 in float64."""
     import triton.language as tl
 
     live = [t for t in ts if t is not None]
     if any(t.dtype == torch.float64 for t in live):
-        return torch.float64, tl.float64, tl.float64, "ieee"
-    half = all(t.dtype in (torch.bfloat16, torch.float16) for t in ts[:3])
-    return torch.float32, tl.float32, tl.float32, "tf32" if half else "ieee"
+        return torch.float64, tl.float64, tl.float64, "ieee", False
+    half = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if all(t.dtype == ts[0].dtype for t in ts[:3]) and ts[0].dtype in half:
+        return torch.float32, tl.float32, half[ts[0].dtype], "tf32", True
+    return torch.float32, tl.float32, tl.float32, "ieee", False
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
@@ -83,7 +89,7 @@ def _forward(q, k, v, beta, g, h0, cu, scale, l2, store_ht, store_states):
     B, L, H, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     nseq = B if cu is None else cu.numel() - 1
-    cdt, CDT, MM, prec = _dtypes(q, k, v, beta, g, h0)
+    cdt, CDT, MM, prec, split = _dtypes(q, k, v, beta, g, h0)
     BK, BV = _blocks(K, V)
     choff, total_chunks, nch_max = _chunk_offsets(cu, nseq, L)
     o = torch.empty(v.shape, device=v.device, dtype=q.dtype)
@@ -96,7 +102,7 @@ def _forward(q, k, v, beta, g, h0, cu, scale, l2, store_ht, store_states):
         hT if hT is not None else dummy, S if S is not None else dummy,
         L, H, Hv, K, V, nch_max, float(scale),
         GATED=g is not None, L2NORM=bool(l2), HAS_H0=h0 is not None, STORE_HT=store_ht, STORE_S=store_states,
-        VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS,
+        VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM, SPLIT=split, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS,
     )
     return o, hT, S
 
@@ -114,7 +120,7 @@ def _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do, dhT):
     B, L, H, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     nseq = B if cu is None else cu.numel() - 1
-    cdt, CDT, MM, prec = _dtypes(q, k, v, beta, g, h0)
+    cdt, CDT, MM, prec, split = _dtypes(q, k, v, beta, g, h0)
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     choff, _, nch_max = _chunk_offsets(cu, nseq, L)
@@ -131,7 +137,7 @@ def _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do, dhT):
     cu_ = cu if cu is not None else dummy
     choff_ = choff if choff is not None else dummy
     opts = dict(GATED=g is not None, L2NORM=bool(l2), VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM,
-                BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS)
+                SPLIT=split, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS)
     kern._dr_bwd_dh[(nseq * Hv, NV)](
         q, k, beta, g if g is not None else dummy, cu_, choff_, do, dhT if dhT is not None else dummy, dS,
         dh0 if dh0 is not None else dummy, L, H, Hv, K, V, nch_max, float(scale),

@@ -29,6 +29,22 @@ import triton.language as tl
 
 @triton.jit
 def _mm(a, b, MM_DT: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with operands cast to ``MM_DT``, accumulated in float32 (float64 for float64)."""
+    return tl.dot(a.to(MM_DT), b.to(MM_DT), input_precision=PREC)
+
+
+@triton.jit
+def _mmx(a, b, MM_DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """``a @ b`` for computed float32 operands (T, W, U, the states and their adjoints): with
+    ``SPLIT`` each operand is a sum of two half-precision parts, x = hi + lo, and the product is
+    hi·hi + hi·lo + lo·hi (three tensor-core matmuls, about 16 mantissa bits instead of 8);
+    otherwise :func:`_mm`."""
+    if SPLIT:
+        a_hi = a.to(MM_DT)
+        b_hi = b.to(MM_DT)
+        a_lo = (a - a_hi.to(tl.float32)).to(MM_DT)
+        b_lo = (b - b_hi.to(tl.float32)).to(MM_DT)
+        return tl.dot(a_hi, b_hi) + tl.dot(a_hi, b_lo) + tl.dot(a_lo, b_hi)
     return tl.dot(a.to(MM_DT), b.to(MM_DT), input_precision=PREC)
 
 
@@ -98,7 +114,7 @@ def _dr_fwd(
     seqlen, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     STORE_S: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr, MM_DT: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SPLIT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -133,13 +149,13 @@ def _dr_fwd(
         bt = tl.load(beta_ptr + bg_base + t * Hv, mask=t_mask, other=0.0).to(CDT)
         Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
                                                          CDT, MM_DT, BT)
-        W = _mm(T, (bt * gam)[:, None] * kb, MM_DT, PREC).to(CDT)
-        U = _mm(T, bt[:, None] * vb, MM_DT, PREC).to(CDT) - _mm(W, h, MM_DT, PREC).to(CDT)
+        W = _mmx(T, (bt * gam)[:, None] * kb, MM_DT, PREC, SPLIT).to(CDT)
+        U = _mmx(T, bt[:, None] * vb, MM_DT, PREC, SPLIT).to(CDT) - _mmx(W, h, MM_DT, PREC, SPLIT).to(CDT)
         P = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT) * Gam
-        o = gam[:, None] * _mm(qb, h, MM_DT, PREC).to(CDT) + _mm(P, U, MM_DT, PREC).to(CDT)
+        o = gam[:, None] * _mmx(qb, h, MM_DT, PREC, SPLIT).to(CDT) + _mmx(P, U, MM_DT, PREC, SPLIT).to(CDT)
         tl.store(o_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=tv_mask)
-        h = decay * h + _mm(tl.trans(gam_end[:, None] * kb), U, MM_DT, PREC).to(CDT)
+        h = decay * h + _mmx(tl.trans(gam_end[:, None] * kb), U, MM_DT, PREC, SPLIT).to(CDT)
     if STORE_HT:
         tl.store(hT_ptr + sidx + state_offs, h, mask=state_mask)
 
@@ -150,7 +166,7 @@ def _dr_bwd_dh(
     seqlen, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr, MM_DT: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SPLIT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """The state's adjoint, chunks in reverse: ``dS[chunk]`` = the gradient reaching the state
     that leaves each chunk, and ``dh0``. Per chunk, dU = Pᵀ dO + diag(γ_C/γ) K dh and
@@ -189,11 +205,11 @@ def _dr_bwd_dh(
                      mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(CDT)
         Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
                                                          CDT, MM_DT, BT)
-        W = _mm(T, (bt * gam)[:, None] * kb, MM_DT, PREC).to(CDT)
+        W = _mmx(T, (bt * gam)[:, None] * kb, MM_DT, PREC, SPLIT).to(CDT)
         P = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT) * Gam
-        dU = _mm(tl.trans(P), do, MM_DT, PREC).to(CDT) + gam_end[:, None] * _mm(kb, dh, MM_DT, PREC).to(CDT)
-        dh = decay * dh + _mm(tl.trans(gam[:, None] * qb), do, MM_DT, PREC).to(CDT) \
-            - _mm(tl.trans(W), dU, MM_DT, PREC).to(CDT)
+        dU = _mmx(tl.trans(P), do, MM_DT, PREC, SPLIT).to(CDT) + gam_end[:, None] * _mmx(kb, dh, MM_DT, PREC, SPLIT).to(CDT)
+        dh = decay * dh + _mmx(tl.trans(gam[:, None] * qb), do, MM_DT, PREC, SPLIT).to(CDT) \
+            - _mmx(tl.trans(W), dU, MM_DT, PREC, SPLIT).to(CDT)
     if HAS_H0:
         tl.store(dh0_ptr + sidx + state_offs, dh, mask=state_mask)
 
@@ -204,7 +220,7 @@ def _dr_bwd_chunk(
     dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
     seqlen, ntok, nseq, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr,
-    MM_DT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MM_DT: tl.constexpr, SPLIT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """One chunk of one value head and V block, all chunks in parallel: from the state entering
     the chunk (``S``) and the adjoint of the state leaving it (``dS``), dv (exact) and this V
@@ -254,36 +270,36 @@ def _dr_bwd_chunk(
                                                      CDT, MM_DT, BT)
     bgk = (bt * gam)[:, None] * kb
     bv = bt[:, None] * vb
-    W = _mm(T, bgk, MM_DT, PREC).to(CDT)
-    U = _mm(T, bv, MM_DT, PREC).to(CDT) - _mm(W, h0, MM_DT, PREC).to(CDT)
+    W = _mmx(T, bgk, MM_DT, PREC, SPLIT).to(CDT)
+    U = _mmx(T, bv, MM_DT, PREC, SPLIT).to(CDT) - _mmx(W, h0, MM_DT, PREC, SPLIT).to(CDT)
     qk = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT)
     P = qk * Gam
     # O = diag(γ) Q h0 + P U and h_C = γ_C h0 + (diag(γ_C/γ) K)ᵀ U
-    dU = _mm(tl.trans(P), do, MM_DT, PREC).to(CDT) + gam_end[:, None] * _mm(kb, dh, MM_DT, PREC).to(CDT)
-    dP = tl.where(lower, _mm(do, tl.trans(U), MM_DT, PREC).to(CDT), 0.0)
-    doh = _mm(do, tl.trans(h0), MM_DT, PREC).to(CDT)  # dO h0ᵀ: (BT, BK)
-    udh = _mm(U, tl.trans(dh), MM_DT, PREC).to(CDT)  # U dhᵀ: (BT, BK)
+    dU = _mmx(tl.trans(P), do, MM_DT, PREC, SPLIT).to(CDT) + gam_end[:, None] * _mmx(kb, dh, MM_DT, PREC, SPLIT).to(CDT)
+    dP = tl.where(lower, _mmx(do, tl.trans(U), MM_DT, PREC, SPLIT).to(CDT), 0.0)
+    doh = _mmx(do, tl.trans(h0), MM_DT, PREC, SPLIT).to(CDT)  # dO h0ᵀ: (BT, BK)
+    udh = _mmx(U, tl.trans(dh), MM_DT, PREC, SPLIT).to(CDT)  # U dhᵀ: (BT, BK)
     dPG = dP * Gam
-    dq = gam[:, None] * doh + _mm(dPG, kb, MM_DT, PREC).to(CDT)
-    dk = _mm(tl.trans(dPG), qb, MM_DT, PREC).to(CDT) + gam_end[:, None] * udh
+    dq = gam[:, None] * doh + _mmx(dPG, kb, MM_DT, PREC, SPLIT).to(CDT)
+    dk = _mmx(tl.trans(dPG), qb, MM_DT, PREC, SPLIT).to(CDT) + gam_end[:, None] * udh
     dGam = dP * qk
     dc = gam * tl.sum(doh * qb, 1) - gam_end * tl.sum(udh * kb, 1)
     dc_last = tl.sum(gam_end * tl.sum(udh * kb, 1), 0) + decay * tl.sum(tl.sum(dh * h0, 1), 0)
     # U = T (βV) - T (βγK) h0
-    dW = -_mm(dU, tl.trans(h0), MM_DT, PREC).to(CDT)
-    dT = _mm(dU, tl.trans(bv), MM_DT, PREC).to(CDT) + _mm(dW, tl.trans(bgk), MM_DT, PREC).to(CDT)
+    dW = -_mmx(dU, tl.trans(h0), MM_DT, PREC, SPLIT).to(CDT)
+    dT = _mmx(dU, tl.trans(bv), MM_DT, PREC, SPLIT).to(CDT) + _mmx(dW, tl.trans(bgk), MM_DT, PREC, SPLIT).to(CDT)
     TT = tl.trans(T)
-    dbv = _mm(TT, dU, MM_DT, PREC).to(CDT)
-    dbgk = _mm(TT, dW, MM_DT, PREC).to(CDT)
+    dbv = _mmx(TT, dU, MM_DT, PREC, SPLIT).to(CDT)
+    dbgk = _mmx(TT, dW, MM_DT, PREC, SPLIT).to(CDT)
     dbgk_k = tl.sum(dbgk * kb, 1)
     dbeta = tl.sum(dbv * vb, 1) + gam * dbgk_k
     dc += bt * gam * dbgk_k
     dk += (bt * gam)[:, None] * dbgk
     # T = (I + A)⁻¹: dA = -Tᵀ dT Tᵀ (strictly lower); A = diag(β) (Γ ∘ K Kᵀ)
-    dA = tl.where(strict, -_mm(_mm(TT, dT, MM_DT, PREC).to(CDT), TT, MM_DT, PREC).to(CDT), 0.0)
+    dA = tl.where(strict, -_mmx(_mmx(TT, dT, MM_DT, PREC, SPLIT).to(CDT), TT, MM_DT, PREC, SPLIT).to(CDT), 0.0)
     dbeta += tl.sum(dA * Gam * kk, 1)
     dkk = dA * bt[:, None] * Gam
-    dk += _mm(dkk, kb, MM_DT, PREC).to(CDT) + _mm(tl.trans(dkk), kb, MM_DT, PREC).to(CDT)
+    dk += _mmx(dkk, kb, MM_DT, PREC, SPLIT).to(CDT) + _mmx(tl.trans(dkk), kb, MM_DT, PREC, SPLIT).to(CDT)
     dGam += dA * bt[:, None] * kk
     tl.store(dq_ptr + part_qk + t[:, None] * (Hv * K) + offs_k[None, :], dq, mask=tk_mask)
     tl.store(dk_ptr + part_qk + t[:, None] * (Hv * K) + offs_k[None, :], dk, mask=tk_mask)
