@@ -195,6 +195,23 @@ def delta_rule_triton(q, k, v, beta, g=None, scale=None, use_qk_l2norm=False, ch
     return (o, hT) if return_final_state else o
 
 
+def recompute_backward(q, k, v, beta, g, initial_state, cu_seqlens, scale, use_qk_l2norm, do, dhT):
+    """Gradients of (q, k, v, beta, g, initial_state) (None where the input is None) from the
+    forward's inputs alone: the forward kernel stores the chunk states again, then the backward
+    kernels run (the custom op's backward, :mod:`ssmkit.ops.custom_ops`)."""
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    g = None if g is None else g.contiguous()
+    cdt = _cdt(q, k, v, beta, g, initial_state)
+    h0 = None if initial_state is None else initial_state.to(cdt).contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
+    scale = 1.0 if scale is None else float(scale)
+    _, _, S = _forward(q, k, v, beta, g, h0, cu, scale, use_qk_l2norm, False, True)
+    grads = _backward(q, k, v, beta, g, h0, cu, S, scale, use_qk_l2norm, do.contiguous(),
+                      None if dhT is None else dhT.contiguous())
+    dh0 = grads[5]
+    return (*grads[:5], None if dh0 is None else dh0.to(initial_state.dtype))
+
+
 def _cdt(*ts):
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
