@@ -1,8 +1,9 @@
 """The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): ``delta_rule`` and
 ``delta_rule_step``.
 
-Forms registered under op name ``"delta_rule"``: ``reference`` (recurrence) and ``chunked``
-(WY / UT transform); ``"delta_rule_step"``: ``reference``. See README.md.
+Forms registered under op name ``"delta_rule"``: ``reference`` (recurrence), ``chunked``
+(WY / UT transform) and ``triton`` (opt-in: ``backend="triton"``); ``"delta_rule_step"``:
+``reference`` and ``triton`` (one fused kernel; opt-in). See README.md.
 
 ``beta`` and ``g`` are keyword-only: flash-linear-attention's ``chunk_gated_delta_rule`` takes
 ``(q, k, v, g, beta)``, and both have the shape ``(batch, seqlen, H)``, so a positional port would
