@@ -147,6 +147,7 @@ def main(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
     p.add_argument("--no-peer", action="store_true", help="time ssmkit alone")
     p.add_argument("--peer-timeout", type=float, default=900.0, help="seconds per fla measurement (default 900)")
+    p.add_argument("--sweep", action="store_true", help="also time 8 warps per program (default 4)")
     p.add_argument("--peer-one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.peer_one:
@@ -169,6 +170,15 @@ def main(argv=None):
             for rule in ("plain", "gated"):
                 row = {"shape": shape, "L": L, "rule": rule,
                        "ssmkit": measure(ours, make(b, L, H, Hv, rule == "gated"))}
+                if a.sweep:
+                    import ssmkit.ops.delta_rule.triton as drt
+
+                    base, drt.NUM_WARPS = drt.NUM_WARPS, 8
+                    try:
+                        row["ssmkit 8 warps"] = measure(ours, make(b, L, H, Hv, rule == "gated"))
+                    except Exception as e:  # noqa: BLE001
+                        print("8 warps failed:", repr(e)[:300], flush=True)
+                    drt.NUM_WARPS = base
                 if fla:
                     row["fla"], row["fla_plain"] = fla[rule], fla["plain"]
                 if L == 2048:
