@@ -123,3 +123,53 @@ def test_decode_kernel_matches_reference_step(gated):
 def test_registered_but_not_automatic():
     assert "triton" in dispatch.available("delta_rule") and "triton" in dispatch.available("delta_rule_step")
     assert ("delta_rule", "triton") in dispatch._not_auto and ("delta_rule_step", "triton") in dispatch._not_auto
+
+
+_COMPILE = r'''
+import inspect, json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ssmkit.ops.delta_rule import triton_kernels as kr
+half = sys.argv[1] == "bf16"
+ptr = "*bf16" if half else "*fp32"
+mm = dict(PREC="tf32" if half else "ieee", CDT=tl.float32, MM_DT=tl.bfloat16 if half else tl.float32, SPLIT=half,
+          BT=64, BK=128, BV=64)
+flags = dict(GATED=True, L2NORM=True, VARLEN=False)
+cases = [(kr._dr_fwd, dict(HAS_H0=True, STORE_HT=True, STORE_S=True, **flags, **mm)),
+         (kr._dr_bwd_dh, dict(HAS_H0=True, HAS_DHT=True, **flags, **mm)),
+         (kr._dr_bwd_chunk, dict(**flags, **mm)),
+         (kr._dr_step, dict(GATED=True, L2NORM=True, HAS_IDX=True, CDT=tl.float32, BK=128, BV=64))]
+shared = {}
+for fn, consts in cases:
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in consts else (ptr if p.endswith("_ptr") else "fp32" if p == "scale" else "i32")
+           for p in params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
+    shared[fn.fn.__name__] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).metadata.shared
+print("SHARED " + json.dumps(shared))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_hopper_within_shared_memory(dtype):
+    """The kernels compile for sm_90 (no GPU needed: Triton's NVIDIA backend and ptxas) at the
+    benchmark's shapes (K = V = 128) and each fits the H100's 227 KiB of shared memory per block."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("Triton without its NVIDIA backend")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _COMPILE, dtype], capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SHARED ")]
+    assert lines, out.stderr[-2000:]
+    for name, nbytes in json.loads(lines[-1][7:]).items():
+        assert nbytes <= 227 * 1024, (name, nbytes)
