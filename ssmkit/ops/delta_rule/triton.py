@@ -95,16 +95,19 @@ def _forward(q, k, v, beta, g, h0, cu, scale, l2, store_ht, store_states):
     o = torch.empty(v.shape, device=v.device, dtype=q.dtype)
     hT = torch.empty(nseq, Hv, K, V, device=q.device, dtype=cdt) if store_ht else None
     S = torch.empty(total_chunks, Hv, K, V, device=q.device, dtype=cdt) if store_states else None
+    T = torch.empty(total_chunks, Hv, BLOCK_T, BLOCK_T, device=q.device, dtype=cdt) if store_states else None
+    grid = (nseq * Hv, triton.cdiv(V, BV))
+    scratch = torch.empty(grid[0] * grid[1], BLOCK_T, BLOCK_T, device=q.device, dtype=cdt)
     dummy = beta
-    kern._dr_fwd[(nseq * Hv, triton.cdiv(V, BV))](
+    kern._dr_fwd[grid](
         q, k, v, beta, g if g is not None else dummy, h0 if h0 is not None else dummy,
         cu if cu is not None else dummy, choff if choff is not None else dummy, o,
-        hT if hT is not None else dummy, S if S is not None else dummy,
+        hT if hT is not None else dummy, S if S is not None else dummy, T if T is not None else dummy, scratch,
         L, H, Hv, K, V, nch_max, float(scale),
         GATED=g is not None, L2NORM=bool(l2), HAS_H0=h0 is not None, STORE_HT=store_ht, STORE_S=store_states,
         VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM, SPLIT=split, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS,
     )
-    return o, hT, S
+    return o, hT, (S, T) if store_states else None
 
 
 def _l2norm_backward(x, dy, cdt):
@@ -115,8 +118,11 @@ def _l2norm_backward(x, dy, cdt):
     return (dy - y * (dy * y).sum(-1, keepdim=True)) * rstd
 
 
-def _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do, dhT):
+def _backward(q, k, v, beta, g, h0, cu, saved, scale, l2, do, dhT):
+    """Gradients from the forward's inputs and ``saved = (S, T)``: the state entering every chunk
+    and every chunk's UT inverse, as the forward stored them."""
     kern = _import()
+    S, T = saved
     B, L, H, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     nseq = B if cu is None else cu.numel() - 1
@@ -139,7 +145,7 @@ def _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do, dhT):
     opts = dict(GATED=g is not None, L2NORM=bool(l2), VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM,
                 SPLIT=split, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS)
     kern._dr_bwd_dh[(nseq * Hv, NV)](
-        q, k, beta, g if g is not None else dummy, cu_, choff_, do, dhT if dhT is not None else dummy, dS,
+        q, k, beta, g if g is not None else dummy, cu_, choff_, T, do, dhT if dhT is not None else dummy, dS,
         dh0 if dh0 is not None else dummy, L, H, Hv, K, V, nch_max, float(scale),
         HAS_H0=h0 is not None, HAS_DHT=dhT is not None, **opts)
     cseq = dummy
@@ -149,7 +155,7 @@ def _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do, dhT):
         ends = choff + ((cu[1:] - cu[:-1]) + BLOCK_T - 1) // BLOCK_T
         cseq = torch.where(torch.arange(S.shape[0], device=q.device) < ends[-1], cseq, nseq).to(torch.int32)
     kern._dr_bwd_chunk[(S.shape[0], Hv, NV)](
-        q, k, v, beta, g if g is not None else dummy, cu_, choff_, cseq, S, dS, do,
+        q, k, v, beta, g if g is not None else dummy, cu_, choff_, cseq, S, T, dS, do,
         dq_p, dk_p, dv, dbeta_p, dg_p if dg_p is not None else dummy,
         L, ntok, nseq, H, Hv, K, V, nch_max, float(scale), **opts)
     r = Hv // H
@@ -166,8 +172,9 @@ class _DeltaRuleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, cu, scale, l2, store_ht):
         grad = any(ctx.needs_input_grad[:6])
-        o, hT, S = _forward(q, k, v, beta, g, h0, cu, scale, l2, store_ht, grad)
-        ctx.save_for_backward(q, k, v, beta, g, h0, cu, S)
+        o, hT, saved = _forward(q, k, v, beta, g, h0, cu, scale, l2, store_ht, grad)
+        S, T = saved if saved is not None else (None, None)
+        ctx.save_for_backward(q, k, v, beta, g, h0, cu, S, T)
         ctx.opts = (scale, l2)
         if hT is None:
             return o, None
@@ -175,9 +182,9 @@ class _DeltaRuleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dhT):
-        q, k, v, beta, g, h0, cu, S = ctx.saved_tensors
+        q, k, v, beta, g, h0, cu, S, T = ctx.saved_tensors
         scale, l2 = ctx.opts
-        grads = _backward(q, k, v, beta, g, h0, cu, S, scale, l2, do.contiguous(),
+        grads = _backward(q, k, v, beta, g, h0, cu, (S, T), scale, l2, do.contiguous(),
                           None if dhT is None else dhT.contiguous())
         dh0 = grads[5]
         return (*grads[:5], None if dh0 is None else dh0.to(h0.dtype), None, None, None, None)
@@ -205,8 +212,8 @@ def recompute_backward(q, k, v, beta, g, initial_state, cu_seqlens, scale, use_q
     h0 = None if initial_state is None else initial_state.to(cdt).contiguous()
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
     scale = 1.0 if scale is None else float(scale)
-    _, _, S = _forward(q, k, v, beta, g, h0, cu, scale, use_qk_l2norm, False, True)
-    grads = _backward(q, k, v, beta, g, h0, cu, S, scale, use_qk_l2norm, do.contiguous(),
+    _, _, saved = _forward(q, k, v, beta, g, h0, cu, scale, use_qk_l2norm, False, True)
+    grads = _backward(q, k, v, beta, g, h0, cu, saved, scale, use_qk_l2norm, do.contiguous(),
                       None if dhT is None else dhT.contiguous())
     dh0 = grads[5]
     return (*grads[:5], None if dh0 is None else dh0.to(initial_state.dtype))

@@ -6,7 +6,8 @@ head, block of V) and walks its chunks of ``BT`` tokens, the state ``h (K, BV)``
 (zero for the plain rule), ``Γ[t, i] = exp(c_t - c_i)`` (i <= t), ``γ = exp(c)``:
 
 * ``A = strict_lower(diag(β) (Γ ∘ K Kᵀ))``, ``T = (I + A)⁻¹`` by forward substitution (the UT
-  transform; it reads only K, β and g, so every V block computes the same T);
+  transform; it reads only K, β and g, so every V block computes the same T; with a backward to
+  come the first V block stores it for the backward, which does not recompute it);
 * ``W = T diag(βγ) K``, ``U = T diag(β) V - W h``;
 * ``O = diag(γ) Q h + (Γ ∘ Q Kᵀ) U``, ``h <- γ_C h + (diag(γ_C / γ) K)ᵀ U``.
 
@@ -74,22 +75,30 @@ def _load_qk(ptr, base, t, t_mask, offs_k, k_mask, stride_t, L2NORM: tl.constexp
 
 
 @triton.jit
-def _unit_lower_inverse(A, BT: tl.constexpr, CDT: tl.constexpr):
-    """``(I + A)⁻¹`` of a strictly lower-triangular ``A (BT, BT)``: with S = T - I,
-    row i of S is ``-A[i] - A[i] S`` (rows above i are final)."""
-    rows = tl.arange(0, BT)
-    S = tl.zeros((BT, BT), dtype=CDT)
+def _unit_lower_inverse(A, scratch_ptr, BT: tl.constexpr, CDT: tl.constexpr):
+    """``(I + A)⁻¹`` of a strictly lower-triangular ``A (BT, BT)`` by forward substitution, built
+    by columns of its transpose: with S = T - I, ``Sᵀ[:, i] = -A[i]ᵀ - Sᵀ A[i]ᵀ`` (columns left
+    of i are final). Row i of A is read back from ``scratch_ptr`` (this program's ``BT²``
+    scratch) instead of being cut out of the register tile, so every step reduces along the
+    tile's second axis (within a warp) and no step needs a block-wide reduction."""
+    offs = tl.arange(0, BT)
+    tl.store(scratch_ptr + offs[:, None] * BT + offs[None, :], A)
+    tl.debug_barrier()
+    St = tl.zeros((BT, BT), dtype=CDT)
     for i in range(1, BT):
-        a = tl.sum(tl.where(rows[:, None] == i, A, 0.0), 0)
-        srow = -a - tl.sum(a[:, None] * S, 0)
-        S = tl.where(rows[:, None] == i, srow[None, :], S)
-    return S + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0).to(CDT)
+        a_j = tl.load(scratch_ptr + i * BT + offs)  # A[i, j], along the columns of Sᵀ
+        a_r = tl.load(scratch_ptr + i * BT + offs)  # A[i, r], along its rows
+        col = -a_r - tl.sum(St * a_j[None, :], 1)
+        St = tl.where(offs[None, :] == i, col[:, None], St)
+    tl.debug_barrier()  # (the scratch is rewritten by the next chunk)
+    return tl.trans(St) + tl.where(offs[:, None] == offs[None, :], 1.0, 0.0).to(CDT)
 
 
 @triton.jit
 def _chunk_factors(g_ptr, bg_base, t, t_mask, bg_st, kb, bt, GATED: tl.constexpr, PREC: tl.constexpr,
                    CDT: tl.constexpr, MM_DT: tl.constexpr, BT: tl.constexpr):
-    """Per chunk: prefix sums c of g, Γ (zero above the diagonal), γ, γ_C / γ, γ_C, K Kᵀ and T."""
+    """Per chunk: Γ (zero above the diagonal) from the prefix sums c of g, γ, γ_C / γ, γ_C,
+    K Kᵀ and A = strict_lower(diag(β) (Γ ∘ K Kᵀ))."""
     offs = tl.arange(0, BT)
     if GATED:
         g = tl.load(g_ptr + bg_base + t * bg_st, mask=t_mask, other=0.0).to(CDT)
@@ -104,13 +113,19 @@ def _chunk_factors(g_ptr, bg_base, t, t_mask, bg_st, kb, bt, GATED: tl.constexpr
     decay = tl.exp(c_last)
     kk = _mm(kb, tl.trans(kb), MM_DT, PREC).to(CDT)
     A = tl.where(offs[:, None] > offs[None, :], bt[:, None] * kk * Gam, 0.0)
-    T = _unit_lower_inverse(A, BT, CDT)
-    return Gam, gam, gam_end, decay, kk, T
+    return Gam, gam, gam_end, decay, kk, A
+
+
+@triton.jit
+def _load_T(T_ptr, chunk, Hv, hv, BT: tl.constexpr):
+    """The UT inverse of ``chunk`` stored by the forward: ``T_ptr[chunk, hv] (BT, BT)``."""
+    offs = tl.arange(0, BT)
+    return tl.load(T_ptr + (chunk * Hv + hv) * BT * BT + offs[:, None] * BT + offs[None, :])
 
 
 @triton.jit
 def _dr_fwd(
-    q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, h0_ptr, cu_ptr, choff_ptr, o_ptr, hT_ptr, S_ptr,
+    q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, h0_ptr, cu_ptr, choff_ptr, o_ptr, hT_ptr, S_ptr, T_ptr, scratch_ptr,
     seqlen, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     STORE_S: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr, MM_DT: tl.constexpr,
@@ -133,6 +148,8 @@ def _dr_fwd(
     state_offs = offs_k[:, None] * V + offs_v[None, :]
     state_mask = k_mask[:, None] & v_mask[None, :]
     sidx = (seq * Hv + hv).to(tl.int64) * K * V
+    scratch = scratch_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pid_v) * BT * BT
+    offs_tt = offs_t[:, None] * BT + offs_t[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
     else:
@@ -147,8 +164,12 @@ def _dr_fwd(
         qb = _load_qk(q_ptr, qk_base, t, t_mask, offs_k, k_mask, H * K, L2NORM, CDT) * scale
         vb = tl.load(v_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
         bt = tl.load(beta_ptr + bg_base + t * Hv, mask=t_mask, other=0.0).to(CDT)
-        Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
+        Gam, gam, gam_end, decay, kk, A = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
                                                          CDT, MM_DT, BT)
+        T = _unit_lower_inverse(A, scratch, BT, CDT)
+        if STORE_S:
+            if pid_v == 0:
+                tl.store(T_ptr + ((chunk0 + ci) * Hv + hv) * BT * BT + offs_tt, T)
         W = _mmx(T, (bt * gam)[:, None] * kb, MM_DT, PREC, SPLIT).to(CDT)
         U = _mmx(T, bt[:, None] * vb, MM_DT, PREC, SPLIT).to(CDT) - _mmx(W, h, MM_DT, PREC, SPLIT).to(CDT)
         P = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT) * Gam
@@ -162,7 +183,7 @@ def _dr_fwd(
 
 @triton.jit
 def _dr_bwd_dh(
-    q_ptr, k_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, do_ptr, dhT_ptr, dS_ptr, dh0_ptr,
+    q_ptr, k_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, T_ptr, do_ptr, dhT_ptr, dS_ptr, dh0_ptr,
     seqlen, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr, MM_DT: tl.constexpr,
@@ -203,8 +224,9 @@ def _dr_bwd_dh(
         bt = tl.load(beta_ptr + bg_base + t * Hv, mask=t_mask, other=0.0).to(CDT)
         do = tl.load(do_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :],
                      mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(CDT)
-        Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
+        Gam, gam, gam_end, decay, kk, A = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
                                                          CDT, MM_DT, BT)
+        T = _load_T(T_ptr, chunk0 + ci, Hv, hv, BT)
         W = _mmx(T, (bt * gam)[:, None] * kb, MM_DT, PREC, SPLIT).to(CDT)
         P = _mm(qb, tl.trans(kb), MM_DT, PREC).to(CDT) * Gam
         dU = _mmx(tl.trans(P), do, MM_DT, PREC, SPLIT).to(CDT) + gam_end[:, None] * _mmx(kb, dh, MM_DT, PREC, SPLIT).to(CDT)
@@ -216,7 +238,7 @@ def _dr_bwd_dh(
 
 @triton.jit
 def _dr_bwd_chunk(
-    q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, cseq_ptr, S_ptr, dS_ptr, do_ptr,
+    q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, cu_ptr, choff_ptr, cseq_ptr, S_ptr, T_ptr, dS_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
     seqlen, ntok, nseq, H, Hv, K, V, nchunks_max, scale,
     GATED: tl.constexpr, L2NORM: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, CDT: tl.constexpr,
@@ -266,8 +288,9 @@ def _dr_bwd_chunk(
     vb = tl.load(v_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
     bt = tl.load(beta_ptr + bg_base + t * Hv, mask=t_mask, other=0.0).to(CDT)
     do = tl.load(do_ptr + v_base + t[:, None] * (Hv * V) + offs_v[None, :], mask=tv_mask, other=0.0).to(CDT)
-    Gam, gam, gam_end, decay, kk, T = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
+    Gam, gam, gam_end, decay, kk, A = _chunk_factors(g_ptr, bg_base, t, t_mask, Hv, kb, bt, GATED, PREC,
                                                      CDT, MM_DT, BT)
+    T = _load_T(T_ptr, j.to(tl.int64), Hv, hv, BT)
     bgk = (bt * gam)[:, None] * kb
     bv = bt[:, None] * vb
     W = _mmx(T, bgk, MM_DT, PREC, SPLIT).to(CDT)
