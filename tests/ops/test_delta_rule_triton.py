@@ -146,7 +146,8 @@ for fn, consts in cases:
     sig = {p: "constexpr" if p in consts else (ptr if p.endswith("_ptr") else "fp32" if p == "scale" else "i32")
            for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
-    shared[fn.fn.__name__] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).metadata.shared
+    opts = {"num_warps": 4, "num_stages": 3 if half or fn in (kr._dr_bwd_chunk, kr._dr_step) else 1}  # as ssmkit.ops.delta_rule.triton
+    shared[fn.fn.__name__] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
 print("SHARED " + json.dumps(shared))
 '''
 

@@ -35,6 +35,13 @@ from ssmkit.ops.dispatch import register
 BLOCK_T = 64  # tokens per chunk
 NUM_WARPS = 4
 
+
+def _stages(split: bool) -> int:
+    """Software-pipelining stages of the kernels that loop over chunks: the float32 tiles of the
+    IEEE path buffered three deep need more shared memory than an H100 block has (289 KiB in the
+    backward's first pass at K = V = 128), so that path loads each chunk unbuffered."""
+    return 3 if split else 1
+
 triton = None  # imported on first call (keeps this module importable without Triton)
 
 
@@ -106,6 +113,7 @@ def _forward(q, k, v, beta, g, h0, cu, scale, l2, store_ht, store_states):
         L, H, Hv, K, V, nch_max, float(scale),
         GATED=g is not None, L2NORM=bool(l2), HAS_H0=h0 is not None, STORE_HT=store_ht, STORE_S=store_states,
         VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM, SPLIT=split, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS,
+        num_stages=_stages(split),
     )
     return o, hT, (S, T) if store_states else None
 
@@ -147,7 +155,7 @@ def _backward(q, k, v, beta, g, h0, cu, saved, scale, l2, do, dhT):
     kern._dr_bwd_dh[(nseq * Hv, NV)](
         q, k, beta, g if g is not None else dummy, cu_, choff_, T, do, dhT if dhT is not None else dummy, dS,
         dh0 if dh0 is not None else dummy, L, H, Hv, K, V, nch_max, float(scale),
-        HAS_H0=h0 is not None, HAS_DHT=dhT is not None, **opts)
+        HAS_H0=h0 is not None, HAS_DHT=dhT is not None, num_stages=_stages(split), **opts)
     cseq = dummy
     if cu is not None:  # the sequence of every chunk in the scratch (nseq past the last one)
         cseq = torch.searchsorted(choff, torch.arange(S.shape[0], device=q.device, dtype=torch.int32),
