@@ -138,7 +138,7 @@ mm = dict(PREC="tf32" if half else "ieee", CDT=tl.float32, MM_DT=tl.bfloat16 if 
 flags = dict(GATED=True, L2NORM=True, VARLEN=False)
 cases = [(kr._dr_fwd, dict(HAS_H0=True, STORE_HT=True, STORE_S=True, **flags, **mm)),
          (kr._dr_bwd_dh, dict(HAS_H0=True, HAS_DHT=True, **flags, **mm)),
-         (kr._dr_bwd_chunk, dict(**flags, **mm)),
+         (kr._dr_bwd_chunk, dict(**flags, **{**mm, "BV": 64 if half else 32})),  # as CHUNK_BV_IEEE
          (kr._dr_step, dict(GATED=True, L2NORM=True, HAS_IDX=True, CDT=tl.float32, BK=128, BV=64))]
 shared = {}
 for fn, consts in cases:

@@ -34,6 +34,9 @@ from ssmkit.ops.dispatch import register
 
 BLOCK_T = 64  # tokens per chunk
 NUM_WARPS = 4
+# V columns per program of the backward's per-chunk pass on the float32 (IEEE) path: 64 needs
+# 240 KiB of shared memory at K = 128, more than an H100 block has
+CHUNK_BV_IEEE = 32
 
 
 def _stages(split: bool) -> int:
@@ -137,13 +140,15 @@ def _backward(q, k, v, beta, g, h0, cu, saved, scale, l2, do, dhT):
     cdt, CDT, MM, prec, split = _dtypes(q, k, v, beta, g, h0)
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
+    BVc = BV if split else min(BV, CHUNK_BV_IEEE)  # V columns per program of the per-chunk pass
+    NVc = triton.cdiv(V, BVc)
     choff, _, nch_max = _chunk_offsets(cu, nseq, L)
     ntok = B * L
     alloc = torch.zeros if cu is not None else torch.empty  # packed: rows outside every sequence stay 0
-    dq_p = alloc(NV, ntok, Hv, K, device=q.device, dtype=cdt)
-    dk_p = alloc(NV, ntok, Hv, K, device=q.device, dtype=cdt)
-    dbeta_p = alloc(NV, ntok, Hv, device=q.device, dtype=cdt)
-    dg_p = alloc(NV, ntok, Hv, device=q.device, dtype=cdt) if g is not None else None
+    dq_p = alloc(NVc, ntok, Hv, K, device=q.device, dtype=cdt)
+    dk_p = alloc(NVc, ntok, Hv, K, device=q.device, dtype=cdt)
+    dbeta_p = alloc(NVc, ntok, Hv, device=q.device, dtype=cdt)
+    dg_p = alloc(NVc, ntok, Hv, device=q.device, dtype=cdt) if g is not None else None
     dv = alloc(v.shape, device=v.device, dtype=v.dtype)
     dh0 = torch.empty(nseq, Hv, K, V, device=q.device, dtype=cdt) if h0 is not None else None
     dS = torch.empty_like(S)
@@ -151,21 +156,21 @@ def _backward(q, k, v, beta, g, h0, cu, saved, scale, l2, do, dhT):
     cu_ = cu if cu is not None else dummy
     choff_ = choff if choff is not None else dummy
     opts = dict(GATED=g is not None, L2NORM=bool(l2), VARLEN=cu is not None, PREC=prec, CDT=CDT, MM_DT=MM,
-                SPLIT=split, BT=BLOCK_T, BK=BK, BV=BV, num_warps=NUM_WARPS)
+                SPLIT=split, BT=BLOCK_T, BK=BK, num_warps=NUM_WARPS)
     kern._dr_bwd_dh[(nseq * Hv, NV)](
         q, k, beta, g if g is not None else dummy, cu_, choff_, T, do, dhT if dhT is not None else dummy, dS,
         dh0 if dh0 is not None else dummy, L, H, Hv, K, V, nch_max, float(scale),
-        HAS_H0=h0 is not None, HAS_DHT=dhT is not None, num_stages=_stages(split), **opts)
+        HAS_H0=h0 is not None, HAS_DHT=dhT is not None, BV=BV, num_stages=_stages(split), **opts)
     cseq = dummy
     if cu is not None:  # the sequence of every chunk in the scratch (nseq past the last one)
         cseq = torch.searchsorted(choff, torch.arange(S.shape[0], device=q.device, dtype=torch.int32),
                                   right=True).to(torch.int32) - 1
         ends = choff + ((cu[1:] - cu[:-1]) + BLOCK_T - 1) // BLOCK_T
         cseq = torch.where(torch.arange(S.shape[0], device=q.device) < ends[-1], cseq, nseq).to(torch.int32)
-    kern._dr_bwd_chunk[(S.shape[0], Hv, NV)](
+    kern._dr_bwd_chunk[(S.shape[0], Hv, NVc)](
         q, k, v, beta, g if g is not None else dummy, cu_, choff_, cseq, S, T, dS, do,
         dq_p, dk_p, dv, dbeta_p, dg_p if dg_p is not None else dummy,
-        L, ntok, nseq, H, Hv, K, V, nch_max, float(scale), **opts)
+        L, ntok, nseq, H, Hv, K, V, nch_max, float(scale), BV=BVc, **opts)
     r = Hv // H
     dq = dq_p.sum(0).view(B, L, H, r, K).sum(3) * scale
     dk = dk_p.sum(0).view(B, L, H, r, K).sum(3)
