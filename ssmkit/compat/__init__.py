@@ -3,10 +3,16 @@ through ssmkit (positional signatures kept as the peers have them).
 
 * :mod:`ssmkit.compat.mamba_ssm`: ``selective_scan_fn``, ``selective_state_update``,
   ``mamba_chunk_scan_combined`` (``mamba_ssm``) and ``causal_conv1d_update`` (``causal_conv1d``);
-* :mod:`ssmkit.compat.fla`: ``chunk_gated_delta_rule`` (flash-linear-attention: ``g`` before ``beta``).
+* :mod:`ssmkit.compat.fla`: ``chunk_delta_rule``, ``chunk_gated_delta_rule`` (``g`` before ``beta``),
+  ``fused_recurrent_delta_rule``, ``fused_recurrent_gated_delta_rule`` (flash-linear-attention).
 """
 
-from ssmkit.compat.fla import chunk_gated_delta_rule
+from ssmkit.compat.fla import (
+    chunk_delta_rule,
+    chunk_gated_delta_rule,
+    fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule,
+)
 from ssmkit.compat.mamba_ssm import (
     causal_conv1d_update,
     mamba_chunk_scan_combined,
@@ -15,4 +21,5 @@ from ssmkit.compat.mamba_ssm import (
 )
 
 __all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined", "causal_conv1d_update",
-           "chunk_gated_delta_rule"]
+           "chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
+           "fused_recurrent_gated_delta_rule"]

@@ -32,7 +32,7 @@ from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel
 from ssmkit.ops import context_parallel as cp
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.delta_rule import delta_rule
-from ssmkit.ops.delta_rule._common import l2norm
+from ssmkit.ops.delta_rule._common import l2norm, per_value_head
 from ssmkit.ops.delta_rule.step import delta_step
 from ssmkit.ops.dispatch import get
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
@@ -136,11 +136,6 @@ class DeltaNet(nn.Module):
                                   dtype=self._ssm_dtype(dtype)),
         )
 
-    def _per_v_head(self, t: torch.Tensor) -> torch.Tensor:
-        """Query/key heads ``(..., H, K)`` -> one per value head ``(..., num_v_heads, K)``."""
-        r = self.num_v_heads // self.num_heads
-        return t if r == 1 else t.repeat_interleave(r, dim=-2)
-
     def _beta_g(self, x: torch.Tensor):
         cdt = self._ssm_dtype(x.dtype)
         beta = torch.sigmoid(self.b_proj(x).to(cdt))
@@ -183,9 +178,11 @@ class DeltaNet(nn.Module):
             beta = beta * m[..., None]
             g = None if g is None else g * m[..., None]
         Hv = self.num_v_heads
+        q, k = q.reshape(b, l, H, K), k.reshape(b, l, H, K)
+        if group is not None:  # (the context-parallel form takes one query/key head per value head)
+            q, k = per_value_head(q, Hv), per_value_head(k, Hv)
         o, ssm_state = rule(
-            self._per_v_head(q.reshape(b, l, H, K)), self._per_v_head(k.reshape(b, l, H, K)),
-            v.reshape(b, l, Hv, V), beta=beta, g=g,
+            q, k, v.reshape(b, l, Hv, V), beta=beta, g=g,
             scale=self.scale, use_qk_l2norm=True, chunk_size=self.chunk_size,
             return_final_state=True, cu_seqlens=cu_seqlens, **rule_kw,
         )
@@ -208,8 +205,7 @@ class DeltaNet(nn.Module):
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta, g = self._beta_g(x_t)
         Hv = self.num_v_heads
-        o = delta_step(state.ssm_state, self._per_v_head(q.reshape(b, H, K)), self._per_v_head(k.reshape(b, H, K)),
-                       v.reshape(b, Hv, V), beta, g,
+        o = delta_step(state.ssm_state, q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, Hv, V), beta, g,
                        scale=self.scale, use_qk_l2norm=True)
         return self._output(o.to(x_t.dtype), x_t)
 
@@ -227,10 +223,10 @@ class DeltaNet(nn.Module):
         qkv = _decode.conv_step(ws, state.conv_state, qkv, _decode.conv_kernel(self.conv1d, dtype))
         qk = l2norm(qkv[:, :2 * kd].to(sdt).reshape(b, 2 * H, K))
         H = self.num_v_heads
-        q = self._per_v_head(qk[:, :self.num_heads]).reshape(b * H, 1, K)
+        q = per_value_head(qk[:, :self.num_heads], H).reshape(b * H, 1, K)
         if self.scale != 1.0:
             q = q * self.scale
-        k = self._per_v_head(qk[:, self.num_heads:]).reshape(b * H, 1, K)
+        k = per_value_head(qk[:, self.num_heads:], H).reshape(b * H, 1, K)
         v = qkv[:, 2 * kd:].to(sdt).reshape(b * H, 1, V)
         beta, g = self._beta_g(x_t)
         Sh = S.view(b * H, K, V)

@@ -12,6 +12,8 @@ formula:
 * ``ssmkit::ssd(x, dt, A, B, C, D?, z?, dt_bias?, initial_state?, cu_seqlens?, chunk_size,
   dt_softplus, dt_min, dt_max, backend) -> (y, final_state)`` and ``ssmkit::ssd_bwd`` (the Triton
   form's backward kernels, or autograd through the CPU forms).
+* ``ssmkit::delta_rule(q, k, v, beta, g?, initial_state?, cu_seqlens?, scale, use_qk_l2norm,
+  chunk_size, backend) -> (o, final_state)`` and ``ssmkit::delta_rule_bwd`` (likewise).
 
 With the Triton form, the forward op also returns the states its backward reads and the backward
 op runs the Triton backward on them; the CPU forms' backward ops recompute the forward under
@@ -20,7 +22,7 @@ autograd and differentiate it (one extra forward; memory stays that of the form)
 CPU, as elsewhere.
 
 Python entry points with the public signatures (no data-dependent validation, so they trace):
-:func:`selective_scan`, :func:`causal_conv1d` and :func:`ssd`. Shapes as in :mod:`ssmkit.ops.selective_scan`
+:func:`selective_scan`, :func:`causal_conv1d`, :func:`ssd` and :func:`delta_rule`. Shapes as in :mod:`ssmkit.ops.selective_scan`
 and :mod:`ssmkit.ops.conv.causal_conv1d`; ``B, C`` may be 3-D or 4-D.
 """
 
@@ -36,7 +38,7 @@ from ssmkit.ops import dispatch
 from ssmkit.ops.selective_scan._common import compute_dtype
 from ssmkit.ops.ssd._common import compute_dtype as ssd_compute_dtype
 
-__all__ = ["selective_scan", "causal_conv1d", "ssd"]
+__all__ = ["selective_scan", "causal_conv1d", "ssd", "delta_rule"]
 
 
 def _resolve(op: str, backend: str, x: Tensor):
@@ -45,6 +47,8 @@ def _resolve(op: str, backend: str, x: Tensor):
         import ssmkit.ops.selective_scan  # noqa: F401
     elif op == "ssd":
         import ssmkit.ops.ssd  # noqa: F401
+    elif op == "delta_rule":
+        import ssmkit.ops.delta_rule  # noqa: F401
     else:
         import ssmkit.ops.conv.causal_conv1d  # noqa: F401
         if dispatch.triton_installed():
@@ -369,3 +373,86 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None
                                  int(chunk_size), bool(dt_softplus), float(dt_limit[0]),
                                  float(dt_limit[1]), backend)
     return (y, hT) if return_final_state else y
+
+
+# ----------------------------------------------------------------------------- delta rule
+
+
+def _triton_delta(fn) -> bool:
+    from ssmkit.ops.delta_rule.triton import delta_rule_triton  # (no Triton import)
+
+    return fn is delta_rule_triton
+
+
+@torch.library.custom_op("ssmkit::delta_rule", mutates_args=())
+def _delta_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, initial_state: Tensor | None,
+              cu_seqlens: Tensor | None, scale: float, use_qk_l2norm: bool, chunk_size: int,
+              backend: str) -> tuple[Tensor, Tensor]:
+    fn = _resolve("delta_rule", backend, q)
+    with torch.no_grad():
+        o, hT = fn(q, k, v, beta, g, scale, use_qk_l2norm, chunk_size, initial_state, True, cu_seqlens)
+    return o.to(q.dtype).contiguous(), hT.contiguous()
+
+
+@_delta_op.register_fake
+def _(q, k, v, beta, g, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size, backend):
+    nseq = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    acc = torch.float64 if any(t is not None and t.dtype == torch.float64
+                               for t in (q, k, v, beta, g, initial_state)) else torch.float32
+    return v.new_empty(v.shape, dtype=q.dtype), q.new_empty(nseq, v.shape[2], q.shape[3], v.shape[3], dtype=acc)
+
+
+@torch.library.custom_op("ssmkit::delta_rule_bwd", mutates_args=())
+def _delta_bwd_op(do: Tensor, dhT: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+                  initial_state: Tensor | None, cu_seqlens: Tensor | None, scale: float, use_qk_l2norm: bool,
+                  chunk_size: int, backend: str) -> list[Tensor]:
+    ins = [q, k, v, beta, g, initial_state]
+    fn = _resolve("delta_rule", backend, q)
+    if _triton_delta(fn):
+        from ssmkit.ops.delta_rule import triton as drt
+
+        grads = drt.recompute_backward(q, k, v, beta, g, initial_state, cu_seqlens, scale, use_qk_l2norm, do, dhT)
+    else:
+        with _autograd_inside_op():
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
+            o, hT = fn(*leaves[:5], scale, use_qk_l2norm, chunk_size, leaves[5], True, cu_seqlens)
+            live = [t for t in leaves if t is not None]
+            outs, gouts = (o, hT) if dhT is not None else (o,), (do, dhT) if dhT is not None else (do,)
+            it = iter(torch.autograd.grad(outs, live, gouts, allow_unused=True))
+            grads = [next(it) if t is not None else None for t in leaves]
+    return [q.new_zeros(0) if t is None else torch.zeros_like(t) if gr is None else gr.to(t.dtype).contiguous()
+            for gr, t in zip(grads, ins)]
+
+
+@_delta_bwd_op.register_fake
+def _(do, dhT, q, k, v, beta, g, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size, backend):
+    return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, k, v, beta, g, initial_state)]
+
+
+def _delta_setup(ctx, inputs, output):
+    q, k, v, beta, g, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size, backend = inputs
+    ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+    ctx.opts = (scale, use_qk_l2norm, chunk_size, backend)
+
+
+def _delta_backward(ctx, do, dhT):
+    q, k, v, beta, g, initial_state, cu_seqlens = ctx.saved_tensors
+    grads = _delta_bwd_op(do.contiguous(), None if dhT is None else dhT.contiguous(), q, k, v, beta, g,
+                          initial_state, cu_seqlens, *ctx.opts)
+    ins = (q, k, v, beta, g, initial_state)
+    return (*[gr if t is not None else None for gr, t in zip(grads, ins)], None, None, None, None, None)
+
+
+_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup)
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, *, beta: Tensor, g: Tensor | None = None, scale: float | None = None,
+               use_qk_l2norm: bool = False, chunk_size: int = 64, initial_state: Tensor | None = None,
+               return_final_state: bool = False, cu_seqlens: Tensor | None = None, backend: str = "auto"):
+    """:func:`ssmkit.ops.delta_rule` as one custom op (traceable; no validation: the caller built
+    the inputs). The Triton form's backward recomputes the chunk states with its forward kernel,
+    then runs its backward kernels; the CPU forms' backward differentiates a second forward."""
+    o, hT = torch.ops.ssmkit.delta_rule(q, k, v, beta, g, initial_state, cu_seqlens,
+                                        1.0 if scale is None else float(scale), bool(use_qk_l2norm),
+                                        int(chunk_size), backend)
+    return (o, hT) if return_final_state else o

@@ -103,7 +103,8 @@ def test_fullgraph_compile_no_graph_breaks():
 
 
 @pytest.mark.parametrize("fn", ["selective_scan", pytest.param("selective_scan_triton", marks=pytest.mark.triton),
-                                "causal_conv1d", "ssd", pytest.param("ssd_triton", marks=pytest.mark.triton)])
+                                "causal_conv1d", "ssd", pytest.param("ssd_triton", marks=pytest.mark.triton),
+                                "delta_rule", pytest.param("delta_rule_triton", marks=pytest.mark.triton)])
 def test_opcheck(fn):
     """Schema and fake (meta) implementation; for the Triton form with saved states, the fake
     knows their shape (packed sequences too: an upper bound from shapes alone)."""
@@ -121,6 +122,15 @@ def test_opcheck(fn):
                 r(2), r(1, 5, 2, 4), r(2), r(2 if triton else 1, 2, 4, 8), cu, 64, True, 0.0, float("inf"),
                 "triton" if triton else "chunked")
         op = torch.ops.ssmkit.ssd.default
+    elif fn.startswith("delta_rule"):
+        triton = fn.endswith("triton")
+        g = torch.Generator().manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        cu = torch.tensor([0, 2, 5]) if triton else None
+        args = (r(1, 5, 1, 4), r(1, 5, 1, 4), r(1, 5, 2, 3), torch.rand(1, 5, 2, dtype=torch.float64),
+                -torch.rand(1, 5, 2, dtype=torch.float64), r(2 if triton else 1, 2, 4, 3), cu, 0.5, True, 64,
+                "triton" if triton else "chunked")
+        op = torch.ops.ssmkit.delta_rule.default
     else:
         args = (torch.randn(1, 5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
                 None, None, None, True, "reference")
@@ -174,3 +184,29 @@ def test_lm_compiles_fullgraph_on_the_triton_forms(pattern):
     assert_close("loss", ref, out, rel=1e-6)
     for a, b in zip(ref_grads, grads):
         assert_close("grad", a, b, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("triton", marks=pytest.mark.triton)])
+def test_delta_rule_op_matches_reference_with_grads(backend):
+    """The delta-rule op (grouped value heads, gated, L2 norm, initial state): output, final state
+    and every gradient against the reference recurrence, float64; and it compiles fullgraph."""
+    from ssmkit.ops.delta_rule import delta_rule
+
+    g = torch.Generator().manual_seed(6)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    ts = [r(1, 20, 1, 16), r(1, 20, 1, 16), r(1, 20, 2, 16), torch.rand(1, 20, 2, generator=g, dtype=torch.float64),
+          -torch.rand(1, 20, 2, generator=g, dtype=torch.float64), r(1, 2, 16, 16)]
+    ts = [t.requires_grad_() for t in ts]
+    q, k, v, beta, gate, h0 = ts
+    kw = dict(beta=beta, g=gate, scale=0.5, use_qk_l2norm=True, initial_state=h0, return_final_state=True)
+    o, hT = custom_ops.delta_rule(q, k, v, backend=backend, **kw)
+    o_r, h_r = delta_rule(q, k, v, backend="reference", **kw)
+    assert_close("o", o_r, o, rel=1e-10)
+    assert_close("hT", h_r, hT, rel=1e-10)
+    for a, b in zip(torch.autograd.grad(o_r.square().sum() + h_r.sum(), ts),
+                    torch.autograd.grad(o.square().sum() + hT.sum(), ts)):
+        assert_close("grad", a, b, rel=1e-9)
+    if backend == "chunked":
+        compiled = torch.compile(lambda *a: custom_ops.delta_rule(*a[:3], backend=backend, **kw),
+                                 fullgraph=True, backend="aot_eager")
+        assert_close("compiled", o_r, compiled(q, k, v)[0], rel=1e-10)

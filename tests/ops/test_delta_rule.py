@@ -209,7 +209,7 @@ def test_bad_inputs_raise_clear_errors():
         delta_rule(q, k, v, beta=beta, chunk_size=-1)
     with pytest.raises(ValueError, match="scale must be a positive number"):
         delta_rule(q, k, v, beta=beta, scale=0)
-    with pytest.raises(ValueError, match=r"initial_state must have shape \(batch=1, H=2, K=3, V=4\)"):
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(batch=1, Hv=2, K=3, V=4\)"):
         delta_rule(q, k, v, beta=beta, initial_state=torch.zeros(1, 2, 4, 3, dtype=q.dtype))
     with pytest.raises(ValueError, match="q must have 4 dimensions"):
         delta_rule(q[0], k, v, beta=beta)
@@ -218,3 +218,53 @@ def test_bad_inputs_raise_clear_errors():
                    beta=beta.expand(2, -1, -1), cu_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="state must have shape"):
         delta_rule_step(torch.zeros(1, 2, 3, 3, dtype=q.dtype), q[:, 0], k[:, 0], v[:, 0], beta=beta[:, 0])
+
+
+def _grouped(b, l, h, r, dk, dv, seed=3):
+    """Inputs with r value heads per query/key head, and the same with q/k repeated per value head."""
+    inp, kw = make_inputs(b, l, h * r, dk, dv, seed=seed)
+    inp["q"], inp["k"] = inp["q"][:, :, ::r].contiguous(), inp["k"][:, :, ::r].contiguous()
+    rep = {**inp, "q": inp["q"].repeat_interleave(r, 2), "k": inp["k"].repeat_interleave(r, 2)}
+    return inp, rep, kw
+
+
+@pytest.mark.parametrize("form", ["reference", "chunked"])
+def test_grouped_value_heads_equal_repeated_query_key_heads(form):
+    inp, rep, kw = _grouped(2, 13, 2, 3, 4, 3)
+    wo = torch.randn(2, 13, 6, 3, dtype=torch.float64)
+
+    def run(args):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in args.items()}
+        o, s = delta_rule(**leaves, **kw, use_qk_l2norm=True, scale=0.6, chunk_size=4, return_final_state=True,
+                          backend=form)
+        ((o * wo).sum() + s.square().sum()).backward()
+        return o, s, {n: t.grad for n, t in leaves.items()}
+
+    o, s, gr = run(inp)
+    o_r, s_r, gr_r = run(rep)
+    assert o.shape == (2, 13, 6, 3) and s.shape == (2, 6, 4, 3)
+    assert_close("o", o_r, o, rel=1e-12)
+    assert_close("state", s_r, s, rel=1e-12)
+    for n in ("v", "beta", "g"):
+        assert_close(f"d{n}", gr_r[n], gr[n], rel=1e-12)
+    for n in ("q", "k"):  # the repeated heads' gradients summed over each group
+        assert_close(f"d{n}", gr_r[n].view(2, 13, 2, 3, 4).sum(3), gr[n], rel=1e-12)
+
+
+def test_grouped_value_heads_step_and_state_batch_indices():
+    inp, rep, kw = _grouped(3, 5, 2, 2, 4, 3)
+    o, s = delta_rule(**inp, **kw, use_qk_l2norm=True, return_final_state=True, backend="reference")
+    pool = torch.randn(5, 4, 4, 3, dtype=torch.float64)
+    idx = torch.tensor([4, 0, 2])
+    pool[idx] = kw["initial_state"]
+    untouched = pool[[1, 3]].clone()
+    o_step = delta_rule_step(pool, **inp, use_qk_l2norm=True, state_batch_indices=idx)
+    assert_close("grouped step outputs", o, o_step, rel=1e-12)
+    assert_close("grouped step states", s, pool[idx], rel=1e-12)
+    assert torch.equal(pool[[1, 3]], untouched)
+    with pytest.raises(ValueError, match="state_batch_indices must lie in"):
+        delta_rule_step(pool, **inp, state_batch_indices=torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match=r"state_batch_indices must have shape \(batch=3,\)"):
+        delta_rule_step(pool, **inp, state_batch_indices=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="v must have shape .* multiple of H=2"):
+        delta_rule(inp["q"], inp["k"], inp["v"][:, :, :3], beta=inp["beta"][..., :3])

@@ -1,6 +1,7 @@
 """Shared by the delta-rule forms: q/k normalisation, scale, dtype and packed sequences.
 
-Each form implements only ``core(q, k, v, beta, g, chunk_size, h0) -> (o, h_T)``;
+Each form implements only ``core(q, k, v, beta, g, chunk_size, h0) -> (o, h_T)`` with as many
+query/key heads as value heads (grouped value heads are expanded here);
 :func:`make_form` adds the rest so the forms agree on everything but the algorithm.
 """
 
@@ -29,6 +30,12 @@ def prepare_qk(q: torch.Tensor, k: torch.Tensor, use_qk_l2norm: bool,
     return q, k
 
 
+def per_value_head(t: torch.Tensor, hv: int) -> torch.Tensor:
+    """Query/key heads ``(..., H, K)`` -> one per value head ``(..., hv, K)`` (head j reads j // (hv / H))."""
+    r = hv // t.shape[-2]
+    return t if r == 1 else t.repeat_interleave(r, dim=-2)
+
+
 def make_form(core: Callable) -> Callable:
     @functools.wraps(core)
     def form(
@@ -48,6 +55,7 @@ def make_form(core: Callable) -> Callable:
         q, k, v, beta = q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt)
         g = None if g is None else g.to(cdt)
         q, k = prepare_qk(q, k, use_qk_l2norm, scale)
+        q, k = per_value_head(q, v.shape[2]), per_value_head(k, v.shape[2])
         h0 = None if initial_state is None else initial_state.to(cdt)
         valid = None
         if cu_seqlens is not None:
