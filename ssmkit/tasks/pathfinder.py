@@ -16,8 +16,9 @@ of 14 paddles. The images are binary (path or background) and read as a sequence
 row, then one query token; the model answers at the query position. Token ids: 0 background,
 1 ink, 2 the query, 3 "not connected", 4 "connected".
 
-``Pathfinder(size=32)`` scales the stroke with the image: paddles of ``size // 16`` pixels (at
-least 2), gaps of ``size // 32`` (at least 1), marker radius ``size // 32``.
+``Pathfinder(size=32)`` scales the stroke with the image: paddles, gaps and the marker radius are
+``size // 32`` pixels (at least 1), so a contour of 14 paddles is 27 pixels long at 32x32 and
+108 at 128x128.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class Pathfinder(Task):
         """One image: ``(uint8 (size, size) with 0/1, label, info)``; ``info`` holds the marked
         points and the target contours' length in pixels."""
         S = self.size
-        while True:  # the two target contours (redrawn together until both fit)
+        for _ in range(100):  # the two target contours (redrawn together until both fit)
             taken = np.zeros((S, S), dtype=bool)
             contours = []
             for _ in range(2):
@@ -151,6 +152,9 @@ class Pathfinder(Task):
                 contours.append(c)
             if len(contours) == 2:
                 break
+        else:
+            raise ValueError(f"two contours of n_paddles={self.n_paddles} do not fit a {S}x{S} image with "
+                             f"max_turn={self.max_turn}: use fewer paddles or a larger size")
         n_drawn = 0
         for _ in range(self.n_distractors):  # where they fit (drawn before the label is chosen)
             c = self._contour(rng, max(self.n_paddles // 3, 1), taken, tries=10)

@@ -85,3 +85,8 @@ def test_pool_serves_a_fixed_image_set():
 def test_bad_sizes_are_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Pathfinder(**kw)
+
+
+def test_contours_that_cannot_fit_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        Pathfinder(size=8, n_paddles=14, max_tries=2).draw(np.random.default_rng(0))
