@@ -123,3 +123,36 @@ def test_step_continues_a_state_returned_with_autograd_on():
     m = Mamba3(16, d_state=8, headdim=4)
     _, st = m(torch.randn(2, 5, 16), return_state=True)
     assert m.step(torch.randn(2, 16), st).shape == (2, 16)
+
+
+@pytest.mark.parametrize("is_mimo", [False, True])
+def test_mamba_ssm_varlen_cases(is_mimo):
+    """The cases of mamba_ssm's module-level varlen tests (d_model 128, d_state 64, headdim 64,
+    MIMO rank 2, chunk 16; lengths 17 + 25 for the outputs, 19 + 29 + 37 for the backward), in
+    float64: packed outputs equal separate runs, and the packed gradients of the input and of
+    every parameter equal the separate runs' (upstream checks only that they are finite)."""
+    torch.manual_seed(0)
+    m = Mamba3(128, d_state=64, expand=2, headdim=64, ngroups=1, is_mimo=is_mimo, mimo_rank=2,
+               chunk_size=16, layer_idx=0).double()
+    seqs = [torch.randn(1, n, 128, dtype=torch.float64) for n in (17, 25)]
+    with torch.no_grad():
+        y = m(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 17, 42]))
+        for i, (s, a) in enumerate(zip(seqs, (0, 17))):
+            assert_close(f"seq {i}", m(s), y[:, a:a + s.shape[1]], rel=1e-10)
+
+    lengths = (19, 29, 37)
+    x = torch.randn(1, sum(lengths), 128, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 19, 48, 85])
+    params = [p for p in m.parameters() if p.requires_grad]
+    packed = torch.autograd.grad(m(x, cu_seqlens=cu).sum(), [x, *params])
+    sep = [torch.zeros_like(g) for g in packed]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        xi = x.detach()[:, a:b].clone().requires_grad_()
+        gi = torch.autograd.grad(m(xi).sum(), [xi, *params])
+        sep[0][:, a:b] += gi[0]
+        for acc, g in zip(sep[1:], gi[1:]):
+            acc += g
+    names = ["x"] + [n for n, p in m.named_parameters() if p.requires_grad]
+    for name, want, got in zip(names, sep, packed):
+        assert torch.isfinite(got).all(), name
+        assert_close(f"d{name}", want, got, rel=1e-9)
