@@ -11,3 +11,4 @@ _spec.loader.exec_module(_mod)
 
 result_path = _mod.result_path
 write_json = _mod.write_json
+cpu_name = _mod.cpu_name

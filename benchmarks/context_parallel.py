@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -49,20 +48,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _results import result_path, write_json  # noqa: E402
+from _results import (  # noqa: E402
+    cpu_name,  # noqa: E402
+    result_path,
+    write_json,
+)
 
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def _peak_gib(device: torch.device) -> float:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import write_json  # noqa: E402
+from _results import cpu_name, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,16 +46,6 @@ GDN_130M = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "layer_pattern":
             "deltanet_cfg": {"num_heads": 6, "head_dim": 128, "expand_v": 1.5}}
 MODELS = {"mamba": "mamba-130m", "mamba2": "mamba2-130m", "gated-deltanet": GDN_130M}
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(name: str) -> nn.Module:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssmkit.bench.results import cpu_name
 from ssmkit.layers.mamba import Mamba
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.testing import rel_err
@@ -29,14 +30,6 @@ from ssmkit.testing import rel_err
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Block(nn.Module):

@@ -31,18 +31,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _results import result_path, write_json  # noqa: E402
+from _results import cpu_name, result_path, write_json  # noqa: E402
 
 SHAPES = {"B8 H16 K128 V128": (8, 16, 16), "B8 H8 Hv16 K128 V128": (8, 8, 16)}  # name: (batch, H, Hv)
 K = V = 128
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def make(b, L, H, Hv, gated, dtype=torch.bfloat16, seed=0, device="cuda"):
@@ -158,7 +151,7 @@ def main(argv=None):
     import ssmkit.ops.delta_rule  # noqa: F401  (registers the Triton forms)
 
     props = torch.cuda.get_device_properties(0)
-    info = {"device": props.name, "cpu": cpu_model(), "torch": torch.__version__, "triton": triton.__version__,
+    info = {"device": props.name, "cpu": cpu_name(), "torch": torch.__version__, "triton": triton.__version__,
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "setup": "bf16, K=V=128, in-kernel q/k L2 norm, scale K^-1/2, do_bench medians"}
     print(info, flush=True)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from ssmkit.bench.results import cpu_name
+
 
 @dataclasses.dataclass
 class Case:
@@ -52,7 +54,7 @@ def _median_ms(fn, device: torch.device) -> float:
 
 def machine_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "host": platform.node(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -33,6 +33,20 @@ def write_json(path: str | os.PathLike, obj: object, indent: int = 1) -> None:
         raise
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_slug(device: str = "cuda") -> str:
     """A short lower-case name of the machine: ``h100``, ``h200``, ``a100`` ... or ``cpu``."""
     if device == "cpu":

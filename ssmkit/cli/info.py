@@ -29,13 +29,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import ssmkit
+    from ssmkit.bench.results import cpu_name
     from ssmkit.ops import dispatch
 
     cuda = torch.cuda.is_available()
     triton = dispatch.triton_installed()
     interpreted = dispatch.triton_interpreted()
     print(f"ssmkit {ssmkit.__version__}  torch {torch.__version__}  python {platform.python_version()}")
-    print(f"cpu: {platform.processor() or platform.machine()}  threads: {torch.get_num_threads()}")
+    print(f"cpu: {cpu_name()}  threads: {torch.get_num_threads()}")
     print(f"cuda: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
     note = "installed" if triton else "not installed"
     if triton and interpreted:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ssmkit.bench.results import cpu_name
 from ssmkit.models.checkpoint import atomic_write_text
 from ssmkit.tasks import get_task
 
@@ -499,7 +500,7 @@ def plot(results: list[dict], path: str | os.PathLike, size: str) -> Path | None
 
 def machine() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
