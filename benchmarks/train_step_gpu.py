@@ -132,7 +132,7 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "torch": torch.__version__, "host": platform.node(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "shape": f"mamba-130m, batch {a.batch} x {a.seqlen}, bf16 autocast, AdamW"}
+            "shape": f"mamba-130m (mamba2-130m for the mamba2 variant), batch {a.batch} x {a.seqlen}, bf16 autocast, AdamW"}
     print(info, flush=True)
     names = ([] if a.no_peer else ["mamba_ssm"]) + [n.strip() for n in a.variants.split(",") if n.strip()]
     rows = {}

@@ -127,7 +127,10 @@ def summary(res: dict[str, list[dict]]) -> dict:
     return out
 
 
-def plot(res: dict[str, list[dict]], path: str, title: str) -> str | None:
+def plot(res: dict[str, list[dict]], path: str, title: str, params: dict[str, int] | None = None) -> str | None:
+    """Tokens/s against batch size (log-log), one line per model; ``params``: parameter counts
+    for the legend."""
+    params = params or {}
     try:
         import matplotlib
 
@@ -138,7 +141,8 @@ def plot(res: dict[str, list[dict]], path: str, title: str) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for (name, rows), mk in zip(res.items(), ("o", "s")):
         ok = [r for r in rows if not r.get("oom")]
-        ax.plot([r["batch"] for r in ok], [r["tokens_per_s"] for r in ok], marker=mk, label=name)
+        label = {"mamba": "Mamba"}.get(name, name) + (f" ({params[name] / 1e9:.2f}B)" if name in params else "")
+        ax.plot([r["batch"] for r in ok], [r["tokens_per_s"] for r in ok], marker=mk, label=label)
         oom = [r for r in rows if r.get("oom")]
         if oom and ok:
             ax.annotate("out of memory", (ok[-1]["batch"], ok[-1]["tokens_per_s"]), textcoords="offset points",

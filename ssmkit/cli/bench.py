@@ -132,6 +132,7 @@ def _generation(args: argparse.Namespace, device: str) -> int:
     if args.out:
         write_json(args.out, {"info": info, "results": res, "summary": summ})
         png = g.plot(res, args.out[: -len(".json")] + ".png",
-                     f"{info.get('gpu', info['cpu'])}: {size} pair, prompt {args.prompt} + {args.new}")
+                     f"{info.get('gpu', info['cpu'])}: {size} pair, prompt {args.prompt} + {args.new}",
+                     {k: info[f"{k}_params"] for k in res})
         print(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0
