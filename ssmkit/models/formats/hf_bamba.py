@@ -53,15 +53,7 @@ def to_model_config(cfg: dict) -> ModelConfig:
                          f"({head_dim // 2} channels); another width is not supported")
     bias = bool(cfg.get("attention_bias", False))
     eps = float(cfg.get("rms_norm_eps", 1e-5))
-    mamba_heads = int(cfg.get("mamba_n_heads", 128))
-    expand = cfg.get("mamba_expand", 2)
-    d_head = cfg.get("mamba_d_head", "auto")
-    d_head = int(expand * d_model // mamba_heads) if d_head in ("auto", None) else int(d_head)
-    m2 = c.mamba2_cfg(d_model=d_model, n_heads=mamba_heads, head_dim=d_head, expand=expand,
-                      d_state=int(cfg.get("mamba_d_state", 256)), d_conv=int(cfg.get("mamba_d_conv", 4)),
-                      n_groups=int(cfg.get("mamba_n_groups", 1)), chunk_size=int(cfg.get("mamba_chunk_size", 256)),
-                      conv_bias=bool(cfg.get("mamba_conv_bias", True)), bias=bool(cfg.get("mamba_proj_bias", False)),
-                      limit=cfg.get("time_step_limit"), norm_eps=eps)
+    m2 = c.mamba2_cfg_of(cfg, d_model, eps)
     pattern = "".join("A" if i in attn else "2" for i in range(n_layer))
     return ModelConfig(
         d_model=d_model, n_layer=n_layer, vocab_size=int(c.need(cfg, "vocab_size", FAMILY)),

@@ -89,6 +89,20 @@ def mamba2_cfg(*, d_model: int, n_heads: int, head_dim: int, expand: Any, d_stat
     return m2
 
 
+def mamba2_cfg_of(cfg: dict, d_model: int, norm_eps: float) -> dict[str, Any]:
+    """``ModelConfig.mamba2_cfg`` from the ``mamba_*`` keys of a Bamba / Granite 4.0-H config
+    (``mamba_d_head`` "auto": ``mamba_expand * d_model / mamba_n_heads``)."""
+    n_heads = int(cfg.get("mamba_n_heads", 128))
+    expand = cfg.get("mamba_expand", 2)
+    d_head = cfg.get("mamba_d_head", "auto")
+    d_head = int(expand * d_model // n_heads) if d_head in ("auto", None) else int(d_head)
+    return mamba2_cfg(d_model=d_model, n_heads=n_heads, head_dim=d_head, expand=expand,
+                      d_state=int(cfg.get("mamba_d_state", 256)), d_conv=int(cfg.get("mamba_d_conv", 4)),
+                      n_groups=int(cfg.get("mamba_n_groups", 1)), chunk_size=int(cfg.get("mamba_chunk_size", 256)),
+                      conv_bias=bool(cfg.get("mamba_conv_bias", True)), bias=bool(cfg.get("mamba_proj_bias", False)),
+                      limit=cfg.get("time_step_limit"), norm_eps=norm_eps)
+
+
 def mamba2_fields(config: ModelConfig) -> tuple[dict[str, Any], str | None]:
     """The Mamba-2 settings of ``config`` (``n_heads``, ``head_dim``, ...) and why a Hugging Face
     hybrid cannot hold them (None if it can)."""

@@ -60,15 +60,7 @@ def to_model_config(cfg: dict) -> ModelConfig:
         raise ValueError("config.json rope_parameters.partial_rotary_factor: Granite 4.0-H rotates whole heads")
     bias = bool(cfg.get("attention_bias", False))
     eps = float(cfg.get("rms_norm_eps", 1e-6))
-    mamba_heads = int(cfg.get("mamba_n_heads", 128))
-    expand = cfg.get("mamba_expand", 2)
-    d_head = cfg.get("mamba_d_head", "auto")
-    d_head = int(expand * d_model // mamba_heads) if d_head in ("auto", None) else int(d_head)
-    m2 = c.mamba2_cfg(d_model=d_model, n_heads=mamba_heads, head_dim=d_head, expand=expand,
-                      d_state=int(cfg.get("mamba_d_state", 256)), d_conv=int(cfg.get("mamba_d_conv", 4)),
-                      n_groups=int(cfg.get("mamba_n_groups", 1)), chunk_size=int(cfg.get("mamba_chunk_size", 256)),
-                      conv_bias=bool(cfg.get("mamba_conv_bias", True)), bias=bool(cfg.get("mamba_proj_bias", False)),
-                      limit=cfg.get("time_step_limit"), norm_eps=eps)
+    m2 = c.mamba2_cfg_of(cfg, d_model, eps)
     n_exp = int(cfg.get("num_local_experts") or 0)
     shared = int(cfg.get("shared_intermediate_size", 1024))
     if shared <= 0:
