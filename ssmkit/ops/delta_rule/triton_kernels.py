@@ -124,6 +124,22 @@ def _load_T(T_ptr, chunk, Hv, hv, BT: tl.constexpr):
 
 
 @triton.jit
+def _tile(start, hk, hv, pid_v, H, Hv, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A program's offsets and masks (tokens of a chunk, K, its block of V), the bases of its
+    q/k head ``hk``, value head ``hv`` and β/g rows from ``start``, and the offsets and mask of a
+    ``(K, BV)`` state block."""
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_mask = offs_k < K
+    v_mask = offs_v < V
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    state_mask = k_mask[:, None] & v_mask[None, :]
+    return (offs_t, offs_k, offs_v, k_mask, v_mask, start * H * K + hk * K, start * Hv * V + hv * V,
+            start * Hv + hv, state_offs, state_mask)
+
+
+@triton.jit
 def _dr_fwd(
     q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, h0_ptr, cu_ptr, choff_ptr, o_ptr, hT_ptr, S_ptr, T_ptr, scratch_ptr,
     seqlen, H, Hv, K, V, nchunks_max, scale,
@@ -137,16 +153,8 @@ def _dr_fwd(
     hv = pid % Hv
     hk = hv // (Hv // H)
     start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
-    offs_t = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    k_mask = offs_k < K
-    v_mask = offs_v < V
-    qk_base = start * H * K + hk * K
-    v_base = start * Hv * V + hv * V
-    bg_base = start * Hv + hv
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    state_mask = k_mask[:, None] & v_mask[None, :]
+    offs_t, offs_k, offs_v, k_mask, v_mask, qk_base, v_base, bg_base, state_offs, state_mask = _tile(
+        start, hk, hv, pid_v, H, Hv, K, V, BT, BK, BV)
     sidx = (seq * Hv + hv).to(tl.int64) * K * V
     scratch = scratch_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pid_v) * BT * BT
     offs_tt = offs_t[:, None] * BT + offs_t[None, :]
@@ -198,16 +206,8 @@ def _dr_bwd_dh(
     hv = pid % Hv
     hk = hv // (Hv // H)
     start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
-    offs_t = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    k_mask = offs_k < K
-    v_mask = offs_v < V
-    qk_base = start * H * K + hk * K
-    v_base = start * Hv * V + hv * V
-    bg_base = start * Hv + hv
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    state_mask = k_mask[:, None] & v_mask[None, :]
+    offs_t, offs_k, offs_v, k_mask, v_mask, qk_base, v_base, bg_base, state_offs, state_mask = _tile(
+        start, hk, hv, pid_v, H, Hv, K, V, BT, BK, BV)
     sidx = (seq * Hv + hv).to(tl.int64) * K * V
     if HAS_DHT:
         dh = tl.load(dhT_ptr + sidx + state_offs, mask=state_mask, other=0.0).to(CDT)
@@ -262,18 +262,10 @@ def _dr_bwd_chunk(
         seq = j // nchunks_max
         ci = j % nchunks_max
         start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
-    offs_t = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    k_mask = offs_k < K
-    v_mask = offs_v < V
-    qk_base = start * H * K + hk * K
-    v_base = start * Hv * V + hv * V
-    bg_base = start * Hv + hv
+    offs_t, offs_k, offs_v, k_mask, v_mask, qk_base, v_base, bg_base, state_offs, state_mask = _tile(
+        start, hk, hv, pid_v, H, Hv, K, V, BT, BK, BV)
     part_qk = pid_v.to(tl.int64) * ntok * Hv * K + start * Hv * K + hv * K
     part_bg = pid_v.to(tl.int64) * ntok * Hv + bg_base
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    state_mask = k_mask[:, None] & v_mask[None, :]
     lower = offs_t[:, None] >= offs_t[None, :]
     strict = offs_t[:, None] > offs_t[None, :]
     t = (ci * BT + offs_t).to(tl.int64)
