@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ssmkit._checks import check_cu_seqlens, check_positive_int, check_tensor
+from ssmkit._checks import check_cu_seqlens, check_positive_int
 from ssmkit.layers.long_conv import (
     DiagSSM,
     ImplicitFilter,
@@ -31,7 +31,7 @@ from ssmkit.layers.long_conv import (
     check_backend,
     run_rows,
 )
-from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.layers.state import LayerState, check_mixer_inputs, check_step_inputs
 
 INNER = ("s4d", "s6", "hyena")
 
@@ -122,13 +122,7 @@ class H3(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: H3State) -> torch.Tensor:
         """One token ``x_t: (batch, d_model)`` -> ``y_t: (batch, d_model)``; updates ``state``."""
-        check_tensor("x_t", x_t, 2, desc=f"(batch, d_model={self.d_model})")
-        if x_t.shape[-1] != self.d_model:
-            raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {tuple(x_t.shape)}")
-        if not isinstance(state, H3State):
-            raise TypeError(f"state must be an H3State (from allocate_state), got {type(state).__name__}")
-        if state.shift.shape[0] != x_t.shape[0]:
-            raise ValueError(f"x_t has batch {x_t.shape[0]} but state has batch {state.shift.shape[0]}")
+        check_step_inputs(self, x_t, state, H3State, "shift")
         rd = self._rd()
         q, k, v = self.in_proj(x_t).to(rd).chunk(3, dim=-1)
         u = self.shift.step(k, {"shift": state.shift}) * v

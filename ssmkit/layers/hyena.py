@@ -23,9 +23,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from ssmkit._checks import check_cu_seqlens, check_positive_int, check_tensor
+from ssmkit._checks import check_cu_seqlens, check_positive_int
 from ssmkit.layers.long_conv import ImplicitFilter, check_backend, run_rows
-from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.layers.state import LayerState, check_mixer_inputs, check_step_inputs
 from ssmkit.ops.conv.fftconv import fftconv
 
 
@@ -108,13 +108,7 @@ class Hyena(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: HyenaState) -> torch.Tensor:
         """One token ``x_t: (batch, d_model)`` -> ``y_t``; updates ``state``. O(order t d_model)."""
-        check_tensor("x_t", x_t, 2, desc=f"(batch, d_model={self.d_model})")
-        if x_t.shape[-1] != self.d_model:
-            raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {tuple(x_t.shape)}")
-        if not isinstance(state, HyenaState):
-            raise TypeError(f"state must be a HyenaState (from allocate_state), got {type(state).__name__}")
-        if state.conv.shape[0] != x_t.shape[0]:
-            raise ValueError(f"x_t has batch {x_t.shape[0]} but state has batch {state.conv.shape[0]}")
+        check_step_inputs(self, x_t, state, HyenaState, "conv")
         rd = self._rd()
         p = self.in_proj(x_t).to(rd)
         window = torch.cat([state.conv.to(rd), p[:, None]], dim=1)  # (b, taps, C)

@@ -66,6 +66,18 @@ def check_mixer_inputs(layer: torch.nn.Module, x, state, cu_seqlens, mask, state
             raise ValueError("pass either mask (padded batch) or cu_seqlens (packed batch), not both")
 
 
+def check_step_inputs(layer: torch.nn.Module, x_t, state, state_cls, field: str) -> None:
+    """Shape/type checks of a mixer's ``step``: ``x_t (batch, d_model)`` and a ``state_cls`` state
+    whose tensor ``field`` has as many rows."""
+    check_tensor("x_t", x_t, 2, desc=f"(batch, d_model={layer.d_model})")
+    if x_t.shape[-1] != layer.d_model:
+        raise ValueError(f"x_t must have shape (batch, d_model={layer.d_model}), got {tuple(x_t.shape)}")
+    if not isinstance(state, state_cls):
+        raise TypeError(f"state must be a {state_cls.__name__} (from allocate_state), got {type(state).__name__}")
+    if getattr(state, field).shape[0] != x_t.shape[0]:
+        raise ValueError(f"x_t has batch {x_t.shape[0]} but state has batch {getattr(state, field).shape[0]}")
+
+
 def context_parallel_group(layer: torch.nn.Module, state, mask=None):
     """The layer's context-parallel group (its ``context_parallel`` attribute; None: off, or a
     group of one rank).
