@@ -89,6 +89,7 @@ def test_packed_with_empty_sequence():
     _compare(_inputs(1, 700, 4, 2, 128, 128, torch.float32, nseq=4), 1e-5, cu=cu)
 
 
+@pytest.mark.gpu_exclusive
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
 def test_65536_tokens_strong_decay(dtype, tol):
     ts = _inputs(1, 65_536, 2, 2, 128, 128, dtype, strong_decay=True)

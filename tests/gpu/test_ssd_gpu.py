@@ -94,6 +94,7 @@ def test_backward_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.gpu_exclusive
 def test_more_than_2_31_elements():
     b, L, H, P, G, N = 1, 2**19 + 3, 64, 64, 1, 16  # x has 2**31 + 12288 elements
     g = torch.Generator(device="cuda").manual_seed(0)
