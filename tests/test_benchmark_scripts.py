@@ -117,3 +117,13 @@ def test_multi_gpu_cpu_two_processes(tmp_path):
     assert bench.main(flags + ["--parts", "resume", "--resume-from-ranks", "2", "--baseline", str(base)]) == 0
     res = json.loads(base.read_text())
     assert all(r["pass"] for r in res["resume"].values()) and set(res["resume"]) == {"single<-ddp2", "single<-fsdp2"}
+
+
+def test_mamba2_vs_mamba1_cpu_smoke(tmp_path):
+    bench = _load("mamba2_vs_mamba1")
+    assert bench.main(["--device", "cpu", "--d-model", "64", "--batch", "1", "--seqlens", "32,64",
+                       "--reps", "1", "--warmup", "1", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("mamba2_vs_mamba1_*.json")
+    res = json.loads(path.read_text())
+    assert res["seqlens"] == [32, 64] and set(res["ms"]) == {"Mamba-1 (N 16)", "Mamba-2 (N 64)", "Mamba-2 (N 128)"}
+    assert all(len(v) == 2 and min(v) > 0 for v in res["ratio_mamba1_over_mamba2"].values())
