@@ -117,3 +117,11 @@ def test_multi_gpu_cpu_two_processes(tmp_path):
     assert bench.main(flags + ["--parts", "resume", "--resume-from-ranks", "2", "--baseline", str(base)]) == 0
     res = json.loads(base.read_text())
     assert all(r["pass"] for r in res["resume"].values()) and set(res["resume"]) == {"single<-ddp2", "single<-fsdp2"}
+
+
+def test_train_step_gpu_reports_fla_missing_as_a_refusal():
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla is installed")
+    bench = _load("train_step_gpu")
+    assert "gated-deltanet" in bench.VARIANTS
+    assert "fla is not installed" in bench._one("fla", None)["refused"]
