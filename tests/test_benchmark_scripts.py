@@ -125,3 +125,12 @@ def test_train_step_gpu_reports_fla_missing_as_a_refusal():
     bench = _load("train_step_gpu")
     assert "gated-deltanet" in bench.VARIANTS
     assert "fla is not installed" in bench._one("fla", None)["refused"]
+
+
+def test_delta_rule_gpu_reports_fla_missing_per_case(tmp_path):
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla is installed")
+    bench = _load("delta_rule_gpu")
+    cases = [("B8 H16 K128 V128", 64), ("B8 H8 Hv16 K128 V128", 128)]
+    res = bench.peer("gated", cases, 120, str(tmp_path / "cache"))  # fla's process, without fla
+    assert set(res) == set(cases) and all("No module named 'fla'" in r["refused"] for r in res.values())
