@@ -6,12 +6,14 @@ and forward+backward medians of ``triton.testing.do_bench`` for the plain rule (
 ``chunk_delta_rule``) and the gated rule (fla ``chunk_gated_delta_rule``), the ratios ours / fla,
 and the gated rule also against fla's plain rule (fla's gated backward refuses to run on Hopper
 with Triton < 3.7.1; the gate costs little, so that is the nearest comparison there). fla's plain
-rule has no grouped value heads: it gets q and k repeated per value head. Also the relative RMS
-error of our bf16 output and gradients against float64 (B1, seqlen 2048).
+rule has no grouped value heads: it gets q and k repeated per value head (outside its timing).
+Also the relative RMS error of our bf16 output and gradients against float64 (B1, seqlen 2048).
 
-fla autotunes on its first call (minutes): each fla measurement runs in a process of its own with
-a time limit (``--peer-timeout``), with Triton's autotuning cache on (``TRITON_CACHE_AUTOTUNING``)
-so a second run reuses the choice; a refusal or a timeout is reported in the table.
+fla autotunes on its first call (minutes): fla runs in a process of its own per rule, all shapes
+and seqlens in it, under one time limit for both (``--peer-timeout``, default 300 s, so that the
+whole command takes about 8 minutes on an H100 the first time), with Triton's autotuning results
+kept on disk (``TRITON_CACHE_AUTOTUNING=1``, ``TRITON_CACHE_DIR=--triton-cache``): a second run
+starts at once. A refusal (forward or backward apart) or a timeout is reported under the table.
 
     python benchmarks/delta_rule_gpu.py --out-dir docs/benchmarks
 
@@ -26,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -64,26 +67,42 @@ def fla_fn(gated):
         from fla.ops.delta_rule import chunk_delta_rule
 
         def fn(q, k, v, beta, g):
-            if v.shape[2] != q.shape[2]:  # no grouped value heads in fla's plain rule
-                r = v.shape[2] // q.shape[2]
-                q, k = q.repeat_interleave(r, 2), k.repeat_interleave(r, 2)
             return chunk_delta_rule(q, k, v, beta, scale=K ** -0.5, use_qk_l2norm_in_kernel=True)[0]
     return fn
 
 
+def fla_inputs(shape: str, L: int, gated: bool):
+    b, H, Hv = SHAPES[shape]
+    q, k, v, beta, g = make(b, L, H, Hv, gated)
+    if not gated and Hv != H:  # no grouped value heads in fla's plain rule: one q, k per value head
+        q, k = q.repeat_interleave(Hv // H, 2), k.repeat_interleave(Hv // H, 2)
+    return q, k, v, beta, g
+
+
 def measure(fn, ts) -> dict:
+    """Forward and forward+backward medians; an error in the backward keeps the forward's time
+    (``bwd_refused``: the error's first line)."""
     from triton.testing import do_bench
 
-    fwd = do_bench(lambda: fn(*ts), warmup=25, rep=200, return_mode="median")
+    with torch.no_grad():
+        res = {"fwd_ms": do_bench(lambda: fn(*ts), warmup=25, rep=200, return_mode="median")}
     leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in ts]
     do = torch.randn(ts[2].shape, device="cuda", dtype=ts[2].dtype)
 
     def step():
         fn(*leaves).backward(do)
 
-    both = do_bench(step, warmup=25, rep=200, grad_to_none=[t for t in leaves if t is not None],
-                    return_mode="median")
-    return {"fwd_ms": fwd, "fwd_bwd_ms": both}
+    try:
+        res["fwd_bwd_ms"] = do_bench(step, warmup=25, rep=200, grad_to_none=[t for t in leaves if t is not None],
+                                     return_mode="median")
+    except Exception as e:  # noqa: BLE001  (fla refuses some backward passes: report its words)
+        res["bwd_refused"] = _first_line(e)
+    return res
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def errors(H, Hv, gated) -> dict:
@@ -100,33 +119,57 @@ def errors(H, Hv, gated) -> dict:
     return {n: float((a.double() - b).norm() / b.norm()) for n, a, b in zip(names, *outs)}
 
 
-def peer_child(shape: str, L: int, rule: str) -> int:
-    """One fla measurement in this process (see ``--peer-one``): prints ``RESULT {json}``."""
-    b, H, Hv = SHAPES[shape]
+def peer_child(rule: str, cases: list[tuple[str, int]]) -> int:
+    """fla's ``rule`` on each (shape, seqlen) in this process (see ``--peer-rule``): prints one
+    ``RESULT {json}`` line per case as it is measured (a time limit keeps the ones before it)."""
     try:
-        res = measure(fla_fn(rule == "gated"), make(b, L, H, Hv, rule == "gated"))
-    except Exception as e:  # noqa: BLE001  (fla refuses some setups: report its words)
-        res = {"refused": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
-    print("RESULT " + json.dumps(res), flush=True)
+        fn = fla_fn(rule == "gated")
+    except Exception as e:  # noqa: BLE001  (not installed, or refusing this setup on import)
+        fn, why = None, _first_line(e)
+    for shape, L in cases:
+        if fn is None:
+            res = {"refused": why}
+        else:
+            try:
+                res = measure(fn, fla_inputs(shape, L, rule == "gated"))
+            except Exception as e:  # noqa: BLE001  (fla refuses some setups: report its words)
+                res = {"refused": _first_line(e)}
+        print("RESULT " + json.dumps({"shape": shape, "L": L, **res}), flush=True)
+        torch.cuda.empty_cache()
     return 0
 
 
-def peer(shape: str, L: int, rule: str, timeout: float) -> dict:
-    env = dict(os.environ, TRITON_CACHE_AUTOTUNING="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--peer-one", f"{shape}|{L}|{rule}"]
+def peer(rule: str, cases: list[tuple[str, int]], timeout: float, cache_dir: str) -> dict:
+    """{(shape, L): result} from fla's process for ``rule``; cases it did not reach within
+    ``timeout`` seconds are marked as such."""
+    os.makedirs(cache_dir, exist_ok=True)
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING="1", TRITON_CACHE_DIR=cache_dir)
+    spec = ",".join(f"{shape}|{L}" for shape, L in cases)
+    cmd = [sys.executable, os.path.abspath(__file__), "--peer-rule", rule, "--peer-cases", spec]
+    t0 = time.perf_counter()
+    stderr, missing = "", f"no result within {timeout:.0f} s (autotuning; --peer-timeout)"
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"refused": f"no result within {timeout:.0f} s (autotuning)"}
-    res = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if res:
-        return json.loads(res[-1][7:])
-    tail = " | ".join(out.stderr.strip().splitlines()[-3:])[:300]
-    return {"refused": f"exit {out.returncode}: {tail}"}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1.0), env=env)
+        stdout, stderr = out.stdout, out.stderr
+        if out.returncode:
+            missing = f"exit {out.returncode}: " + " | ".join(stderr.strip().splitlines()[-3:])[:300]
+    except subprocess.TimeoutExpired as e:  # keep what it measured before the limit
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    got = {}
+    for ln in stdout.splitlines():
+        if ln.startswith("RESULT "):
+            r = json.loads(ln[7:])
+            got[(r.pop("shape"), r.pop("L"))] = r
+    print(f"fla {rule}: {len(got)}/{len(cases)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {c: got.get(c, {"refused": missing}) for c in cases}
 
 
 def _ratio(a: dict, b: dict, key: str) -> str:
     return f"{a[key] / b[key]:.2f}" if key in a and key in b else "-"
+
+
+def _spec_cases(spec: str) -> list[tuple[str, int]]:
+    return [(c.split("|")[0], int(c.split("|")[1])) for c in spec.split(",") if c]
 
 
 def _ms(r: dict, key: str) -> str:
@@ -139,13 +182,21 @@ def main(argv=None):
     p.add_argument("--seqlens", default="2048,8192")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
     p.add_argument("--no-peer", action="store_true", help="time ssmkit alone")
-    p.add_argument("--peer-timeout", type=float, default=900.0, help="seconds per fla measurement (default 900)")
+    p.add_argument("--peer-timeout", type=float, default=300.0,
+                   help="seconds for all fla measurements, both rules, autotuning included (default 300)")
+    p.add_argument("--triton-cache", default=os.path.join(tempfile.gettempdir(), "ssmkit-fla-triton-cache"),
+                   help="Triton cache of fla's processes (its autotuning choices; kept between runs)")
     p.add_argument("--sweep", action="store_true", help="also time 8 warps per program (default 4)")
-    p.add_argument("--peer-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-rule", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-cases", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.peer_one:
-        shape, L, rule = a.peer_one.split("|")
-        return peer_child(shape, int(L), rule)
+    if a.peer_rule:
+        return peer_child(a.peer_rule, _spec_cases(a.peer_cases))
+    shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    seqlens = [int(x) for x in a.seqlens.split(",") if x.strip()]
     import triton
 
     import ssmkit.ops.delta_rule  # noqa: F401  (registers the Triton forms)
@@ -155,11 +206,18 @@ def main(argv=None):
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "setup": "bf16, K=V=128, in-kernel q/k L2 norm, scale K^-1/2, do_bench medians"}
     print(info, flush=True)
+    cases = [(shape, L) for shape in shapes for L in seqlens]
+    fla = {}
+    if not a.no_peer:  # first, while the card is otherwise idle; plain first, the gated rule in what is left
+        deadline = time.perf_counter() + a.peer_timeout
+        for rule in ("plain", "gated"):
+            left = deadline - time.perf_counter()
+            fla[rule] = (peer(rule, cases, left, a.triton_cache) if left >= 20 else
+                         {c: {"refused": "not run: --peer-timeout spent on the plain rule"} for c in cases})
     rows = []
-    for shape in [s.strip() for s in a.shapes.split(",") if s.strip()]:
+    for shape in shapes:
         b, H, Hv = SHAPES[shape]
-        for L in map(int, a.seqlens.split(",")):
-            fla = {} if a.no_peer else {rule: peer(shape, L, rule, a.peer_timeout) for rule in ("plain", "gated")}
+        for L in seqlens:
             for rule in ("plain", "gated"):
                 row = {"shape": shape, "L": L, "rule": rule,
                        "ssmkit": measure(ours, make(b, L, H, Hv, rule == "gated"))}
@@ -173,22 +231,25 @@ def main(argv=None):
                         print("8 warps failed:", repr(e)[:300], flush=True)
                     drt.NUM_WARPS = base
                 if fla:
-                    row["fla"], row["fla_plain"] = fla[rule], fla["plain"]
+                    row["fla"], row["fla_plain"] = fla[rule][(shape, L)], fla["plain"][(shape, L)]
                 if L == 2048:
                     row["rel_rms_vs_fp64"] = errors(H, Hv, rule == "gated")
                 print(row, flush=True)
                 rows.append(row)
-    print("\n| shape | L | rule | ssmkit fwd ms | fla fwd ms | ratio | ssmkit fwd+bwd ms | fla fwd+bwd ms | ratio "
-          "| fwd+bwd vs fla plain |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\nratio: ssmkit / fla (below 1: ssmkit faster); vs fla plain: against fla's plain rule")
+    print("\n| shape | L | rule | ssmkit fwd ms | fla fwd ms | ratio | vs fla plain | ssmkit fwd+bwd ms "
+          "| fla fwd+bwd ms | ratio | vs fla plain |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o, f, fp = r["ssmkit"], r.get("fla", {}), r.get("fla_plain", {})
         print(f"| {r['shape']} | {r['L']} | {r['rule']} | {_ms(o, 'fwd_ms')} | {_ms(f, 'fwd_ms')} "
-              f"| {_ratio(o, f, 'fwd_ms')} | {_ms(o, 'fwd_bwd_ms')} | {_ms(f, 'fwd_bwd_ms')} "
-              f"| {_ratio(o, f, 'fwd_bwd_ms')} | {_ratio(o, fp, 'fwd_bwd_ms')} |")
+              f"| {_ratio(o, f, 'fwd_ms')} | {_ratio(o, fp, 'fwd_ms')} | {_ms(o, 'fwd_bwd_ms')} "
+              f"| {_ms(f, 'fwd_bwd_ms')} | {_ratio(o, f, 'fwd_bwd_ms')} | {_ratio(o, fp, 'fwd_bwd_ms')} |")
     for r in rows:
-        if "refused" in r.get("fla", {}):
-            print(f"fla {r['rule']} ({r['shape']}, L={r['L']}): {r['fla']['refused']}")
+        f = r.get("fla", {})
+        for key, what in (("refused", ""), ("bwd_refused", " backward")):
+            if key in f:
+                print(f"fla {r['rule']}{what} ({r['shape']}, L={r['L']}): {f[key]}")
     if a.out_dir:
         path = result_path(a.out_dir, "gpu_delta_rule", "cuda")
         write_json(path, {"info": info, "rows": rows})

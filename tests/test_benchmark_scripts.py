@@ -127,3 +127,20 @@ def test_mamba2_vs_mamba1_cpu_smoke(tmp_path):
     res = json.loads(path.read_text())
     assert res["seqlens"] == [32, 64] and set(res["ms"]) == {"Mamba-1 (N 16)", "Mamba-2 (N 64)", "Mamba-2 (N 128)"}
     assert all(len(v) == 2 and min(v) > 0 for v in res["ratio_mamba1_over_mamba2"].values())
+
+
+def test_train_step_gpu_reports_fla_missing_as_a_refusal():
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla is installed")
+    bench = _load("train_step_gpu")
+    assert "gated-deltanet" in bench.VARIANTS
+    assert "fla is not installed" in bench._one("fla", None)["refused"]
+
+
+def test_delta_rule_gpu_reports_fla_missing_per_case(tmp_path):
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla is installed")
+    bench = _load("delta_rule_gpu")
+    cases = [("B8 H16 K128 V128", 64), ("B8 H8 Hv16 K128 V128", 128)]
+    res = bench.peer("gated", cases, 120, str(tmp_path / "cache"))  # fla's process, without fla
+    assert set(res) == set(cases) and all("No module named 'fla'" in r["refused"] for r in res.values())

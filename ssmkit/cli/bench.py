@@ -4,10 +4,11 @@ ssmkit bench [ops] times the ops (selective scan, causal conv1d, SDPA attention)
 available here, over seqlens: forward and forward+backward medians (triton.testing.do_bench on
 CUDA, torch.utils.benchmark on CPU), peak CUDA memory, peers when installed (mamba_ssm).
 
-ssmkit bench generation times generation (prompt --prompt, --new greedy tokens) of a Mamba model
-and a same-size attention model (--size): tokens/s at batch 1, or with --max-batch at batch 1, 2,
-4, ... up to the largest batch that fits (or N), with the peak memory of each batch: the Mamba
-paper's throughput-vs-batch figure.
+ssmkit bench generation times generation (prompt --prompt, --new greedy tokens) of an SSM model
+(--ssm: Mamba, Mamba-2 or Gated DeltaNet) and a same-size attention model (--size): tokens/s at
+batch 1, or with --max-batch at batch 1, 2, 4, ... up to the largest batch that fits (or N), with
+the peak memory of each batch: the Mamba paper's throughput-vs-batch figure. On CUDA, decoding
+replays a captured CUDA graph; SSMKIT_BACKEND=triton runs every op's Triton form.
 
 Both print a table; --out FILE.json also writes JSON and a PNG plot beside it.
 
@@ -16,6 +17,7 @@ Examples:
   ssmkit bench --device cuda --dtype bf16 --backends triton,reference
   ssmkit bench generation --device cuda --max-batch --out bench/generation.json
   ssmkit bench generation --device cpu --size tiny --prompt 64 --new 16 --max-batch 8
+  SSMKIT_BACKEND=triton ssmkit bench generation --device cuda --size 130m --ssm gated-deltanet --max-batch 64
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen = parser.add_argument_group("generation")
     gen.add_argument("--size", default=None, choices=["1.4b", "130m", "tiny"],
                      help="model pair (default: 1.4b on CUDA, 130m on the CPU)")
+    gen.add_argument("--ssm", default="mamba", choices=["mamba", "mamba2", "gated-deltanet"],
+                     help="the SSM model of the pair (default mamba; gated-deltanet: sizes 130m and tiny)")
     gen.add_argument("--prompt", type=A.positive_int, default=2048, help="prompt tokens (default 2048)")
     gen.add_argument("--new", type=A.positive_int, default=128, help="generated tokens (default 128)")
     gen.add_argument("--max-batch", type=A.positive_int, nargs="?", const=4096, default=1, metavar="N",
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _generation(args: argparse.Namespace, device: str) -> int:
     import json
+    import os
 
     import torch
 
@@ -99,13 +104,17 @@ def _generation(args: argparse.Namespace, device: str) -> int:
     from ssmkit.bench.registry import machine_info
     from ssmkit.bench.results import write_json
 
-    size = args.size or ("1.4b" if device == "cuda" else "130m")
+    size = args.size or ("1.4b" if device == "cuda" and args.ssm != "gated-deltanet" else "130m")
+    if args.ssm not in g.SIZES[size]:
+        raise A.CLIError(f"--ssm {args.ssm}: no such model at --size {size}; sizes with one: "
+                         f"{', '.join(k for k in g.SIZES if args.ssm in g.SIZES[k])}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     info = {**machine_info(torch.device(device)), "size": size, "prompt": args.prompt, "new": args.new,
-            "dtype": str(dtype).replace("torch.", ""), "reps": args.reps}
+            "dtype": str(dtype).replace("torch.", ""), "reps": args.reps, "ssm": args.ssm,
+            "backend": os.environ.get("SSMKIT_BACKEND") or "auto"}
     print(json.dumps(info), flush=True)
     res: dict[str, list[dict]] = {}
-    for kind in ("mamba", "attention"):
+    for kind in (args.ssm, "attention"):
         model = g.build(size, kind, torch.device(device), dtype)
         n = sum(p.numel() for p in model.parameters())
         info[f"{kind}_params"] = n
@@ -116,19 +125,20 @@ def _generation(args: argparse.Namespace, device: str) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     summ = g.summary(res)
-    print("\n| batch | Mamba tok/s | attention tok/s | Mamba / attention |")
+    name = g.LABELS[args.ssm]
+    print(f"\n| batch | {name} tok/s | attention tok/s | {name} / attention |")
     print("|---:|---:|---:|---:|")
     att = {r["batch"]: r for r in res["attention"]}
-    for r in res["mamba"]:
+    for r in res[args.ssm]:
         a = att.get(r["batch"], {})
         cell = lambda x: "out of memory" if x.get("oom") else (f"{x['tokens_per_s']:.0f}" if x else "-")  # noqa: E731
         ratio = summ.get("ratio_per_batch", {}).get(r["batch"])
         print(f"| {r['batch']} | {cell(r)} | {cell(a)} | {'' if ratio is None else f'{ratio:.2f}'} |")
     if "best_ratio" in summ:
-        b = summ["best"]
-        print(f"\nbest: Mamba {b['mamba']['tokens_per_s']:.0f} tok/s at batch {b['mamba']['batch']}, attention "
-              f"{b['attention']['tokens_per_s']:.0f} tok/s at batch {b['attention']['batch']}: "
-              f"{summ['best_ratio']:.2f}x (the paper: ~5x)")
+        b, a = summ["best"][args.ssm], summ["best"]["attention"]
+        print(f"\nbest: {name} {b['tokens_per_s']:.0f} tok/s at batch {b['batch']}, attention "
+              f"{a['tokens_per_s']:.0f} tok/s at batch {a['batch']}: {summ['best_ratio']:.2f}x"
+              + (" (the paper: ~5x)" if args.ssm == "mamba" else ""))
     if args.out:
         write_json(args.out, {"info": info, "results": res, "summary": summ})
         png = g.plot(res, args.out[: -len(".json")] + ".png",

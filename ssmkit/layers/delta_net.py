@@ -31,7 +31,7 @@ from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
 from ssmkit.ops import context_parallel as cp
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
-from ssmkit.ops.delta_rule import delta_rule
+from ssmkit.ops.delta_rule import delta_rule, delta_rule_step_reference
 from ssmkit.ops.delta_rule._common import l2norm, per_value_head
 from ssmkit.ops.delta_rule.step import delta_step
 from ssmkit.ops.dispatch import get
@@ -205,8 +205,16 @@ class DeltaNet(nn.Module):
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta, g = self._beta_g(x_t)
         Hv = self.num_v_heads
-        o = delta_step(state.ssm_state, q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, Hv, V), beta, g,
-                       scale=self.scale, use_qk_l2norm=True)
+        q, k, v = q.reshape(b, H, K), k.reshape(b, H, K), v.reshape(b, Hv, V)
+        # the dispatched decode form (unchecked, shapes fixed by the layer): the reference step, or
+        # the fused Triton kernel when asked for (backend "triton" forced); both update the state in
+        # place without reading values on the host, so the step can be captured in a CUDA graph
+        rule_step = get("delta_rule_step", "auto", q)
+        if rule_step is delta_rule_step_reference:
+            o = delta_step(state.ssm_state, q, k, v, beta, g, scale=self.scale, use_qk_l2norm=True)
+        else:
+            o = rule_step(state.ssm_state, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), beta.unsqueeze(1),
+                          None if g is None else g.unsqueeze(1), self.scale, True).squeeze(1)
         return self._output(o.to(x_t.dtype), x_t)
 
     def _step_cpu(self, x_t: torch.Tensor, state: DeltaNetState) -> torch.Tensor:

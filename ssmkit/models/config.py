@@ -321,6 +321,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba3-130m": _mamba3(768, 24),
     "mamba3-370m": _mamba3(1024, 48),
     "mamba3-1.3b": _mamba3(2048, 48),
+    # Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024) at about 130M parameters, no MLP, as the
+    # Mamba presets: 6 heads with keys of 128 and values of 192 (131M parameters).
+    "gated-deltanet-130m": {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "pad_vocab_size_multiple": 16,
+                            "layer_pattern": "G" * 24,
+                            "deltanet_cfg": {"num_heads": 6, "head_dim": 128, "expand_v": 1.5},
+                            "eos_token_id": 0},
     # Jamba-style hybrids: Mamba + 1/8 attention, MoE (16 experts, top-2) every other layer.
     "jamba-tiny": {
         "d_model": 128, "n_layer": 8, "vocab_size": 257, "layer_pattern": _jamba_pattern(8),
@@ -356,6 +362,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-mamba3-mimo": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "33",
                          "mamba3_cfg": {"d_state": 16, "headdim": 16, "chunk_size": 8, "is_mimo": True,
                                         "mimo_rank": 2, "is_outproj_norm": True}, "eos_token_id": 256},
+    "tiny-gated-deltanet": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "GG",
+                            "deltanet_cfg": {"num_heads": 2, "head_dim": 16, "chunk_size": 16},
+                            "eos_token_id": 256},
     "tiny-attention": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "layer_pattern": "AA",
                        "attn_cfg": {"n_heads": 4, "n_kv_heads": 2}, "mlp": "swiglu", "d_intermediate": 128,
                        "eos_token_id": 256},

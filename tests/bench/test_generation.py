@@ -34,3 +34,16 @@ def test_bench_generation_cli_writes_json_and_plot(tmp_path, capsys):
     assert [r["batch"] for r in data["results"]["mamba"]] == [1, 2]
     assert data["info"]["prompt"] == 8 and data["summary"]["best_ratio"] > 0
     assert (tmp_path / "gen.png").exists()
+
+
+def test_bench_generation_takes_a_gated_deltanet_model(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    rc = main(["bench", "generation", "--device", "cpu", "--size", "tiny", "--ssm", "gated-deltanet", "--prompt", "8",
+               "--new", "3", "--reps", "1", "--out", str(out)])
+    assert rc == 0
+    assert "| batch | Gated DeltaNet tok/s | attention tok/s |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["results"]["gated-deltanet"]] == [1] and data["info"]["ssm"] == "gated-deltanet"
+    assert g.build("130m", "gated-deltanet", torch.device("meta"), torch.float32).config.layer_pattern == "G" * 24
+    assert main(["bench", "generation", "--device", "cpu", "--size", "1.4b", "--ssm", "gated-deltanet"]) == 2
+    assert "no such model at --size 1.4b" in capsys.readouterr().err

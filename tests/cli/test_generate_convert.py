@@ -59,6 +59,7 @@ def test_generate_quantize_int8(ckpt, capsys):
     (["generate", "{tmp}/src", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
     (["generate", "{tmp}/src", "--prompt", "x", "--top-p", "2"], "argument --top-p: expected a number in (0, 1]"),
     (["generate", "{tmp}/src", "--prompt", "x", "--quantize", "int4"], "argument --quantize: invalid choice"),
+    (["generate", "{tmp}/src", "--prompt", "x", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], None),
     (["convert", "{tmp}/src", "{tmp}/src2", "--to", "hf"], "already holds a checkpoint"),
 ])

@@ -29,7 +29,9 @@ def test_step_repeated_equals_forward_and_split_carry(cls, kw):
     assert isinstance(st, DeltaNetState)
     assert st.ssm_state.shape == (2, m.num_v_heads, m.head_k_dim, m.head_v_dim)
     state = m.allocate_state(2)
-    ys = torch.stack([m.step(x[:, t], state) for t in range(11)], 1)
+    ptrs = {k: t.data_ptr() for k, t in state.tensors().items()}
+    ys = torch.stack([m.step(x[:, t], state) for t in range(11)], 1)  # (autograd on: the device path)
+    assert {k: t.data_ptr() for k, t in state.tensors().items()} == ptrs, "step must update the state in place"
     assert_close("step == forward", y, ys, rel=1e-11)
     assert_close("step state", st.ssm_state, state.ssm_state, rel=1e-11)
     y1, s1 = m(x[:, :7], return_state=True)

@@ -32,8 +32,10 @@ def prepare_qk(q: torch.Tensor, k: torch.Tensor, use_qk_l2norm: bool,
 
 def per_value_head(t: torch.Tensor, hv: int) -> torch.Tensor:
     """Query/key heads ``(..., H, K)`` -> one per value head ``(..., hv, K)`` (head j reads j // (hv / H))."""
-    r = hv // t.shape[-2]
-    return t if r == 1 else t.repeat_interleave(r, dim=-2)
+    h = t.shape[-2]
+    r = hv // h
+    # (an expand and one copy: static shapes, no repeat count read on the host)
+    return t if r == 1 else t.unsqueeze(-2).expand(*t.shape[:-1], r, t.shape[-1]).reshape(*t.shape[:-2], hv, t.shape[-1])
 
 
 def make_form(core: Callable) -> Callable:
