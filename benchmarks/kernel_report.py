@@ -8,6 +8,8 @@ time would otherwise be spent finding out. Used while tuning the selective-scan 
     python benchmarks/kernel_report.py gemv BLOCK_N=2 BLOCK_K=2048 num_warps=4   # decode kernels
     python benchmarks/kernel_report.py bwd_quad maxnreg=128 num_warps=4 --loops
     python benchmarks/kernel_report.py ssd_bwd_dbc num_warps=4 num_stages=2         # SSD kernels
+    python benchmarks/kernel_report.py ssd_step num_warps=4          # SSD decode step (H P N 64 128)
+    python benchmarks/kernel_report.py gated_norm_bwd BLOCK=2048 num_warps=8        # Mamba-2's norm
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssmkit.ops.fused import decode as decode_triton  # noqa: E402
+from ssmkit.ops.fused import gated_norm  # noqa: E402
 from ssmkit.ops.fused import gemv as gemv_triton  # noqa: E402
 from ssmkit.ops.selective_scan import triton_split_state as tq  # noqa: E402
 from ssmkit.ops.selective_scan import triton_split_state_bwd as tqb  # noqa: E402
 from ssmkit.ops.selective_scan import triton_tile as tk  # noqa: E402
+from ssmkit.ops.ssd import step_triton as ssd_step  # noqa: E402
 from ssmkit.ops.ssd import triton_fused_chunk as sdk  # noqa: E402
 
 SCALARS = {"L", "dim", "dstate", "ngroups", "blocks_per_group", "nchunks_per_seq", "total_rows",
@@ -90,6 +94,16 @@ _DECODE = {
         BLOCK_P=16),
         dict(STATE="*fp32", X="*bf16", PARTS="*fp32", A="*fp32", D="*fp32", Z="*bf16",
              DT_BIAS="*bf16", WDT="*bf16", Y="*bf16")),
+    "ssd_step": (lambda: ssd_step._kernel(), dict(
+        HAS_D=True, D_PER_CHANNEL=False, HAS_Z=False, HAS_BIAS=True, HAS_SBI=True, SOFTPLUS=True,
+        BLOCK_P=16, BLOCK_N=128),
+        dict(STATE="*fp32", X="*bf16", DT="*bf16", A="*fp32", B="*bf16", C="*bf16", D="*fp32",
+             Z="*bf16", DT_BIAS="*fp32", SBI="*i32", Y="*bf16", dt_min="fp32", dt_max="fp32")),
+    "gated_norm_fwd": (lambda: gated_norm._kernels()[0], dict(HAS_Z=True, NORM_BEFORE_GATE=False, BLOCK=2048),
+                       dict(X="*bf16", Z="*bf16", W="*fp32", Y="*bf16", RSTD="*fp32", eps="fp32")),
+    "gated_norm_bwd": (lambda: gated_norm._kernels()[1], dict(HAS_Z=True, NORM_BEFORE_GATE=False, BLOCK=2048),
+                       dict(X="*bf16", Z="*bf16", W="*fp32", RSTD="*fp32", DY="*bf16", DX="*bf16",
+                            DZ="*bf16", DW_PART="*fp32")),
 }
 
 

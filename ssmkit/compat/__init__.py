@@ -2,7 +2,8 @@
 through ssmkit (positional signatures kept as the peers have them).
 
 * :mod:`ssmkit.compat.mamba_ssm`: ``selective_scan_fn``, ``selective_state_update``,
-  ``mamba_chunk_scan_combined`` (``mamba_ssm``) and ``causal_conv1d_update`` (``causal_conv1d``);
+  ``mamba_chunk_scan_combined``, ``mamba_split_conv1d_scan_combined`` (``mamba_ssm``) and
+  ``causal_conv1d_update`` (``causal_conv1d``);
 * :mod:`ssmkit.compat.fla`: ``chunk_delta_rule``, ``chunk_gated_delta_rule`` (``g`` before ``beta``),
   ``fused_recurrent_delta_rule``, ``fused_recurrent_gated_delta_rule`` (flash-linear-attention).
 """
@@ -16,10 +17,12 @@ from ssmkit.compat.fla import (
 from ssmkit.compat.mamba_ssm import (
     causal_conv1d_update,
     mamba_chunk_scan_combined,
+    mamba_split_conv1d_scan_combined,
     selective_scan_fn,
     selective_state_update,
 )
 
-__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined", "causal_conv1d_update",
+__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined",
+           "mamba_split_conv1d_scan_combined", "causal_conv1d_update",
            "chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
            "fused_recurrent_gated_delta_rule"]

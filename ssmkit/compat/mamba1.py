@@ -13,6 +13,7 @@ import torch
 from ssmkit._checks import check_tensor
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d_step
 from ssmkit.ops.selective_scan import selective_scan, selective_scan_step
+from ssmkit.ops.ssd import ssd_step
 
 __all__ = ["selective_scan_fn", "selective_state_update", "causal_conv1d_update"]
 
@@ -74,6 +75,28 @@ def selective_scan_fn(
     return out.transpose(1, 2)
 
 
+def _tied_heads(state, A, dt, dt_bias) -> bool:
+    """Mamba-2's call (``mamba_ssm``'s ``Mamba2.step``): A, dt and dt_bias repeated over headdim
+    (and A over N) as stride-0 views, so the step is SSD's with one A and one Δ per head."""
+    return (state.dim() == 4 and state.dtype in (torch.float32, torch.float64) and state.is_contiguous()
+            and A.dim() == 3 and A.stride(1) == 0 and A.stride(2) == 0 and dt.dim() == 3 and dt.stride(2) == 0
+            and (dt_bias is None or (dt_bias.dim() == 2 and dt_bias.stride(1) == 0)))
+
+
+def _step_pool(state, sbi, step, x, dt, B, C, z):
+    """Run ``step(state_rows, x, dt, B, C, z)`` on the pool rows ``sbi`` names (negative: padding,
+    output zero) and write them back."""
+    check_tensor("state_batch_indices", sbi, shape=(x.shape[0],), desc=f"(batch={x.shape[0]},)", floating=False)
+    keep = sbi.long() >= 0
+    rows = sbi.long()[keep]
+    sub = state[rows]
+    y = step(sub, x[keep], dt[keep], B[keep], C[keep], None if z is None else z[keep])
+    state[rows] = sub
+    out = x.new_zeros(x.shape)
+    out[keep] = y
+    return out
+
+
 def selective_state_update(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -85,6 +108,7 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``mamba_ssm``'s ``selective_state_update`` (one decode token, ``state`` updated in place).
@@ -92,8 +116,27 @@ def selective_state_update(
     Mamba-1 layout: state ``(batch, dim, N)``, x/dt/z ``(batch, dim)``, A ``(dim, N)``, B/C
     ``(batch, N)``, D/dt_bias ``(dim,)``. Multi-head layout: state ``(batch, H, P, N)``,
     x/dt/z ``(batch, H, P)``, A ``(H, P, N)``, B/C ``(batch, G, N)``, D/dt_bias ``(H, P)``.
+    Mamba-2's call (A, dt, dt_bias repeated over P and N as stride-0 views, a float32 state)
+    runs :func:`ssmkit.ops.ssd_step` (its Triton kernel on CUDA).
+
+    ``state_batch_indices (batch,)``: ``state`` is a pool ``(pool, ...)`` and row ``b`` reads and
+    writes pool row ``state_batch_indices[b]``; a negative index is a padding row (output zero,
+    no state touched), as in ``mamba_ssm``.
     """
     check_tensor("state", state, (3, 4), desc="(batch, dim, N) or (batch, nheads, headdim, N)")
+    check_tensor("x", x, state.dim() - 1, desc="(batch, dim) or (batch, nheads, headdim)")
+    if _tied_heads(state, A, dt, dt_bias):
+        check_tensor("A", A, shape=tuple(state.shape[1:]), desc=f"(nheads, headdim, N) = {tuple(state.shape[1:])}")
+        check_tensor("dt", dt, shape=tuple(x.shape), desc=f"like x {tuple(x.shape)}")
+        Dh = D if D is None or D.dim() != 2 or D.stride(1) != 0 else D[:, 0]
+        return ssd_step(state, x, dt[..., 0], A[:, 0, 0], B, C, Dh, z,
+                        None if dt_bias is None else dt_bias[:, 0], dt_softplus=bool(dt_softplus),
+                        state_batch_indices=state_batch_indices, backend=backend)
+    if state_batch_indices is not None:
+        def step(s, x_, dt_, B_, C_, z_):
+            return selective_state_update(s, x_, dt_, A, B_, C_, D, z_, dt_bias, dt_softplus, backend=backend)
+
+        return _step_pool(state, state_batch_indices, step, x, dt, B, C, z)
     heads = state.dim() == 4
     bsz, N = state.shape[0], state.shape[-1]
     dim = state.shape[1] * state.shape[2] if heads else state.shape[1]

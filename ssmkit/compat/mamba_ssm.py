@@ -2,11 +2,13 @@
 
 ``from ssmkit.compat.mamba_ssm import selective_scan_fn`` takes the same arguments and the same
 ``(batch, dim, seqlen)`` layout as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``;
-``mamba_chunk_scan_combined`` matches ``mamba_ssm.ops.triton.ssd_combined``; ``causal_conv1d_update``
+``mamba_chunk_scan_combined`` and ``mamba_split_conv1d_scan_combined`` match
+``mamba_ssm.ops.triton.ssd_combined``; ``causal_conv1d_update``
 the ``causal_conv1d`` package's (``x`` first, ``(batch, dim[, seqlen])``).
 """
 
 from ssmkit.compat.mamba1 import causal_conv1d_update, selective_scan_fn, selective_state_update
-from ssmkit.compat.mamba2 import mamba_chunk_scan_combined
+from ssmkit.compat.mamba2 import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
 
-__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined", "causal_conv1d_update"]
+__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined",
+           "mamba_split_conv1d_scan_combined", "causal_conv1d_update"]

@@ -6,7 +6,8 @@ Data flow for ``x: (batch, seqlen, d_model)``::
     x B C -> causal depthwise conv1d -> SiLU     (one conv over the three, as mamba_ssm)
     Δ = clamp(softplus(dt + dt_bias), dt_limit),  A = -exp(A_log)
     y = SSD(x, Δ, A, B, C) + D x                 (ssmkit.ops.ssd, heads of size headdim)
-    y = RMSNorm(y * silu(z))                     (gated RMSNorm in groups of d_inner / G)
+    y = RMSNorm(y * silu(z))                     (gated RMSNorm in groups of d_inner / G: the
+                                                  ops.fused.gated_rms_norm op, Triton on CUDA)
     out_proj(y)
 
 Unlike Mamba-1 the parallel projection produces B, C, Δ from the block input directly, and A
@@ -33,6 +34,7 @@ from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
+from ssmkit.ops.fused.gated_norm import gated_rms_norm
 from ssmkit.ops.ssd import ssd
 from ssmkit.ops.ssd.step import ssd_step_one
 from ssmkit.ops.ssd.triton import ssd_triton
@@ -170,6 +172,12 @@ class Mamba2(nn.Module):
             delta = delta.clamp(min=lo, max=hi)
         return delta
 
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``self.norm(y, z)`` through the ``gated_rms_norm`` op (its Triton form on CUDA)."""
+        n = self.norm
+        return gated_rms_norm(y, n.weight, z, eps=n.eps, group_size=n.group_size,
+                              norm_before_gate=n.norm_before_gate)
+
     def _ssm_dtype(self, dtype=None) -> torch.dtype:
         dtype = dtype or float_dtype(self.in_proj)
         return torch.float64 if dtype == torch.float64 else torch.float32
@@ -228,7 +236,7 @@ class Mamba2(nn.Module):
         )
         y = y.reshape(b, l, self.d_inner)
         if self.rmsnorm:
-            y = self.norm(y, z)
+            y = self._gated_norm(y, z)
         out = self.out_proj(y)
         if return_state:
             return out, Mamba2State(conv_state=conv_state.to(x.dtype).contiguous(), ssm_state=ssm_state)
@@ -253,7 +261,7 @@ class Mamba2(nn.Module):
         )
         y = y.reshape(b, self.d_inner)
         if self.rmsnorm:
-            y = self.norm(y, z)
+            y = self._gated_norm(y, z)
         return self.out_proj(y)
 
     def _step_cpu(self, x_t: torch.Tensor, state: Mamba2State) -> torch.Tensor:

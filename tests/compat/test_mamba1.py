@@ -73,3 +73,41 @@ def test_selective_state_update_layouts():
     assert got.shape == (2, H, P)
     assert_close("y", want.reshape(2, H, P), got, 1e-6)
     assert_close("state", flat_state.reshape(2, H, P, N), state, 1e-6)
+
+
+def _mamba2_call(b, pool, H=4, P=3, N=5, G=2, tied=True):
+    """Arguments as mamba_ssm's Mamba2.step passes them: A, dt, dt_bias, D repeated over headdim
+    (stride-0 views) when ``tied``; plain tensors of the same values otherwise."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    A, dt, bias, D = -r(H).abs(), r(b, H), r(H), r(H)
+    args = dict(x=r(b, H, P), dt=dt[..., None].expand(b, H, P), A=A[:, None, None].expand(H, P, N),
+                B=r(b, G, N), C=r(b, G, N), D=D[:, None].expand(H, P), z=r(b, H, P),
+                dt_bias=bias[:, None].expand(H, P), dt_softplus=True)
+    if not tied:
+        args = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    return r(pool, H, P, N), args
+
+
+def test_selective_state_update_state_pool():
+    """state_batch_indices: rows read/write a permuted part of a pool, -1 is padding (output 0,
+    no state touched); the tied Mamba-2 call (through ssd_step) and the general multi-head path
+    give the same numbers, equal to stepping the gathered rows."""
+    idx = torch.tensor([3, -1, 0])
+    results = []
+    for tied in (True, False):
+        pool, args = _mamba2_call(3, 5, tied=tied)
+        before = pool.clone()
+        y = selective_state_update(pool, **args, state_batch_indices=idx)
+        assert (y[1] == 0).all()
+        for untouched in (1, 2, 4):
+            assert torch.equal(pool[untouched], before[untouched])
+        rows, keep = torch.tensor([3, 0]), torch.tensor([0, 2])
+        sub = before[rows].clone()
+        sel = {k: (v[keep] if k in ("x", "dt", "B", "C", "z") else v) for k, v in args.items()}
+        want = selective_state_update(sub, **{**sel, **{k: sel[k].contiguous() for k in ("A", "dt", "dt_bias", "D")}})
+        assert_close("y", want, y[keep], 1e-12)
+        assert_close("pool rows", sub, pool[rows], 1e-12)
+        results.append((y, pool))
+    assert_close("tied vs general y", results[1][0], results[0][0], 1e-12)
+    assert_close("tied vs general state", results[1][1], results[0][1], 1e-12)

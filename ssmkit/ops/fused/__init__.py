@@ -2,6 +2,8 @@
 
 * :mod:`~ssmkit.ops.fused.norm` — ``rms_norm``; ``add_rms_norm``: residual add + RMSNorm in one
   pass (``"reference"``, ``"triton"``).
+* :mod:`~ssmkit.ops.fused.gated_norm` — ``gated_rms_norm``: Mamba-2's gated RMSNorm (per group,
+  gate before or after the norm), forward and backward (``"reference"``, ``"triton"``).
 * :mod:`~ssmkit.ops.fused.gemv` — ``norm_linear``: a GEMV with the residual add + RMSNorm in its
   prologue, for batch-1 decoding (``"reference"``, ``"triton"``).
 * :mod:`~ssmkit.ops.fused.decode` — Triton forms of the Mamba step ops (``causal_conv1d_step``,
@@ -16,18 +18,20 @@ forms are registered only where Triton is installed; kernels compile on first us
 from __future__ import annotations
 
 from ssmkit.ops import dispatch
+from ssmkit.ops.fused.gated_norm import gated_rms_norm
 from ssmkit.ops.fused.gemv import norm_linear
 from ssmkit.ops.fused.norm import add_rms_norm, rms_norm
 
-__all__ = ["register_forms", "rms_norm", "add_rms_norm", "norm_linear"]
+__all__ = ["register_forms", "rms_norm", "add_rms_norm", "norm_linear", "gated_rms_norm"]
 
 
 def register_forms() -> None:
     """Register the fused forms with dispatch (idempotent)."""
-    from ssmkit.ops.fused import decode, gemv, norm
+    from ssmkit.ops.fused import decode, gated_norm, gemv, norm
 
     forms = [
         ("add_rms_norm", "reference", norm.add_rms_norm_reference),
+        ("gated_rms_norm", "reference", gated_norm.gated_rms_norm_reference),
         ("norm_linear", "reference", gemv.norm_linear_reference),
         ("causal_conv1d_step_proj", "reference", decode.causal_conv1d_step_proj_reference),
         ("selective_scan_step_parts", "reference", decode.selective_scan_step_parts_reference),
@@ -35,6 +39,7 @@ def register_forms() -> None:
     if dispatch.triton_installed():
         forms += [
             ("add_rms_norm", "triton", norm.add_rms_norm_triton),
+            ("gated_rms_norm", "triton", gated_norm.gated_rms_norm_triton),
             ("norm_linear", "triton", gemv.norm_linear_triton),
             ("causal_conv1d_step", "triton", decode.causal_conv1d_step_triton),
             ("selective_scan_step", "triton", decode.selective_scan_step_triton),

@@ -2,7 +2,7 @@
 
 Forms registered under op name ``"ssd"``: ``reference`` (recurrence), ``quadratic`` (masked
 attention view, for tests) and ``chunked`` (the four-stage block algorithm); ``"ssd_step"``:
-``reference``. ``ssd_state_update`` is the deprecated one-token name of :func:`ssd_step`. See README.md.
+``reference`` and ``triton`` (one launch; its kernel compiles on first use). ``ssd_state_update`` is the deprecated one-token name of :func:`ssd_step`. See README.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_same_device, check_tensor, read_values
 from ssmkit.ops import dispatch
-from ssmkit.ops.ssd import chunked, quadratic, reference, step  # noqa: F401  (registers the forms)
+from ssmkit.ops.ssd import chunked, quadratic, reference, step, step_triton  # noqa: F401  (registers the forms)
 
 __all__ = ["ssd", "ssd_step", "ssd_state_update"]
 
@@ -115,6 +115,23 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     return ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
 
 
+def _check_state_batch_indices(sbi, batch: int, pool: int, x: torch.Tensor, check: bool | None) -> None:
+    """``(batch,)`` int32/int64 on x's device; with readable values: each < pool, the
+    non-negative ones distinct (two rows writing one pool row would race)."""
+    if not isinstance(sbi, torch.Tensor):
+        raise TypeError(f"state_batch_indices must be a torch.Tensor, got {type(sbi).__name__}")
+    if sbi.dtype not in (torch.int32, torch.int64) or tuple(sbi.shape) != (batch,):
+        raise ValueError(f"state_batch_indices must be an int32/int64 tensor of shape (batch={batch},), "
+                         f"got {sbi.dtype} {tuple(sbi.shape)}")
+    check_same_device(x=x, state_batch_indices=sbi)
+    if read_values(check, x):
+        live = sbi[sbi >= 0]
+        if live.numel() and int(live.max()) >= pool:
+            raise ValueError(f"state_batch_indices must be < the state pool's size {pool}, got {int(live.max())}")
+        if live.unique().numel() != live.numel():
+            raise ValueError("state_batch_indices must not repeat a pool row (negative: padding)")
+
+
 def ssd_step(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -128,7 +145,9 @@ def ssd_step(
     *,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, math.inf),
+    state_batch_indices: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor:
     """SSD decoding: advance ``state (batch, H, P, N)`` in place by T >= 1 tokens, return ``y``.
 
@@ -136,6 +155,12 @@ def ssd_step(
     ``T`` axis after batch on each (``x: (batch, T, H, P)`` ...). ``A: (H,)``, ``D: (H,)`` or
     ``(H, P)``, ``z`` like ``x``, ``dt_bias: (H,)``. Returns ``y`` shaped like ``x`` in its dtype:
     :func:`ssd` continued from ``state``. Options keyword-only.
+
+    ``state_batch_indices (batch,)`` (int): serve the batch from a pool of states ``state (pool,
+    H, P, N)``: row ``b`` reads and writes pool row ``state_batch_indices[b]``; a negative index
+    marks a padding row, whose output is zero and which touches no state (as ``mamba_ssm``'s
+    ``selective_state_update``). Pool rows must not repeat. ``check``: also check the indices'
+    values (None: only for CPU tensors).
     """
     check_tensor("x", x, (3, 4), desc="(batch, H, P) or (batch, T, H, P)")
     single = x.dim() == 3
@@ -143,12 +168,17 @@ def ssd_step(
     _check_common(("batch",) if single else ("batch", "T"), x, dt, A, B, C, D, z, dt_bias, lead)
     b, H, P = x.shape[0], x.shape[-2], x.shape[-1]
     N = B.shape[-1]
-    check_tensor("state", state, shape=(b, H, P, N), desc=f"(batch={b}, H={H}, P={P}, N={N})")
+    if state_batch_indices is None:
+        check_tensor("state", state, shape=(b, H, P, N), desc=f"(batch={b}, H={H}, P={P}, N={N})")
+    else:
+        check_tensor("state", state, shape=(None, H, P, N), desc=f"(pool, H={H}, P={P}, N={N})")
+        _check_state_batch_indices(state_batch_indices, b, state.shape[0], x, check)
     if not state.is_contiguous():
         raise ValueError("state must be contiguous (it is updated in place)")
     dt_limit = _check_dt_limit(dt_limit)
     if single:
         x, dt, B, C = x.unsqueeze(1), dt.unsqueeze(1), B.unsqueeze(1), C.unsqueeze(1)
         z = None if z is None else z.unsqueeze(1)
-    y = dispatch.get("ssd_step", backend, x)(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    fn = dispatch.get("ssd_step", backend, x)
+    y = fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, state_batch_indices)
     return y.squeeze(1) if single else y

@@ -4,6 +4,7 @@
 
 ``state: (batch, H, P, N)`` (float32, or float64), ``x: (batch, H, P)``, ``dt: (batch, H)``,
 ``B, C: (batch, G, N)``. Heads are viewed as (G, H/G) so B and C broadcast without copies.
+The Triton form of the op is :mod:`ssmkit.ops.ssd.step_triton`.
 """
 
 from __future__ import annotations
@@ -51,9 +52,24 @@ def ssd_step_one(
 
 @register("ssd_step", "reference")
 def ssd_step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                       dt_limit=(0.0, math.inf)):
+                       dt_limit=(0.0, math.inf), state_batch_indices=None):
     """T tokens (no validation): ``x: (batch, T, H, P)``, ``dt: (batch, T, H)``, ``B, C: (batch, T,
-    G, N)``, ``z`` like ``x``; one :func:`ssd_step_one` per token."""
+    G, N)``, ``z`` like ``x``; one :func:`ssd_step_one` per token.
+
+    ``state_batch_indices (batch,)``: row ``b`` advances pool row ``state_batch_indices[b]`` of
+    ``state (pool, H, P, N)``; a negative index is a padding row (output zero, no state touched).
+    """
+    if state_batch_indices is not None:
+        idx = state_batch_indices.long()
+        keep = idx >= 0
+        rows = idx[keep]
+        sub = state[rows]  # a copy of the rows, written back below
+        ys = ssd_step_reference(sub, x[keep], dt[keep], A, B[keep], C[keep], D, None if z is None else z[keep],
+                                dt_bias, dt_softplus, dt_limit)
+        state[rows] = sub
+        y = x.new_zeros(x.shape)
+        y[keep] = ys
+        return y
     ys = [ssd_step_one(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, None if z is None else z[:, t],
                        dt_bias, dt_softplus, dt_limit) for t in range(x.shape[1])]
     return torch.stack(ys, 1)
