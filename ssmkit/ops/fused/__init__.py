@@ -39,7 +39,6 @@ def register_forms() -> None:
     if dispatch.triton_installed():
         forms += [
             ("add_rms_norm", "triton", norm.add_rms_norm_triton),
-            ("gated_rms_norm", "triton", gated_norm.gated_rms_norm_triton),
             ("norm_linear", "triton", gemv.norm_linear_triton),
             ("causal_conv1d_step", "triton", decode.causal_conv1d_step_triton),
             ("selective_scan_step", "triton", decode.selective_scan_step_triton),
@@ -48,3 +47,7 @@ def register_forms() -> None:
         ]
     for op, backend, fn in forms:
         dispatch.register(op, backend)(fn)
+    if dispatch.triton_installed():
+        # Tested under the interpreter and compiled for sm_90, not yet run on a GPU: asked for by
+        # name (backend="triton" / SSMKIT_BACKEND=triton) until the GPU tests pass.
+        dispatch.register("gated_rms_norm", "triton", auto=False)(gated_norm.gated_rms_norm_triton)

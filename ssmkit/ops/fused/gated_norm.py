@@ -232,7 +232,8 @@ def gated_rms_norm(x: Tensor, weight: Tensor, z: Tensor | None = None, *, eps: f
                    backend: str = "auto") -> Tensor:
     """Mamba-2's gated RMSNorm (see the module docstring): ``x: (..., d)``, ``weight: (d,)``,
     ``z`` like ``x`` or None; returns ``y`` like ``x`` in its dtype. ``group_size`` must divide
-    ``d`` (None: ``d``). ``backend``: ``"auto"`` (Triton on CUDA), ``"reference"``, ``"triton"``.
+    ``d`` (None: ``d``). ``backend``: ``"auto"`` (the reference form until the Triton form has
+    run on a GPU), ``"reference"``, ``"triton"``.
     """
     if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
         raise ValueError("x must be a floating tensor of shape (..., d)")

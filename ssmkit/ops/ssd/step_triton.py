@@ -145,4 +145,5 @@ def ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
     return y
 
 
-register("ssd_step", "triton")(ssd_step_triton)
+# Not yet run on a GPU: asked for by name (backend="triton") until the GPU tests pass.
+register("ssd_step", "triton", auto=False)(ssd_step_triton)
