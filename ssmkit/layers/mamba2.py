@@ -7,7 +7,7 @@ Data flow for ``x: (batch, seqlen, d_model)``::
     Δ = clamp(softplus(dt + dt_bias), dt_limit),  A = -exp(A_log)
     y = SSD(x, Δ, A, B, C) + D x                 (ssmkit.ops.ssd, heads of size headdim)
     y = RMSNorm(y * silu(z))                     (gated RMSNorm in groups of d_inner / G: the
-                                                  ops.fused.gated_rms_norm op, Triton on CUDA)
+                                                  ops.fused.gated_rms_norm op)
     out_proj(y)
 
 Unlike Mamba-1 the parallel projection produces B, C, Δ from the block input directly, and A
@@ -173,7 +173,7 @@ class Mamba2(nn.Module):
         return delta
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``self.norm(y, z)`` through the ``gated_rms_norm`` op (its Triton form on CUDA)."""
+        """``self.norm(y, z)`` through the ``gated_rms_norm`` op (the form dispatch picks)."""
         n = self.norm
         return gated_rms_norm(y, n.weight, z, eps=n.eps, group_size=n.group_size,
                               norm_before_gate=n.norm_before_gate)
