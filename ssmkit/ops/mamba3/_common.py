@@ -163,9 +163,11 @@ def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
 Core = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_form(core: Core) -> Callable:
+def make_form(core: Core, *, io_dtype: bool = False) -> Callable:
     """Wrap ``core(prep, h0, k0, v0, chunk_size) -> (y (b, l, R, H, P), h_T)`` into the full
-    ``mamba3`` form signature (no validation: :func:`ssmkit.ops.mamba3.mamba3` does that)."""
+    ``mamba3`` form signature (no validation: :func:`ssmkit.ops.mamba3.mamba3` does that).
+    ``io_dtype``: also pass the inputs' dtype (``x.dtype``) as a sixth argument (a form that
+    runs half-precision inputs' matmuls in half precision)."""
 
     @functools.wraps(core)
     def form(x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, mimo_x=None,
@@ -186,7 +188,7 @@ def make_form(core: Core) -> Callable:
             (xs, dts, dAs, Bs, Cs, traps, angs), valid = pad_packed(cu_seqlens, x, dt, dA, B, C, trap, angles)
         prep = prepare(xs, dts, dAs, Bs, Cs, traps, angs, bias_rank(B_bias, cdt, siso),
                        bias_rank(C_bias, cdt, siso), mx, angle0, rotary_pairs, cdt)
-        y, h_T = core(prep, h0, k0, v0, chunk_size)
+        y, h_T = core(prep, h0, k0, v0, chunk_size, *((x.dtype,) if io_dtype else ()))
         v = prep.v
         if valid is not None:
             y, v = unpad_packed(y, valid), unpad_packed(v, valid)
