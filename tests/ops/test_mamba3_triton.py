@@ -144,3 +144,51 @@ def test_triton_scan_lower_precision_against_float64(dtype, rel):
 def test_triton_scan_registered_but_not_automatic():
     assert "triton" in dispatch.available("mamba3")
     assert ("mamba3", "triton") in dispatch._not_auto
+
+
+_COMPILE = r'''
+import inspect, json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ssmkit.ops.mamba3 import triton_chunk as kr
+from ssmkit.ops.mamba3.triton import BLOCK_M, BWD_WARPS, FWD_WARPS
+blk = dict(IEEE=sys.argv[1] == "ieee", CDT=tl.float32, BLOCK_M=BLOCK_M, BLOCK_N=128, BLOCK_P=64)
+cases = [(kr._m3_states, dict(WITH_DY=True, **blk), FWD_WARPS), (kr._m3_out, blk, FWD_WARPS),
+         (kr._m3_bwd, blk, BWD_WARPS), (kr._m3_pass, dict(REVERSE=True, CDT=tl.float32, BLOCK=1024), 4)]
+shared = {}
+for fn, consts, warps in cases:
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in consts else ("*fp32" if p.endswith("_ptr") else "i32") for p in params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
+    shared[fn.fn.__name__] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                            options={"num_warps": warps}).metadata.shared
+print("SHARED " + json.dumps(shared))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", ["tf32", "ieee"])
+def test_scan_kernels_compile_for_hopper_within_shared_memory(prec):
+    """The scan kernels compile for sm_90 (Triton's NVIDIA backend and ptxas, no GPU needed) at the
+    layer's shapes (P = 64, N = 128, blocks of 64 rows), TF32 (half inputs) and IEEE (float32
+    inputs), and each fits the H100's 227 KiB of shared memory per block."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+
+    if os.environ.get("SSMKIT_COMPILE_SM90") != "1":
+        pytest.skip("compiling the kernels for sm_90 takes a minute: run with SSMKIT_COMPILE_SM90=1 after changing them")
+    if "nvidia" not in backends:
+        pytest.skip("Triton without its NVIDIA backend")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _COMPILE, prec], capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SHARED ")]
+    assert lines, out.stderr[-2000:]
+    for name, nbytes in json.loads(lines[-1][7:]).items():
+        assert nbytes <= 227 * 1024, (name, nbytes)

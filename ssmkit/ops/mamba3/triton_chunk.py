@@ -200,37 +200,41 @@ def _m3_bwd(
     sidx = ((bb * NC + c) * H + h).to(tl.int64) * P * N
     smask = (offs_p < P)[:, None] & (offs_n < N)[None, :]
     soffs = offs_p[:, None] * N + offs_n[None, :]
-    hp = tl.load(st_ptr + sidx + soffs, mask=smask, other=0.0)
-    dso = tl.load(dso_ptr + sidx + soffs, mask=smask, other=0.0)
     W, decay, strict, same = _weights(cum, s, g, offs_m, R)
     e = tl.exp(cum)
     to_end = tl.exp(total - cum)
     f = to_end * s
-    qk = tl.dot(qq, tl.trans(kk), input_precision=prec, out_dtype=CDT)  # (M, M)
+    nmask = valid[:, None] & (offs_n < N)[None, :]
+    pmask = valid[:, None] & (offs_p < P)[None, :]
+    # within the chunk: (M, M) products, the gradient of W
+    qk = tl.dot(qq, tl.trans(kk), input_precision=prec, out_dtype=CDT)
     dyv = tl.dot(dy, tl.trans(vv), input_precision=prec, out_dtype=CDT)  # dy_i · v_j
     wdyv = W * dyv
-    kds = tl.dot(kk, tl.trans(dso), input_precision=prec, out_dtype=CDT)  # (M, P): dso k_j
-    dv = tl.dot(tl.trans(W * qk), dy, input_precision=prec, out_dtype=CDT) + f[:, None] * kds
-    dk = (tl.dot(tl.trans(wdyv), qq, input_precision=prec, out_dtype=CDT)
-          + f[:, None] * tl.dot(vv, dso, input_precision=prec, out_dtype=CDT))
-    dyh = tl.dot(dy, hp, input_precision=prec, out_dtype=CDT)  # (M, N): dy_i h
-    dq = tl.dot(wdyv, kk, input_precision=prec, out_dtype=CDT) + e[:, None] * dyh
-    # the scalar weights and the prefix sums of the log decays
     dW = dyv * qk
-    df = tl.sum(vv.to(CDT) * kds, axis=1)
-    ds = tl.sum(tl.where(strict, dW * decay, 0.0), axis=0) + df * to_end
+    ds = tl.sum(tl.where(strict, dW * decay, 0.0), axis=0)
     dg = tl.sum(tl.where(same, dW, 0.0), axis=0)
     gs = tl.where(strict, dW * W, 0.0)
-    de = tl.sum(qq.to(CDT) * dyh, axis=1) * e
-    dcum = tl.sum(gs, axis=1) - tl.sum(gs, axis=0) - df * f + de
+    dcum = tl.sum(gs, axis=1) - tl.sum(gs, axis=0)
+    # (the outputs are written as soon as they are complete: fewer operand buffers live at once)
+    hp = tl.load(st_ptr + sidx + soffs, mask=smask, other=0.0)
+    dyh = tl.dot(dy, hp, input_precision=prec, out_dtype=CDT)  # (M, N): dy_i h
+    dq = tl.dot(wdyv, kk, input_precision=prec, out_dtype=CDT) + e[:, None] * dyh
+    tl.store(dq_ptr + (rowg * H + h)[:, None] * N + offs_n[None, :], dq, mask=nmask)
+    dcum += tl.sum(qq * dyh, axis=1) * e
+    dso = tl.load(dso_ptr + sidx + soffs, mask=smask, other=0.0)
+    kds = tl.dot(kk, tl.trans(dso), input_precision=prec, out_dtype=CDT)  # (M, P): dso k_j
+    dv = tl.dot(tl.trans(W * qk), dy, input_precision=prec, out_dtype=CDT) + f[:, None] * kds
+    tl.store(dv_ptr + (rowg * H + h)[:, None] * P + offs_p[None, :], dv, mask=pmask)
+    dk = (tl.dot(tl.trans(wdyv), qq, input_precision=prec, out_dtype=CDT)
+          + f[:, None] * tl.dot(vv, dso, input_precision=prec, out_dtype=CDT))
+    tl.store(dk_ptr + (rowg * H + h)[:, None] * N + offs_n[None, :], dk, mask=nmask)
+    # the scalar weights and the prefix sums of the log decays
+    df = tl.sum(vv * kds, axis=1)
+    ds += df * to_end
+    dcum -= df * f
     dtot = tl.sum(df * f, axis=0) + tl.exp(total) * tl.sum(tl.sum(dso * hp, axis=1), axis=0)
     dcum += tl.where(offs_m == BLOCK_M - 1, dtot, 0.0)
     dA = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # reverse prefix sums
     tl.store(ddA_ptr + tok_base + tok.to(tl.int64) * H, dA, mask=valid & first)
     tl.store(ds_ptr + rowg * H + h, ds, mask=valid)
     tl.store(dg_ptr + rowg * H + h, dg, mask=valid)
-    nmask = valid[:, None] & (offs_n < N)[None, :]
-    pmask = valid[:, None] & (offs_p < P)[None, :]
-    tl.store(dq_ptr + (rowg * H + h)[:, None] * N + offs_n[None, :], dq, mask=nmask)
-    tl.store(dk_ptr + (rowg * H + h)[:, None] * N + offs_n[None, :], dk, mask=nmask)
-    tl.store(dv_ptr + (rowg * H + h)[:, None] * P + offs_p[None, :], dv, mask=pmask)
