@@ -5,8 +5,9 @@ decode step as one kernel).
 The sequence form: the per-token preprocessing (biases, accumulated angles and rotations, the
 MIMO up-projection), the trapezoid weights, the D skip, the gate and the MIMO down-projection are
 the chunked form's PyTorch code (cheap elementwise work, differentiated by autograd); the scan
-itself, every O(L·chunk) and O(L·P·N) term, is :class:`_ScanFn`, four kernels forwards and four
-backwards (see :mod:`triton_chunk`). The kernels read q, k, v in the compute dtype (float32;
+itself, every O(L·chunk) and O(L·P·N) term, is the ``torch.library`` op ``ssmkit::mamba3_scan``
+(``torch.compile`` sees one node), three kernels forwards and four backwards (see
+:mod:`triton_chunk`). The kernels read q, k, v in the compute dtype (float32;
 float64 for float64 inputs: the rotated, biased q and k are computed values, not inputs).
 Half-precision inputs run the matmuls on the tensor cores as TF32 with float32 accumulation;
 float32 inputs in IEEE float32, float64 in float64. States and their adjoints are float32
@@ -229,41 +230,77 @@ def _pass(io, tot, init, *, reverse):
     return fin
 
 
-class _ScanFn(torch.autograd.Function):
+def _forward(q, k, v, dA, s, gamma, h0, tf32):
     """``(q, k, v (b, l, R, H, ·), dA, s, γ (b, l, H), h0 (b, H, P, N)) -> (y (b, l, R, H, P), h_L)``:
-    the chunked form's ``_chunk_scan`` as kernels, all in ``h0``'s dtype; ``tf32``: matmuls in TF32."""
+    the chunked form's ``_chunk_scan`` as kernels, all contiguous in ``h0``'s dtype; ``tf32``:
+    matmuls in TF32."""
+    cdt = h0.dtype
+    b, L, R, H, N, P, qt, nc = _geometry(q, v)
+    st, _, _, hT = _states(q, k, v, dA, s, h0, None, tf32)
+    y = torch.empty(b, L, R, H, P, device=q.device, dtype=cdt)
+    _kernels()._m3_out[(b * H, nc)](q, k, v, dA, s, gamma, st, y, L, H, R, N, P, qt, nc,
+                                    **_consts(cdt, tf32, N, P), num_warps=FWD_WARPS)
+    return y, hT
 
-    @staticmethod
-    def forward(ctx, q, k, v, dA, s, gamma, h0, tf32):
-        cdt = h0.dtype
-        q, k, v, dA, s, gamma, h0 = (t.to(cdt).contiguous() for t in (q, k, v, dA, s, gamma, h0))
-        b, L, R, H, N, P, qt, nc = _geometry(q, v)
-        st, _, _, hT = _states(q, k, v, dA, s, h0, None, tf32)
-        y = torch.empty(b, L, R, H, P, device=q.device, dtype=cdt)
-        _kernels()._m3_out[(b * H, nc)](q, k, v, dA, s, gamma, st, y, L, H, R, N, P, qt, nc,
-                                        **_consts(cdt, tf32, N, P), num_warps=FWD_WARPS)
-        ctx.save_for_backward(q, k, v, dA, s, gamma, h0)
-        ctx.tf32 = tf32
-        return y, hT
 
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        q, k, v, dA, s, gamma, h0 = ctx.saved_tensors
-        tf32 = ctx.tf32
-        cdt = h0.dtype
-        b, L, R, H, N, P, qt, nc = _geometry(q, v)
-        dy = dy.to(cdt).contiguous()
-        st, tot, dso, _ = _states(q, k, v, dA, s, h0, dy, tf32)
-        dh0 = _pass(dso, tot, dhT.to(cdt).contiguous(), reverse=True)
-        dq = torch.empty(q.shape, device=q.device, dtype=cdt)
-        dk = torch.empty_like(dq)
-        dv = torch.empty(v.shape, device=q.device, dtype=cdt)
-        ddA = torch.empty_like(dA)
-        ds = torch.empty(b, L, R, H, device=q.device, dtype=cdt)
-        dg = torch.empty_like(ds)
-        _kernels()._m3_bwd[(b * H, nc)](q, k, v, dy, dA, s, gamma, st, dso, dq, dk, dv, ddA, ds, dg,
-                                L, H, R, N, P, qt, nc, **_consts(cdt, tf32, N, P), num_warps=BWD_WARPS)
-        return dq, dk, dv, ddA, ds.sum(2), dg.sum(2), dh0, None
+def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32):
+    """Gradients of :func:`_forward`'s seven tensor inputs: the states entering the chunks
+    recomputed, the adjoint passed backwards over the chunks, then the chunks in parallel."""
+    cdt = h0.dtype
+    b, L, R, H, N, P, qt, nc = _geometry(q, v)
+    st, tot, dso, _ = _states(q, k, v, dA, s, h0, dy, tf32)
+    dh0 = _pass(dso, tot, dhT, reverse=True)
+    dq = torch.empty(q.shape, device=q.device, dtype=cdt)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(v.shape, device=q.device, dtype=cdt)
+    ddA = torch.empty_like(dA)
+    ds = torch.empty(b, L, R, H, device=q.device, dtype=cdt)
+    dg = torch.empty_like(ds)
+    _kernels()._m3_bwd[(b * H, nc)](q, k, v, dy, dA, s, gamma, st, dso, dq, dk, dv, ddA, ds, dg,
+                                    L, H, R, N, P, qt, nc, **_consts(cdt, tf32, N, P), num_warps=BWD_WARPS)
+    return [dq, dk, dv, ddA, ds.sum(2), dg.sum(2), dh0]
+
+
+# The scan as torch.library ops (torch.compile sees one node for it, and traces the PyTorch
+# pre- and post-processing around it); the backward op runs the backward kernels.
+@torch.library.custom_op("ssmkit::mamba3_scan", mutates_args=())
+def _scan_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dA: torch.Tensor, s: torch.Tensor,
+             gamma: torch.Tensor, h0: torch.Tensor, tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, dA, s, gamma, h0, tf32)
+
+
+@_scan_op.register_fake
+def _(q, k, v, dA, s, gamma, h0, tf32):
+    b, L, R, H, _ = q.shape
+    return h0.new_empty(b, L, R, H, v.shape[-1]), torch.empty_like(h0)
+
+
+@torch.library.custom_op("ssmkit::mamba3_scan_bwd", mutates_args=())
+def _scan_bwd_op(dy: torch.Tensor, dhT: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 dA: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, h0: torch.Tensor,
+                 tf32: bool) -> list[torch.Tensor]:
+    return _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32)
+
+
+@_scan_bwd_op.register_fake
+def _(dy, dhT, q, k, v, dA, s, gamma, h0, tf32):
+    return [torch.empty_like(t) for t in (q, k, v, dA, s, gamma, h0)]
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.tf32 = inputs[7]
+
+
+def _scan_backward(ctx, dy, dhT):
+    q, k, v, dA, s, gamma, h0 = ctx.saved_tensors
+    dy = (torch.zeros(*q.shape[:4], v.shape[-1], device=q.device, dtype=h0.dtype) if dy is None
+          else dy.to(h0.dtype).contiguous())
+    dhT = torch.zeros_like(h0) if dhT is None else dhT.to(h0.dtype).contiguous()
+    return (*_scan_bwd_op(dy, dhT, q, k, v, dA, s, gamma, h0, ctx.tf32), None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_setup)
 
 
 @functools.cache
@@ -275,7 +312,9 @@ def _kernels():
 
 def _triton_core(prep, h0, k0, v0, chunk_size, io_dtype):
     s, gamma, h0 = trapezoid_weights(prep, h0, k0, v0)
-    return _ScanFn.apply(prep.q, prep.k, prep.v, prep.dA, s, gamma, h0, io_dtype in (torch.bfloat16, torch.float16))
+    cdt = h0.dtype
+    q, k, v, dA, s, gamma, h0 = (t.to(cdt).contiguous() for t in (prep.q, prep.k, prep.v, prep.dA, s, gamma, h0))
+    return _scan_op(q, k, v, dA, s, gamma, h0, io_dtype in (torch.bfloat16, torch.float16))
 
 
 # Not yet what "auto" picks on CUDA: tested against the reference under the interpreter, not yet
