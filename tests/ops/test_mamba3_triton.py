@@ -121,8 +121,8 @@ def test_triton_scan_packed_sequences():
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
 def test_triton_scan_lower_precision_against_float64(dtype, rel):
-    """float32 and half-precision inputs (float32 operands and states; TF32 matmuls on a GPU, which
-    the interpreter computes in float32; it has no bfloat16 matmul, float16 takes the same path)
+    """float32 and half-precision inputs (float32 operands and states; 3xTF32 matmuls on a GPU,
+    which the interpreter computes in float32; it has no bfloat16 matmul, float16 takes the same path)
     against the float64 reference on the same (rounded) inputs: outputs, final states, every
     gradient."""
     inp, kw, st = make_inputs(2, 70, h=2, p=16, n=32, s=8, r=2, seed=6)
@@ -200,10 +200,10 @@ print("SHARED " + json.dumps(shared))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prec", ["tf32", "ieee"])
+@pytest.mark.parametrize("prec", ["tf32x3", "ieee"])
 def test_scan_kernels_compile_for_hopper_within_shared_memory(prec):
     """The scan kernels compile for sm_90 (Triton's NVIDIA backend and ptxas, no GPU needed) at the
-    layer's shapes (P = 64, N = 128, blocks of 64 rows), TF32 (half inputs) and IEEE (float32
+    layer's shapes (P = 64, N = 128, blocks of 64 rows), 3xTF32 (half inputs) and IEEE (float32
     inputs), and each fits the H100's 227 KiB of shared memory per block."""
     import json
     import os

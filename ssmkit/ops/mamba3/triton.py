@@ -9,8 +9,10 @@ itself, every O(L·chunk) and O(L·P·N) term, is the ``torch.library`` op ``ssm
 (``torch.compile`` sees one node), three kernels forwards and four backwards (see
 :mod:`triton_chunk`). The kernels read q, k, v in the compute dtype (float32;
 float64 for float64 inputs: the rotated, biased q and k are computed values, not inputs).
-Half-precision inputs run the matmuls on the tensor cores as TF32 with float32 accumulation;
-float32 inputs in IEEE float32, float64 in float64. States and their adjoints are float32
+Half-precision inputs run the matmuls on the tensor cores as 3xTF32 (each operand split into two
+TF32 parts, three products: about float32's accuracy; one TF32 product has float16's 10 bits,
+too few for the angles' gradients, see README.md); float32 inputs in IEEE float32, float64 in
+float64. States and their adjoints are float32
 (float64).
 ``chunk_size`` does not change the result: the kernels use blocks of :data:`BLOCK_M` rows
 (tokens x ranks). ``cu_seqlens`` goes through the zero-padded batch every form uses.
@@ -198,12 +200,12 @@ def _geometry(q, v):
     return b, L, R, H, N, P, qt, -(-L // qt)
 
 
-def _consts(cdt, tf32, N, P):
-    return dict(IEEE=not tf32, CDT=_tl(cdt), BLOCK_M=BLOCK_M, BLOCK_N=max(16, _pow2(N)),
+def _consts(cdt, tf32x3, N, P):
+    return dict(IEEE=not tf32x3, CDT=_tl(cdt), BLOCK_M=BLOCK_M, BLOCK_N=max(16, _pow2(N)),
                 BLOCK_P=max(16, _pow2(P)))
 
 
-def _states(q, k, v, dA, s, h0, dy, tf32):
+def _states(q, k, v, dA, s, h0, dy, tf32x3):
     """The states entering each chunk ``(b, nc, H, P, N)`` and the final state; with ``dy`` also
     the adjoint of the state leaving each chunk (in place of the chunks' own parts) and the
     initial state's gradient."""
@@ -214,7 +216,7 @@ def _states(q, k, v, dA, s, h0, dy, tf32):
     dst = torch.empty_like(st) if dy is not None else st
     km = _kernels()
     km._m3_states[(b * H, nc)](q, k, v, dy if dy is not None else v, dA, s, st, tot, dst,
-                               L, H, R, N, P, qt, nc, WITH_DY=dy is not None, **_consts(cdt, tf32, N, P),
+                               L, H, R, N, P, qt, nc, WITH_DY=dy is not None, **_consts(cdt, tf32x3, N, P),
                                num_warps=FWD_WARPS)
     return st, tot, dst, _pass(st, tot, h0, reverse=False)
 
@@ -230,25 +232,25 @@ def _pass(io, tot, init, *, reverse):
     return fin
 
 
-def _forward(q, k, v, dA, s, gamma, h0, tf32):
+def _forward(q, k, v, dA, s, gamma, h0, tf32x3):
     """``(q, k, v (b, l, R, H, ·), dA, s, γ (b, l, H), h0 (b, H, P, N)) -> (y (b, l, R, H, P), h_L)``:
-    the chunked form's ``_chunk_scan`` as kernels, all contiguous in ``h0``'s dtype; ``tf32``:
-    matmuls in TF32."""
+    the chunked form's ``_chunk_scan`` as kernels, all contiguous in ``h0``'s dtype; ``tf32x3``:
+    matmuls as 3xTF32 on the tensor cores, else IEEE (float32 or float64)."""
     cdt = h0.dtype
     b, L, R, H, N, P, qt, nc = _geometry(q, v)
-    st, _, _, hT = _states(q, k, v, dA, s, h0, None, tf32)
+    st, _, _, hT = _states(q, k, v, dA, s, h0, None, tf32x3)
     y = torch.empty(b, L, R, H, P, device=q.device, dtype=cdt)
     _kernels()._m3_out[(b * H, nc)](q, k, v, dA, s, gamma, st, y, L, H, R, N, P, qt, nc,
-                                    **_consts(cdt, tf32, N, P), num_warps=FWD_WARPS)
+                                    **_consts(cdt, tf32x3, N, P), num_warps=FWD_WARPS)
     return y, hT
 
 
-def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32):
+def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32x3):
     """Gradients of :func:`_forward`'s seven tensor inputs: the states entering the chunks
     recomputed, the adjoint passed backwards over the chunks, then the chunks in parallel."""
     cdt = h0.dtype
     b, L, R, H, N, P, qt, nc = _geometry(q, v)
-    st, tot, dso, _ = _states(q, k, v, dA, s, h0, dy, tf32)
+    st, tot, dso, _ = _states(q, k, v, dA, s, h0, dy, tf32x3)
     dh0 = _pass(dso, tot, dhT, reverse=True)
     dq = torch.empty(q.shape, device=q.device, dtype=cdt)
     dk = torch.empty_like(dq)
@@ -257,7 +259,7 @@ def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32):
     ds = torch.empty(b, L, R, H, device=q.device, dtype=cdt)
     dg = torch.empty_like(ds)
     _kernels()._m3_bwd[(b * H, nc)](q, k, v, dy, dA, s, gamma, st, dso, dq, dk, dv, ddA, ds, dg,
-                                    L, H, R, N, P, qt, nc, **_consts(cdt, tf32, N, P), num_warps=BWD_WARPS)
+                                    L, H, R, N, P, qt, nc, **_consts(cdt, tf32x3, N, P), num_warps=BWD_WARPS)
     return [dq, dk, dv, ddA, ds.sum(2), dg.sum(2), dh0]
 
 
@@ -265,12 +267,12 @@ def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32):
 # pre- and post-processing around it); the backward op runs the backward kernels.
 @torch.library.custom_op("ssmkit::mamba3_scan", mutates_args=())
 def _scan_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dA: torch.Tensor, s: torch.Tensor,
-             gamma: torch.Tensor, h0: torch.Tensor, tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, dA, s, gamma, h0, tf32)
+             gamma: torch.Tensor, h0: torch.Tensor, tf32x3: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, dA, s, gamma, h0, tf32x3)
 
 
 @_scan_op.register_fake
-def _(q, k, v, dA, s, gamma, h0, tf32):
+def _(q, k, v, dA, s, gamma, h0, tf32x3):
     b, L, R, H, _ = q.shape
     return h0.new_empty(b, L, R, H, v.shape[-1]), torch.empty_like(h0)
 
@@ -278,18 +280,18 @@ def _(q, k, v, dA, s, gamma, h0, tf32):
 @torch.library.custom_op("ssmkit::mamba3_scan_bwd", mutates_args=())
 def _scan_bwd_op(dy: torch.Tensor, dhT: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  dA: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, h0: torch.Tensor,
-                 tf32: bool) -> list[torch.Tensor]:
-    return _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32)
+                 tf32x3: bool) -> list[torch.Tensor]:
+    return _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32x3)
 
 
 @_scan_bwd_op.register_fake
-def _(dy, dhT, q, k, v, dA, s, gamma, h0, tf32):
+def _(dy, dhT, q, k, v, dA, s, gamma, h0, tf32x3):
     return [torch.empty_like(t) for t in (q, k, v, dA, s, gamma, h0)]
 
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])
-    ctx.tf32 = inputs[7]
+    ctx.tf32x3 = inputs[7]
 
 
 def _scan_backward(ctx, dy, dhT):
@@ -297,7 +299,7 @@ def _scan_backward(ctx, dy, dhT):
     dy = (torch.zeros(*q.shape[:4], v.shape[-1], device=q.device, dtype=h0.dtype) if dy is None
           else dy.to(h0.dtype).contiguous())
     dhT = torch.zeros_like(h0) if dhT is None else dhT.to(h0.dtype).contiguous()
-    return (*_scan_bwd_op(dy, dhT, q, k, v, dA, s, gamma, h0, ctx.tf32), None)
+    return (*_scan_bwd_op(dy, dhT, q, k, v, dA, s, gamma, h0, ctx.tf32x3), None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_setup)

@@ -85,7 +85,7 @@ def _m3_states(
     c = tl.program_id(1)
     bb = pid // H
     h = pid % H
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     cum, total, s = _decays(dA_ptr, s_ptr, bb.to(tl.int64) * L * H + h, tok, valid, first, H, CDT)
     rowg = bb.to(tl.int64) * L * R + row
@@ -148,7 +148,7 @@ def _m3_out(
     c = tl.program_id(1)
     bb = pid // H
     h = pid % H
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     tok_base = bb.to(tl.int64) * L * H + h
     cum, total, s = _decays(dA_ptr, s_ptr, tok_base, tok, valid, first, H, CDT)
@@ -185,7 +185,7 @@ def _m3_bwd(
     c = tl.program_id(1)
     bb = pid // H
     h = pid % H
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     tok_base = bb.to(tl.int64) * L * H + h
     cum, total, s = _decays(dA_ptr, s_ptr, tok_base, tok, valid, first, H, CDT)
