@@ -215,7 +215,7 @@ def _states(q, k, v, dA, s, h0, dy, tf32x3):
     tot = torch.empty(b, nc, H, device=q.device, dtype=cdt)
     dst = torch.empty_like(st) if dy is not None else st
     km = _kernels()
-    km._m3_states[(b * H, nc)](q, k, v, dy if dy is not None else v, dA, s, st, tot, dst,
+    km._m3_states[(b * H * nc,)](q, k, v, dy if dy is not None else v, dA, s, st, tot, dst,
                                L, H, R, N, P, qt, nc, WITH_DY=dy is not None, **_consts(cdt, tf32x3, N, P),
                                num_warps=FWD_WARPS)
     return st, tot, dst, _pass(st, tot, h0, reverse=False)
@@ -240,7 +240,7 @@ def _forward(q, k, v, dA, s, gamma, h0, tf32x3):
     b, L, R, H, N, P, qt, nc = _geometry(q, v)
     st, _, _, hT = _states(q, k, v, dA, s, h0, None, tf32x3)
     y = torch.empty(b, L, R, H, P, device=q.device, dtype=cdt)
-    _kernels()._m3_out[(b * H, nc)](q, k, v, dA, s, gamma, st, y, L, H, R, N, P, qt, nc,
+    _kernels()._m3_out[(b * H * nc,)](q, k, v, dA, s, gamma, st, y, L, H, R, N, P, qt, nc,
                                     **_consts(cdt, tf32x3, N, P), num_warps=FWD_WARPS)
     return y, hT
 
@@ -258,7 +258,7 @@ def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32x3):
     ddA = torch.empty_like(dA)
     ds = torch.empty(b, L, R, H, device=q.device, dtype=cdt)
     dg = torch.empty_like(ds)
-    _kernels()._m3_bwd[(b * H, nc)](q, k, v, dy, dA, s, gamma, st, dso, dq, dk, dv, ddA, ds, dg,
+    _kernels()._m3_bwd[(b * H * nc,)](q, k, v, dy, dA, s, gamma, st, dso, dq, dk, dv, ddA, ds, dg,
                                     L, H, R, N, P, qt, nc, **_consts(cdt, tf32x3, N, P), num_warps=BWD_WARPS)
     return [dq, dk, dv, ddA, ds.sum(2), dg.sum(2), dh0]
 

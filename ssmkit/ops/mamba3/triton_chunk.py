@@ -28,6 +28,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(H, NC):
+    """(batch row, head, chunk) of a program of a one-dimensional grid of b·H·NC (no 65,535 limit
+    on the chunks, as a grid's second axis would have)."""
+    pid = tl.program_id(0)
+    return pid // (H * NC), (pid // NC) % H, pid % NC
+
+
+@triton.jit
 def _rows(c, L, R, QT, BLOCK_M: tl.constexpr):
     """A chunk's rows: their index in the block, their token, whether they exist, whether they are
     a token's first rank, and their row index ``t·R + r`` in the sequence (int64)."""
@@ -81,10 +89,7 @@ def _m3_states(
     """Per (row, head, chunk): the chunk's state from zero ``Σ_j exp(c_Q - c_j) s_j v_j k_jᵀ (P, N)``
     and its total log decay; with ``WITH_DY`` also its part of the state's adjoint
     ``Σ_i exp(c_i) dy_i q_iᵀ``."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
-    bb = pid // H
-    h = pid % H
+    bb, h, c = _program(H, NC)
     prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     cum, total, s = _decays(dA_ptr, s_ptr, bb.to(tl.int64) * L * H + h, tok, valid, first, H, CDT)
@@ -144,10 +149,7 @@ def _m3_out(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Per (row, head, chunk): ``y = (W ∘ q kᵀ) v + exp(c) ∘ (q hᵀ)``, h the state entering the chunk."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
-    bb = pid // H
-    h = pid % H
+    bb, h, c = _program(H, NC)
     prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     tok_base = bb.to(tl.int64) * L * H + h
@@ -181,10 +183,7 @@ def _m3_bwd(
     """Per (row, head, chunk), from the state entering the chunk ``hp`` and the adjoint of the
     state leaving it ``dso``: dq, dk, dv; the log decays' gradient (on each token's first rank
     row) and, per row, those of s and γ (summed over the ranks on the host)."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
-    bb = pid // H
-    h = pid % H
+    bb, h, c = _program(H, NC)
     prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     tok_base = bb.to(tl.int64) * L * H + h
