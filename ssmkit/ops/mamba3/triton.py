@@ -1,36 +1,32 @@
 """``backend="triton"`` forms of :func:`ssmkit.ops.mamba3.mamba3` (the chunked scan's kernels,
 forward and backward, in :mod:`triton_chunk`) and of :func:`ssmkit.ops.mamba3.mamba3_step` (the
-decode step as one kernel).
+decode step as one kernel). Both are registered with ``auto=False``: tested against the reference
+under ``TRITON_INTERPRET=1`` but not yet timed on a GPU, so ``backend="auto"`` does not pick
+them; ask for them with ``backend="triton"`` (or ``dispatch.force_backend("triton")``).
 
 The sequence form: the per-token preprocessing (biases, accumulated angles and rotations, the
 MIMO up-projection), the trapezoid weights, the D skip, the gate and the MIMO down-projection are
 the chunked form's PyTorch code (cheap elementwise work, differentiated by autograd); the scan
 itself, every O(L·chunk) and O(L·P·N) term, is the ``torch.library`` op ``ssmkit::mamba3_scan``
-(``torch.compile`` sees one node), three kernels forwards and four backwards (see
-:mod:`triton_chunk`). The kernels read q, k, v in the compute dtype (float32;
-float64 for float64 inputs: the rotated, biased q and k are computed values, not inputs).
-Half-precision inputs run the matmuls on the tensor cores as 3xTF32 (each operand split into two
-TF32 parts, three products: about float32's accuracy; one TF32 product has float16's 10 bits,
-too few for the angles' gradients, see README.md); float32 inputs in IEEE float32, float64 in
-float64. States and their adjoints are float32
-(float64).
-``chunk_size`` does not change the result: the kernels use blocks of :data:`BLOCK_M` rows
-(tokens x ranks). ``cu_seqlens`` goes through the zero-padded batch every form uses.
+(``torch.compile`` sees one node): three kernel launches forwards, four backwards (see
+:mod:`triton_chunk`). The kernels read q, k, v in the compute dtype (float32; float64 for float64
+inputs): the rotated, biased q and k are computed values, not inputs. Half-precision inputs run
+the matmuls on the tensor cores as 3xTF32 (each operand split into two TF32 parts, three
+products: about float32's accuracy; one TF32 product has float16's 10 bits, too few for the
+angles' gradients, see README.md); float32 inputs in IEEE float32, float64 in float64. States and
+their adjoints are float32 (float64). ``chunk_size`` does not change the result: the kernels use
+blocks of :data:`BLOCK_M` rows (tokens x ranks). ``cu_seqlens`` goes through the zero-padded
+batch every form uses.
 
-The decode step:
-
-One program per (sequence, head) keeps that head's state ``h (P, N)`` in registers for all T
-tokens of the call and, per token: advances the angles, rotates q and k, writes the previous
-token's pair (β) and this token's (γ) into h after its decay, reads ``y_r = h q_r`` for each
-rank, and stores the carried (k, v); h is written back once at the end. The rotation is a gather:
-coordinate n reads its partner ``pair[n]`` and angle ``angle_of[n]`` (−1: not rotated), built on
-the host for either rotary layout, so one kernel serves both. The D skip, the gate and the MIMO
-down-projection run after the kernel (:func:`ssmkit.ops.mamba3._common.epilogue`), as in every
-other form.
-
-Registered with ``auto=False``: it is tested against the reference under ``TRITON_INTERPRET=1``
-but not yet timed on a GPU, so ``backend="auto"`` keeps the reference step; ask for it with
-``backend="triton"``. Computes in the state's dtype (float32, or float64).
+The decode step: one program per (sequence, head) keeps that head's state ``h (P, N)`` in
+registers for all T tokens of the call and, per token: advances the angles, rotates q and k,
+writes the previous token's pair (β) and this token's (γ) into h after its decay, reads
+``y_r = h q_r`` for each rank, and stores the carried (k, v); h is written back once at the end.
+The rotation is a gather: coordinate n reads its partner ``pair[n]`` and angle ``angle_of[n]``
+(−1: not rotated), built on the host for either rotary layout, so one kernel serves both. The D
+skip, the gate and the MIMO down-projection run after the kernel
+(:func:`ssmkit.ops.mamba3._common.epilogue`), as in every other form. Computes in the state's
+dtype (float32, or float64).
 """
 
 from __future__ import annotations
@@ -216,8 +212,8 @@ def _states(q, k, v, dA, s, h0, dy, tf32x3):
     dst = torch.empty_like(st) if dy is not None else st
     km = _kernels()
     km._m3_states[(b * H * nc,)](q, k, v, dy if dy is not None else v, dA, s, st, tot, dst,
-                               L, H, R, N, P, qt, nc, WITH_DY=dy is not None, **_consts(cdt, tf32x3, N, P),
-                               num_warps=FWD_WARPS)
+                                 L, H, R, N, P, qt, nc, WITH_DY=dy is not None, **_consts(cdt, tf32x3, N, P),
+                                 num_warps=FWD_WARPS)
     return st, tot, dst, _pass(st, tot, h0, reverse=False)
 
 
@@ -241,7 +237,7 @@ def _forward(q, k, v, dA, s, gamma, h0, tf32x3):
     st, _, _, hT = _states(q, k, v, dA, s, h0, None, tf32x3)
     y = torch.empty(b, L, R, H, P, device=q.device, dtype=cdt)
     _kernels()._m3_out[(b * H * nc,)](q, k, v, dA, s, gamma, st, y, L, H, R, N, P, qt, nc,
-                                    **_consts(cdt, tf32x3, N, P), num_warps=FWD_WARPS)
+                                      **_consts(cdt, tf32x3, N, P), num_warps=FWD_WARPS)
     return y, hT
 
 
@@ -259,7 +255,7 @@ def _backward(dy, dhT, q, k, v, dA, s, gamma, h0, tf32x3):
     ds = torch.empty(b, L, R, H, device=q.device, dtype=cdt)
     dg = torch.empty_like(ds)
     _kernels()._m3_bwd[(b * H * nc,)](q, k, v, dy, dA, s, gamma, st, dso, dq, dk, dv, ddA, ds, dg,
-                                    L, H, R, N, P, qt, nc, **_consts(cdt, tf32x3, N, P), num_warps=BWD_WARPS)
+                                      L, H, R, N, P, qt, nc, **_consts(cdt, tf32x3, N, P), num_warps=BWD_WARPS)
     return [dq, dk, dv, ddA, ds.sum(2), dg.sum(2), dh0]
 
 
