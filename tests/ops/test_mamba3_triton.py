@@ -141,6 +141,12 @@ def test_triton_scan_lower_precision_against_float64(dtype, rel):
         assert rel_err(g, grads[k]) <= rel, (k, rel_err(g, grads[k]))
 
 
+def test_triton_scan_rejects_more_ranks_than_a_chunk_has_rows():
+    inp, kw, _ = make_inputs(1, 2, h=1, p=2, n=4, s=1, r=65, z=False, init=False)
+    with pytest.raises(ValueError, match="R <= 64"):
+        mamba3(**inp, **kw, backend="triton")
+
+
 def test_triton_scan_registered_but_not_automatic():
     assert "triton" in dispatch.available("mamba3")
     assert ("mamba3", "triton") in dispatch._not_auto

@@ -309,6 +309,9 @@ def _kernels():
 
 
 def _triton_core(prep, h0, k0, v0, chunk_size, io_dtype):
+    if prep.q.shape[2] > BLOCK_M:
+        raise ValueError(f"backend='triton' takes B, C with a rank R <= {BLOCK_M} (a token's ranks share a "
+                         f"chunk of {BLOCK_M} rows), got R={prep.q.shape[2]}")
     s, gamma, h0 = trapezoid_weights(prep, h0, k0, v0)
     cdt = h0.dtype
     q, k, v, dA, s, gamma, h0 = (t.to(cdt).contiguous() for t in (prep.q, prep.k, prep.v, prep.dA, s, gamma, h0))
