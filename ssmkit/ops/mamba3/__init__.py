@@ -1,9 +1,10 @@
 """Mamba-3's trapezoidal, rotary SSM (SISO and MIMO): ``mamba3`` and ``mamba3_step`` (decoding,
 T >= 1 tokens).
 
-Forms registered under op name ``"mamba3"``: ``reference`` (recurrence) and ``chunked``
-(SSD-style block matmuls); ``"mamba3_step"``: ``reference`` and ``triton`` (one kernel; only when
-asked for by name). See README.md.
+Forms registered under op name ``"mamba3"``: ``reference`` (recurrence), ``chunked`` (SSD-style
+block matmuls) and ``triton`` (the chunked scan's kernels, forward and backward; only when asked
+for by name); ``"mamba3_step"``: ``reference`` and ``triton`` (one kernel; only when asked for by
+name). See README.md.
 """
 
 from __future__ import annotations

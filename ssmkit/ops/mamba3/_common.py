@@ -52,31 +52,42 @@ class Prepared(NamedTuple):
     theta: torch.Tensor
 
 
-def rotation(theta: torch.Tensor) -> torch.Tensor:
-    """``exp(iθ)``: the rotations of :func:`rotate` as complex numbers (computed once for q and k)."""
+def rotation(theta: torch.Tensor):
+    """``exp(iθ)``: the rotations of :func:`rotate_` as complex numbers (computed once for q and k).
+    While ``torch.compile`` traces, the pair ``(cos θ, sin θ)`` instead: its inductor backend
+    differentiates products of complex tensors with slices of a real one wrongly (torch 2.13:
+    gradients of θ off by O(1) when S < N/2), real arithmetic it gets right."""
+    if torch.compiler.is_compiling():
+        return torch.cos(theta), torch.sin(theta)
     return torch.complex(torch.cos(theta), torch.sin(theta))
 
 
-def rotate_(t: torch.Tensor, rot: torch.Tensor, pairs: str) -> torch.Tensor:
+def rotate_(t: torch.Tensor, rot, pairs: str) -> torch.Tensor:
     """Rotate pairs of the last axis of ``t (..., N)`` in place (``t`` must be a tensor of one's
-    own) by the angles of ``rot = exp(iθ) (..., S)`` (S <= N/2 pairs): each pair, read as a
-    complex number, times ``rot``. Returns ``t``.
+    own) by the angles of ``rot = exp(iθ) (..., S)`` (S <= N/2 pairs; or ``(cos θ, sin θ)``, see
+    :func:`rotation`): each pair, read as a complex number, times ``rot``. Returns ``t``.
 
     ``"interleaved"``: pairs (2j, 2j+1) for j < S (mamba_ssm's SISO layout); ``"halves"``: pairs
     (j, j + N/2) for j < S (its MIMO kernels' layout). Entries in no pair are left as they are.
     Written back into ``t`` without autograd (no pass over the unrotated part); with autograd into
     a copy of ``t``, as autograd keeps views of it.
     """
-    S, N = rot.shape[-1], t.shape[-1]
+    real = isinstance(rot, tuple)
+    S, N = rot[0].shape[-1] if real else rot.shape[-1], t.shape[-1]
     if pairs == "interleaved":
         i0, i1 = slice(0, 2 * S, 2), slice(1, 2 * S, 2)
     else:
         i0, i1 = slice(0, S), slice(N // 2, N // 2 + S)
-    r = torch.complex(t[..., i0], t[..., i1]) * rot
-    if torch.is_grad_enabled() and (t.requires_grad or rot.requires_grad):
+    if real:
+        (c, s), a, b = rot, t[..., i0], t[..., i1]
+        re, im = a * c - b * s, a * s + b * c
+    else:
+        r = torch.complex(t[..., i0], t[..., i1]) * rot
+        re, im = r.real, r.imag
+    if torch.is_grad_enabled() and (t.requires_grad or (rot[0] if real else rot).requires_grad):
         t = t.clone()  # autograd holds views of the input: write into a copy
-    t[..., i0] = r.real
-    t[..., i1] = r.imag
+    t[..., i0] = re
+    t[..., i1] = im
     return t
 
 
@@ -163,9 +174,11 @@ def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
 Core = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_form(core: Core) -> Callable:
+def make_form(core: Core, *, io_dtype: bool = False) -> Callable:
     """Wrap ``core(prep, h0, k0, v0, chunk_size) -> (y (b, l, R, H, P), h_T)`` into the full
-    ``mamba3`` form signature (no validation: :func:`ssmkit.ops.mamba3.mamba3` does that)."""
+    ``mamba3`` form signature (no validation: :func:`ssmkit.ops.mamba3.mamba3` does that).
+    ``io_dtype``: also pass the inputs' dtype (``x.dtype``) as a sixth argument (a form that
+    runs half-precision inputs' matmuls in half precision)."""
 
     @functools.wraps(core)
     def form(x, dt, dA, B, C, trap, angles, D=None, z=None, B_bias=None, C_bias=None, mimo_x=None,
@@ -186,7 +199,7 @@ def make_form(core: Core) -> Callable:
             (xs, dts, dAs, Bs, Cs, traps, angs), valid = pad_packed(cu_seqlens, x, dt, dA, B, C, trap, angles)
         prep = prepare(xs, dts, dAs, Bs, Cs, traps, angs, bias_rank(B_bias, cdt, siso),
                        bias_rank(C_bias, cdt, siso), mx, angle0, rotary_pairs, cdt)
-        y, h_T = core(prep, h0, k0, v0, chunk_size)
+        y, h_T = core(prep, h0, k0, v0, chunk_size, *((x.dtype,) if io_dtype else ()))
         v = prep.v
         if valid is not None:
             y, v = unpad_packed(y, valid), unpad_packed(v, valid)

@@ -83,12 +83,18 @@ def _chunk_scan(q, k, v, dA, s, gamma, h0, chunk_size):
     return y[:, :l], h
 
 
-def _chunked_core(prep, h0, k0, v0, chunk_size):
+def trapezoid_weights(prep, h0, k0, v0):
+    """The linear recurrence's weights ``s, γ (b, l, H)`` and its initial state h'_0 (README.md)."""
     dt, lam = prep.dt, prep.lam
     bt = (1 - lam) * dt  # β̃_t = (1 - λ_t) Δ_t, (b, l, H)
     gamma = lam * dt
     s = gamma + F.pad(bt[:, 1:], (0, 0, 0, 1))  # γ_t + β̃_{t+1}, β̃ = 0 past the last token
     h0 = h0 + bt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v0, k0)
+    return s, gamma, h0
+
+
+def _chunked_core(prep, h0, k0, v0, chunk_size):
+    s, gamma, h0 = trapezoid_weights(prep, h0, k0, v0)
     return _chunk_scan(prep.q, prep.k, prep.v, prep.dA, s, gamma, h0, chunk_size)
 
 
