@@ -309,9 +309,6 @@ def _kernels():
 
 
 def _triton_core(prep, h0, k0, v0, chunk_size, io_dtype):
-    if prep.q.shape[2] > BLOCK_M:
-        raise ValueError(f"backend='triton' takes B, C with a rank R <= {BLOCK_M} (a token's ranks share a "
-                         f"chunk of {BLOCK_M} rows), got R={prep.q.shape[2]}")
     s, gamma, h0 = trapezoid_weights(prep, h0, k0, v0)
     cdt = h0.dtype
     q, k, v, dA, s, gamma, h0 = (t.to(cdt).contiguous() for t in (prep.q, prep.k, prep.v, prep.dA, s, gamma, h0))
@@ -320,6 +317,21 @@ def _triton_core(prep, h0, k0, v0, chunk_size, io_dtype):
 
 # Not yet what "auto" picks on CUDA: tested against the reference under the interpreter, not yet
 # timed on a GPU against the chunked form and mamba_ssm.
-mamba3_triton = register("mamba3", "triton", auto=False)(make_form(_triton_core, io_dtype=True))
+def _rank_checked(form):
+    """``form`` after a check of the MIMO rank (before any work): a chunk holds all of a token's
+    ranks, so R <= BLOCK_M."""
+
+    @functools.wraps(form)
+    def run(x, dt, dA, B, C, *args, **kwargs):
+        R = 1 if B.dim() == 4 else B.shape[2]
+        if R > BLOCK_M:
+            raise ValueError(f"backend='triton' takes B, C with a rank R <= {BLOCK_M} (a token's ranks share a "
+                             f"chunk of {BLOCK_M} rows), got R={R}")
+        return form(x, dt, dA, B, C, *args, **kwargs)
+
+    return run
+
+
+mamba3_triton = register("mamba3", "triton", auto=False)(_rank_checked(make_form(_triton_core, io_dtype=True)))
 
 __all__ = ["mamba3_step_triton", "mamba3_triton"]
