@@ -17,7 +17,7 @@ the Triton ``selective_state_update`` (state in the model dtype). Then prompts 2
 batch 1 for the SSM model and a ~1.3B attention + SwiGLU model (24 layers, SDPA prefill, SDPA
 decode over a static KV cache in the graph), both with eager prefills. Writes JSON (``--out``).
 
-The issue's Mamba-2 measurement, one command on the GPU machine::
+Mamba-2 against mamba_ssm, one command on a GPU machine::
 
     python benchmarks/generation.py --ssm mamba2 --backends auto,triton --skip attn --out-dir docs/benchmarks
 

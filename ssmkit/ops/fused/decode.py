@@ -5,6 +5,7 @@
   the new token(s) and returns the convolution (+ bias, + SiLU) of each, fused in one kernel.
   ``x``: ``(batch, dim)`` or ``(batch, T, dim)``, any strides with unit stride along ``dim`` (e.g.
   the x half of ``in_proj``'s output, read in place); ``conv_state`` may have any strides.
+  Arithmetic in float32 (float64 when an input is float64).
 * :func:`selective_scan_step_triton` ``(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
   dt_proj_weight=None)``: the ``("selective_scan_step", "triton")`` form. ``state``:
   ``(batch, dim, N)`` float32; ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)``,
