@@ -284,9 +284,8 @@ class Mamba2(nn.Module):
         zs = None if self.rmsnorm else z.unflatten(-1, (h, p))
         update = get("ssd_step", "auto", xs)
         if update is ssd_step_reference:  # one token: its per-token form (no stack over T)
-            y = ssd_step_one(state.ssm_state, xs[:, 0], dt, self._A(), B[:, 0], C[:, 0], D=self._D(),
-                             z=None if zs is None else zs, dt_bias=self.dt_bias, dt_softplus=True,
-                             dt_limit=self.dt_limit)
+            y = ssd_step_one(state.ssm_state, xs[:, 0], dt, self._A(), B[:, 0], C[:, 0], D=self._D(), z=zs,
+                             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         else:
             y = update(state.ssm_state, xs, dt.unsqueeze(1), self._A(), B, C, self._D(),
                        None if zs is None else zs.unsqueeze(1), self.dt_bias, True, self.dt_limit)
