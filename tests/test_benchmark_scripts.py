@@ -26,6 +26,16 @@ def test_profile_generation_cpu_smoke(tmp_path):
     assert res["prefill"]["wall_ms"] > 0 and res["prefill"]["top"]
 
 
+@pytest.mark.triton
+def test_generation_counts_mamba2_decode_launches():
+    gen = _load("generation")
+    res = gen.count_launches(n_layer=2, ssm="mamba2")
+    by_op = res["cuda_path"]["by_op"]
+    assert by_op["triton:ssd_step"] == 2 and res["cuda_path"]["total"] <= 5 * 2 + 3, by_op
+    with pytest.raises(SystemExit):  # a bad --backends is one argparse error
+        gen.main(["--backends", "cuda"])
+
+
 def test_llama_cpp_decode_smoke(tmp_path):
     import pytest
 

@@ -124,8 +124,8 @@ def generate_cuda_graph(model, input_ids: torch.Tensor, max_new_tokens: int = 32
 
     ``prefill_graph``: also capture the prefill (:class:`CUDAGraphPrefill`) on the first call of a
     geometry and replay it on later calls with the same prompt shape (no ``attention_mask``, no
-    ``cache`` given). ``None`` (default): for Mamba-only models when batch x prompt length <=
-    ``PREFILL_GRAPH_MAX_TOKENS``. The first call then costs one more host pass over the prefill.
+    ``cache`` given). ``None`` (default): for models of Mamba or Mamba-2 layers only when batch x
+    prompt length <= ``PREFILL_GRAPH_MAX_TOKENS``. The first call then costs one more host pass over the prefill.
     """
     from ssmkit.inference.cache import allocate_cache
     from ssmkit.inference.sampling import sample
@@ -218,14 +218,24 @@ _DECODERS: dict[tuple, CUDAGraphDecoder] = {}
 
 
 def _prefill_capturable(model) -> bool:
-    """Whether the automatic prefill capture applies: Mamba layers only (no attention, MLP or
-    MoE), whose prefill is known to run without host synchronisation. A failed capture would
-    leave CUDA's random-number state mid-capture, so other models only capture when asked."""
+    """Whether the automatic prefill capture applies: Mamba and Mamba-2 layers only (no
+    attention, MLP, MoE or shared block), whose prefill is known to run without host
+    synchronisation. A failed capture would leave CUDA's random-number state mid-capture, so other
+    models only capture when asked. (An attention layer's prefill into a cache reads the cache's
+    fill level back to the host to size its key window: not capturable.)"""
     from ssmkit.layers.mamba import Mamba
+    from ssmkit.layers.mamba2 import Mamba2
+
+    def ok(blk) -> bool:
+        mixer = blk.mixer
+        if blk.mlp_kind != "none" or getattr(blk, "shared_use", None) is not None:
+            return False
+        if isinstance(mixer, Mamba):
+            return getattr(mixer, "inner_name", "s6") == "s6"
+        return isinstance(mixer, Mamba2)
 
     layers = getattr(getattr(model, "backbone", None), "layers", None)
-    return bool(layers) and all(isinstance(blk.mixer, Mamba) and blk.mlp_kind == "none"
-                                and getattr(blk.mixer, "inner_name", "s6") == "s6" for blk in layers)
+    return bool(layers) and all(ok(blk) for blk in layers)
 
 
 def clear_graphs() -> None:

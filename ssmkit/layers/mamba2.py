@@ -35,8 +35,9 @@ from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gated_norm import gated_rms_norm
+from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.ssd import ssd
-from ssmkit.ops.ssd.step import ssd_step_one
+from ssmkit.ops.ssd.step import ssd_step_one, ssd_step_reference
 from ssmkit.ops.ssd.triton import ssd_triton
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
@@ -162,7 +163,19 @@ class Mamba2(nn.Module):
         return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
 
     def _A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float() if self.A_log.dtype != torch.float64 else self.A_log)
+        """A = -exp(A_log) in float32 (float64 for a float64 model). Without autograd (decoding)
+        cached until A_log changes (its version counter moves on every in-place update): one
+        launch less per layer and token."""
+        A_log = self.A_log
+        if torch.is_grad_enabled() and A_log.requires_grad:
+            return -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
+        key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, torch.is_inference_mode_enabled())
+        cache = self.__dict__.get("_A_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log))
+            self.__dict__["_A_cache"] = cache
+        return cache[1]
 
     def _delta(self, dt: torch.Tensor) -> torch.Tensor:
         cdt = torch.float64 if dt.dtype == torch.float64 else torch.float32
@@ -246,23 +259,73 @@ class Mamba2(nn.Module):
         """One token ``x_t: (batch, d_model) -> (batch, d_model)``; updates ``state`` in place."""
         if _decode.use_cpu_step(x_t, self.conv1d.weight):
             return self._step_cpu(x_t, state)
-        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        b = x_t.shape[0]
-        z, xBC, dt = self._project(x_t).split([self.d_inner, self.conv_dim, h], dim=-1)
-        # The layer fixes the shapes, so the conv's unchecked dispatched form is called (as Mamba
-        # does): per-token Python overhead is a noticeable share of decoding time.
+        return self.out_proj(self._step_mix(self._project(x_t), state))
+
+    def _step_mix(self, zxbcdt: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """The device step between the projections: ``zxbcdt (batch, d_in_proj)`` (in_proj's
+        output) -> ``y (batch, d_inner)``, the out_proj input; updates ``state`` in place.
+
+        Three launches on the Triton path: the conv update (+ SiLU) on the ``xBC`` slice, the
+        ``ssd_step`` (softplus(dt + dt_bias), the Δ clamp, state update, ``D x``) reading x, B, C
+        from the conv output and dt from the projection as views, then the gated RMSNorm reading
+        z in place. Shapes are fixed by the layer, so the ops' unchecked dispatched forms are
+        called (per-token Python overhead is a noticeable share of decoding time); no host
+        synchronisation and no allocation but the outputs (CUDA-graph safe).
+        """
+        h, p, g, n, di, cd = self.nheads, self.headdim, self.ngroups, self.d_state, self.d_inner, self.conv_dim
+        b = zxbcdt.shape[0]
+        z, xBC, dt = zxbcdt[:, :di], zxbcdt[:, di:di + cd], zxbcdt[:, di + cd:]
         conv_update = get("causal_conv1d_step", "auto", xBC)
         xBC = conv_update(xBC.unsqueeze(1), state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                          "silu").squeeze(1)
-        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        y = ssd_step_one(
-            state.ssm_state, xs.reshape(b, h, p), self._delta(dt), self._A(), B.reshape(b, g, n),
-            C.reshape(b, g, n), D=self._D(), z=None if self.rmsnorm else z.reshape(b, h, p),
-        )
-        y = y.reshape(b, self.d_inner)
+                          "silu")  # (b, 1, conv_dim)
+        xs = xBC[..., :di].unflatten(-1, (h, p))
+        B = xBC[..., di:di + g * n].unflatten(-1, (g, n))
+        C = xBC[..., di + g * n:].unflatten(-1, (g, n))
+        zs = None if self.rmsnorm else z.unflatten(-1, (h, p))
+        update = get("ssd_step", "auto", xs)
+        if update is ssd_step_reference:  # one token: its per-token form (no stack over T)
+            y = ssd_step_one(state.ssm_state, xs[:, 0], dt, self._A(), B[:, 0], C[:, 0], D=self._D(), z=zs,
+                             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        else:
+            y = update(state.ssm_state, xs, dt.unsqueeze(1), self._A(), B, C, self._D(),
+                       None if zs is None else zs.unsqueeze(1), self.dt_bias, True, self.dt_limit)
+        y = y.reshape(b, di)
         if self.rmsnorm:
-            y = self._gated_norm(y, z)
-        return self.out_proj(y)
+            nm = self.norm
+            y = get("gated_rms_norm", "auto", y)(y, nm.weight, z, nm.eps, nm.group_size, nm.norm_before_gate)
+        return y
+
+    # Batch rows up to which a decode step on the Triton path takes the fused small-batch form
+    # (step_norm: GEMVs); larger batches are matrix products, where cuBLAS is the better choice.
+    FUSED_STEP_MAX_BATCH = 1
+
+    def can_step_norm(self, x_t: torch.Tensor) -> bool:
+        """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
+        small batch, no projection biases or input scalings, no autograd."""
+        return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH
+                and isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, nn.Linear)
+                and self.in_proj.bias is None and self.out_proj.bias is None
+                and self.in_multiplier == 1.0 and self.in_proj_multipliers is None
+                and get("norm_linear", "auto", x_t) is not norm_linear_reference
+                and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
+
+    def step_norm(self, out: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                  eps: float, residual_dtype: torch.dtype | None, state: Mamba2State
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's residual add + RMSNorm and this layer's decode step in five launches:
+        ``(out, residual) (batch, d_model)`` -> ``(new residual, layer output)``; updates ``state``.
+
+        1. residual add + RMSNorm + in_proj (one GEMV with the norm in its prologue);
+        2.-4. conv update, ``ssd_step``, gated RMSNorm (:meth:`_step_mix`);
+        5. out_proj (GEMV).
+        Same arithmetic (and roundings) as add_rms_norm followed by :meth:`step`. Check
+        :meth:`can_step_norm` first.
+        """
+        zxbcdt, residual = get("norm_linear", "auto", out)(out, self.in_proj.weight, norm_weight,
+                                                          residual, eps, residual_dtype)
+        y = self._step_mix(zxbcdt, state)
+        y, _ = get("norm_linear", "auto", y)(y, self.out_proj.weight)
+        return residual, y
 
     def _step_cpu(self, x_t: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """:meth:`step` on the CPU (see :mod:`ssmkit.layers._decode`): the conv window lives in a

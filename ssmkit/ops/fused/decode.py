@@ -5,6 +5,7 @@
   the new token(s) and returns the convolution (+ bias, + SiLU) of each, fused in one kernel.
   ``x``: ``(batch, dim)`` or ``(batch, T, dim)``, any strides with unit stride along ``dim`` (e.g.
   the x half of ``in_proj``'s output, read in place); ``conv_state`` may have any strides.
+  Arithmetic in float32 (float64 when an input is float64).
 * :func:`selective_scan_step_triton` ``(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
   dt_proj_weight=None)``: the ``("selective_scan_step", "triton")`` form. ``state``:
   ``(batch, dim, N)`` float32; ``x, dt, z``: ``(batch, T, dim)``; ``B, C``: ``(batch, T, G, N)``,
@@ -62,7 +63,8 @@ def _kernels():
     @triton.jit
     def conv_update_kernel(X, STATE, W_, BIAS, Y, T, dim, sx_b, sx_t, ss_b, ss_d, ss_w, sy_b, sy_t,
                            WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           USE_F64: tl.constexpr, BLOCK_D: tl.constexpr):
+        ACC = tl.float64 if USE_F64 else tl.float32  # float32 arithmetic (float64 for tests)
         b = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         md = d < dim
@@ -71,17 +73,17 @@ def _kernels():
         # the old state (oldest first), read once into registers before it is overwritten
         win = ()
         for j in tl.static_range(WIDTH - 1):
-            win = win + (tl.load(st_base + j * ss_w, mask=md, other=0.0).to(tl.float32),)
+            win = win + (tl.load(st_base + j * ss_w, mask=md, other=0.0).to(ACC),)
         wts = ()
         for k in tl.static_range(WIDTH):
-            wts = wts + (tl.load(W_ + d * WIDTH + k, mask=md, other=0.0).to(tl.float32),)
+            wts = wts + (tl.load(W_ + d * WIDTH + k, mask=md, other=0.0).to(ACC),)
         if HAS_BIAS:
-            bias = tl.load(BIAS + d, mask=md, other=0.0).to(tl.float32)
+            bias = tl.load(BIAS + d, mask=md, other=0.0).to(ACC)
         for t in range(0, T):
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_D], dtype=ACC)
             for k in tl.static_range(WIDTH):
                 p = t - (WIDTH - 1) + k  # input position; < 0 reads the old state
-                v = tl.load(x_base + p * sx_t, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(tl.float32)
+                v = tl.load(x_base + p * sx_t, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(ACC)
                 for j in tl.static_range(WIDTH - 1):
                     v = tl.where(p == j - (WIDTH - 1), win[j], v)
                 acc += wts[k] * v
@@ -93,7 +95,7 @@ def _kernels():
         # new state: the last W-1 inputs of [old state, x_0 .. x_{T-1}] (all reads done above)
         for j in tl.static_range(WIDTH - 1):
             p = T - (WIDTH - 1) + j
-            v = tl.load(x_base + p * sx_t, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(tl.float32)
+            v = tl.load(x_base + p * sx_t, mask=d < tl.where(p >= 0, dim, 0), other=0.0).to(ACC)
             for i in tl.static_range(WIDTH - 1):
                 v = tl.where(p == i - (WIDTH - 1), win[i], v)
             tl.store(st_base + j * ss_w, v.to(STATE.dtype.element_ty), mask=md)
@@ -303,7 +305,8 @@ def causal_conv1d_step_triton(x, conv_state, weight, bias=None, activation=None)
         x3, conv_state, weight.contiguous(), bias, y, T, dim, x3.stride(0), x3.stride(1),
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2) if W > 1 else 1, y.stride(0),
         y.stride(1), WIDTH=W, HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
-        BLOCK_D=BLOCK_D, num_warps=CONV_UPDATE["num_warps"])
+        USE_F64=torch.float64 in (x.dtype, conv_state.dtype, weight.dtype), BLOCK_D=BLOCK_D,
+        num_warps=CONV_UPDATE["num_warps"])
     return y.squeeze(1) if single else y
 
 
