@@ -300,13 +300,16 @@ class Mamba2(nn.Module):
     FUSED_STEP_MAX_BATCH = 1
 
     def can_step_norm(self, x_t: torch.Tensor) -> bool:
-        """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
-        small batch, no projection biases or input scalings, no autograd."""
+        """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA) of
+        the GEMV and of ``ssd_step`` (the fused step goes with the Triton state update: while that
+        form is opt-in, so is this path), small batch, no projection biases or input scalings, no
+        autograd."""
         return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH
                 and isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, nn.Linear)
                 and self.in_proj.bias is None and self.out_proj.bias is None
                 and self.in_multiplier == 1.0 and self.in_proj_multipliers is None
                 and get("norm_linear", "auto", x_t) is not norm_linear_reference
+                and get("ssd_step", "auto", x_t) is not ssd_step_reference
                 and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
 
     def step_norm(self, out: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,

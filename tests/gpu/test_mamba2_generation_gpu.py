@@ -1,8 +1,8 @@
 """Mamba-2 generation on a CUDA device (marked gpu): a captured prefill plus CUDA-graph decoding
 gives the eager greedy tokens for a Mamba-2 LM (prefill captured automatically) and a Mamba-2 +
-attention hybrid (eager prefill, graph decode) at batch 1 (the fused step_norm form of the step)
-and batch 4, with the default forms and with the Triton forms forced (``ssd_step``, the gated
-RMSNorm); the device step of one layer against the forward in float32 at a wide shape.
+attention hybrid (eager prefill, graph decode) at batch 1 and batch 4, with the default forms and
+with the Triton forms forced (``ssd_step``, the gated RMSNorm; at batch 1 then the fused step_norm
+form of the step); the device step of one layer against the forward in float32 at a wide shape.
 
     pytest -q -m gpu tests/gpu/test_mamba2_generation_gpu.py
 """
