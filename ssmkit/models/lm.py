@@ -18,6 +18,7 @@ from torch import nn
 
 from ssmkit._checks import check_cu_seqlens
 from ssmkit.layers import _decode
+from ssmkit.layers._decode_mamba import mamba_block_step
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models import context_parallel as _cp
@@ -337,7 +338,7 @@ class LanguageModel(nn.Module):
         """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
         one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations);
         with compiled CPU kernels on, each plain Mamba block of a batch-1 step is one compiled region
-        (:func:`ssmkit.layers._decode.mamba_block_step`) and the LM head the compiled GEMV. Same
+        (:func:`ssmkit.layers._decode_mamba.mamba_block_step`) and the LM head the compiled GEMV. Same
         arithmetic as the carried form of the blocks."""
         h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
         emb = h.clone() if self.config.shared_cfg else None
@@ -353,7 +354,7 @@ class LanguageModel(nn.Module):
                 if blk.shared_use is not None:  # the shared block's output enters the mixer's input only
                     t = self.backbone.shared_for(blk).step(h, emb, blk.shared_use, st.shared)
                     h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h + t), st.layer)))
-                elif not (fused and _decode.mamba_block_step(blk, h, st)):
+                elif not (fused and mamba_block_step(blk, h, st)):
                     h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h), st)))
                 if blk.mlp_kind != "none":
                     h.add_(blk._mlp(_norm(blk.norm2, h), None, dense=True)[0])
