@@ -337,15 +337,15 @@ class LanguageModel(nn.Module):
     def _step_cpu(self, input_ids: torch.Tensor, states) -> torch.Tensor:
         """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
         one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations);
-        with compiled CPU kernels on, each plain Mamba block of a batch-1 step is one compiled region
-        (:func:`ssmkit.layers._decode_mamba.mamba_block_step`) and the LM head the compiled GEMV. Same
-        arithmetic as the carried form of the blocks."""
+        with compiled CPU kernels on, each plain Mamba / Mamba-2 block of a batch-1 step runs in
+        compiled regions (:func:`ssmkit.layers._decode_mamba.mamba_block_step`) and the LM head is
+        the compiled GEMV. Same arithmetic as the carried form of the blocks."""
         h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
         emb = h.clone() if self.config.shared_cfg else None
         if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         lowp = self.dtype in (torch.float16, torch.bfloat16)
-        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # a Mamba block: one compiled region
+        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # Mamba / Mamba-2 blocks: compiled regions
         onednn = torch._C._get_mkldnn_enabled()
         if lowp and onednn != CPU_DECODE_ONEDNN:
             torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)

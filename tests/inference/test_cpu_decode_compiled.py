@@ -1,6 +1,7 @@
 """CPU decoding with the compiled kernels on (``SSMKIT_CPU_COMPILE=1``): the decode steps' linear
-layers through the compiled GEMV (ssmkit.layers._decode.linear), and greedy decoding of tiny
-Mamba / Mamba-2 / gated DeltaNet language models with compiled kernels on against off."""
+layers through the compiled GEMV (ssmkit.layers._decode.linear), Mamba and Mamba-2 blocks in
+compiled regions against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
+DeltaNet language models with compiled kernels on against off."""
 
 import pytest
 import torch
@@ -96,12 +97,16 @@ def test_greedy_decoding_compiled_equals_eager_all(compiled, pattern, dtype):
     _check_greedy(pattern, dtype)
 
 
-def test_mamba_block_step_matches_eager(compiled):
-    """One Mamba block in compiled regions (_decode_mamba.mamba_block_step) against the eager block step:
-    the residual stream and both states, float32."""
+@pytest.mark.parametrize("pattern", ["M", "2"])
+def test_mamba_block_step_matches_eager(compiled, pattern):
+    """One Mamba / Mamba-2 (two groups) block in compiled regions (_decode_mamba.mamba_block_step)
+    against the eager block step: the residual stream and both states, float32."""
     import copy
 
-    model = _tiny("M", "float32")
+    torch.manual_seed(0)
+    ssm = {"d_state": 8} if pattern == "M" else {"d_state": 16, "headdim": 16, "ngroups": 2}
+    model = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=64, n_layer=1, vocab_size=257,
+                                                    layer_pattern=pattern, ssm_cfg=ssm)).eval()
     blk = model.backbone.layers[0]
     with torch.inference_mode():
         cache = allocate_cache(model, 1, 16)
