@@ -9,13 +9,16 @@ A decode step at batch 1 reads every weight once (the tied embedding as the LM h
 with the bandwidth measured in the same run (``torch.sum`` over a 256 MiB float32 tensor, far
 larger than the caches, at the same thread count). Each row prints the % of that floor reached.
 Speeds are the best block of ``--tokens`` steps over ``--repeats`` blocks (the median is kept too):
-other processes on a shared machine only ever slow a block down.
+other processes on a shared machine only ever slow a block down. With ``--compile`` each row is
+timed twice, eager and with the compiled CPU kernels (``ssmkit.ops.cpu_compile``: the compiled
+GEMVs of ``ssmkit.ops.cpu_gemv``), their blocks interleaved (eager, compiled, eager, ...) on one
+cache; the first compiled step, which compiles the model's GEMV shapes, is reported apart.
 
 ``decode_section(args) -> list[dict]`` is the function other benchmark programs call (``args``:
 any object with the attributes below; missing ones take the defaults). Run alone:
 
     python benchmarks/_cpu_decode.py [--models mamba mamba2 gated-deltanet] [--threads 1 2]
-                                     [--dtypes float32 bfloat16 int8] [--out DIR]
+                                     [--dtypes float32 bfloat16 int8] [--compile] [--out DIR]
 
 writes ``DIR/cpu_decode_cpu_<date>.json`` (default DIR: ./bench_out).
 """
@@ -43,7 +46,7 @@ except ImportError:  # imported as benchmarks._cpu_decode
 MODELS = ("mamba", "mamba2", "gated-deltanet")
 DTYPES = ("float32", "bfloat16", "int8")
 DEFAULTS = {"models": list(MODELS), "threads": [1, 2], "dtypes": list(DTYPES), "tokens": 32, "repeats": 5,
-            "prompt": 8, "bandwidth_mib": 256, "verbose": True}
+            "prompt": 8, "bandwidth_mib": 256, "verbose": True, "compile": False}
 
 
 def model_config(name: str) -> ssmkit.ModelConfig:
@@ -99,29 +102,49 @@ def read_bandwidth(threads: int, mib: int = 256, repeats: int = 7) -> float:
     return x.numel() * 4 / best
 
 
-def time_decode(model, threads: int, tokens: int, repeats: int, prompt: int) -> list[float]:
-    """Seconds per token of each block of ``tokens`` batch-1 steps."""
+def time_decode(model, threads: int, tokens: int, repeats: int, prompt: int,
+                modes: tuple[str, ...] = ("eager",)) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per token of each block of ``tokens`` batch-1 steps, per mode ("eager" /
+    "compiled"), the modes' blocks interleaved on one cache; and the seconds of each mode's first
+    step (for "compiled": compiling the model's GEMV shapes at this thread count)."""
+    from ssmkit.ops.cpu_compile import set_cpu_compile
+
     torch.set_num_threads(threads)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-    cache = allocate_cache(model, 1, prompt + tokens * (repeats + 1) + 4)
-    blocks = []
-    with torch.inference_mode():
-        logits = prefill(model, ids, cache)
-        tok = logits.argmax(-1)
-        for _ in range(3):
-            tok = model.step(tok, cache).argmax(-1)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(tokens):
+    cache = allocate_cache(model, 1, prompt + (tokens + 4) * (repeats + 1) * len(modes) + 4)
+    blocks: dict[str, list[float]] = {m: [] for m in modes}
+    first: dict[str, float] = {}
+    try:
+        with torch.inference_mode():
+            logits = prefill(model, ids, cache)
+            tok = logits.argmax(-1)
+            for mode in modes:
+                set_cpu_compile(mode == "compiled")
+                t0 = time.perf_counter()
                 tok = model.step(tok, cache).argmax(-1)
-            blocks.append((time.perf_counter() - t0) / tokens)
-    return blocks
+                first[mode] = time.perf_counter() - t0
+                for _ in range(3):
+                    tok = model.step(tok, cache).argmax(-1)
+            for _ in range(repeats):
+                for mode in modes:
+                    set_cpu_compile(mode == "compiled")
+                    t0 = time.perf_counter()
+                    for _ in range(tokens):
+                        tok = model.step(tok, cache).argmax(-1)
+                    blocks[mode].append((time.perf_counter() - t0) / tokens)
+    finally:
+        set_cpu_compile(None)
+    return blocks, first
 
 
 def decode_section(args=None) -> list[dict]:
-    """One row per (model, dtype, threads): tokens/s (best and median block), the weight bytes,
-    the bandwidth measured at that thread count, the floor and the % of it reached."""
+    """One row per (model, dtype, threads, mode): tokens/s (best and median block), the weight
+    bytes, the bandwidth measured at that thread count, the floor and the % of it reached (best
+    and median block); mode "eager", and "compiled" with ``compile`` where a C++ compiler is found."""
+    from ssmkit.ops.cpu_compile import compiler_available
+
     opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
+    modes = ("eager", "compiled") if opt["compile"] and compiler_available() else ("eager",)
     threads_before = torch.get_num_threads()
     rows = []
     try:
@@ -132,22 +155,27 @@ def decode_section(args=None) -> list[dict]:
                 model = build(config, dtype)
                 nbytes = weight_bytes(model)
                 for t in opt["threads"]:
-                    blocks = time_decode(model, t, opt["tokens"], opt["repeats"], opt["prompt"])
+                    blocks, first = time_decode(model, t, opt["tokens"], opt["repeats"], opt["prompt"], modes)
                     bw[t] = max(bw[t], read_bandwidth(t, opt["bandwidth_mib"], repeats=3))
-                    best, med = min(blocks), statistics.median(blocks)
-                    floor = bw[t] / nbytes
-                    row = {"section": "decode", "model": name, "dtype": dtype, "threads": t, "batch": 1,
-                           "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-                           "weight_MB": round(nbytes / 1e6, 1), "bandwidth_GBps": round(bw[t] / 1e9, 1),
-                           "floor_tok_s": round(floor, 1), "tok_s": round(1 / best, 1),
-                           "tok_s_median": round(1 / med, 1), "ms_per_token": round(best * 1e3, 2),
-                           "pct_of_floor": round(100 / best / floor, 1)}
-                    rows.append(row)
-                    if opt["verbose"]:
-                        print(f"  {name:15s} {dtype:9s} {t} thr  {row['tok_s']:7.1f} tok/s "
-                              f"(median {row['tok_s_median']:6.1f})  floor {row['floor_tok_s']:6.1f} "
-                              f"({row['weight_MB']:.0f} MB at {row['bandwidth_GBps']:.1f} GB/s)  "
-                              f"{row['pct_of_floor']:5.1f}% of floor", flush=True)
+                    for mode in modes:
+                        best, med = min(blocks[mode]), statistics.median(blocks[mode])
+                        floor = bw[t] / nbytes
+                        row = {"section": "decode", "model": name, "dtype": dtype, "threads": t, "batch": 1,
+                               "mode": mode, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                               "weight_MB": round(nbytes / 1e6, 1), "bandwidth_GBps": round(bw[t] / 1e9, 1),
+                               "floor_tok_s": round(floor, 1), "tok_s": round(1 / best, 1),
+                               "tok_s_median": round(1 / med, 1), "ms_per_token": round(best * 1e3, 2),
+                               "pct_of_floor": round(100 / best / floor, 1),
+                               "pct_of_floor_median": round(100 / med / floor, 1),
+                               "first_step_s": round(first[mode], 2)}
+                        rows.append(row)
+                        if opt["verbose"]:
+                            print(f"  {name:15s} {dtype:9s} {t} thr {mode:8s} {row['tok_s']:7.1f} tok/s "
+                                  f"(median {row['tok_s_median']:6.1f})  floor {row['floor_tok_s']:6.1f} "
+                                  f"({row['weight_MB']:.0f} MB at {row['bandwidth_GBps']:.1f} GB/s)  "
+                                  f"{row['pct_of_floor']:5.1f}% of floor (median {row['pct_of_floor_median']:5.1f}%)"
+                                  + (f"  first step {first[mode]:.1f} s" if mode == "compiled" else ""),
+                                  flush=True)
                 del model
         # the bandwidth may have been measured higher later in the run: every row uses the best
         for row in rows:
@@ -156,17 +184,19 @@ def decode_section(args=None) -> list[dict]:
             row["bandwidth_GBps"] = round(bw[t] / 1e9, 1)
             row["floor_tok_s"] = round(floor, 1)
             row["pct_of_floor"] = round(100 * row["tok_s"] / floor, 1)
+            row["pct_of_floor_median"] = round(100 * row["tok_s_median"] / floor, 1)
     finally:
         torch.set_num_threads(threads_before)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights | threads | tokens/s | floor tokens/s | % of floor |", "|---|---|---|---|---|---|"]
+    lines = ["| model | weights | threads | mode | tokens/s (median) | floor tokens/s | % of floor (median) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['dtype']} ({r['weight_MB']:.0f} MB) | {r['threads']} | {r['tok_s']} "
-                     f"(median {r['tok_s_median']}) | {r['floor_tok_s']} ({r['bandwidth_GBps']} GB/s) | "
-                     f"{r['pct_of_floor']} |")
+        lines.append(f"| {r['model']} | {r['dtype']} ({r['weight_MB']:.0f} MB) | {r['threads']} | {r['mode']} | "
+                     f"{r['tok_s']} ({r['tok_s_median']}) | {r['floor_tok_s']} ({r['bandwidth_GBps']} GB/s) | "
+                     f"{r['pct_of_floor']} ({r['pct_of_floor_median']}) |")
     return "\n".join(lines)
 
 
@@ -177,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--tokens", type=int, default=32, help="decode steps per timed block")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per row (the best is reported)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each row with the compiled CPU kernels (ssmkit.ops.cpu_compile), interleaved")
     p.add_argument("--out", default="bench_out", help="folder of the JSON result")
     args = p.parse_args(argv)
     print(f"CPU decode, batch 1, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")

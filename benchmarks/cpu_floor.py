@@ -13,8 +13,9 @@ batch 1, ``--seqlen`` tokens (1024), with 1 and 2 torch threads:
 Both are medians of ``--repeats`` runs, interleaved (model, floor, model, floor, ...), so that
 load from other processes hits both alike; the ratio is ssmkit / floor.
 
-``decode_section`` (CPU decoding with quantized weights) lives in ``benchmarks/_cpu_decode.py``
-and is run after the prefill section when that file is present.
+``decode_section`` (CPU decoding with float32 / bfloat16 / int8 weights) lives in
+``benchmarks/_cpu_decode.py`` and is run after the prefill section when that file is present;
+``--compile`` applies to it too (eager and compiled decode steps, interleaved).
 
 Run:  flock /tmp/bench.lock python benchmarks/cpu_floor.py
 Writes docs/benchmarks/cpu_floor.json (``--out``).

@@ -11,6 +11,11 @@ Short causal convolution, one token (``conv_step``): the window ``[conv_state | 
 (``torch.linalg.vecdot``), then SiLU in place, and the state takes the window's last ``W - 1``
 columns. Same arithmetic as :func:`ssmkit.ops.causal_conv1d_step` (the bias enters the sum instead
 of being added after it).
+
+Linear layers (``linear``): with compiled CPU kernels on (``SSMKIT_CPU_COMPILE=1``) a batch-1 step
+runs its ``nn.Linear`` / :class:`~ssmkit.layers.quantized.Int8Linear` layers through the compiled
+GEMV of :mod:`ssmkit.ops.cpu_gemv` (float32 / bfloat16 / int8 weights, float32 accumulation);
+otherwise, or for other modules, the module itself runs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.layers.quantized import Int8Linear
 from ssmkit.ops.conv.causal_conv1d import conv_update_unchecked
+from ssmkit.ops.cpu_gemv import compiled_linear
 from ssmkit.ops.dispatch import get
 
 
@@ -77,3 +84,25 @@ def conv_step(ws: dict, conv_state: torch.Tensor, x: torch.Tensor, kernel: torch
     y = torch.linalg.vecdot(ws["win"], kernel)
     conv_state.copy_(ws["win_next"])
     return F.silu(y, inplace=True)
+
+
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` for ``x (batch, in)`` in a CPU decode step: the compiled GEMV at batch 1 when
+    compiled CPU kernels are on and ``mod`` is an ``nn.Linear`` or ``Int8Linear``, else ``mod(x)``."""
+    if x.shape[0] == 1:
+        kind = type(mod)
+        if kind is nn.Linear:
+            y = compiled_linear(x, mod.weight, mod.bias)
+        elif kind is Int8Linear:
+            y = compiled_linear(x, mod.qweight, mod.bias, scale=mod.scale)
+        else:
+            y = None
+        if y is not None:
+            return y
+    return mod(x)
+
+
+def linear_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in a CPU decode step, through the compiled GEMV where it applies."""
+    y = compiled_linear(x, weight, bias) if x.shape[0] == 1 else None
+    return F.linear(x, weight, bias) if y is None else y

@@ -40,6 +40,10 @@ from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 __all__ = ["DeltaNet", "DeltaNetState", "GatedDeltaNet"]
 
 
+def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mod(x)
+
+
 @dataclasses.dataclass
 class DeltaNetState(LayerState):
     """``conv_state: (batch, 2 H K + H V, conv_size - 1)`` (model dtype) and
@@ -136,19 +140,22 @@ class DeltaNet(nn.Module):
                                   dtype=self._ssm_dtype(dtype)),
         )
 
-    def _beta_g(self, x: torch.Tensor):
+    def _beta_g(self, x: torch.Tensor, *, cpu_step: bool = False):
         cdt = self._ssm_dtype(x.dtype)
-        beta = torch.sigmoid(self.b_proj(x).to(cdt))
+        lin = _decode.linear if cpu_step else _call
+        beta = torch.sigmoid(lin(self.b_proj, x).to(cdt))
         g = None
         if self.gated:
-            g = -torch.exp(self.A_log.to(cdt)) * F.softplus(self.a_proj(x).to(cdt) + self.dt_bias.to(cdt))
+            g = -torch.exp(self.A_log.to(cdt)) * F.softplus(lin(self.a_proj, x).to(cdt) + self.dt_bias.to(cdt))
         return beta, g
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """o: (..., H, V) -> (..., d_model): per-head RMSNorm, output gate, o_proj."""
-        gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_output_gate else None
+    def _output(self, o: torch.Tensor, x: torch.Tensor, *, cpu_step: bool = False) -> torch.Tensor:
+        """o: (..., H, V) -> (..., d_model): per-head RMSNorm, output gate, o_proj (``cpu_step``:
+        the projections through :func:`ssmkit.layers._decode.linear`)."""
+        lin = _decode.linear if cpu_step else _call
+        gate = lin(self.g_proj, x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_output_gate else None
         o = self.o_norm(o, gate)
-        return self.o_proj(o.flatten(-2))
+        return lin(self.o_proj, o.flatten(-2))
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, return_state: bool = False,
                 cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None):
@@ -227,7 +234,8 @@ class DeltaNet(nn.Module):
         sdt = S.dtype
         ws = _decode.workspace(state, (b, dtype, sdt), lambda: _decode.conv_buffers(
             b, self.conv_dim, self.conv_size, dtype, x_t.device))
-        qkv = torch.cat([self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)], dim=-1)
+        lin = _decode.linear
+        qkv = torch.cat([lin(self.q_proj, x_t), lin(self.k_proj, x_t), lin(self.v_proj, x_t)], dim=-1)
         qkv = _decode.conv_step(ws, state.conv_state, qkv, _decode.conv_kernel(self.conv1d, dtype))
         qk = l2norm(qkv[:, :2 * kd].to(sdt).reshape(b, 2 * H, K))
         H = self.num_v_heads
@@ -236,14 +244,14 @@ class DeltaNet(nn.Module):
             q = q * self.scale
         k = per_value_head(qk[:, self.num_heads:], H).reshape(b * H, 1, K)
         v = qkv[:, 2 * kd:].to(sdt).reshape(b * H, 1, V)
-        beta, g = self._beta_g(x_t)
+        beta, g = self._beta_g(x_t, cpu_step=True)
         Sh = S.view(b * H, K, V)
         if g is not None:
             Sh.mul_(torch.exp(g.to(sdt)).view(b * H, 1, 1))
         u = (v - torch.bmm(k, Sh)).mul_(beta.to(sdt).view(b * H, 1, 1))  # β (v - hᵀk)
         Sh.baddbmm_(k.transpose(1, 2), u)  # h += k uᵀ
         o = torch.bmm(q, Sh).view(b, H, V)
-        return self._output(o.to(dtype), x_t)
+        return self._output(o.to(dtype), x_t, cpu_step=True)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "

@@ -323,15 +323,15 @@ class Mamba(nn.Module):
         ws = _decode.workspace(state, (b, dtype, sdt), lambda: {
             **_decode.conv_buffers(b, di, self.d_conv, dtype, x_t.device),
             "dA": torch.empty(b, di, N, dtype=sdt, device=x_t.device)})
-        xz = self.in_proj(x_t)
+        xz = _decode.linear(self.in_proj, x_t)
         xs = _decode.conv_step(ws, state.conv_state, xz[:, :di], _decode.conv_kernel(self.conv1d, dtype))
         if self.inner_norms:
             low, Bm, Cm = self._dbc(xs)
         else:
-            dbc = self.x_proj(xs)
+            dbc = _decode.linear(self.x_proj, xs)
             low, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
         fold = self.dt_proj.weight.dtype == sdt  # full precision: the Δ bias inside the GEMV
-        dt = F.linear(low, self.dt_proj.weight, self.dt_proj.bias if fold else None)
+        dt = _decode.linear_fn(low, self.dt_proj.weight, self.dt_proj.bias if fold else None)
         if not fold:
             dt = dt.to(sdt) + self.dt_proj.bias.to(sdt)  # half precision: the bias added in float32
         delta = F.softplus(dt)
@@ -347,7 +347,7 @@ class Mamba(nn.Module):
         y.addcmul_(xf, self.D.to(sdt))
         if self.use_gate:
             y.mul_(F.silu(xz[:, di:].to(sdt)))
-        return self.out_proj(y.to(dtype))
+        return _decode.linear(self.out_proj, y.to(dtype))
 
     # Bytes of scan states one training forward of this layer may keep for its backward on the
     # Triton path (None: ScanConfig.state_mem_limit); LanguageModel.set_scan_state_budget

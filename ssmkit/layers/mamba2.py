@@ -144,11 +144,12 @@ class Mamba2(nn.Module):
         self._mup: dict = {}
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """``in_proj(x)`` ([z, x, B, C, dt]) with the input and section multipliers."""
+    def _project(self, x: torch.Tensor, cpu_step: bool = False) -> torch.Tensor:
+        """``in_proj(x)`` ([z, x, B, C, dt]) with the input and section multipliers (``cpu_step``:
+        in a CPU decode step, through :func:`ssmkit.layers._decode.linear`)."""
         if self.in_multiplier != 1.0:
             x = x * self.in_multiplier
-        out = self.in_proj(x)
+        out = _decode.linear(self.in_proj, x) if cpu_step else self.in_proj(x)
         if self.in_proj_multipliers is None:
             return out
         key = (out.device, out.dtype)
@@ -341,7 +342,7 @@ class Mamba2(nn.Module):
         sdt = S.dtype
         ws = _decode.workspace(state, (b, dtype, sdt), lambda: _decode.conv_buffers(
             b, self.conv_dim, self.d_conv, dtype, x_t.device))
-        zxbcdt = self._project(x_t)
+        zxbcdt = self._project(x_t, cpu_step=True)
         xBC = _decode.conv_step(ws, state.conv_state, zxbcdt[:, di:di + self.conv_dim],
                                 _decode.conv_kernel(self.conv1d, dtype))
         delta = self._delta(zxbcdt[:, di + self.conv_dim:]).to(sdt)  # (b, h)
@@ -360,7 +361,7 @@ class Mamba2(nn.Module):
             y = self.norm(y.view(b, di).to(dtype), z)
         else:
             y = y.view(b, di).mul_(F.silu(z.to(sdt))).to(dtype)
-        return self.out_proj(y)
+        return _decode.linear(self.out_proj, y)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "

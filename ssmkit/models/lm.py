@@ -17,6 +17,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens
+from ssmkit.layers import _decode
+from ssmkit.layers._decode_mamba import mamba_block_step
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models import context_parallel as _cp
@@ -25,6 +27,7 @@ from ssmkit.models.checkpoint import load_pretrained, save_pretrained
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.quantize import check_quantize
 from ssmkit.models.quantize import quantize as _quantize
+from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.cross_entropy import linear_cross_entropy
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gemv import norm_linear_reference
@@ -333,13 +336,16 @@ class LanguageModel(nn.Module):
 
     def _step_cpu(self, input_ids: torch.Tensor, states) -> torch.Tensor:
         """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
-        one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations).
-        Same arithmetic as the carried form of the blocks."""
+        one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations);
+        with compiled CPU kernels on, each plain Mamba / Mamba-2 block of a batch-1 step runs in
+        compiled regions (:func:`ssmkit.layers._decode_mamba.mamba_block_step`) and the LM head is
+        the compiled GEMV. Same arithmetic as the carried form of the blocks."""
         h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
         emb = h.clone() if self.config.shared_cfg else None
         if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         lowp = self.dtype in (torch.float16, torch.bfloat16)
+        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # Mamba / Mamba-2 blocks: compiled regions
         onednn = torch._C._get_mkldnn_enabled()
         if lowp and onednn != CPU_DECODE_ONEDNN:
             torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)
@@ -348,11 +354,11 @@ class LanguageModel(nn.Module):
                 if blk.shared_use is not None:  # the shared block's output enters the mixer's input only
                     t = self.backbone.shared_for(blk).step(h, emb, blk.shared_use, st.shared)
                     h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h + t), st.layer)))
-                else:
+                elif not (fused and mamba_block_step(blk, h, st)):
                     h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h), st)))
                 if blk.mlp_kind != "none":
                     h.add_(blk._mlp(_norm(blk.norm2, h), None, dense=True)[0])
-            logits = self.lm_head(_norm(self.backbone.norm_f, h))
+            logits = _decode.linear(self.lm_head, _norm(self.backbone.norm_f, h))
             if self.config.logits_scaling != 1.0:
                 logits = logits / self.config.logits_scaling
         finally:

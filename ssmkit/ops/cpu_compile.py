@@ -12,6 +12,14 @@ several seconds per new shape (seconds more per thread count), so it is off by d
 
 Compiled kernels are cached per shape and torch thread count (Inductor specialises its OpenMP
 loops on the thread count); Inductor's own on-disk cache makes later processes start faster.
+
+Two ways in: :func:`compiled_kernel` (``torch.compile``, Dynamo guards checked on each call, ~15 us
+of overhead: for kernels that run long) and :func:`compiled_graph` (the function traced once and
+compiled by Inductor without Dynamo, ~2-3 us a call: for kernels of a few microseconds, such as the
+GEMVs of decoding, :mod:`ssmkit.ops.cpu_gemv`). Each function compiled through ``torch.compile``
+keeps at most ``torch._dynamo.config.recompile_limit`` (8) shapes and runs further shapes
+uncompiled (a ``(W.float() * x).sum(-1)`` GEMV then materialises a float copy of its weight), so
+code with many shapes takes :func:`compiled_graph`.
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["compiler_available", "cpu_compile_enabled", "compiled_kernel", "set_cpu_compile"]
+__all__ = ["compiler_available", "cpu_compile_enabled", "compiled_graph", "compiled_kernel", "set_cpu_compile"]
 
 _forced: bool | None = None
 _failed: set[str] = set()
 _kernels: dict[tuple, Callable] = {}
+_graphs: dict[tuple, Callable] = {}
 
 
 def set_cpu_compile(enabled: bool | None) -> None:
@@ -79,4 +88,47 @@ def compiled_kernel(name: str, fn: Callable, key: tuple) -> Callable | None:
                 return None
 
         _kernels[k] = kern
+    return kern
+
+
+def _report_failure(name: str, e: Exception) -> None:
+    _failed.add(name)
+    warnings.warn(f"ssmkit: compiling the CPU kernel {name!r} failed, using the eager form "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                  RuntimeWarning, stacklevel=4)
+
+
+def compiled_graph(name: str, fn: Callable, key: tuple, args: list[torch.Tensor]) -> Callable | None:
+    """``fn`` traced at ``args`` (``make_fx``: a graph of aten ops) and compiled by Inductor, for one
+    ``key`` at the current thread count; or None once compiling ``name`` has failed.
+
+    No guards run on a call: ``key`` must fix every input's shape, dtype and strides (the compiled
+    code asserts sizes and strides), and ``fn`` must be a pure function of its tensor arguments
+    returning a tuple of tensors; it may update its arguments in place. The returned callable takes the tensors positionally and returns
+    that tuple, or None if running it failed (reported once, as for :func:`compiled_kernel`).
+    """
+    if name in _failed:
+        return None
+    k = (name, key, torch.get_num_threads())
+    kern = _graphs.get(k)
+    if kern is None:
+        try:
+            from torch._inductor.compile_fx import compile_fx
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            with torch.no_grad():
+                # traced on fake tensors: tracing must not run fn's in-place updates on args
+                compiled = compile_fx(make_fx(fn, tracing_mode="fake")(*args), list(args))
+        except Exception as e:  # noqa: BLE001 - a compiler or Inductor failure of any kind
+            _report_failure(name, e)
+            return None
+
+        def kern(*a, _compiled=compiled):
+            try:
+                return _compiled(*a)
+            except Exception as e:  # noqa: BLE001
+                _report_failure(name, e)
+                return None
+
+        _graphs[k] = kern
     return kern
