@@ -348,3 +348,7 @@ def test_exp2_poly_accuracy():
     ref = torch.exp2(x.double())
     assert ((compiled_mod.exp2_poly(x).double() - ref) / ref).abs().max() < 3e-7
     assert compiled_mod.exp2_poly(torch.tensor([-200.0])).item() == 2.0**-126
+    x = x[x <= 0]  # the form for non-positive exponents (Δ A with Δ = softplus(...) >= 0, A <= 0)
+    got = compiled_mod.exp2_poly(x, nonpositive=True).double()
+    assert ((got - torch.exp2(x.double())) / torch.exp2(x.double())).abs().max() < 3e-7
+    assert compiled_mod.exp2_poly(torch.tensor([-200.0]), nonpositive=True).item() == 2.0**-126
