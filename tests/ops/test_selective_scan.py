@@ -311,6 +311,13 @@ def test_compiled_matches_reference(compiled_steps):
         one = {k: v[:, :1] if k in ("x", "dt", "z", "B", "C") else v for k, v in one.items()}
         ref1 = run({k: None if v is None else v.double() for k, v in one.items()}, "reference", grads=False)
         compare(ref1, run(one, "chunked", grads=False), 1e-5)
+        # x and z as column slices of one projection (as the Mamba layer passes them): read in place
+        xz = torch.cat([f32["x"], f32["z"]], -1)
+        dim = f32["x"].shape[-1]
+        y, h = selective_scan(xz[..., :dim], f32["dt"], f32["A"], f32["B"], f32["C"], D=f32["D"], z=xz[..., dim:],
+                              dt_bias=f32["dt_bias"], dt_softplus=True, initial_state=f32["initial_state"],
+                              return_final_state=True, cu_seqlens=cu)
+        compare(ref, (y, h, {}), 1e-5)
     assert "selective_scan" not in cpu_compile._failed  # the compiled kernel ran, no eager fallback
 
 

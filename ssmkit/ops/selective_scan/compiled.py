@@ -75,6 +75,7 @@ def _make_chunk(steps: int, softplus: bool):
 
 def scan_chunk_kernel(h, y_out, x, dt, z, B, C, A2, D, dt_bias, softplus: bool):
     """The compiled chunk for these shapes (``x.shape[1]`` steps), or None if compiling failed."""
-    key = (tuple(h.shape), tuple(x.shape), tuple(y_out.stride()), x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
+    strides = tuple(None if t is None else t.stride() for t in (y_out, x, dt, z, B, C))
+    key = (tuple(h.shape), tuple(x.shape), strides, x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
            D is None, dt_bias is None, softplus)
     return compiled_kernel("selective_scan", _make_chunk(x.shape[1], softplus), key)
