@@ -58,16 +58,15 @@ def cpu_compile_enabled(t: torch.Tensor) -> bool:
             and compiler_available())
 
 
-def compiled_kernel(name: str, fn: Callable, key: tuple, *, dynamic: bool = False) -> Callable | None:
+def compiled_kernel(name: str, fn: Callable, key: tuple) -> Callable | None:
     """``torch.compile(fn)`` for one shape ``key`` at the current thread count, or None once
-    compiling ``name`` has failed (the caller then runs its eager form). ``dynamic``: compile
-    with symbolic sizes (one kernel for every length; for kernels without unrolled loops)."""
+    compiling ``name`` has failed (the caller then runs its eager form)."""
     if name in _failed:
         return None
-    k = (name, key, dynamic, torch.get_num_threads())
+    k = (name, key, torch.get_num_threads())
     kern = _kernels.get(k)
     if kern is None:
-        compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True)
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True)
 
         def kern(*args, _compiled=compiled):
             try:

@@ -7,8 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.compat import causal_conv1d_update as compat_update
-from ssmkit.ops import causal_conv1d, causal_conv1d_step, causal_conv1d_update, cpu_compile
-from ssmkit.ops.cpu_compile import compiler_available, set_cpu_compile
+from ssmkit.ops import causal_conv1d, causal_conv1d_step, causal_conv1d_update
 from ssmkit.testing import assert_close
 
 
@@ -150,35 +149,3 @@ def test_chunked_no_grad_path_matches_reference(bsz, L, D, W, act, init, bias):
         cy, cf = causal_conv1d(x, w, b, activation=act, initial_state=s, return_final_state=True, backend="chunked")
     assert_close("y", ry, cy, 1e-12)
     assert_close("final", rf, cf, 1e-12)
-
-
-@pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler for torch.compile")
-def test_compiled_matches_reference():
-    """Inference through the compiled kernel (one kernel for every length): float32 against the
-    float64 reference, for x a strided slice (as the layers pass it), lengths 9 and 3, packed
-    sequences with initial states, and lengths below width - 1 (the eager form)."""
-    torch.manual_seed(0)
-    D, W, act = 6, 4, "silu"
-    w, b = torch.randn(D, W, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
-    cases = []
-    for L in (9, 3, 1):
-        xz = torch.randn(2, L, 2 * D, dtype=torch.float64)
-        cases.append((xz[..., :D], torch.randn(2, D, W - 1, dtype=torch.float64), None))
-    cases.append((torch.randn(1, 12, D, dtype=torch.float64), torch.randn(2, D, W - 1, dtype=torch.float64),
-                  torch.tensor([0, 7, 12])))
-    set_cpu_compile(True)
-    try:
-        with torch.inference_mode():
-            for x, s, cu in cases:
-                for init in (s, None if cu is None else s):
-                    ry, rf = causal_conv1d(x, w, b, activation=act, initial_state=init, return_final_state=True,
-                                           cu_seqlens=cu, backend="reference")
-                    f32 = [None if t is None else t.float() for t in (x, w, b, init)]
-                    cy, cf = causal_conv1d(f32[0], f32[1], f32[2], activation=act, initial_state=f32[3],
-                                           return_final_state=True, cu_seqlens=cu, backend="chunked")
-                    assert_close("y", ry, cy.double(), 1e-5)
-                    assert_close("final", rf, cf.double(), 1e-6)
-    finally:
-        set_cpu_compile(None)
-    assert "causal_conv1d" not in cpu_compile._failed
-    assert any(k[0] == "causal_conv1d" for k in cpu_compile._kernels)  # the kernel ran

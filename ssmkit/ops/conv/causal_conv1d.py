@@ -17,9 +17,8 @@ sequence starts from its own initial state (row ``i`` of ``initial_state``, shap
 ``(num_seqs, dim, W-1)``), never seeing its neighbour's tokens.
 
 Forms: ``reference`` (explicit sum over taps) and ``chunked`` (the same sum as fused in-place
-multiply-adds in the (batch, seqlen, dim) layout when no gradient is needed; with compiled CPU
-kernels on, float32 inference runs them as one compiled pass, :mod:`.compiled`), both
-differentiable through autograd and registered under the op name ``"causal_conv1d"``.
+multiply-adds in the (batch, seqlen, dim) layout when no gradient is needed), both differentiable
+through autograd and registered under the op name ``"causal_conv1d"``.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit._checks import check_cu_seqlens, check_same_device, check_tensor, read_values
-from ssmkit.ops.conv import compiled
-from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.dispatch import get, register
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_update"]
@@ -95,10 +92,6 @@ def _conv_segment_fast(x, weight, bias, activation, init):
     # elementwise loops vectorise (a column of the (dim, width) weight is strided: ~5x slower)
     w = weight.to(x.dtype).t().contiguous()
     if not torch.is_grad_enabled() and L >= W - 1:
-        if x.dtype == torch.float32 and cpu_compile_enabled(x):  # inference through a compiled kernel
-            out = _conv_segment_compiled(x, w, bias, activation, init)
-            if out is not None:
-                return out
         return _conv_segment_inplace(x, w, bias, activation, init)
     if init is None:
         xp = F.pad(x, (0, 0, W - 1, 0))  # (B, W-1+L, D)
@@ -134,20 +127,6 @@ def _conv_segment_inplace(x, w, bias, activation, init):
         y = F.silu(y, inplace=True)
     final = x[:, L - (W - 1) :].transpose(1, 2)
     return y, final
-
-
-def _conv_segment_compiled(x, w, bias, activation, init):
-    """:func:`_conv_segment_inplace` as one compiled pass (:mod:`.compiled`); None if the kernel
-    cannot be compiled."""
-    bsz, L, D = x.shape
-    W = w.shape[0]
-    kern = compiled.conv_kernel(x, w, bias, activation in ("silu", "swish"))
-    if init is None:
-        init = x.new_zeros(bsz, D, W - 1)
-    y = None if kern is None else kern(x, init, w, None if bias is None else bias.to(x.dtype))
-    if y is None:
-        return None
-    return y, x[:, L - (W - 1) :].transpose(1, 2)
 
 
 @register("causal_conv1d", "chunked")
