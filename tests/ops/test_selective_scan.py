@@ -311,6 +311,13 @@ def test_compiled_matches_reference(compiled_steps):
         one = {k: v[:, :1] if k in ("x", "dt", "z", "B", "C") else v for k, v in one.items()}
         ref1 = run({k: None if v is None else v.double() for k, v in one.items()}, "reference", grads=False)
         compare(ref1, run(one, "chunked", grads=False), 1e-5)
+        # x and z as column slices of one projection (as the Mamba layer passes them): read in place
+        xz = torch.cat([f32["x"], f32["z"]], -1)
+        dim = f32["x"].shape[-1]
+        y, h = selective_scan(xz[..., :dim], f32["dt"], f32["A"], f32["B"], f32["C"], D=f32["D"], z=xz[..., dim:],
+                              dt_bias=f32["dt_bias"], dt_softplus=True, initial_state=f32["initial_state"],
+                              return_final_state=True, cu_seqlens=cu)
+        compare(ref, (y, h, {}), 1e-5)
     assert "selective_scan" not in cpu_compile._failed  # the compiled kernel ran, no eager fallback
 
 
@@ -348,3 +355,7 @@ def test_exp2_poly_accuracy():
     ref = torch.exp2(x.double())
     assert ((compiled_mod.exp2_poly(x).double() - ref) / ref).abs().max() < 3e-7
     assert compiled_mod.exp2_poly(torch.tensor([-200.0])).item() == 2.0**-126
+    x = x[x <= 0]  # the form for non-positive exponents (Δ A with Δ = softplus(...) >= 0, A <= 0)
+    got = compiled_mod.exp2_poly(x, nonpositive=True).double()
+    assert ((got - torch.exp2(x.double())) / torch.exp2(x.double())).abs().max() < 3e-7
+    assert compiled_mod.exp2_poly(torch.tensor([-200.0]), nonpositive=True).item() == 2.0**-126

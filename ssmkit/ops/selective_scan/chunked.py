@@ -270,8 +270,9 @@ def _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu
     A2 = (A.float() * compiled.LOG2E).view(G, Dg, N)
     Dv = None if D is None else D.float().view(G, Dg)
     bias = None if dt_bias is None else dt_bias.float().view(G, Dg)
-    xs, dts = x.contiguous(), dt.contiguous()
-    zs = None if z is None else z.contiguous()
+    # Row-strided views (z, a slice of the layer's input projection) are read in place: the
+    # kernel is compiled for their strides.
+    xs, dts, zs = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, dt, z))
     y = torch.empty_like(x)
     finals = []
     T = compiled.STEPS

@@ -28,11 +28,12 @@ _EXP2_POLY = (1.0000000035399899, 0.6931469329451198, 0.24023025237085854, 0.055
 STEPS = 32
 
 
-def exp2_poly(x: torch.Tensor) -> torch.Tensor:
+def exp2_poly(x: torch.Tensor, *, nonpositive: bool = False) -> torch.Tensor:
     """2^x for float32 ``x``, exponents clamped to [-126, 127] (normal floats only): 2^floor(x)
     built in the exponent bits, times a polynomial for the fraction. Inductor compiles it to
-    about 12 vector instructions, 1.5x faster in the chunk kernel than its ``exp2`` (Sleef)."""
-    x = x.clamp(-126.0, 127.0)
+    about 12 vector instructions, 1.5x faster in the chunk kernel than its ``exp2`` (Sleef).
+    ``nonpositive``: the caller guarantees ``x <= 0`` (the upper clamp is left out)."""
+    x = x.clamp_min(-126.0) if nonpositive else x.clamp(-126.0, 127.0)
     xi = torch.floor(x)
     f = x - xi
     p = torch.full_like(f, _EXP2_POLY[-1])
@@ -58,7 +59,7 @@ def _make_chunk(steps: int, softplus: bool):
         Bf, Cf = B.float(), C.float()
         ys = []
         for t in range(steps):
-            dA = exp2_poly(delta[:, t, :, :, None] * A2)
+            dA = exp2_poly(delta[:, t, :, :, None] * A2, nonpositive=softplus)  # Δ >= 0, A <= 0
             h = dA * h + dx[:, t, :, :, None] * Bf[:, t, :, None, :]
             ys.append((h * Cf[:, t, :, None, :]).sum(-1))
         y = torch.stack(ys, 1)
@@ -74,6 +75,7 @@ def _make_chunk(steps: int, softplus: bool):
 
 def scan_chunk_kernel(h, y_out, x, dt, z, B, C, A2, D, dt_bias, softplus: bool):
     """The compiled chunk for these shapes (``x.shape[1]`` steps), or None if compiling failed."""
-    key = (tuple(h.shape), tuple(x.shape), tuple(y_out.stride()), x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
+    strides = tuple(None if t is None else t.stride() for t in (y_out, x, dt, z, B, C))
+    key = (tuple(h.shape), tuple(x.shape), strides, x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
            D is None, dt_bias is None, softplus)
     return compiled_kernel("selective_scan", _make_chunk(x.shape[1], softplus), key)
