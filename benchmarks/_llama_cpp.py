@@ -19,6 +19,7 @@ Writes docs/benchmarks/cpu_llama_cpp.json and docs/benchmarks/cpu_llama_cpp.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import os
@@ -78,15 +79,18 @@ def llama_cpp_decode(gguf_path, prompt_ids, n_new: int, threads: int, *, vocab: 
     return {"tokens_per_s": (n_new - 1) / (t_last - t_first), "tokens": tokens, "prompt_s": t_first - t0}
 
 
-def ssmkit_decode(model, prompt_ids, n_new: int, threads: int) -> dict:
+def ssmkit_decode(model, prompt_ids, n_new: int, threads: int, compiled: bool = False) -> dict:
     """ssmkit.generate's greedy decoding with ``threads`` torch threads (restored after), timed like
-    :func:`llama_cpp_decode`."""
+    :func:`llama_cpp_decode`; ``compiled``: with the compiled CPU decode kernels
+    (:func:`ssmkit.ops.cpu_compile.set_cpu_compile`)."""
     import torch
 
     import ssmkit
+    from ssmkit.ops.cpu_compile import set_cpu_compile
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    set_cpu_compile(compiled)
     stamps: list[float] = []
     try:
         t0 = time.perf_counter()
@@ -94,6 +98,7 @@ def ssmkit_decode(model, prompt_ids, n_new: int, threads: int) -> dict:
                               streamer=lambda tok: stamps.append(time.perf_counter()))
     finally:
         torch.set_num_threads(before)
+        set_cpu_compile(None)
     return {"tokens_per_s": (n_new - 1) / (stamps[-1] - stamps[0]),
             "tokens": out[0, len(prompt_ids):].tolist(), "prompt_s": stamps[0] - t0}
 
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="varied: a unit-scale embedding and random final-norm gains, so the logits are far apart "
                          "and the greedy tokens vary (their agreement then means something); default: the "
                          "model's own initialisation, whose tied head repeats the last token. Speed is the same")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also ssmkit with its compiled CPU decode kernels, in each GGUF type's weight format")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "cpu_llama_cpp"))
     args = ap.parse_args(argv)
 
@@ -144,16 +151,26 @@ def main(argv: list[str] | None = None) -> int:
             files[dt] = save_gguf(model, Path(tmp) / f"{args.preset}-{dt}.gguf", dtype=dt)
             print(f"exported {files[dt].name}: {files[dt].stat().st_size / 2**20:.0f} MiB")
         runs: dict[str, list[dict]] = {}
-        names = ["ssmkit f32"] + [f"llama.cpp {dt}" for dt in dtypes]
-        for th in threads:  # warm-up: thread pools, page cache, allocator
-            ssmkit_decode(model, prompt, 4, th)
+        # ssmkit in each GGUF type's weight format: eager float32, and compiled (SSMKIT_CPU_COMPILE)
+        # float32, bfloat16 and int8 weights (per-channel scales, as q8_0 has per block)
+        ours = {"ssmkit f32": (model, False)}
+        if args.compiled:
+            fmt = {"f32": "f32", "bf16": "bf16", "q8_0": "int8"}
+            for dt in dtypes:
+                m = copy.deepcopy(model)
+                m = m.to(torch.bfloat16) if dt == "bf16" else ssmkit.models.quantize(m, "int8") if dt == "q8_0" else m
+                ours[f"ssmkit {fmt[dt]} compiled"] = (m, True)
+        names = list(ours) + [f"llama.cpp {dt}" for dt in dtypes]
+        for th in threads:  # warm-up: thread pools, page cache, allocator, compiled kernels
+            for m, comp in ours.values():
+                ssmkit_decode(m, prompt, 4, th, comp)
             for dt in dtypes:
                 llama_cpp_decode(files[dt], prompt, 4, th, vocab=config.vocab_size)
         for rep in range(args.repeat):
             for th in threads:
                 for name in names:
-                    if name == "ssmkit f32":
-                        r = ssmkit_decode(model, prompt, args.new, th)
+                    if name in ours:
+                        r = ssmkit_decode(*ours[name][:1], prompt, args.new, th, ours[name][1])
                     else:
                         r = llama_cpp_decode(files[name.split()[1]], prompt, args.new, th, vocab=config.vocab_size)
                     runs.setdefault(f"{name}, {th} thread{'s' * (th > 1)}", []).append(r)
