@@ -28,9 +28,10 @@ from ssmkit._checks import check_positive_int
 from ssmkit.layers.norm import RMSNorm, RMSNormGated
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs
+from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.norm import rms_norm
 from ssmkit.ops.mamba3 import Mamba3Carry, mamba3
-from ssmkit.ops.mamba3.step import mamba3_step_one
+from ssmkit.ops.mamba3.step import mamba3_step_one, mamba3_step_reference
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
 
 __all__ = ["Mamba3", "Mamba3State", "heavy_tail"]
@@ -218,8 +219,16 @@ class Mamba3(nn.Module):
         """One token ``x_t: (batch, d_model) -> (batch, d_model)``; updates ``state`` in place."""
         z, xs, B, C, delta, dA, trap, angles = self._split(self.in_proj(x_t))
         kw = self._op_kwargs()
-        y = mamba3_step_one(state.carry(), xs, delta, dA, B, C, trap, angles, self.D,
-                            None if self.is_outproj_norm else z, **kw)
+        zk = None if self.is_outproj_norm else z
+        # the dispatched decode form (unchecked, shapes fixed by the layer): the reference step, or
+        # the Triton kernel when asked for (backend "triton" forced); both update the state in place
+        # without reading values on the host, so the step can be captured in a CUDA graph
+        form = get("mamba3_step", "auto", xs)
+        if form is mamba3_step_reference:
+            y = mamba3_step_one(state.carry(), xs, delta, dA, B, C, trap, angles, self.D, zk, **kw)
+        else:
+            t1 = (t.unsqueeze(1) for t in (xs, delta, dA, B, C, trap, angles))
+            y = form(state.carry(), *t1, self.D, None if zk is None else zk.unsqueeze(1), **kw).squeeze(1)
         return self.out_proj(self._finish(y.to(x_t.dtype), z))
 
     def extra_repr(self) -> str:

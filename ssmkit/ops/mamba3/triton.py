@@ -138,7 +138,9 @@ def _kernel():
 
 @functools.lru_cache(maxsize=32)
 def _pairs(N: int, S: int, layout: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pair[n]`` (n's partner; n itself when not rotated) and ``angle_of[n]`` (−1: not rotated)."""
+    """``pair[n]`` (n's partner; n itself when not rotated) and ``angle_of[n]`` (−1: not rotated).
+    Built (a host-to-device copy) at the first call of a geometry, which a CUDA-graph capture's
+    warm-up makes: the captured step reuses them."""
     pair = list(range(N))
     angle_of = [-1] * N
     for j in range(S):
@@ -178,7 +180,9 @@ def mamba3_step_triton(state, x, dt, dA, B, C, trap, angles, D=None, z=None, B_b
         T, H, G, P, N, S, R=R, HAS_BB=bb is not None, HAS_CB=cb is not None, HAS_MX=mx is not None,
         BLOCK_P=_pow2(P), BLOCK_N=_pow2(N), BLOCK_S=_pow2(S),
     )
-    state.angle.copy_(wrap_angle(state.angle))  # (on the host: exact 2π in float64 too)
+    # θ mod 2π after the kernel, as PyTorch ops on the device (exact 2π in float64 too, which a
+    # Triton literal, float32, is not): no host read, so the step stays capturable in a CUDA graph
+    state.angle.copy_(wrap_angle(state.angle))
     v = up_project(xs, mx)
     return epilogue(y, v, x, D, z, mz, mo, siso, sdt).to(x.dtype)
 
