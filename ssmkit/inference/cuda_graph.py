@@ -8,9 +8,9 @@ synchronisation, so the step can be recorded once and replayed per token::
     dec = CUDAGraphDecoder(model, cache)      # captures on first use
     logits = dec(token)                        # copy token in, replay, advance cache.seqlen_offset
 
-Works for Mamba, Mamba-2, DeltaNet and Gated DeltaNet models and their hybrids with attention,
-with the steps' default forms and with Triton forced (``SSMKIT_BACKEND=triton``: the fused
-delta-rule decode kernel). For attention layers the graph uses a decode attention on SDPA over the
+Works for Mamba, Mamba-2, Mamba-3 (SISO and MIMO), DeltaNet and Gated DeltaNet models and their
+hybrids with attention, with the steps' default forms and with Triton forced
+(``SSMKIT_BACKEND=triton``: the fused delta-rule and Mamba-3 decode kernels). For attention layers the graph uses a decode attention on SDPA over the
 static KV cache (invalid slots masked), installed per layer instance only while the decoder lives
 (see :func:`sdpa_decode_attention`).
 
