@@ -1,6 +1,6 @@
 """CPU decoding with the compiled kernels on (``SSMKIT_CPU_COMPILE=1``): the decode steps' linear
-layers through the compiled GEMV (ssmkit.layers._decode.linear), Mamba and Mamba-2 blocks in
-compiled regions against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
+layers through the compiled GEMV (ssmkit.layers._decode.linear), Mamba, Mamba-2 and (Gated)
+DeltaNet blocks in compiled regions against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
 DeltaNet language models with compiled kernels on against off."""
 
 import pytest
