@@ -127,7 +127,8 @@ def _plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
     kerns = [_kernel(*p) for p in plan]
     if any(k is None for k in kerns):
         return None
-    return ((torch.get_num_threads(), h.shape, h.dtype), tensors, kerns, [p[1] for p in plan],
+    return ((torch.get_num_threads(), h.shape, h.dtype), (*tensors, state.conv_state, state.ssm_state),
+            kerns, [p[1] for p in plan],
             (0, 1, len(outs), 1), (0, None, None, 2))
 
 
@@ -135,14 +136,15 @@ def delta_block_step(blk: nn.Module, h: torch.Tensor, state) -> bool:
     """``h (1, d_model)`` += DeltaNet / Gated DeltaNet block ``blk``'s decode step in four compiled
     regions (with compiled CPU kernels on). Returns False (nothing done) where it does not apply: not
     a plain block (no MLP, no shared block, RMSNorm, output gate on), batch > 1, autograd, or
-    compiling failed. The regions are kept with the state (``_decode_plan``) while the thread count
-    and the block's tensors stay the same."""
+    compiling failed. The regions are kept with the state (``_decode_plan``) while the thread count,
+    the block's tensors and the state's tensors stay the same."""
     if h.shape[0] != 1 or not cpu_compile_enabled(h) or not isinstance(blk.mixer, DeltaNet):
         return False
     tensors = _block_tensors(blk)
     plan = state.__dict__.get("_decode_plan")
-    if (plan is None or plan[0] != (torch.get_num_threads(), h.shape, h.dtype) or tensors is None
-            or len(plan[1]) != len(tensors) or any(a is not b for a, b in zip(plan[1], tensors))):
+    key = None if tensors is None else (*tensors, state.conv_state, state.ssm_state)
+    if (plan is None or plan[0] != (torch.get_num_threads(), h.shape, h.dtype) or key is None
+            or len(plan[1]) != len(key) or any(a is not b for a, b in zip(plan[1], key))):
         if tensors is None or not use_cpu_step(h, blk.mixer.conv1d.weight):
             return False
         plan = _plan(blk, h, state, tensors)

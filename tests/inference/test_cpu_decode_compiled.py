@@ -145,10 +145,13 @@ def test_delta_block_step_matches_eager(compiled, gated, hv):
         h2 = h.clone()
         for _ in range(2):  # the second call reuses the regions kept with the state
             assert delta_block_step(blk, h2, st2)
+        plan = st2.__dict__["_decode_plan"]
+        st2.ssm_state = st2.ssm_state.clone()  # a replaced state tensor: the regions are rebuilt
+        assert delta_block_step(blk, h2, st2) and st2.__dict__["_decode_plan"] is not plan
         assert not delta_block_step(blk, h.expand(2, 64).clone(), st)  # batch 2: the eager step
         set_cpu_compile(False)
         assert not delta_block_step(blk, h, st)
-        for _ in range(2):
+        for _ in range(3):
             h.add_(blk.mixer.step(torch.nn.functional.rms_norm(h, (64,), blk.norm.weight, blk.norm.eps), st))
     for a, b in ((h2, h), (st2.conv_state, st.conv_state), (st2.ssm_state, st.ssm_state)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
