@@ -18,6 +18,7 @@ from torch import nn
 
 from ssmkit._checks import check_cu_seqlens
 from ssmkit.layers import _decode
+from ssmkit.layers._decode_delta import delta_block_step
 from ssmkit.layers._decode_mamba import mamba_block_step
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
@@ -337,15 +338,16 @@ class LanguageModel(nn.Module):
     def _step_cpu(self, input_ids: torch.Tensor, states) -> torch.Tensor:
         """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
         one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations);
-        with compiled CPU kernels on, each plain Mamba / Mamba-2 block of a batch-1 step runs in
-        compiled regions (:func:`ssmkit.layers._decode_mamba.mamba_block_step`) and the LM head is
+        with compiled CPU kernels on, each plain Mamba / Mamba-2 / (Gated) DeltaNet block of a batch-1
+        step runs in compiled regions (:func:`ssmkit.layers._decode_mamba.mamba_block_step`,
+        :func:`ssmkit.layers._decode_delta.delta_block_step`) and the LM head is
         the compiled GEMV. Same arithmetic as the carried form of the blocks."""
         h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
         emb = h.clone() if self.config.shared_cfg else None
         if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         lowp = self.dtype in (torch.float16, torch.bfloat16)
-        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # Mamba / Mamba-2 blocks: compiled regions
+        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # Mamba / Mamba-2 / DeltaNet blocks: compiled regions
         onednn = torch._C._get_mkldnn_enabled()
         if lowp and onednn != CPU_DECODE_ONEDNN:
             torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)
@@ -354,7 +356,7 @@ class LanguageModel(nn.Module):
                 if blk.shared_use is not None:  # the shared block's output enters the mixer's input only
                     t = self.backbone.shared_for(blk).step(h, emb, blk.shared_use, st.shared)
                     h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h + t), st.layer)))
-                elif not (fused and mamba_block_step(blk, h, st)):
+                elif not (fused and (mamba_block_step(blk, h, st) or delta_block_step(blk, h, st))):
                     h.add_(blk._scale(blk.mixer.step(_norm(blk.norm, h), st)))
                 if blk.mlp_kind != "none":
                     h.add_(blk._mlp(_norm(blk.norm2, h), None, dense=True)[0])

@@ -1,6 +1,6 @@
 """CPU decoding with the compiled kernels on (``SSMKIT_CPU_COMPILE=1``): the decode steps' linear
-layers through the compiled GEMV (ssmkit.layers._decode.linear), Mamba and Mamba-2 blocks in
-compiled regions against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
+layers through the compiled GEMV (ssmkit.layers._decode.linear), Mamba, Mamba-2 and (Gated)
+DeltaNet blocks in compiled regions against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
 DeltaNet language models with compiled kernels on against off."""
 
 import pytest
@@ -121,3 +121,41 @@ def test_mamba_block_step_matches_eager(compiled, pattern):
         h.add_(blk.mixer.step(torch.nn.functional.rms_norm(h, (64,), blk.norm.weight, blk.norm.eps), st))
     for a, b in ((h2, h), (st2.conv_state, st.conv_state), (st2.ssm_state, st.ssm_state)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated, hv", [(True, 2), (False, 4)])
+def test_delta_block_step_matches_eager(compiled, gated, hv):
+    """One Gated DeltaNet / DeltaNet block (the latter with two value heads per key head) in compiled
+    regions (_decode_delta.delta_block_step) against the eager block step: the residual stream and
+    both states, float32."""
+    import copy
+
+    from ssmkit.layers._decode_delta import delta_block_step
+
+    torch.manual_seed(0)
+    cfg = {"num_heads": 2, "head_dim": 16, "num_v_heads": hv}
+    model = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=64, n_layer=1, vocab_size=257,
+                                                    layer_pattern="G" if gated else "D", deltanet_cfg=cfg)).eval()
+    blk = model.backbone.layers[0]
+    with torch.inference_mode():
+        cache = allocate_cache(model, 1, 16)
+        prefill(model, torch.randint(0, 257, (1, 5), generator=torch.Generator().manual_seed(2)), cache)
+        st, st2 = cache.states[0], copy.deepcopy(cache.states[0])
+        h = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+        h2 = h.clone()
+        for _ in range(2):  # the second call reuses the regions kept with the state
+            assert delta_block_step(blk, h2, st2)
+        plan = st2.__dict__["_decode_plan"]
+        st2.ssm_state = st2.ssm_state.clone()  # a replaced state tensor: the regions are rebuilt
+        assert delta_block_step(blk, h2, st2) and st2.__dict__["_decode_plan"] is not plan
+        assert not delta_block_step(blk, h.expand(2, 64).clone(), st)  # batch 2: the eager step
+        set_cpu_compile(False)
+        assert not delta_block_step(blk, h, st)
+        for _ in range(3):
+            h.add_(blk.mixer.step(torch.nn.functional.rms_norm(h, (64,), blk.norm.weight, blk.norm.eps), st))
+    for a, b in ((h2, h), (st2.conv_state, st.conv_state), (st2.ssm_state, st.ssm_state)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decoding_gated_deltanet_compiled_equals_eager(compiled):
+    _check_greedy("G", "float32")
