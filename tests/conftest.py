@@ -151,3 +151,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for key, t in sorted(_DIR_TIMES.items(), key=lambda kv: -kv[1]):
         tr.write_line(f"{t:8.1f} s  {key}")
     tr.write_line(f"{sum(_DIR_TIMES.values()):8.1f} s  total")
+
+
+@pytest.fixture
+def cpu_compiled():
+    """The compiled CPU kernels on (``ssmkit.ops.cpu_compile``), one torch thread (compiled code is
+    specialised on the thread count); both restored after the test."""
+    from ssmkit.ops.cpu_compile import set_cpu_compile
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    set_cpu_compile(True)
+    yield
+    set_cpu_compile(None)
+    torch.set_num_threads(n)

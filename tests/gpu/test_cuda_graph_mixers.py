@@ -8,14 +8,12 @@ delta-rule and Mamba-3 decode kernels).
     pytest -q -m gpu tests/gpu/test_cuda_graph_mixers.py
 """
 
-import contextlib
-
 import pytest
 import torch
 
 from ssmkit import LanguageModel, ModelConfig
 from ssmkit.inference import allocate_cache, decode_one_token, prefill
-from ssmkit.inference.cuda_graph import CUDAGraphDecoder, clear_graphs, generate_cuda_graph
+from ssmkit.inference.cuda_graph import CUDAGraphDecoder, generate_cuda_graph
 from ssmkit.inference.generate import generate
 from ssmkit.ops.dispatch import force_backend
 
@@ -39,23 +37,13 @@ def build(pattern, dtype=torch.float32):
     return LanguageModel(cfg).to(device="cuda", dtype=dtype).eval()
 
 
-def _backend(name):
-    return force_backend(name) if name else contextlib.nullcontext()
-
-
-@pytest.fixture(autouse=True)
-def _release_graphs():
-    yield
-    clear_graphs()
-
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=["auto", "triton"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_captured_step_gives_the_eager_logits(pattern, backend):
     m = build(pattern)
     vocab = m.config.vocab_size
     ids = torch.randint(0, vocab, (3, 21), device="cuda")
-    with _backend(backend), torch.inference_mode():
+    with force_backend(backend), torch.inference_mode():
         cache = allocate_cache(m, 3, 40)
         prefill(m, ids, cache)
         eager_cache = cache.clone()
@@ -80,7 +68,7 @@ def test_captured_step_gives_the_eager_logits(pattern, backend):
 def test_graph_generation_gives_the_eager_tokens(pattern, backend):
     m = build(pattern)
     ids = torch.randint(0, m.config.vocab_size, (2, 37), device="cuda")
-    with _backend(backend):
+    with force_backend(backend):
         ref = generate(m, ids, max_new_tokens=16)
         assert torch.equal(generate_cuda_graph(m, ids, max_new_tokens=16), ref)
         assert torch.equal(generate_cuda_graph(m, ids, max_new_tokens=16), ref)  # the kept graph, replayed

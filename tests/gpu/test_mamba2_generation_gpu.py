@@ -7,13 +7,11 @@ form of the step); the device step of one layer against the forward in float32 a
     pytest -q -m gpu tests/gpu/test_mamba2_generation_gpu.py
 """
 
-import contextlib
-
 import pytest
 import torch
 
 from ssmkit import LanguageModel, ModelConfig
-from ssmkit.inference.cuda_graph import _DECODERS, clear_graphs, generate_cuda_graph
+from ssmkit.inference.cuda_graph import _DECODERS, generate_cuda_graph
 from ssmkit.inference.generate import generate
 from ssmkit.layers.mamba2 import Mamba2
 from ssmkit.ops.dispatch import force_backend
@@ -30,23 +28,13 @@ def build(pattern, dtype=torch.float32):
     return LanguageModel(cfg).to(device="cuda", dtype=dtype).eval()
 
 
-def _backend(name):
-    return force_backend(name) if name else contextlib.nullcontext()
-
-
-@pytest.fixture(autouse=True)
-def _release_graphs():
-    yield
-    clear_graphs()
-
-
 @pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("pattern", ["2222", "22A2"])
 def test_captured_prefill_and_graph_decode_give_the_eager_tokens(pattern, batch, backend):
     m = build(pattern)
     ids = torch.randint(0, 1000, (batch, 45), device="cuda")  # not a multiple of the chunk
-    with _backend(backend):
+    with force_backend(backend):
         ref = generate(m, ids, max_new_tokens=12)
         first = generate_cuda_graph(m, ids, max_new_tokens=12)  # eager prefill, then its capture
         again = generate_cuda_graph(m, ids, max_new_tokens=12)  # replays the captured prefill
@@ -65,7 +53,7 @@ def test_device_step_equals_forward(batch):
         full, st_full = m(x, return_state=True)
         for backend in (None, "triton"):
             _, st = m(x[:, :33], return_state=True)
-            with _backend(backend):
+            with force_backend(backend):
                 y = torch.stack([m.step(x[:, t], st) for t in range(33, 40)], 1)
             # float32 both ways (chunked forward, recurrent step; in_proj as GEMM and GEMV)
             assert rel_err(full[:, 33:].double(), y.double()) <= 2e-5, backend

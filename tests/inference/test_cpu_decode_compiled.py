@@ -17,17 +17,7 @@ from ssmkit.ops.cpu_compile import compiler_available, set_cpu_compile
 pytestmark = pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler for Inductor")
 
 
-@pytest.fixture
-def compiled():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    set_cpu_compile(True)
-    yield
-    set_cpu_compile(None)
-    torch.set_num_threads(n)
-
-
-def test_decode_linear_runs_modules(compiled):
+def test_decode_linear_runs_modules(cpu_compiled):
     """_decode.linear: an Int8Linear through the GEMV at batch 1 (nn.Linear: the greedy test), the
     module itself at batch > 1 and for other modules."""
     torch.manual_seed(0)
@@ -86,19 +76,19 @@ def _check_greedy(pattern, dtype):
         assert toks1 == toks0
 
 
-def test_greedy_decoding_compiled_equals_eager(compiled):
+def test_greedy_decoding_compiled_equals_eager(cpu_compiled):
     _check_greedy("M", "float32")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["M", "2", "G"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_greedy_decoding_compiled_equals_eager_all(compiled, pattern, dtype):
+def test_greedy_decoding_compiled_equals_eager_all(cpu_compiled, pattern, dtype):
     _check_greedy(pattern, dtype)
 
 
 @pytest.mark.parametrize("pattern", ["M", "2"])
-def test_mamba_block_step_matches_eager(compiled, pattern):
+def test_mamba_block_step_matches_eager(cpu_compiled, pattern):
     """One Mamba / Mamba-2 (two groups) block in compiled regions (_decode_mamba.mamba_block_step)
     against the eager block step: the residual stream and both states, float32."""
     import copy
@@ -124,7 +114,7 @@ def test_mamba_block_step_matches_eager(compiled, pattern):
 
 
 @pytest.mark.parametrize("gated, hv", [(True, 2), (False, 4)])
-def test_delta_block_step_matches_eager(compiled, gated, hv):
+def test_delta_block_step_matches_eager(cpu_compiled, gated, hv):
     """One Gated DeltaNet / DeltaNet block (the latter with two value heads per key head) in compiled
     regions (_decode_delta.delta_block_step) against the eager block step: the residual stream and
     both states, float32."""
@@ -157,5 +147,5 @@ def test_delta_block_step_matches_eager(compiled, gated, hv):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_decoding_gated_deltanet_compiled_equals_eager(compiled):
+def test_greedy_decoding_gated_deltanet_compiled_equals_eager(cpu_compiled):
     _check_greedy("G", "float32")

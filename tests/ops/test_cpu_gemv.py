@@ -15,16 +15,6 @@ from ssmkit.testing import matmul_error_bound
 pytestmark = pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler for Inductor")
 
 
-@pytest.fixture
-def compiled():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    set_cpu_compile(True)
-    yield
-    set_cpu_compile(None)
-    torch.set_num_threads(n)
-
-
 def _weights(dtype, n, k, gen):
     """(weight, scale or None, the float64 weight it stands for)."""
     w = torch.randn(n, k, generator=gen)
@@ -41,7 +31,7 @@ _SLOW = [(torch.float32, False), (torch.bfloat16, True), (torch.int8, False)]
 
 
 @pytest.mark.parametrize("wdtype,bias", _CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in _SLOW])
-def test_compiled_linear_matches_reference(compiled, wdtype, bias):
+def test_compiled_linear_matches_reference(cpu_compiled, wdtype, bias):
     gen = torch.Generator().manual_seed(0)
     xdtype = torch.bfloat16 if wdtype == torch.bfloat16 else torch.float32
     for n, k in [(21, 40)]:  # K: whole vectors and a tail
@@ -59,7 +49,7 @@ def test_compiled_linear_matches_reference(compiled, wdtype, bias):
         assert ((y.double() - exact).abs() <= tol).all(), (y.double() - exact).abs().max()
 
 
-def test_compiled_linear_does_not_apply(compiled):
+def test_compiled_linear_does_not_apply(cpu_compiled):
     w, x = torch.randn(8, 16), torch.randn(2, 16)
     assert cpu_gemv.compiled_linear(x, w) is None  # batch 2: the eager form
     assert cpu_gemv.compiled_linear(x[:1], w.t().contiguous().t()) is None  # not a contiguous (out, in)
@@ -69,7 +59,7 @@ def test_compiled_linear_does_not_apply(compiled):
     assert cpu_gemv.compiled_linear(x[:1], w) is None
 
 
-def test_compile_failure_falls_back(compiled, monkeypatch):
+def test_compile_failure_falls_back(cpu_compiled, monkeypatch):
     import torch._inductor.compile_fx as cfx
 
     def broken(*args, **kwargs):
