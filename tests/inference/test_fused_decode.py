@@ -1,6 +1,7 @@
 """The CUDA decode path (fused add+RMSNorm, Triton conv update, state update with dt_proj inside)
 run on CPU under the Triton interpreter: same logits and states as the PyTorch step, and its
-launch count per layer; ``logits_to_keep`` and the prefill that uses it."""
+launch count per layer (Mamba, a hybrid with attention, Mamba-2); ``logits_to_keep`` and the prefill
+that uses it."""
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from ssmkit.testing import assert_close, matmul_error_bound
 MAMBA = dict(d_model=32, n_layer=3, vocab_size=100, layer_pattern="MMM", ssm_cfg={"d_state": 8})
 HYBRID = dict(d_model=32, n_layer=2, vocab_size=100, layer_pattern="MA", attn_cfg={"n_heads": 2},
               mlp="swiglu", d_intermediate=48)
+MAMBA2 = dict(d_model=32, n_layer=2, vocab_size=100, layer_pattern="22", residual_in_fp32=True,
+              mamba2_cfg={"d_state": 8, "headdim": 8, "ngroups": 2})
 
 
 def _model(cfg, **kw):
@@ -22,7 +25,7 @@ def _model(cfg, **kw):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("cfg", [MAMBA, HYBRID], ids=["mamba", "hybrid"])
+@pytest.mark.parametrize("cfg", [MAMBA, HYBRID, MAMBA2], ids=["mamba", "hybrid", "mamba2"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_triton_step_matches_pytorch_step(cfg, batch):
     m = _model(cfg)
