@@ -28,6 +28,7 @@ from ssmkit.layers.quantized import Int8Linear
 from ssmkit.ops.conv.causal_conv1d import conv_update_unchecked
 from ssmkit.ops.cpu_gemv import compiled_linear
 from ssmkit.ops.dispatch import get
+from ssmkit.ops.fused.gemv import norm_linear_reference
 
 
 def use_cpu_step(x: torch.Tensor, param: torch.Tensor) -> bool:
@@ -106,3 +107,14 @@ def linear_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     """``F.linear(x, weight, bias)`` in a CPU decode step, through the compiled GEMV where it applies."""
     y = compiled_linear(x, weight, bias) if x.shape[0] == 1 else None
     return F.linear(x, weight, bias) if y is None else y
+
+
+def fused_step_applies(x_t: torch.Tensor, max_batch: int, *linears: nn.Module) -> bool:
+    """What the mixers' fused device steps (``step_norm``: GEMVs with the block's add + RMSNorm
+    in their prologue) need of ``x_t (batch, d_model)`` and of their projections ``linears`` (the
+    input projection first): at most ``max_batch`` rows, plain ``nn.Linear`` layers without bias,
+    the Triton GEMV (CUDA), and no autograd."""
+    return (x_t.dim() == 2 and 0 < x_t.shape[0] <= max_batch
+            and all(isinstance(m, nn.Linear) and m.bias is None for m in linears)
+            and get("norm_linear", "auto", x_t) is not norm_linear_reference
+            and not (torch.is_grad_enabled() and linears[0].weight.requires_grad))

@@ -41,7 +41,6 @@ from ssmkit.ops import custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
-from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.selective_scan import selective_scan  # noqa: F401  (importing registers the forms)
 from ssmkit.ops.selective_scan.triton import selective_scan_triton
 from ssmkit.theory.init import inverse_softplus, log_uniform_dt
@@ -361,12 +360,9 @@ class Mamba(nn.Module):
     def can_step_norm(self, x_t: torch.Tensor) -> bool:
         """Whether :meth:`step_norm` applies to ``x_t (batch, d_model)``: Triton forms (CUDA),
         small batch, Mamba's usual layout (gate, no projection biases), no autograd."""
-        return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH and self.use_gate
-                and self.inner_name == "s6" and not self.inner_norms
-                and isinstance(self.in_proj, nn.Linear) and isinstance(self.x_proj, nn.Linear)
-                and isinstance(self.out_proj, nn.Linear) and self.in_proj.bias is None and self.out_proj.bias is None and self.x_proj.bias is None
-                and get("norm_linear", "auto", x_t) is not norm_linear_reference
-                and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
+        return (self.use_gate and self.inner_name == "s6" and not self.inner_norms
+                and _decode.fused_step_applies(x_t, self.FUSED_STEP_MAX_BATCH, self.in_proj, self.x_proj,
+                                               self.out_proj))
 
     def step_norm(self, out: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                   eps: float, residual_dtype: torch.dtype | None, state: MambaState

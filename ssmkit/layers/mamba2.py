@@ -35,7 +35,6 @@ from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gated_norm import gated_rms_norm
-from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.ssd import ssd
 from ssmkit.ops.ssd.step import ssd_step_one, ssd_step_reference
 from ssmkit.ops.ssd.triton import ssd_triton
@@ -305,13 +304,9 @@ class Mamba2(nn.Module):
         the GEMV and of ``ssd_step`` (the fused step goes with the Triton state update: while that
         form is opt-in, so is this path), small batch, no projection biases or input scalings, no
         autograd."""
-        return (x_t.dim() == 2 and 0 < x_t.shape[0] <= self.FUSED_STEP_MAX_BATCH
-                and isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, nn.Linear)
-                and self.in_proj.bias is None and self.out_proj.bias is None
-                and self.in_multiplier == 1.0 and self.in_proj_multipliers is None
-                and get("norm_linear", "auto", x_t) is not norm_linear_reference
-                and get("ssd_step", "auto", x_t) is not ssd_step_reference
-                and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad))
+        return (self.in_multiplier == 1.0 and self.in_proj_multipliers is None
+                and _decode.fused_step_applies(x_t, self.FUSED_STEP_MAX_BATCH, self.in_proj, self.out_proj)
+                and get("ssd_step", "auto", x_t) is not ssd_step_reference)
 
     def step_norm(self, out: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                   eps: float, residual_dtype: torch.dtype | None, state: Mamba2State
