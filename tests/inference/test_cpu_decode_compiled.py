@@ -87,23 +87,27 @@ def test_greedy_decoding_compiled_equals_eager_all(cpu_compiled, pattern, dtype)
     _check_greedy(pattern, dtype)
 
 
+def _one_block(**cfg):
+    """A one-layer LM (d_model 64) after a 5-token prefill: its block, and two equal
+    ``(residual stream (1, 64), layer state)`` pairs to step on separately."""
+    import copy
+
+    torch.manual_seed(0)
+    model = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=64, n_layer=1, vocab_size=257, **cfg)).eval()
+    with torch.inference_mode():
+        cache = allocate_cache(model, 1, 16)
+        prefill(model, torch.randint(0, 257, (1, 5), generator=torch.Generator().manual_seed(2)), cache)
+        h = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+        return model.backbone.layers[0], (h, cache.states[0]), (h.clone(), copy.deepcopy(cache.states[0]))
+
+
 @pytest.mark.parametrize("pattern", ["M", "2"])
 def test_mamba_block_step_matches_eager(cpu_compiled, pattern):
     """One Mamba / Mamba-2 (two groups) block in compiled regions (_decode_mamba.mamba_block_step)
     against the eager block step: the residual stream and both states, float32."""
-    import copy
-
-    torch.manual_seed(0)
     ssm = {"d_state": 8} if pattern == "M" else {"d_state": 16, "headdim": 16, "ngroups": 2}
-    model = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=64, n_layer=1, vocab_size=257,
-                                                    layer_pattern=pattern, ssm_cfg=ssm)).eval()
-    blk = model.backbone.layers[0]
+    blk, (h, st), (h2, st2) = _one_block(layer_pattern=pattern, ssm_cfg=ssm)
     with torch.inference_mode():
-        cache = allocate_cache(model, 1, 16)
-        prefill(model, torch.randint(0, 257, (1, 5), generator=torch.Generator().manual_seed(2)), cache)
-        st, st2 = cache.states[0], copy.deepcopy(cache.states[0])
-        h = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
-        h2 = h.clone()
         assert mamba_block_step(blk, h2, st2)
         assert not mamba_block_step(blk, h.expand(2, 64).clone(), st)  # batch 2: the eager step
         set_cpu_compile(False)
@@ -118,21 +122,11 @@ def test_delta_block_step_matches_eager(cpu_compiled, gated, hv):
     """One Gated DeltaNet / DeltaNet block (the latter with two value heads per key head) in compiled
     regions (_decode_delta.delta_block_step) against the eager block step: the residual stream and
     both states, float32."""
-    import copy
-
     from ssmkit.layers._decode_delta import delta_block_step
 
-    torch.manual_seed(0)
     cfg = {"num_heads": 2, "head_dim": 16, "num_v_heads": hv}
-    model = ssmkit.LanguageModel(ssmkit.ModelConfig(d_model=64, n_layer=1, vocab_size=257,
-                                                    layer_pattern="G" if gated else "D", deltanet_cfg=cfg)).eval()
-    blk = model.backbone.layers[0]
+    blk, (h, st), (h2, st2) = _one_block(layer_pattern="G" if gated else "D", deltanet_cfg=cfg)
     with torch.inference_mode():
-        cache = allocate_cache(model, 1, 16)
-        prefill(model, torch.randint(0, 257, (1, 5), generator=torch.Generator().manual_seed(2)), cache)
-        st, st2 = cache.states[0], copy.deepcopy(cache.states[0])
-        h = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
-        h2 = h.clone()
         for _ in range(2):  # the second call reuses the regions kept with the state
             assert delta_block_step(blk, h2, st2)
         plan = st2.__dict__["_decode_plan"]
