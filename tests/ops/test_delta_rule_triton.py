@@ -5,7 +5,6 @@ the kernels' chunk, several V blocks, K not a power of two, grouped value heads,
 with an empty one; the fused recurrent decoding kernel with T >= 1 tokens and state_batch_indices.
 Shapes are tiny: the interpreter runs each program in NumPy."""
 
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from ssmkit.ops import dispatch
 from ssmkit.ops.delta_rule import delta_rule, delta_rule_step
 from ssmkit.testing import assert_close, triton_device
+from tests.ops.sm90 import assert_fits_sm90
 
 pytestmark = pytest.mark.triton
 
@@ -159,22 +159,4 @@ print("SHARED " + json.dumps(shared))
 def test_kernels_compile_for_hopper_within_shared_memory(dtype):
     """The kernels compile for sm_90 (no GPU needed: Triton's NVIDIA backend and ptxas) at the
     benchmark's shapes (K = V = 128) and each fits the H100's 227 KiB of shared memory per block."""
-    import json
-    import subprocess
-    import sys
-
-    from triton.backends import backends
-
-    if os.environ.get("SSMKIT_COMPILE_SM90") != "1":
-        pytest.skip("compiling every kernel for sm_90 takes 5-20 minutes uncached: run with SSMKIT_COMPILE_SM90=1 "
-                    "after changing the kernels")
-    if "nvidia" not in backends:
-        pytest.skip("Triton without its NVIDIA backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _COMPILE, dtype], capture_output=True, text=True, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SHARED ")]
-    assert lines, out.stderr[-2000:]
-    for name, nbytes in json.loads(lines[-1][7:]).items():
-        assert nbytes <= 227 * 1024, (name, nbytes)
+    assert_fits_sm90(_COMPILE, dtype, takes="5-20 minutes uncached")

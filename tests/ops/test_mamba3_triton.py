@@ -16,6 +16,7 @@ import torch
 from ssmkit.ops import dispatch
 from ssmkit.ops.mamba3 import Mamba3Carry, mamba3, mamba3_step
 from ssmkit.testing import assert_close, rel_err, triton_device
+from tests.ops.sm90 import assert_fits_sm90
 from tests.ops.test_mamba3 import CASES, make_inputs
 
 pytestmark = pytest.mark.triton
@@ -211,22 +212,4 @@ def test_scan_kernels_compile_for_hopper_within_shared_memory(prec):
     """The scan kernels compile for sm_90 (Triton's NVIDIA backend and ptxas, no GPU needed) at the
     layer's shapes (P = 64, N = 128, blocks of 64 rows), 3xTF32 (half inputs) and IEEE (float32
     inputs), and each fits the H100's 227 KiB of shared memory per block."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from triton.backends import backends
-
-    if os.environ.get("SSMKIT_COMPILE_SM90") != "1":
-        pytest.skip("compiling the kernels for sm_90 takes a minute: run with SSMKIT_COMPILE_SM90=1 after changing them")
-    if "nvidia" not in backends:
-        pytest.skip("Triton without its NVIDIA backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _COMPILE, prec], capture_output=True, text=True, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SHARED ")]
-    assert lines, out.stderr[-2000:]
-    for name, nbytes in json.loads(lines[-1][7:]).items():
-        assert nbytes <= 227 * 1024, (name, nbytes)
+    assert_fits_sm90(_COMPILE, prec, takes="a minute")
