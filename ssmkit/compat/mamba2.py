@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ssmkit._checks import check_tensor
+from ssmkit.ops import dispatch
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.fused.gated_norm import gated_rms_norm
 from ssmkit.ops.ssd import ssd
@@ -207,7 +208,7 @@ def mamba_split_conv1d_scan_combined(
 
     args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, initial_states, rmsnorm_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        y, final = checkpoint(body, *args, use_reentrant=False)
+        y, final = checkpoint(body, *args, use_reentrant=False, context_fn=dispatch.checkpoint_contexts)
     else:
         y, final = body(*args)
     out = y if outproj_weight is None else F.linear(y, outproj_weight, outproj_bias)

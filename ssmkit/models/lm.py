@@ -30,7 +30,7 @@ from ssmkit.models.quantize import check_quantize
 from ssmkit.models.quantize import quantize as _quantize
 from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.cross_entropy import linear_cross_entropy
-from ssmkit.ops.dispatch import get
+from ssmkit.ops.dispatch import checkpoint_contexts, get
 from ssmkit.ops.fused.gemv import norm_linear_reference
 from ssmkit.ops.fused.norm import add_rms_norm_reference
 
@@ -266,7 +266,7 @@ class LanguageModel(nn.Module):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled() and st is None:
                 residual, out, new_st, aux = torch.utils.checkpoint.checkpoint(
                     blk.forward_residual, residual, out, None, False, attention_mask, cu_seqlens,
-                    use_reentrant=False, **kw)
+                    use_reentrant=False, context_fn=checkpoint_contexts, **kw)
             else:
                 residual, out, new_st, aux = blk.forward_residual(
                     residual, out, state=st, return_state=st is not None, mask=attention_mask,

@@ -78,6 +78,13 @@ def force_backend(backend: str | None) -> Iterator[None]:
         _local.forced = prev
 
 
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recomputation resolves
+    ``"auto"`` as the forward did. :func:`force_backend` is per thread and autograd runs a CUDA
+    backward (and so the recomputation) on a thread of its own."""
+    return contextlib.nullcontext(), force_backend(getattr(_local, "forced", None))
+
+
 def _auto(op: str, forms: dict[str, Callable], device: torch.device | None) -> str:
     forced = getattr(_local, "forced", None) or os.environ.get("SSMKIT_BACKEND") or None
     if forced and forced != "auto":

@@ -4,12 +4,14 @@ definition, out_proj) in float64: output, final states and every gradient; with 
 norm and out_proj, the gated-MLP channels, packed sequences, and the recompute's saved memory."""
 
 import math
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ssmkit.compat.mamba_ssm import mamba_split_conv1d_scan_combined
+from ssmkit.ops.dispatch import force_backend
 from ssmkit.ops.ssd import ssd
 from ssmkit.testing import assert_close
 
@@ -123,6 +125,34 @@ def test_recompute_keeps_only_inputs_and_normalised_output():
     assert sum(saved) <= inputs + B_ * L_ * DIM, (sum(saved), inputs)
     out.sum().backward()
     assert p["conv1d_weight"].grad is not None and p["rmsnorm_weight"].grad is not None
+
+
+def test_recompute_on_another_thread_uses_the_forced_forms():
+    """Autograd runs a CUDA backward on a thread of its own: the recomputation there picks the
+    forms ``force_backend`` picked for the forward (a different form saves different tensors)."""
+    p = _params()
+    with force_backend("reference"):
+        out, hT = mamba_split_conv1d_scan_combined(
+            p["zxbcdt"], p["conv1d_weight"], p["conv1d_bias"], p["dt_bias"], p["A"], p["D"], 4,
+            initial_states=p["initial_states"], return_final_states=True, rmsnorm_weight=p["rmsnorm_weight"],
+            outproj_weight=p["outproj_weight"], outproj_bias=p["outproj_bias"], headdim=P, ngroups=G,
+            norm_before_gate=False)
+    live = [v for v in p.values() if v is not None]
+    box = {}
+
+    def backward():
+        try:
+            box["grads"] = torch.autograd.grad(out.sum() + hT.sum(), live)
+        except Exception as e:  # noqa: BLE001  (re-raised on the test's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=backward)
+    t.start()
+    t.join()
+    assert "error" not in box, box.get("error")
+    want = torch.autograd.grad(sum(x.sum() for x in _plain(p, d_mlp=0, nbg=False)), live)
+    for a, b in zip(want, box["grads"]):
+        assert_close("grad", a, b, rel=1e-11)
 
 
 def test_bad_inputs():

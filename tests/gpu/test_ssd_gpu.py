@@ -76,7 +76,11 @@ def test_against_float64(shape, dtype, tol):
                 gh.double())
     for name, a, w in zip(("y", "final_state", *NAMES), got, want):
         assert torch.isfinite(a).all(), name
-        assert rel_err(a.double(), w) <= tol, (name, rel_err(a.double(), w))
+        assert rel_err(a.double(), w) <= tol or name == "dt_bias", (name, rel_err(a.double(), w))
+    # dt_bias's gradient sums the dt gradient over (batch, seqlen): each term carries its own
+    # rounding, so the sum's error scales with the terms' norm, not with the (cancelling) sum's
+    err = (got[9].double() - want[9]).norm() / torch.maximum(want[9].norm(), want[3].norm())
+    assert err <= tol, ("dt_bias", float(err))
 
 
 def test_packed_with_empty_sequence():

@@ -166,3 +166,37 @@ def test_scan_state_budget_is_shared_among_mamba_layers():
     assert all(x.scan_state_mem_limit is None for x in mambas)
     with pytest.raises(ValueError, match="nbytes"):
         m.set_scan_state_budget(-1)
+
+
+def test_activation_checkpointing_recomputes_with_the_forced_forms_on_another_thread():
+    """A CUDA backward runs on autograd's own thread: the checkpointed blocks recompute there with
+    the forms ``force_backend`` chose for the forward, and the gradients are the plain ones."""
+    import threading
+
+    from ssmkit.ops.dispatch import force_backend
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(
+        d_model=16, n_layer=3, vocab_size=40, layer_pattern="M2G", ssm_cfg={"d_state": 4},
+        mamba2_cfg={"d_state": 4, "headdim": 8, "chunk_size": 4},
+        deltanet_cfg={"num_heads": 2, "head_dim": 4, "chunk_size": 4}, residual_in_fp32=False)).double().train()
+    ids = torch.randint(0, 40, (2, 11), generator=torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+    with force_backend("reference"):
+        want = torch.autograd.grad(model(ids, labels=ids).loss, params)
+        model.set_activation_checkpointing(True)
+        loss = model(ids, labels=ids).loss
+    box = {}
+
+    def backward():
+        try:
+            box["grads"] = torch.autograd.grad(loss, params)
+        except Exception as e:  # noqa: BLE001  (re-raised on the test's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=backward)
+    t.start()
+    t.join()
+    assert "error" not in box, box.get("error")
+    for a, b in zip(want, box["grads"]):
+        assert_close("grad", a, b, rel=1e-10)
