@@ -1,9 +1,9 @@
-"""The batch-1 CPU decode step of a (Gated) DeltaNet block in compiled regions (with compiled CPU
-kernels on, :mod:`ssmkit.ops.cpu_compile`): :func:`delta_block_step`, called by
+"""The batch-1 CPU decode step of a (Gated) DeltaNet block as one compiled graph (with compiled
+CPU kernels on, :mod:`ssmkit.ops.cpu_compile`): :func:`delta_block_step`, called by
 ``LanguageModel._step_cpu`` for each plain DeltaNet / Gated DeltaNet block.
 
-As for Mamba (:mod:`ssmkit.layers._decode_mamba`), the block's step runs as four graphs traced once
-and compiled by Inductor, each starting at a GEMV's input::
+As for Mamba (:mod:`ssmkit.layers._decode_mamba`), the block's step is four regions, each starting
+at a GEMV's input, traced once together and compiled by Inductor as one graph::
 
     RMSNorm | q, k, v, β, a and gate projections, conv + SiLU |
     L2 norms, β, decay, the delta-rule update, readout, gated RMSNorm | o_proj, residual add
@@ -14,18 +14,16 @@ per-channel scales) as :mod:`ssmkit.ops.cpu_gemv` does.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.layers._decode import conv_kernel, use_cpu_step
-from ssmkit.layers._decode_mamba import _mv, _norm_g, _out_g, _run_plan, _weight_scale
+from ssmkit.layers._decode_mamba import _mv, _norm_g, _out_g, _weight_scale, compile_plan, run_plan
 from ssmkit.layers.delta_net import DeltaNet
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.quantized import float_dtype
-from ssmkit.ops.cpu_compile import compiled_graph, cpu_compile_enabled
+from ssmkit.ops.cpu_compile import cpu_compile_enabled
 
 __all__ = ["delta_block_step"]
 
@@ -74,12 +72,6 @@ def _rule_g(qkv, b, *rest, dtype: torch.dtype, gated: bool, H: int, K: int, scal
     return ((on * F.silu(gate.float().view(Hv, V))).to(dtype).reshape(Hv * V),)
 
 
-def _kernel(fn, args: list, kw: dict):
-    """The compiled ``fn(*args, **kw)`` for these shapes and options, or None if compiling failed."""
-    key = (fn.__name__, tuple((tuple(a.shape), a.dtype) for a in args), tuple(kw.items()))
-    return compiled_graph("cpu_deltanet_block", functools.partial(fn, **kw), key, args)
-
-
 def _block_tensors(blk: nn.Module) -> tuple | None:
     """The tensors a compiled DeltaNet block step reads, or None if ``blk`` is not a plain
     (Gated) DeltaNet block (output gate on, bias-free projections) of float32 / bfloat16 / int8
@@ -99,7 +91,7 @@ def _block_tensors(blk: nn.Module) -> tuple | None:
 
 
 def _plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
-    """The four regions (as ``_decode_mamba._mamba_plan``), or None."""
+    """The decode plan of a DeltaNet block (``_decode_mamba.compile_plan``), or None."""
     m = blk.mixer
     dtype = float_dtype(m.q_proj)
     ng = 2 if m.gated else 0
@@ -124,20 +116,16 @@ def _plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
                                   "scale": float(m.scale), "eps": float(m.o_norm.eps)}),
             (_out_g, [outs[-1], o_w, h, *([] if o_s is None else [o_s])],
              {"dtype": dtype, "mult": float(blk.residual_multiplier)})]
-    kerns = [_kernel(*p) for p in plan]
-    if any(k is None for k in kerns):
-        return None
-    return ((torch.get_num_threads(), h.shape, h.dtype), (*tensors, state.conv_state, state.ssm_state),
-            kerns, [p[1] for p in plan],
-            (0, 1, len(outs), 1), (0, None, None, 2))
+    return compile_plan("cpu_deltanet_block", h, (*tensors, state.conv_state, state.ssm_state), plan,
+                        (0, 1, len(outs), 1), (0, None, None, 2))
 
 
 def delta_block_step(blk: nn.Module, h: torch.Tensor, state) -> bool:
-    """``h (1, d_model)`` += DeltaNet / Gated DeltaNet block ``blk``'s decode step in four compiled
-    regions (with compiled CPU kernels on). Returns False (nothing done) where it does not apply: not
+    """``h (1, d_model)`` += DeltaNet / Gated DeltaNet block ``blk``'s decode step as one compiled
+    graph (with compiled CPU kernels on). Returns False (nothing done) where it does not apply: not
     a plain block (no MLP, no shared block, RMSNorm, output gate on), batch > 1, autograd, or
-    compiling failed. The regions are kept with the state (``_decode_plan``) while the thread count,
-    the block's tensors and the state's tensors stay the same."""
+    compiling failed. The compiled step is kept with the state (``_decode_plan``) while the thread
+    count, the block's tensors and the state's tensors stay the same."""
     if h.shape[0] != 1 or not cpu_compile_enabled(h) or not isinstance(blk.mixer, DeltaNet):
         return False
     tensors = _block_tensors(blk)
@@ -151,4 +139,4 @@ def delta_block_step(blk: nn.Module, h: torch.Tensor, state) -> bool:
         if plan is None:
             return False
         state.__dict__["_decode_plan"] = plan
-    return _run_plan(plan, h)
+    return run_plan(plan, h)

@@ -1,21 +1,22 @@
-"""The batch-1 CPU decode step of a Mamba or Mamba-2 block in compiled regions (with compiled CPU
-kernels on, :mod:`ssmkit.ops.cpu_compile`): :func:`mamba_block_step`, called by
+"""The batch-1 CPU decode step of a Mamba or Mamba-2 block as one compiled graph (with compiled
+CPU kernels on, :mod:`ssmkit.ops.cpu_compile`): :func:`mamba_block_step`, called by
 ``LanguageModel._step_cpu`` for each plain Mamba / Mamba-2 block.
 
 The block's step (RMSNorm, in_proj, conv, x_proj, dt_proj, the state update, readout, gate,
-out_proj, residual add: ~30 PyTorch ops of a few microseconds each) runs as four graphs traced
-once and compiled by Inductor, each starting at a GEMV's input::
+out_proj, residual add: ~30 PyTorch ops of a few microseconds each) is written as four regions,
+each starting at a GEMV's input::
 
     RMSNorm | in_proj, conv + SiLU | x_proj, dt_proj, softplus, state update, readout, D, gate |
     out_proj, residual add
 
 (Mamba-2: RMSNorm | in_proj, conv + SiLU | Δ, state update, readout, D, gated RMSNorm |
-out_proj, residual add.)
+out_proj, residual add), traced once together and compiled by Inductor as one graph
+(:func:`compile_plan`), which also serves the DeltaNet blocks (:mod:`ssmkit.layers._decode_delta`).
 
 The GEMVs are written as in :mod:`ssmkit.ops.cpu_gemv` (float32 accumulation; int8 weights times
-their per-channel scales). The cut points matter: in one graph per block Inductor inlines a
-pointwise producer (the RMSNorm, the conv) into the loop of the GEMV that reads it and recomputes
-it for every output row, which made int8 decoding slower than the GEMVs alone.
+their per-channel scales). Every region's outputs are outputs of the graph: left inside it,
+Inductor inlines a pointwise producer (the RMSNorm, the conv) into the loop of the GEMV that reads
+it and recomputes it for every output row, which made int8 decoding slower than the GEMVs alone.
 """
 
 from __future__ import annotations
@@ -84,12 +85,6 @@ def _out_g(y, out_w, h, *out_s, dtype: torch.dtype, mult: float):
     return (out,)
 
 
-def _kernel(fn, args: list, kw: dict):
-    """The compiled ``fn(*args, **kw)`` for these shapes and options, or None if compiling failed."""
-    key = (fn.__name__, tuple((tuple(a.shape), a.dtype) for a in args), tuple(kw.items()))
-    return compiled_graph("cpu_mamba_block", functools.partial(fn, **kw), key, args)
-
-
 def _weight_scale(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight, int8 scale or None)`` of a bias-free ``nn.Linear`` / ``Int8Linear``, else None."""
     if lin.bias is not None:
@@ -102,12 +97,12 @@ def _weight_scale(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
 
 
 def mamba_block_step(blk: nn.Module, h: torch.Tensor, state) -> bool:
-    """``h (1, d_model)`` += Mamba or Mamba-2 block ``blk``'s decode step in four compiled regions
+    """``h (1, d_model)`` += Mamba or Mamba-2 block ``blk``'s decode step as one compiled graph
     (with compiled CPU kernels on): RMSNorm | in_proj, conv | (Mamba: x_proj, dt_proj) the state
     update, readout, gate (Mamba-2: gated RMSNorm) | out_proj and the residual add. Returns False
     (nothing done) where it does not apply: not a plain block (no MLP, no shared block, RMSNorm,
     the mixer's usual layout), batch > 1, autograd, or
-    compiling failed. The regions and their arguments are kept with the state (``_decode_plan``)
+    compiling failed. The compiled step and its tensors are kept with the state (``_decode_plan``)
     while the thread count and the block's tensors stay the same."""
     if h.shape[0] != 1 or not cpu_compile_enabled(h):
         return False
@@ -123,25 +118,50 @@ def mamba_block_step(blk: nn.Module, h: torch.Tensor, state) -> bool:
         if plan is None:
             return False
         state.__dict__["_decode_plan"] = plan
-    return _run_plan(plan, h)
+    return run_plan(plan, h)
 
 
-def _run_plan(plan, h: torch.Tensor) -> bool:
-    """Run the regions of ``plan`` in order: region i takes the previous region's outputs as its
-    first arguments and ``h`` at its recorded position."""
-    _, _, kerns, args, n_prev, h_pos = plan
-    prev: tuple = ()
-    for i, (kern, a) in enumerate(zip(kerns, args)):
-        call = list(a)
-        call[:n_prev[i]] = prev
-        if h_pos[i] is not None:
-            call[h_pos[i]] = h
-        prev = kern(*call)
-        if prev is None:
-            if i == 0:  # running the first region failed (reported): nothing updated yet
-                return False
-            raise RuntimeError("a compiled region of the decode step failed after the state was updated")
-    return True
+def _chained(h, *rest, fns, kws, counts, n_prev, h_pos):
+    """The regions ``fns`` in order: region i takes the previous region's outputs (``n_prev[i]`` of
+    them) as its first arguments, its ``counts[i]`` own tensors from ``rest`` and ``h`` at position
+    ``h_pos[i]``. Returns every region's outputs: graph outputs stay in buffers, so Inductor does
+    not recompute a pointwise producer (the RMSNorm, the conv) inside the next GEMV's loop for every
+    output row, which it does with the intermediates left inside the graph."""
+    prev, outs, pos = (), [], 0
+    for fn, kw, n, k, hp in zip(fns, kws, counts, n_prev, h_pos):
+        assert len(prev) == k
+        call = [*prev, *rest[pos:pos + n]]
+        pos += n
+        if hp is not None:
+            call.insert(hp, h)
+        prev = fn(*call, **kw)
+        outs += prev
+    return tuple(outs)
+
+
+def compile_plan(name: str, h: torch.Tensor, key: tuple, plan: list, n_prev: tuple, h_pos: tuple):
+    """The decode plan kept with a block's state: ``((threads, h's shape and dtype), key, kernel,
+    tensors)``, the kernel being the regions of ``plan`` (``(fn, arguments, options)`` each, the
+    arguments as at compile time, the previous region's outputs and ``h`` as placeholders; see
+    :func:`_chained`) traced and compiled as one graph; or None if compiling failed."""
+    rest, counts = [], []
+    for (_, args, _), k, hp in zip(plan, n_prev, h_pos):
+        own = [t for i, t in enumerate(args) if i >= k and i != hp]
+        rest += own
+        counts.append(len(own))
+    fn = functools.partial(_chained, fns=tuple(p[0] for p in plan), kws=tuple(p[2] for p in plan),
+                           counts=tuple(counts), n_prev=n_prev, h_pos=h_pos)
+    ckey = (tuple(p[0].__name__ for p in plan), tuple((tuple(a.shape), a.dtype) for a in (h, *rest)),
+            tuple(tuple(p[2].items()) for p in plan), n_prev, h_pos)
+    kern = compiled_graph(name, fn, ckey, [h, *rest])
+    return None if kern is None else ((torch.get_num_threads(), h.shape, h.dtype), key, kern, rest)
+
+
+def run_plan(plan, h: torch.Tensor) -> bool:
+    """Run the compiled block step of ``plan`` on ``h``. False if running it failed (reported once):
+    the graph checks its arguments' sizes and strides before any kernel runs, so nothing was
+    updated and the caller takes the eager step."""
+    return plan[2](h, *plan[3]) is not None
 
 
 def _block_tensors(blk: nn.Module) -> tuple | None:
@@ -162,9 +182,7 @@ def _block_tensors(blk: nn.Module) -> tuple | None:
 
 
 def _mamba_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
-    """``((threads, h's shape and dtype), tensors, kernels, arguments, number of arguments taken
-    from the previous region, position of h)`` of the four regions (the arguments as at compile
-    time: ``h`` and the intermediates are replaced on each call), or None."""
+    """The decode plan of a Mamba block (:func:`compile_plan`), or None."""
     m = blk.mixer
     norm_w, in_w, in_s, conv_k, xp_w, xp_s, dt_w, dt_b, A2, D, out_w, out_s = tensors
     dtype = float_dtype(m.in_proj)
@@ -173,9 +191,8 @@ def _mamba_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
                        if t is not None)):
         return None
     opt = lambda t: [] if t is None else [t]  # noqa: E731
-    # four regions, each starting at a GEMV's input: a pointwise producer in the same graph as a
-    # GEMV would be recomputed inside the GEMV's loop for every output row. All four are compiled
-    # (intermediates as placeholders) before any runs, so a failure leaves the state untouched.
+    # four regions, each starting at a GEMV's input, compiled as one graph (the intermediates and
+    # h are placeholders here, the arguments' order as the regions take them)
     di, d = m.d_inner, h.shape[1]
     xp = torch.empty(d, dtype=dtype)
     xs, z = torch.empty(di, dtype=dtype), torch.empty(di, dtype=dtype)
@@ -184,11 +201,7 @@ def _mamba_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
             (_ssm_g, [xs, z, xp_w, dt_w, dt_b, A2, D, state.ssm_state, *opt(xp_s)],
              {"dtype": dtype, "R": m.dt_rank, "N": m.d_state}),
             (_out_g, [xs, out_w, h, *opt(out_s)], {"dtype": dtype, "mult": float(blk.residual_multiplier)})]
-    kerns = [_kernel(*p) for p in plan]
-    if any(k is None for k in kerns):
-        return None
-    return ((torch.get_num_threads(), h.shape, h.dtype), tensors, kerns, [p[1] for p in plan],
-            (0, 1, 2, 1), (0, None, None, 2))
+    return compile_plan("cpu_mamba_block", h, tensors, plan, (0, 1, 2, 1), (0, None, None, 2))
 
 
 # -- Mamba-2 -----------------------------------------------------------------------------------
@@ -247,7 +260,7 @@ def _block_tensors2(blk: nn.Module) -> tuple | None:
 
 
 def _mamba2_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
-    """The four regions of a Mamba-2 block (as :func:`_mamba_plan`), or None."""
+    """The decode plan of a Mamba-2 block (as :func:`_mamba_plan`), or None."""
     m = blk.mixer
     norm_w, in_w, in_s, conv_k, dt_bias, A_log, D, gnorm_w, out_w, out_s = tensors
     dtype = float_dtype(m.in_proj)
@@ -269,8 +282,4 @@ def _mamba2_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
             (_out_g, [z, out_w, h, *opt(out_s)], {"dtype": dtype, "mult": float(blk.residual_multiplier)})]
     if groups != G:
         return None  # (a norm over all of d_inner with several groups: the eager step)
-    kerns = [_kernel(*p) for p in plan]
-    if any(k is None for k in kerns):
-        return None
-    return ((torch.get_num_threads(), h.shape, h.dtype), tensors, kerns, [p[1] for p in plan],
-            (0, 1, 3, 1), (0, None, None, 2))
+    return compile_plan("cpu_mamba_block", h, tensors, plan, (0, 1, 3, 1), (0, None, None, 2))

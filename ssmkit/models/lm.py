@@ -339,7 +339,7 @@ class LanguageModel(nn.Module):
         """:meth:`step` on the CPU: the residual stream is one tensor added to in place, each norm
         one op, and the mixers take their CPU steps (few ops, no per-token scratch allocations);
         with compiled CPU kernels on, each plain Mamba / Mamba-2 / (Gated) DeltaNet block of a batch-1
-        step runs in compiled regions (:func:`ssmkit.layers._decode_mamba.mamba_block_step`,
+        step runs as one compiled graph (:func:`ssmkit.layers._decode_mamba.mamba_block_step`,
         :func:`ssmkit.layers._decode_delta.delta_block_step`) and the LM head is
         the compiled GEMV. Same arithmetic as the carried form of the blocks."""
         h = self._embed(input_ids)  # a fresh tensor: the residual stream, updated in place
@@ -347,7 +347,7 @@ class LanguageModel(nn.Module):
         if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         lowp = self.dtype in (torch.float16, torch.bfloat16)
-        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # Mamba / Mamba-2 / DeltaNet blocks: compiled regions
+        fused = h.shape[0] == 1 and cpu_compile_enabled(h)  # Mamba / Mamba-2 / DeltaNet blocks: one compiled graph each
         onednn = torch._C._get_mkldnn_enabled()
         if lowp and onednn != CPU_DECODE_ONEDNN:
             torch._C._set_mkldnn_enabled(CPU_DECODE_ONEDNN)

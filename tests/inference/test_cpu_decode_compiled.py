@@ -1,6 +1,6 @@
 """CPU decoding with the compiled kernels on (``SSMKIT_CPU_COMPILE=1``): the decode steps' linear
 layers through the compiled GEMV (ssmkit.layers._decode.linear), Mamba, Mamba-2 and (Gated)
-DeltaNet blocks in compiled regions against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
+DeltaNet blocks as compiled graphs against their eager steps, and greedy decoding of tiny Mamba / Mamba-2 / gated
 DeltaNet language models with compiled kernels on against off."""
 
 import pytest
@@ -103,7 +103,7 @@ def _one_block(**cfg):
 
 @pytest.mark.parametrize("pattern", ["M", "2"])
 def test_mamba_block_step_matches_eager(cpu_compiled, pattern):
-    """One Mamba / Mamba-2 (two groups) block in compiled regions (_decode_mamba.mamba_block_step)
+    """One Mamba / Mamba-2 (two groups) block as one compiled graph (_decode_mamba.mamba_block_step)
     against the eager block step: the residual stream and both states, float32."""
     ssm = {"d_state": 8} if pattern == "M" else {"d_state": 16, "headdim": 16, "ngroups": 2}
     blk, (h, st), (h2, st2) = _one_block(layer_pattern=pattern, ssm_cfg=ssm)
@@ -119,18 +119,18 @@ def test_mamba_block_step_matches_eager(cpu_compiled, pattern):
 
 @pytest.mark.parametrize("gated, hv", [(True, 2), (False, 4)])
 def test_delta_block_step_matches_eager(cpu_compiled, gated, hv):
-    """One Gated DeltaNet / DeltaNet block (the latter with two value heads per key head) in compiled
-    regions (_decode_delta.delta_block_step) against the eager block step: the residual stream and
+    """One Gated DeltaNet / DeltaNet block (the latter with two value heads per key head) as one compiled
+    graph (_decode_delta.delta_block_step) against the eager block step: the residual stream and
     both states, float32."""
     from ssmkit.layers._decode_delta import delta_block_step
 
     cfg = {"num_heads": 2, "head_dim": 16, "num_v_heads": hv}
     blk, (h, st), (h2, st2) = _one_block(layer_pattern="G" if gated else "D", deltanet_cfg=cfg)
     with torch.inference_mode():
-        for _ in range(2):  # the second call reuses the regions kept with the state
+        for _ in range(2):  # the second call reuses the graph kept with the state
             assert delta_block_step(blk, h2, st2)
         plan = st2.__dict__["_decode_plan"]
-        st2.ssm_state = st2.ssm_state.clone()  # a replaced state tensor: the regions are rebuilt
+        st2.ssm_state = st2.ssm_state.clone()  # a replaced state tensor: the plan is rebuilt
         assert delta_block_step(blk, h2, st2) and st2.__dict__["_decode_plan"] is not plan
         assert not delta_block_step(blk, h.expand(2, 64).clone(), st)  # batch 2: the eager step
         set_cpu_compile(False)
