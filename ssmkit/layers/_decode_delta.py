@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.layers._decode import conv_kernel, use_cpu_step
-from ssmkit.layers._decode_mamba import _mv, _norm_g, _out_g, _weight_scale, compile_plan, run_plan
+from ssmkit.layers._decode_mamba import _mv, _norm_g, _out_g, _tensor, _weight_scale, compile_plan, run_plan
 from ssmkit.layers.delta_net import DeltaNet
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.quantized import float_dtype
@@ -76,17 +76,21 @@ def _block_tensors(blk: nn.Module) -> tuple | None:
     """The tensors a compiled DeltaNet block step reads, or None if ``blk`` is not a plain
     (Gated) DeltaNet block (output gate on, bias-free projections) of float32 / bfloat16 / int8
     weights."""
-    m = blk.mixer
-    if (not isinstance(m, DeltaNet) or blk.mlp_kind != "none" or blk.shared_use is not None
-            or type(blk.norm) is not RMSNorm or not m.use_output_gate or m.o_norm.group_size is not None):
+    m, norm = blk._modules.get("mixer"), blk._modules.get("norm")
+    if not isinstance(m, DeltaNet):
+        return None
+    mods = m._modules  # (dict lookups: this runs for every block of every decoded token)
+    o_norm = mods.get("o_norm")
+    if (blk.mlp_kind != "none" or blk.shared_use is not None or type(norm) is not RMSNorm
+            or not m.use_output_gate or o_norm is None or o_norm.group_size is not None):
         return None
     names = ["q_proj", "k_proj", "v_proj", "b_proj"] + (["a_proj"] if m.gated else []) + ["g_proj", "o_proj"]
-    lins = [_weight_scale(getattr(m, n)) for n in names]
-    dtype = float_dtype(m.q_proj)
+    lins = [_weight_scale(mods[n]) for n in names]
+    dtype = float_dtype(mods["q_proj"])
     if any(ws is None for ws in lins) or dtype not in (torch.float32, torch.bfloat16):
         return None
-    extra = (m.A_log, m.dt_bias) if m.gated else ()
-    return (blk.norm.weight, conv_kernel(m.conv1d, dtype), m.o_norm.weight, *extra,
+    extra = (_tensor(m, "A_log"), _tensor(m, "dt_bias")) if m.gated else ()
+    return (_tensor(norm, "weight"), conv_kernel(mods["conv1d"], dtype), _tensor(o_norm, "weight"), *extra,
             *(t for ws in lins for t in ws))
 
 

@@ -86,13 +86,16 @@ def _out_g(y, out_w, h, *out_s, dtype: torch.dtype, mult: float):
 
 
 def _weight_scale(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight, int8 scale or None)`` of a bias-free ``nn.Linear`` / ``Int8Linear``, else None."""
-    if lin.bias is not None:
-        return None
-    if type(lin) is nn.Linear:
-        return lin.weight, None
-    if type(lin) is Int8Linear:
-        return lin.qweight, lin.scale
+    """``(weight, int8 scale or None)`` of a bias-free ``nn.Linear`` / ``Int8Linear``, else None.
+    (Read from the modules' parameter and buffer dicts: this runs for every block of every decoded
+    token, and ``nn.Module.__getattr__`` costs about 0.5 µs a lookup.)"""
+    kind = type(lin)
+    if kind is nn.Linear:
+        p = lin._parameters
+        return (p["weight"], None) if p["bias"] is None else None
+    if kind is Int8Linear:
+        b = lin._buffers
+        return (b["qweight"], b["scale"]) if b["bias"] is None else None
     return None
 
 
@@ -167,18 +170,21 @@ def run_plan(plan, h: torch.Tensor) -> bool:
 def _block_tensors(blk: nn.Module) -> tuple | None:
     """The tensors a compiled Mamba block step reads (weights, int8 scales, conv kernel, A·log2 e),
     or None if ``blk`` is not a plain Mamba block of float32 / bfloat16 / int8 weights."""
-    m = blk.mixer
+    m, norm = blk._modules.get("mixer"), blk._modules.get("norm")
     if (type(m) is not Mamba or blk.mlp_kind != "none" or blk.shared_use is not None
-            or type(blk.norm) is not RMSNorm or m.inner_name != "s6" or m.inner_norms or not m.use_gate
-            or m.dt_proj.bias is None):
+            or type(norm) is not RMSNorm or m.inner_name != "s6" or m.inner_norms or not m.use_gate):
         return None
-    lins = [_weight_scale(lin) for lin in (m.in_proj, m.x_proj, m.out_proj)]
-    dtype = float_dtype(m.in_proj)
+    mods = m._modules  # (dict lookups, as in _weight_scale)
+    in_proj, dt = mods["in_proj"], mods["dt_proj"]._parameters
+    if dt["bias"] is None:
+        return None
+    lins = [_weight_scale(in_proj), _weight_scale(mods["x_proj"]), _weight_scale(mods["out_proj"])]
+    dtype = float_dtype(in_proj)
     if any(ws is None for ws in lins) or dtype not in (torch.float32, torch.bfloat16):
         return None
     (in_w, in_s), (xp_w, xp_s), (out_w, out_s) = lins
-    return (blk.norm.weight, in_w, in_s, conv_kernel(m.conv1d, dtype), xp_w, xp_s, m.dt_proj.weight,
-            m.dt_proj.bias, m._A_log2e(), m.D, out_w, out_s)
+    return (_tensor(norm, "weight"), in_w, in_s, conv_kernel(mods["conv1d"], dtype), xp_w, xp_s,
+            dt["weight"], dt["bias"], m._A_log2e(), _tensor(m, "D"), out_w, out_s)
 
 
 def _mamba_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
@@ -245,18 +251,27 @@ def _ssd_g(z, xBC, dt, dt_bias, A_log, D, S, norm_w, *, dtype: torch.dtype, g: i
 def _block_tensors2(blk: nn.Module) -> tuple | None:
     """:func:`_block_tensors` for a Mamba-2 block (its usual layout: gated RMSNorm after the gate,
     no input or section multipliers, bias-free projections)."""
-    m = blk.mixer
-    if (blk.mlp_kind != "none" or blk.shared_use is not None or type(blk.norm) is not RMSNorm
-            or not m.rmsnorm or m.norm_before_gate or type(m.norm) is not RMSNormGated
+    m, norm = blk._modules.get("mixer"), blk._modules.get("norm")
+    mods = m._modules
+    gnorm = mods.get("norm")
+    if (blk.mlp_kind != "none" or blk.shared_use is not None or type(norm) is not RMSNorm
+            or not m.rmsnorm or m.norm_before_gate or type(gnorm) is not RMSNormGated
             or m.in_multiplier != 1.0 or m.in_proj_multipliers is not None):
         return None
-    lins = [_weight_scale(lin) for lin in (m.in_proj, m.out_proj)]
-    dtype = float_dtype(m.in_proj)
+    in_proj = mods["in_proj"]
+    lins = [_weight_scale(in_proj), _weight_scale(mods["out_proj"])]
+    dtype = float_dtype(in_proj)
     if any(ws is None for ws in lins) or dtype not in (torch.float32, torch.bfloat16):
         return None
     (in_w, in_s), (out_w, out_s) = lins
-    return (blk.norm.weight, in_w, in_s, conv_kernel(m.conv1d, dtype), m.dt_bias, m.A_log, m.D,
-            m.norm.weight, out_w, out_s)
+    return (_tensor(norm, "weight"), in_w, in_s, conv_kernel(mods["conv1d"], dtype), _tensor(m, "dt_bias"),
+            _tensor(m, "A_log"), _tensor(m, "D"), _tensor(gnorm, "weight"), out_w, out_s)
+
+
+def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
+    """``mod.<name>``, a parameter read from the parameter dict (see :func:`_weight_scale`)."""
+    p = mod._parameters
+    return p[name] if name in p else getattr(mod, name)
 
 
 def _mamba2_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
