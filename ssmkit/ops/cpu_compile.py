@@ -1,5 +1,5 @@
-"""Compiled CPU kernels: Inductor's C++ backend for the inner loops of the CPU forms, used when
-asked for and a C++ compiler is found; otherwise the eager forms run.
+"""Compiled CPU kernels: ``torch.compile`` (Inductor's C++ backend) for the inner loops of the CPU
+forms, used when asked for and a C++ compiler is found; otherwise the eager forms run.
 
 Inductor turns a chunk of a scan, written as a short unrolled Python loop of elementwise ops, into
 one C++ loop nest that keeps the state in registers across the chunk's steps (no per-step passes
@@ -13,11 +13,13 @@ several seconds per new shape (seconds more per thread count), so it is off by d
 Compiled kernels are cached per shape and torch thread count (Inductor specialises its OpenMP
 loops on the thread count); Inductor's own on-disk cache makes later processes start faster.
 
-The way in is :func:`compiled_graph`: the function traced once (``make_fx``) and compiled by
-Inductor without Dynamo, about 5 us a call (``torch.compile`` checks Dynamo's guards on each call,
-~15 us more, and keeps at most ``torch._dynamo.config.recompile_limit`` (8) shapes per function,
-running further shapes uncompiled). The callers key each kernel on everything its compiled code
-assumes (shapes, dtypes, strides).
+Two ways in: :func:`compiled_kernel` (``torch.compile``, Dynamo guards checked on each call, ~15 us
+of overhead: for kernels that run long) and :func:`compiled_graph` (the function traced once and
+compiled by Inductor without Dynamo, ~2-3 us a call: for kernels of a few microseconds, such as the
+GEMVs of decoding, :mod:`ssmkit.ops.cpu_gemv`). Each function compiled through ``torch.compile``
+keeps at most ``torch._dynamo.config.recompile_limit`` (8) shapes and runs further shapes
+uncompiled (a ``(W.float() * x).sum(-1)`` GEMV then materialises a float copy of its weight), so
+code with many shapes takes :func:`compiled_graph`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["compiler_available", "cpu_compile_enabled", "compiled_graph", "set_cpu_compile"]
+__all__ = ["compiler_available", "cpu_compile_enabled", "compiled_graph", "compiled_kernel", "set_cpu_compile"]
 
 _forced: bool | None = None
 _failed: set[str] = set()
+_kernels: dict[tuple, Callable] = {}
 _graphs: dict[tuple, Callable] = {}
 
 
@@ -64,6 +67,30 @@ def cpu_compile_enabled(t: torch.Tensor) -> bool:
             and compiler_available())
 
 
+def compiled_kernel(name: str, fn: Callable, key: tuple) -> Callable | None:
+    """``torch.compile(fn)`` for one shape ``key`` at the current thread count, or None once
+    compiling ``name`` has failed (the caller then runs its eager form)."""
+    if name in _failed:
+        return None
+    k = (name, key, torch.get_num_threads())
+    kern = _kernels.get(k)
+    if kern is None:
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+        def kern(*args, _compiled=compiled):
+            try:
+                return _compiled(*args)
+            except Exception as e:  # noqa: BLE001 - a compiler or Inductor failure of any kind
+                _failed.add(name)
+                warnings.warn(f"ssmkit: compiling the CPU kernel {name!r} failed, using the eager form "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                              RuntimeWarning, stacklevel=3)
+                return None
+
+        _kernels[k] = kern
+    return kern
+
+
 def _report_failure(name: str, e: Exception) -> None:
     _failed.add(name)
     warnings.warn(f"ssmkit: compiling the CPU kernel {name!r} failed, using the eager form "
@@ -78,7 +105,7 @@ def compiled_graph(name: str, fn: Callable, key: tuple, args: list[torch.Tensor]
     No guards run on a call: ``key`` must fix every input's shape, dtype and strides (the compiled
     code asserts sizes and strides), and ``fn`` must be a pure function of its tensor arguments
     returning a tuple of tensors; it may update its arguments in place. The returned callable takes the tensors positionally and returns
-    that tuple, or None if running it failed (reported once as a warning).
+    that tuple, or None if running it failed (reported once, as for :func:`compiled_kernel`).
     """
     if name in _failed:
         return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.cpu_compile import compiled_graph
+from ssmkit.ops.cpu_compile import compiled_kernel
 
 LOG2E = 1.4426950408889634
 # 2^f on [0, 1), degree 6, fitted for relative error (1.2e-7 in float32 with the rounding of the
@@ -24,7 +24,7 @@ LOG2E = 1.4426950408889634
 _EXP2_POLY = (1.0000000035399899, 0.6931469329451198, 0.24023025237085854, 0.05548194395618536,
               0.009681043919480048, 0.0012423592626343016, 0.00021745804690520565)
 #: Steps per compiled call: the unrolled code (and its compile time) grows with it, the per-call
-#: overhead (wrapper, one OpenMP region) shrinks. 32: see README.md in this folder.
+#: overhead (guards, wrapper, one OpenMP region) shrinks. 32: see README.md in this folder.
 STEPS = 32
 
 
@@ -74,28 +74,8 @@ def _make_chunk(steps: int, softplus: bool):
 
 
 def scan_chunk_kernel(h, y_out, x, dt, z, B, C, A2, D, dt_bias, softplus: bool):
-    """The compiled chunk for these shapes (``x.shape[1]`` steps), or None if compiling failed: a
-    callable with the chunk's arguments returning the new ``h`` (None if running it failed). The
-    chunk is traced once and compiled without Dynamo (:func:`ssmkit.ops.cpu_compile.compiled_graph`:
-    no guards on a call; the key fixes every input's shape, dtype and strides)."""
+    """The compiled chunk for these shapes (``x.shape[1]`` steps), or None if compiling failed."""
     strides = tuple(None if t is None else t.stride() for t in (y_out, x, dt, z, B, C))
     key = (tuple(h.shape), tuple(x.shape), strides, x.dtype, dt.dtype, B.dtype, None if z is None else z.dtype,
            D is None, dt_bias is None, softplus)
-    chunk = _make_chunk(x.shape[1], softplus)
-    has = (z is not None, D is not None, dt_bias is not None)
-
-    def fn(h, y_out, x, dt, B, C, A2, *opt):
-        it = iter(opt)
-        z, D, dt_bias = (next(it) if p else None for p in has)
-        return (chunk(h, y_out, x, dt, z, B, C, A2, D, dt_bias),)
-
-    kern = compiled_graph("selective_scan", fn, key,
-                          [h, y_out, x, dt, B, C, A2, *(t for t in (z, D, dt_bias) if t is not None)])
-    if kern is None:
-        return None
-
-    def call(h, y_out, x, dt, z, B, C, A2, D, dt_bias):
-        out = kern(h, y_out, x, dt, B, C, A2, *(t for t in (z, D, dt_bias) if t is not None))
-        return None if out is None else out[0]
-
-    return call
+    return compiled_kernel("selective_scan", _make_chunk(x.shape[1], softplus), key)
