@@ -87,6 +87,27 @@ def triton_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def grad_on_another_thread(output: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad(output, inputs)`` run on a thread of its own, as autograd runs a CUDA
+    backward; an error there is raised again here."""
+    import threading
+
+    box: dict = {}
+
+    def work():
+        try:
+            box["grads"] = torch.autograd.grad(output, inputs)
+        except Exception as e:  # noqa: BLE001  (raised again on the caller's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["grads"]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (for a local process group)."""
     import socket

@@ -4,7 +4,6 @@ definition, out_proj) in float64: output, final states and every gradient; with 
 norm and out_proj, the gated-MLP channels, packed sequences, and the recompute's saved memory."""
 
 import math
-import threading
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from ssmkit.compat.mamba_ssm import mamba_split_conv1d_scan_combined
 from ssmkit.ops.dispatch import force_backend
 from ssmkit.ops.ssd import ssd
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, grad_on_another_thread
 
 B_, L_, H, P, G, N, W, OUT = 2, 10, 4, 4, 2, 3, 4, 6
 DIM = H * P
@@ -138,20 +137,9 @@ def test_recompute_on_another_thread_uses_the_forced_forms():
             outproj_weight=p["outproj_weight"], outproj_bias=p["outproj_bias"], headdim=P, ngroups=G,
             norm_before_gate=False)
     live = [v for v in p.values() if v is not None]
-    box = {}
-
-    def backward():
-        try:
-            box["grads"] = torch.autograd.grad(out.sum() + hT.sum(), live)
-        except Exception as e:  # noqa: BLE001  (re-raised on the test's thread)
-            box["error"] = e
-
-    t = threading.Thread(target=backward)
-    t.start()
-    t.join()
-    assert "error" not in box, box.get("error")
+    got = grad_on_another_thread(out.sum() + hT.sum(), live)
     want = torch.autograd.grad(sum(x.sum() for x in _plain(p, d_mlp=0, nbg=False)), live)
-    for a, b in zip(want, box["grads"]):
+    for a, b in zip(want, got):
         assert_close("grad", a, b, rel=1e-11)
 
 

@@ -171,9 +171,8 @@ def test_scan_state_budget_is_shared_among_mamba_layers():
 def test_activation_checkpointing_recomputes_with_the_forced_forms_on_another_thread():
     """A CUDA backward runs on autograd's own thread: the checkpointed blocks recompute there with
     the forms ``force_backend`` chose for the forward, and the gradients are the plain ones."""
-    import threading
-
     from ssmkit.ops.dispatch import force_backend
+    from ssmkit.testing import grad_on_another_thread
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(
@@ -186,17 +185,5 @@ def test_activation_checkpointing_recomputes_with_the_forced_forms_on_another_th
         want = torch.autograd.grad(model(ids, labels=ids).loss, params)
         model.set_activation_checkpointing(True)
         loss = model(ids, labels=ids).loss
-    box = {}
-
-    def backward():
-        try:
-            box["grads"] = torch.autograd.grad(loss, params)
-        except Exception as e:  # noqa: BLE001  (re-raised on the test's thread)
-            box["error"] = e
-
-    t = threading.Thread(target=backward)
-    t.start()
-    t.join()
-    assert "error" not in box, box.get("error")
-    for a, b in zip(want, box["grads"]):
+    for a, b in zip(want, grad_on_another_thread(loss, params)):
         assert_close("grad", a, b, rel=1e-10)
