@@ -29,6 +29,7 @@ from ssmkit.ops.conv.causal_conv1d import conv_update_unchecked
 from ssmkit.ops.cpu_gemv import compiled_linear
 from ssmkit.ops.dispatch import get
 from ssmkit.ops.fused.gemv import norm_linear_reference
+from ssmkit.ops.selective_scan.chunked import LOG2E
 
 
 def use_cpu_step(x: torch.Tensor, param: torch.Tensor) -> bool:
@@ -50,6 +51,33 @@ def workspace(state, key: tuple, build) -> dict:
         ws["key"] = key
         state.__dict__["_decode_ws"] = ws
     return ws
+
+
+def decay_rate(mod: nn.Module, A_log: torch.Tensor) -> torch.Tensor:
+    """A = -exp(A_log) of a Mamba / Mamba-2 layer ``mod``, in float32 (float64 for a float64 model).
+
+    Without autograd (decoding) it is cached on ``mod`` until ``A_log`` changes (its version
+    counter moves on every in-place update, e.g. an optimizer step) or is replaced, together with
+    A·log2(e) (:func:`decay_rate_log2e`): an exp less per layer per token."""
+    if torch.is_grad_enabled() and A_log.requires_grad:
+        return -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
+    key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, torch.is_inference_mode_enabled())
+    cache = mod.__dict__.get("_A_cache")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            A = -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
+        # A·log2(e): the CPU decode step computes exp(ΔA) as exp2(Δ·A·log2 e), several times
+        # faster than torch.exp on the CPU (measured 3.8 vs 29 us for 1536 x 16 values)
+        cache = (key, A, A * LOG2E)
+        mod.__dict__["_A_cache"] = cache
+    return cache[1]
+
+
+def decay_rate_log2e(mod: nn.Module, A_log: torch.Tensor) -> torch.Tensor:
+    """A·log2(e) (for ``exp(ΔA) = exp2(Δ·A·log2 e)``), cached like :func:`decay_rate`."""
+    A = decay_rate(mod, A_log)
+    cache = mod.__dict__.get("_A_cache")
+    return cache[2] if cache is not None and cache[1] is A else A * LOG2E
 
 
 def conv_kernel(conv: nn.Conv1d, dtype: torch.dtype) -> torch.Tensor:

@@ -163,19 +163,8 @@ class Mamba2(nn.Module):
         return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
 
     def _A(self) -> torch.Tensor:
-        """A = -exp(A_log) in float32 (float64 for a float64 model). Without autograd (decoding)
-        cached until A_log changes (its version counter moves on every in-place update): one
-        launch less per layer and token."""
-        A_log = self.A_log
-        if torch.is_grad_enabled() and A_log.requires_grad:
-            return -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log)
-        key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, torch.is_inference_mode_enabled())
-        cache = self.__dict__.get("_A_cache")
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, -torch.exp(A_log.float() if A_log.dtype != torch.float64 else A_log))
-            self.__dict__["_A_cache"] = cache
-        return cache[1]
+        """A = -exp(A_log), cached while decoding (:func:`ssmkit.layers._decode.decay_rate`)."""
+        return _decode.decay_rate(self, self.A_log)
 
     def _delta(self, dt: torch.Tensor) -> torch.Tensor:
         cdt = torch.float64 if dt.dtype == torch.float64 else torch.float32
