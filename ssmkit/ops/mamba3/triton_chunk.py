@@ -142,15 +142,12 @@ def _m3_pass(io_ptr, tot_ptr, init_ptr, fin_ptr, H, PN, NC,
 
 
 @triton.jit
-def _m3_out(
-    q_ptr, k_ptr, v_ptr, dA_ptr, s_ptr, g_ptr, st_ptr, y_ptr,
-    L, H, R, N, P, QT, NC,
-    IEEE: tl.constexpr, CDT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """Per (row, head, chunk): ``y = (W ∘ q kᵀ) v + exp(c) ∘ (q hᵀ)``, h the state entering the chunk."""
+def _chunk_inputs(q_ptr, k_ptr, v_ptr, dA_ptr, s_ptr, g_ptr, L, H, R, N, P, QT, NC, CDT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """What :func:`_m3_out` and :func:`_m3_bwd` both start from: the program's head, its rows
+    (token, validity, first rank row, global row), the log decays' prefix sums, s and γ, the q, k,
+    v tiles, and the offset and mask of its chunk's ``(P, N)`` state."""
     bb, h, c = _program(H, NC)
-    prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
     offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
     tok_base = bb.to(tl.int64) * L * H + h
     cum, total, s = _decays(dA_ptr, s_ptr, tok_base, tok, valid, first, H, CDT)
@@ -163,6 +160,22 @@ def _m3_out(
     vv = _tile(v_ptr, rowg, valid, H, h, P, offs_p, CDT)
     sidx = ((bb * NC + c) * H + h).to(tl.int64) * P * N
     smask = (offs_p < P)[:, None] & (offs_n < N)[None, :]
+    return (h, offs_m, tok, valid, first, tok_base, cum, total, s, g, rowg, offs_n, offs_p, qq, kk, vv,
+            sidx, smask)
+
+
+@triton.jit
+def _m3_out(
+    q_ptr, k_ptr, v_ptr, dA_ptr, s_ptr, g_ptr, st_ptr, y_ptr,
+    L, H, R, N, P, QT, NC,
+    IEEE: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Per (row, head, chunk): ``y = (W ∘ q kᵀ) v + exp(c) ∘ (q hᵀ)``, h the state entering the chunk."""
+    prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
+    (h, offs_m, tok, valid, first, tok_base, cum, total, s, g, rowg, offs_n, offs_p, qq, kk, vv,
+     sidx, smask) = _chunk_inputs(q_ptr, k_ptr, v_ptr, dA_ptr, s_ptr, g_ptr, L, H, R, N, P, QT, NC,
+                                  CDT, BLOCK_M, BLOCK_N, BLOCK_P)
     hp = tl.load(st_ptr + sidx + offs_p[:, None] * N + offs_n[None, :], mask=smask, other=0.0)
     W, _, _, _ = _weights(cum, s, g, offs_m, R)
     qk = tl.dot(qq, tl.trans(kk), input_precision=prec, out_dtype=CDT)
@@ -183,21 +196,11 @@ def _m3_bwd(
     """Per (row, head, chunk), from the state entering the chunk ``hp`` and the adjoint of the
     state leaving it ``dso``: dq, dk, dv; the log decays' gradient (on each token's first rank
     row) and, per row, those of s and γ (summed over the ranks on the host)."""
-    bb, h, c = _program(H, NC)
     prec: tl.constexpr = "ieee" if IEEE else "tf32x3"
-    offs_m, tok, valid, first, row = _rows(c, L, R, QT, BLOCK_M)
-    tok_base = bb.to(tl.int64) * L * H + h
-    cum, total, s = _decays(dA_ptr, s_ptr, tok_base, tok, valid, first, H, CDT)
-    g = tl.load(g_ptr + tok_base + tok.to(tl.int64) * H, mask=valid, other=0.0).to(CDT)
-    rowg = bb.to(tl.int64) * L * R + row
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
-    qq = _tile(q_ptr, rowg, valid, H, h, N, offs_n, CDT)
-    kk = _tile(k_ptr, rowg, valid, H, h, N, offs_n, CDT)
-    vv = _tile(v_ptr, rowg, valid, H, h, P, offs_p, CDT)
+    (h, offs_m, tok, valid, first, tok_base, cum, total, s, g, rowg, offs_n, offs_p, qq, kk, vv,
+     sidx, smask) = _chunk_inputs(q_ptr, k_ptr, v_ptr, dA_ptr, s_ptr, g_ptr, L, H, R, N, P, QT, NC,
+                                  CDT, BLOCK_M, BLOCK_N, BLOCK_P)
     dy = _tile(dy_ptr, rowg, valid, H, h, P, offs_p, CDT)
-    sidx = ((bb * NC + c) * H + h).to(tl.int64) * P * N
-    smask = (offs_p < P)[:, None] & (offs_n < N)[None, :]
     soffs = offs_p[:, None] * N + offs_n[None, :]
     W, decay, strict, same = _weights(cum, s, g, offs_m, R)
     e = tl.exp(cum)
