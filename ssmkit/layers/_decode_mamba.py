@@ -106,15 +106,17 @@ def mamba_block_step(blk: nn.Module, h: torch.Tensor, state) -> bool:
     (nothing done) where it does not apply: not a plain block (no MLP, no shared block, RMSNorm,
     the mixer's usual layout), batch > 1, autograd, or
     compiling failed. The compiled step and its tensors are kept with the state (``_decode_plan``)
-    while the thread count and the block's tensors stay the same."""
+    while the thread count, the block's tensors and the state's tensors stay the same."""
     if h.shape[0] != 1 or not cpu_compile_enabled(h):
         return False
     m = blk.mixer
     mamba2 = type(m) is Mamba2
     tensors = _block_tensors2(blk) if mamba2 else _block_tensors(blk)
     plan = state.__dict__.get("_decode_plan")
-    if (plan is None or plan[0] != (torch.get_num_threads(), h.shape, h.dtype) or tensors is None
-            or any(a is not b for a, b in zip(plan[1], tensors))):
+    # the plan holds the state's tensors too: a state given new tensors gets a new plan
+    key = None if tensors is None else (*tensors, state.conv_state, state.ssm_state)
+    if (plan is None or plan[0] != (torch.get_num_threads(), h.shape, h.dtype) or key is None
+            or len(plan[1]) != len(key) or any(a is not b for a, b in zip(plan[1], key))):
         if tensors is None or not use_cpu_step(h, m.conv1d.weight):
             return False
         plan = (_mamba2_plan if mamba2 else _mamba_plan)(blk, h, state, tensors)
@@ -207,7 +209,8 @@ def _mamba_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
             (_ssm_g, [xs, z, xp_w, dt_w, dt_b, A2, D, state.ssm_state, *opt(xp_s)],
              {"dtype": dtype, "R": m.dt_rank, "N": m.d_state}),
             (_out_g, [xs, out_w, h, *opt(out_s)], {"dtype": dtype, "mult": float(blk.residual_multiplier)})]
-    return compile_plan("cpu_mamba_block", h, tensors, plan, (0, 1, 2, 1), (0, None, None, 2))
+    return compile_plan("cpu_mamba_block", h, (*tensors, state.conv_state, state.ssm_state), plan, (0, 1, 2, 1),
+                        (0, None, None, 2))
 
 
 # -- Mamba-2 -----------------------------------------------------------------------------------
@@ -297,4 +300,5 @@ def _mamba2_plan(blk: nn.Module, h: torch.Tensor, state, tensors: tuple):
             (_out_g, [z, out_w, h, *opt(out_s)], {"dtype": dtype, "mult": float(blk.residual_multiplier)})]
     if groups != G:
         return None  # (a norm over all of d_inner with several groups: the eager step)
-    return compile_plan("cpu_mamba_block", h, tensors, plan, (0, 1, 3, 1), (0, None, None, 2))
+    return compile_plan("cpu_mamba_block", h, (*tensors, state.conv_state, state.ssm_state), plan, (0, 1, 3, 1),
+                        (0, None, None, 2))

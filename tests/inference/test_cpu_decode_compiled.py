@@ -104,15 +104,20 @@ def _one_block(**cfg):
 @pytest.mark.parametrize("pattern", ["M", "2"])
 def test_mamba_block_step_matches_eager(cpu_compiled, pattern):
     """One Mamba / Mamba-2 (two groups) block as one compiled graph (_decode_mamba.mamba_block_step)
-    against the eager block step: the residual stream and both states, float32."""
+    against the eager block step: the residual stream and both states, float32; a state given new
+    tensors between steps is stepped in those (the graph kept with the state is rebuilt)."""
     ssm = {"d_state": 8} if pattern == "M" else {"d_state": 16, "headdim": 16, "ngroups": 2}
     blk, (h, st), (h2, st2) = _one_block(layer_pattern=pattern, ssm_cfg=ssm)
     with torch.inference_mode():
         assert mamba_block_step(blk, h2, st2)
+        plan = st2.__dict__["_decode_plan"]
+        st2.ssm_state, st2.conv_state = st2.ssm_state.clone(), st2.conv_state.clone()
+        assert mamba_block_step(blk, h2, st2) and st2.__dict__["_decode_plan"] is not plan
         assert not mamba_block_step(blk, h.expand(2, 64).clone(), st)  # batch 2: the eager step
         set_cpu_compile(False)
         assert not mamba_block_step(blk, h, st)
-        h.add_(blk.mixer.step(torch.nn.functional.rms_norm(h, (64,), blk.norm.weight, blk.norm.eps), st))
+        for _ in range(2):
+            h.add_(blk.mixer.step(torch.nn.functional.rms_norm(h, (64,), blk.norm.weight, blk.norm.eps), st))
     for a, b in ((h2, h), (st2.conv_state, st.conv_state), (st2.ssm_state, st.ssm_state)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
