@@ -73,9 +73,12 @@ _SSD_HALF = ("x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "dx_ptr", "d
 _SSD = {
     "ssd_fwd": (sdk._ssd_fwd, dict(HAS_D=True, D_PER_CHANNEL=False, HAS_Z=True, HAS_BIAS=True,
                                    HAS_H0=False, STORE_HT=False, **_SSD_BASE)),
-    "ssd_states_fwd": (sdk._ssd_states_fwd, dict(HAS_BIAS=True, HAS_H0=False, **_SSD_BASE)),
-    "ssd_bwd": (sdk._ssd_bwd, dict(HAS_D=True, D_PER_CHANNEL=False, HAS_Z=True, HAS_BIAS=True,
-                                   HAS_H0=False, HAS_DHT=False, **_SSD_BASE)),
+    "ssd_states_fwd": (sdk._ssd_states_fwd, dict(HAS_BIAS=True, HAS_H0=False, STORE_HT=False, **_SSD_BASE)),
+    "ssd_fwd_chunk": (sdk._ssd_fwd_chunk, dict(HAS_D=True, D_PER_CHANNEL=False, HAS_Z=True, HAS_BIAS=True,
+                                               **_SSD_BASE)),
+    "ssd_dstates_bwd": (sdk._ssd_dstates_bwd, dict(HAS_Z=True, HAS_BIAS=True, HAS_H0=False, HAS_DHT=False,
+                                                   **_SSD_BASE)),
+    "ssd_bwd": (sdk._ssd_bwd, dict(HAS_D=True, D_PER_CHANNEL=False, HAS_Z=True, HAS_BIAS=True, **_SSD_BASE)),
     "ssd_bwd_dbc": (sdk._ssd_bwd_dbc, dict(HAS_BIAS=True, **_SSD_BASE)),
 }
 

@@ -90,7 +90,7 @@ def main(argv=None):
     p.add_argument("--seqlens", default="2048,8192")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--chunked", action="store_true", help="also time the chunked PyTorch form")
-    p.add_argument("--sweep", action="store_true", help="also time other warps per program")
+    p.add_argument("--sweep", action="store_true", help="also time other warps and state rows per program")
     a = p.parse_args(argv)
     b, H, P, G, N = 8, 32, 64, 1, 128
     props = torch.cuda.get_device_properties(0)
@@ -108,19 +108,22 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 print("mamba_ssm failed:", repr(e), flush=True)
         row["ssmkit"] = _time(ours("triton"), ts, True)
-        if a.sweep:  # warps per program, forward and backward
+        if a.sweep:  # the forward's form, warps and state rows per program
             sdt = sys.modules["ssmkit.ops.ssd.triton"]  # (ssmkit.ops.ssd names the function too)
-
-            base = (sdt.FWD_WARPS, sdt.BWD_WARPS)
-            for fw, bw in ((4, 4), (8, 8), (4, 8), (8, 4)):
-                sdt.FWD_WARPS, sdt.BWD_WARPS = fw, bw
+            variants = ({"STATES_HALF": False}, {"FWD_SPLIT": True}, {"FWD_SPLIT": True, "STATE_ROWS": 16},
+                        {"WALK_WARPS": 8}, {"DBC_HEADS": 4}, {"DBC_HEADS": 32}, {"BWD_WARPS": 4})
+            for var in variants:
+                base = {n: getattr(sdt, n) for n in var}
+                for n, v in var.items():
+                    setattr(sdt, n, v)
                 try:
                     r = _time(ours("triton"), ts, True)
-                    row[f"ssmkit warps {fw}/{bw}"] = r
-                    print(f"L={L} warps fwd {fw} bwd {bw}: {r}", flush=True)
+                    row["ssmkit " + " ".join(f"{n.lower()}={v}" for n, v in var.items())] = r
+                    print(f"L={L} {var}: {r}", flush=True)
                 except Exception as e:  # noqa: BLE001
-                    print("warps", fw, bw, "failed:", repr(e)[:300], flush=True)
-            sdt.FWD_WARPS, sdt.BWD_WARPS = base
+                    print(var, "failed:", repr(e)[:300], flush=True)
+                for n, v in base.items():
+                    setattr(sdt, n, v)
         if a.chunked:
             row["ssmkit chunked"] = _time(ours("chunked"), ts, True)
         if L <= 2048:

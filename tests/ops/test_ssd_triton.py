@@ -1,6 +1,7 @@
 """The Triton SSD form (``backend="triton"``) against the reference recurrence, under the Triton
 CPU interpreter when there is no GPU: outputs, final states and every gradient, in float64.
-Covers seqlen 1, seqlens not a multiple of the kernels' chunk, G > 1, D per head and per channel,
+Covers seqlen 1, seqlens not a multiple of the kernels' chunk, G > 1, a head dimension
+split over several row blocks in the backward's walks, D per head and per channel,
 no options at all, the Δ clamp, and packed sequences with an empty one."""
 
 import math
@@ -17,6 +18,19 @@ from ssmkit.ops.ssd import ssd  # noqa: E402
 from ssmkit.ops.ssd.triton import ssd_triton  # noqa: E402
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+@pytest.fixture(autouse=True, params=["fused forward", "split forward, dB/dC in one-head parts"])
+def _forms(request, monkeypatch):
+    """Both forwards (one walk over the chunks computing the outputs, or the states walk then
+    every chunk's output at once), and the dB/dC pass with a group's heads in one program or
+    one head per program (partial sums added on the host)."""
+    import sys
+
+    sdt = sys.modules["ssmkit.ops.ssd.triton"]
+    split = request.param != "fused forward"
+    monkeypatch.setattr(sdt, "FWD_SPLIT", split)
+    monkeypatch.setattr(sdt, "DBC_HEADS", 1 if split else 8)
 
 
 def _inputs(b, L, H, P, G, N, *, D="head", opts=True, nseq=None):
@@ -57,7 +71,8 @@ def _check(ts, *, softplus=True, dt_limit=(0.0, math.inf), cu=None):
         assert_close(label, want, got, rel=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(2, 70, 4, 8, 2, 16), (1, 1, 2, 16, 1, 16), (2, 129, 2, 16, 1, 32)])
+@pytest.mark.parametrize("shape", [(2, 70, 4, 8, 2, 16), (1, 1, 2, 16, 1, 16), (2, 129, 2, 16, 1, 32),
+                                   (1, 70, 2, 48, 1, 16)])
 def test_against_reference(shape):
     _check(_inputs(*shape, D="channel" if shape[1] == 1 else "head"))
 

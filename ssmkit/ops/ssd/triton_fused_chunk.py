@@ -9,9 +9,13 @@ order, the state ``h (P, N)`` in float32 registers. Per chunk, with the log deca
 * ``h <- exp(c_Q) h + (exp(c_Q - c) ∘ Δx)ᵀ B``: the chunk's state, a third matmul.
 
 Nothing but ``y`` (and the final state) leaves the chip: no chunk states, no ``C Bᵀ`` blocks in
-memory. The backward recomputes the states entering each chunk (``_ssd_states_fwd``), then walks
-the chunks backwards with the state's adjoint ``dh`` in registers (``_ssd_bwd``), and sums the
-B and C gradients of the heads of each group in a parallel pass (``_ssd_bwd_dbc``).
+memory. The split forward (``_ssd_states_fwd`` then ``_ssd_fwd_chunk``) stores the state entering
+each chunk in one light walk over the chunks (one matmul a chunk, a block of the state's rows
+per program), then computes every chunk's output at once. The backward walks the chunks twice,
+storing the state entering each chunk (``_ssd_states_fwd``) and the state's adjoint leaving it
+(``_ssd_dstates_bwd``: ``dh <- exp(c_Q) dh + (exp(c) ∘ dy)ᵀ C``), then computes every chunk's
+gradients at once (``_ssd_bwd``), and sums the B and C gradients over the heads of each group
+(``_ssd_bwd_dbc``).
 """
 
 from __future__ import annotations
@@ -173,22 +177,24 @@ def _ssd_fwd(
 
 @triton.jit
 def _ssd_states_fwd(
-    x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, h0_ptr, cu_ptr, choff_ptr, S_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, h0_ptr, cu_ptr, choff_ptr, S_ptr, hT_ptr,
     seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
     stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
-    HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, VARLEN: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr,
     IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The state entering every chunk, ``S[chunk, head] (P, N)``: the forward's recurrence over
-    chunks without the outputs (the backward's first pass)."""
+    """The state entering every chunk, ``S[chunk, head] (P, N)`` (and the final state with
+    ``STORE_HT``): the forward's recurrence over chunks without the outputs. The rows of a state
+    evolve independently, so one program owns a block of ``BLOCK_P`` of them."""
     pid_sh = tl.program_id(0)
     seq = pid_sh // H
     head = pid_sh % H
     grp = head // heads_per_group
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     p_mask = offs_p < P
     n_mask = offs_n < N
@@ -206,7 +212,8 @@ def _ssd_states_fwd(
         h = tl.zeros((BLOCK_P, BLOCK_N), dtype=CDT)
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     for c0 in range(0, length, BLOCK_Q):
-        tl.store(S_ptr + ((chunk0 + c0 // BLOCK_Q) * H + head) * P * N + state_offs, h, mask=state_mask)
+        tl.store(S_ptr + ((chunk0 + c0 // BLOCK_Q) * H + head) * P * N + state_offs,
+                 h.to(S_ptr.dtype.element_ty), mask=state_mask)
         t = (c0 + offs_q).to(tl.int64)
         t_mask = t < length
         dlt, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
@@ -217,73 +224,187 @@ def _ssd_states_fwd(
                      mask=t_mask[:, None] & n_mask[None, :], other=0.0)
         w = (tl.exp(c_last - cum) * dlt)[:, None] * x.to(CDT)
         h = h * tl.exp(c_last) + tl.dot(tl.trans(w.to(Bm.dtype)), Bm, input_precision=prec)
+    if STORE_HT:
+        tl.store(hT_ptr + (seq * H + head).to(tl.int64) * P * N + state_offs, h, mask=state_mask)
 
 
 @triton.jit
-def _ssd_bwd(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_ptr, choff_ptr, S_ptr,
-    dy_ptr, dhT_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, dys_ptr, dS_ptr, dh0_ptr, dA_ptr, dD_ptr, dbias_ptr,
+def _ssd_fwd_chunk(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_ptr, choff_ptr, S_ptr, y_ptr,
     seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
     stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
-    stride_z_b, stride_z_t, stride_z_h, stride_dy_b, stride_dy_t, stride_dy_h,
-    stride_dx_b, stride_dx_t, stride_dx_h, stride_dz_b, stride_dz_t, stride_dz_h,
-    stride_ddt_b, stride_ddt_t, stride_ys_b, stride_ys_t, stride_ys_h,
+    stride_z_b, stride_z_t, stride_z_h, stride_y_b, stride_y_t, stride_y_h,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The chunks in reverse order with the state's adjoint ``dh (P, N)`` in registers: dx, dΔ
-    (through softplus and the clamp), dz, the per-program sums for dA, dD, d(dt_bias), and for
-    the B/C pass the pre-gate dy and the adjoint leaving each chunk (``dS``)."""
+    """The output of one (sequence, head, chunk, block of P) from the state entering the chunk
+    (``S``, from :func:`_ssd_states_fwd`): the forward's chunk body without the state update."""
+    pid_sh = tl.program_id(0)
+    k = tl.program_id(1)
+    seq = pid_sh // H
+    head = pid_sh % H
+    grp = head // heads_per_group
+    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
+    c0 = k * BLOCK_Q
+    if c0 < length:
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        p_mask = offs_p < P
+        n_mask = offs_n < N
+        A, bias, Dv = _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS, HAS_D,
+                                   D_PER_CHANNEL, CDT)
+        t = (c0 + offs_q).to(tl.int64)
+        t_mask = t < length
+        qp_mask = t_mask[:, None] & p_mask[None, :]
+        qn_mask = t_mask[:, None] & n_mask[None, :]
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
+        dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+        dlt, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
+                                            CDT, BLOCK_Q)
+        bc = row * stride_B_b + grp * stride_B_g + (start + t)[:, None] * stride_B_t + offs_n[None, :]
+        Bm = tl.load(B_ptr + bc, mask=qn_mask, other=0.0)
+        Cm = tl.load(C_ptr + bc, mask=qn_mask, other=0.0)
+        x = tl.load(x_ptr + row * stride_x_b + head * stride_x_h + (start + t)[:, None] * stride_x_t + offs_p[None, :],
+                    mask=qp_mask, other=0.0)
+        state_offs = offs_p[:, None] * N + offs_n[None, :]
+        hp = tl.load(S_ptr + ((chunk0 + k) * H + head) * P * N + state_offs,
+                     mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        y = tl.dot(Cm, tl.trans(hp.to(Cm.dtype)), input_precision=prec) * tl.exp(cum)[:, None]
+        causal = offs_q[:, None] >= offs_q[None, :]
+        cb = tl.dot(Cm, tl.trans(Bm), input_precision=prec)
+        m = cb * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))) * dlt[None, :]
+        y += tl.dot(m.to(x.dtype), x, input_precision=prec)
+        xf = x.to(CDT)
+        if HAS_D:
+            if D_PER_CHANNEL:
+                y += xf * Dv[None, :]
+            else:
+                y += xf * Dv
+        if HAS_Z:
+            zz = tl.load(z_ptr + row * stride_z_b + head * stride_z_h + (start + t)[:, None] * stride_z_t
+                         + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(y_ptr + row * stride_y_b + head * stride_y_h + (start + t)[:, None] * stride_y_t + offs_p[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=qp_mask)
+
+
+@triton.jit
+def _ssd_dstates_bwd(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, cu_ptr, choff_ptr, dy_ptr, dhT_ptr, dS_ptr, dh0_ptr,
+    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
+    stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
+    stride_z_b, stride_z_t, stride_z_h, stride_dy_b, stride_dy_t, stride_dy_h,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+    VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr, IEEE: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The state's adjoint leaving every chunk, ``dS[chunk, head] (P, N)``, and entering the
+    sequence (``dh0``): the chunks in reverse order, ``dh <- exp(c_Q) dh + (exp(c) ∘ dy)ᵀ C`` with
+    ``dy`` the gradient before the gate. One program per block of ``BLOCK_P`` rows, as the states."""
     pid_sh = tl.program_id(0)
     seq = pid_sh // H
     head = pid_sh % H
     grp = head // heads_per_group
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     p_mask = offs_p < P
     n_mask = offs_n < N
-    x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
-    dx_base = dx_ptr + row * stride_dx_b + head * stride_dx_h + start * stride_dx_t
-    dys_base = dys_ptr + row * stride_ys_b + head * stride_ys_h + start * stride_ys_t
+    dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+    C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
     dy_base = dy_ptr + row * stride_dy_b + head * stride_dy_h + start * stride_dy_t
     z_base = z_ptr + row * stride_z_b + head * stride_z_h + start * stride_z_t
-    dz_base = dz_ptr + row * stride_dz_b + head * stride_dz_h + start * stride_dz_t
-    dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
-    ddt_base = ddt_ptr + row * stride_ddt_b + head + start * stride_ddt_t
-    B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
-    C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
-    A, bias, Dv = _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS, HAS_D,
-                               D_PER_CHANNEL, CDT)
+    A = tl.load(A_ptr + head).to(CDT)
+    bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
     state_offs = offs_p[:, None] * N + offs_n[None, :]
     state_mask = p_mask[:, None] & n_mask[None, :]
     sidx = (seq * H + head).to(tl.int64) * P * N
     dh = _load_state(dhT_ptr, sidx, state_offs, state_mask, HAS_DHT, CDT, BLOCK_P, BLOCK_N)
-    causal = offs_q[:, None] >= offs_q[None, :]
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
-    dA_acc = tl.zeros((BLOCK_Q,), dtype=CDT)
-    dbias_acc = tl.zeros((BLOCK_Q,), dtype=CDT)
-    dD_acc = tl.zeros((BLOCK_P,), dtype=CDT)
     nch = tl.cdiv(length, BLOCK_Q)
     for i in range(0, nch):
         k = nch - 1 - i
-        c0 = k * BLOCK_Q
+        tl.store(dS_ptr + ((chunk0 + k) * H + head) * P * N + state_offs, dh.to(dS_ptr.dtype.element_ty),
+                 mask=state_mask)
+        t = (k * BLOCK_Q + offs_q).to(tl.int64)
+        t_mask = t < length
+        qp_mask = t_mask[:, None] & p_mask[None, :]
+        _, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
+                                          CDT, BLOCK_Q)
+        Cm = tl.load(C_base + t[:, None] * stride_B_t + offs_n[None, :],
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        dy = tl.load(dy_base + t[:, None] * stride_dy_t + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
+        if HAS_Z:
+            zz = tl.load(z_base + t[:, None] * stride_z_t + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
+            dy = dy * zz * tl.sigmoid(zz)
+        dh = dh * tl.exp(c_last) + tl.dot(tl.trans((dy * tl.exp(cum)[:, None]).to(Cm.dtype)), Cm,
+                                          input_precision=prec)
+    if HAS_H0:
+        tl.store(dh0_ptr + sidx + state_offs, dh, mask=state_mask)
+
+
+@triton.jit
+def _ssd_bwd(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_ptr, choff_ptr, S_ptr, dS_ptr,
+    dy_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dys_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
+    stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
+    stride_z_b, stride_z_t, stride_z_h, stride_dy_b, stride_dy_t, stride_dy_h,
+    stride_dx_b, stride_dx_t, stride_dx_h, stride_dz_b, stride_dz_t, stride_dz_h,
+    stride_ddt_b, stride_ddt_t, stride_ys_b, stride_ys_t, stride_ys_h,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (sequence, head, chunk), from the state entering the chunk (``S``) and the adjoint
+    leaving it (``dS``): dx, dΔ (through softplus and the clamp), dz, the pre-gate dy for the B/C
+    pass, and the chunk's terms of dA, dD and d(dt_bias) (summed on the host)."""
+    pid_sh = tl.program_id(0)
+    k = tl.program_id(1)
+    seq = pid_sh // H
+    head = pid_sh % H
+    grp = head // heads_per_group
+    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
+    c0 = k * BLOCK_Q
+    if c0 < length:
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        p_mask = offs_p < P
+        n_mask = offs_n < N
+        x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
+        dx_base = dx_ptr + row * stride_dx_b + head * stride_dx_h + start * stride_dx_t
+        dys_base = dys_ptr + row * stride_ys_b + head * stride_ys_h + start * stride_ys_t
+        dy_base = dy_ptr + row * stride_dy_b + head * stride_dy_h + start * stride_dy_t
+        z_base = z_ptr + row * stride_z_b + head * stride_z_h + start * stride_z_t
+        dz_base = dz_ptr + row * stride_dz_b + head * stride_dz_h + start * stride_dz_t
+        dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
+        ddt_base = ddt_ptr + row * stride_ddt_b + head + start * stride_ddt_t
+        B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+        C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
+        A, bias, Dv = _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS, HAS_D,
+                                   D_PER_CHANNEL, CDT)
+        state_offs = offs_p[:, None] * N + offs_n[None, :]
+        state_mask = p_mask[:, None] & n_mask[None, :]
+        causal = offs_q[:, None] >= offs_q[None, :]
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
         sk = ((chunk0 + k) * H + head) * P * N
-        tl.store(dS_ptr + sk + state_offs, dh, mask=state_mask)
+        dh = tl.load(dS_ptr + sk + state_offs, mask=state_mask, other=0.0).to(CDT)
+        hp = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0).to(CDT)
         t = (c0 + offs_q).to(tl.int64)
         t_mask = t < length
         qp_mask = t_mask[:, None] & p_mask[None, :]
         qn_mask = t_mask[:, None] & n_mask[None, :]
         dlt, deriv, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
-                                              CDT, BLOCK_Q)
+                                                CDT, BLOCK_Q)
         x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :], mask=qp_mask, other=0.0)
         Bm = tl.load(B_base + t[:, None] * stride_B_t + offs_n[None, :], mask=qn_mask, other=0.0)
         Cm = tl.load(C_base + t[:, None] * stride_B_t + offs_n[None, :], mask=qn_mask, other=0.0)
-        hp = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0)
         xf = x.to(CDT)
         dy = tl.load(dy_base + t[:, None] * stride_dy_t + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
         e_cum = tl.exp(cum)
@@ -311,12 +432,14 @@ def _ssd_bwd(
         bdh = tl.dot(Bm, tl.trans(dh.to(Bm.dtype)), input_precision=prec)  # (Q, P)
         dxp = tl.dot(tl.trans(lcb.to(x.dtype)), dyd, input_precision=prec) + decay_end[:, None] * bdh
         dx = dlt[:, None] * dxp
+        out = ((seq * H + head) * nchunks_max + k).to(tl.int64)
         if HAS_D:
             if D_PER_CHANNEL:
                 dx += dy * Dv[None, :]
             else:
                 dx += dy * Dv
-            dD_acc += tl.sum(dy * xf, axis=0)  # per channel (the host sums them for D per head)
+            # per channel (the host sums them over chunks, and over channels for D per head)
+            tl.store(dD_ptr + out * BLOCK_P + offs_p, tl.sum(dy * xf, axis=0))
         tl.store(dx_base + t[:, None] * stride_dx_t + offs_p[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=qp_mask)
         ddlt = tl.sum(xf * dxp, axis=1)
@@ -329,38 +452,31 @@ def _ssd_bwd(
         dcum = dcum - term + tl.where(offs_q == BLOCK_Q - 1, dlast, 0.0)
         da = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # reverse prefix sums
         ddlt += A * da
-        dA_acc += dlt * da
         ddt = ddlt * deriv
-        dbias_acc += ddt
         tl.store(ddt_base + t * stride_ddt_t, ddt.to(ddt_ptr.dtype.element_ty), mask=t_mask)
-        # the adjoint entering the chunk
-        dh = dh * tl.exp(c_last) + tl.dot(tl.trans((dy * e_cum[:, None]).to(Cm.dtype)), Cm,
-                                          input_precision=prec)
-    out = seq * H + head
-    if HAS_H0:
-        tl.store(dh0_ptr + sidx + state_offs, dh, mask=state_mask)
-    tl.store(dA_ptr + out, tl.sum(dA_acc, axis=0))
-    if HAS_BIAS:
-        tl.store(dbias_ptr + out, tl.sum(dbias_acc, axis=0))
-    if HAS_D:
-        tl.store(dD_ptr + out.to(tl.int64) * BLOCK_P + offs_p, dD_acc)
+        tl.store(dA_ptr + out, tl.sum(dlt * da, axis=0))
+        if HAS_BIAS:
+            tl.store(dbias_ptr + out, tl.sum(ddt, axis=0))
 
 
 @triton.jit
 def _ssd_bwd_dbc(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, cu_ptr, choff_ptr, S_ptr, dS_ptr, dys_ptr,
     dB_ptr, dC_ptr,
-    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max,
+    seqlen, H, P, N, heads_per_group, nchunks_max, dt_min, dt_max, heads_per_prog, splits,
     stride_x_b, stride_x_t, stride_x_h, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_B_g,
-    stride_ys_b, stride_ys_t, stride_ys_h, stride_dB_b, stride_dB_t, stride_dB_g,
+    stride_ys_b, stride_ys_t, stride_ys_h, stride_dB_s, stride_dB_b, stride_dB_t, stride_dB_g,
     HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     IEEE: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dB and dC of one (sequence, chunk, group), summed over the group's heads."""
+    """dB and dC of one (sequence, chunk, group), summed over ``heads_per_prog`` of the group's
+    heads: with ``splits`` > 1 programs per group, each writes its partial sums to its own slice
+    (``stride_dB_s``) and the host adds them."""
     seq = tl.program_id(0)
     k = tl.program_id(1)
-    grp = tl.program_id(2)
+    grp = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
@@ -376,14 +492,15 @@ def _ssd_bwd_dbc(
         bc_off = row * stride_B_b + grp * stride_B_g + (start + t)[:, None] * stride_B_t + offs_n[None, :]
         Bm = tl.load(B_ptr + bc_off, mask=qn_mask, other=0.0)
         Cm = tl.load(C_ptr + bc_off, mask=qn_mask, other=0.0)
-        dbc_off = row * stride_dB_b + grp * stride_dB_g + (start + t)[:, None] * stride_dB_t + offs_n[None, :]
+        dbc_off = (split * stride_dB_s + row * stride_dB_b + grp * stride_dB_g + (start + t)[:, None] * stride_dB_t
+                   + offs_n[None, :])
         state_offs = offs_p[:, None] * N + offs_n[None, :]
         state_mask = p_mask[:, None] & n_mask[None, :]
         causal = offs_q[:, None] >= offs_q[None, :]
         prec: tl.constexpr = "ieee" if IEEE else "tf32"
         dB = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)
         dC = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)
-        for j in range(0, heads_per_group):
+        for j in range(split * heads_per_prog, tl.minimum((split + 1) * heads_per_prog, heads_per_group)):
             head = grp * heads_per_group + j
             A = tl.load(A_ptr + head).to(CDT)
             bias = tl.load(bias_ptr + head).to(CDT) if HAS_BIAS else 0.0
