@@ -33,8 +33,8 @@ BWD_WARPS = 8  # warps per program of the backward's per-chunk passes
 WALK_WARPS = 4  # warps per program of the backward's walks over chunks
 STATE_ROWS = 32  # rows of the state per program in those walks
 DBC_HEADS = 8  # heads per program of the dB/dC pass
-FWD_SPLIT = False
-STATES_HALF = True  # the backward's chunk-boundary states and adjoints in half precision  # the forward as a walk over the states, then the chunks in parallel
+FWD_SPLIT = False  # the forward as a walk over the states, then every chunk's output at once
+STATES_HALF = True  # the backward's chunk-boundary states and adjoints in half precision
 
 
 def _next_pow2(n: int, lo: int = 16) -> int:
