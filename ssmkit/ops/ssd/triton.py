@@ -215,7 +215,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # (the kernels take each one's strides)
     ddt = torch.empty(dt.shape, device=x.device, dtype=dt.dtype)
     dz = torch.empty(z.shape, device=x.device, dtype=z.dtype) if z is not None else None
-    dys = torch.empty(x.shape, device=x.device, dtype=cdt)
+    dys = torch.empty(x.shape, device=x.device, dtype=x.dtype if x.element_size() == 2 else cdt)  # (read as x.dtype)
     dh0 = torch.empty_like(h0) if h0 is not None else None
     # per (sequence, head, chunk) terms of dA, d(dt_bias) and dD (zero where a sequence has no such chunk)
     dA_p = torch.zeros(nseq, H, nch_max, device=x.device, dtype=cdt)
