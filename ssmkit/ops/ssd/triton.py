@@ -132,7 +132,7 @@ def _launch_fwd_split(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, 
                  dt_limit, cdt)
     block_p = min(_next_pow2(P), 64)
     zz = z if z is not None else x
-    k._ssd_fwd_chunk[(nseq * H, nch_max, triton.cdiv(P, block_p))](
+    k._ssd_fwd_chunk[(nseq * H * nch_max, triton.cdiv(P, block_p))](
         x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A,
         cu if cu is not None else A, choff, S, y,
         L, H, P, N, H // G, nch_max, *_limits(dt_limit),
@@ -245,7 +245,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
         HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_H0=h0 is not None, HAS_DHT=dhT is not None,
         BLOCK_P=BLOCK_PS, num_warps=WALK_WARPS, **common)
     # every chunk at once from its entering state and leaving adjoint
-    k._ssd_bwd[(nseq * H, nch_max)](
+    k._ssd_bwd[(nseq * H * nch_max,)](
         x, dt, A, B, C, D if D is not None else dummy, zz, bias_, cu_, choff, S, dS, dy,
         dx, ddt, dzz, dys, dA_p, dD_p if dD_p is not None else dummy, dbias_p if dbias_p is not None else dummy,
         L, H, P, N, H // G, nch_max, lo, hi, *strides,

@@ -239,17 +239,18 @@ def _ssd_fwd_chunk(
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The output of one (sequence, head, chunk, block of P) from the state entering the chunk
-    (``S``, from :func:`_ssd_states_fwd`): the forward's chunk body without the state update."""
-    pid_sh = tl.program_id(0)
-    k = tl.program_id(1)
-    seq = pid_sh // H
-    head = pid_sh % H
+    (``S``, from :func:`_ssd_states_fwd`): the forward's chunk body without the state update.
+    Grid ``(sequences · H · nchunks_max, blocks of P)``."""
+    pid = tl.program_id(0)
+    k = pid % nchunks_max
+    seq = pid // (H * nchunks_max)
+    head = (pid // nchunks_max) % H
     grp = head // heads_per_group
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
         offs_q = tl.arange(0, BLOCK_Q)
-        offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_n = tl.arange(0, BLOCK_N)
         p_mask = offs_p < P
         n_mask = offs_n < N
@@ -363,11 +364,12 @@ def _ssd_bwd(
 ):
     """One (sequence, head, chunk), from the state entering the chunk (``S``) and the adjoint
     leaving it (``dS``): dx, dΔ (through softplus and the clamp), dz, the pre-gate dy for the B/C
-    pass, and the chunk's terms of dA, dD and d(dt_bias) (summed on the host)."""
-    pid_sh = tl.program_id(0)
-    k = tl.program_id(1)
-    seq = pid_sh // H
-    head = pid_sh % H
+    pass, and the chunk's terms of dA, dD and d(dt_bias) (summed on the host). A one-dimensional
+    grid of ``sequences · H · nchunks_max`` (no 65,535 limit on the chunks)."""
+    pid = tl.program_id(0)
+    k = pid % nchunks_max
+    seq = pid // (H * nchunks_max)
+    head = (pid // nchunks_max) % H
     grp = head // heads_per_group
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
@@ -432,7 +434,7 @@ def _ssd_bwd(
         bdh = tl.dot(Bm, tl.trans(dh.to(Bm.dtype)), input_precision=prec)  # (Q, P)
         dxp = tl.dot(tl.trans(lcb.to(x.dtype)), dyd, input_precision=prec) + decay_end[:, None] * bdh
         dx = dlt[:, None] * dxp
-        out = ((seq * H + head) * nchunks_max + k).to(tl.int64)
+        out = pid.to(tl.int64)  # (sequence, head, chunk)
         if HAS_D:
             if D_PER_CHANNEL:
                 dx += dy * Dv[None, :]
