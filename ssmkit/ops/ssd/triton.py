@@ -262,7 +262,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     if splits > 1:
         dB = torch.empty(splits, *B.shape, device=x.device, dtype=cdt)
         dC = torch.empty_like(dB)
-    k._ssd_bwd_dbc[(nseq, nch_max, G * splits)](
+    k._ssd_bwd_dbc[(nseq * nch_max, G * splits)](
         x, dt, A, B, C, bias_, cu_, choff, S, dS, dys, dB, dC,
         L, H, P, N, hpg, nch_max, lo, hi, per_prog, splits, *strides,
         dys.stride(0), dys.stride(1), dys.stride(2),

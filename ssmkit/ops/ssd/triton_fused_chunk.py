@@ -475,10 +475,10 @@ def _ssd_bwd_dbc(
     """dB and dC of one (sequence, chunk, group), summed over ``heads_per_prog`` of the group's
     heads: with ``splits`` > 1 programs per group, each writes its partial sums to its own slice
     (``stride_dB_s``) and the host adds them."""
-    seq = tl.program_id(0)
-    k = tl.program_id(1)
-    grp = tl.program_id(2) // splits
-    split = tl.program_id(2) % splits
+    seq = tl.program_id(0) // nchunks_max  # (grid: sequences · chunks, groups · splits)
+    k = tl.program_id(0) % nchunks_max
+    grp = tl.program_id(1) // splits
+    split = tl.program_id(1) % splits
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
