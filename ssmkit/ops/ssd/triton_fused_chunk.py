@@ -72,6 +72,19 @@ def _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(cu_ptr, choff_ptr, seqlen, H, heads_per_group, nchunks_max, VARLEN: tl.constexpr):
+    """(program id, sequence, head, group, chunk, and :func:`_bounds`' batch row, first token,
+    length and first chunk) of a program of a one-dimensional grid of ``sequences · H ·
+    nchunks_max``: no 65,535 limit on the chunks, as a grid's second axis would have."""
+    pid = tl.program_id(0)
+    k = pid % nchunks_max
+    seq = pid // (H * nchunks_max)
+    head = (pid // nchunks_max) % H
+    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
+    return pid, seq, head, head // heads_per_group, k, row, start, length, chunk0
+
+
+@triton.jit
 def _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS: tl.constexpr,
                  HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, CDT: tl.constexpr):
     """A, dt_bias (0 without it) and D (per head, or ``(BLOCK_P,)`` per channel; 0 without it)
@@ -85,6 +98,17 @@ def _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS: tl.c
         else:
             Dv = tl.load(D_ptr + head).to(CDT)
     return A, bias, Dv
+
+
+@triton.jit
+def _d_skip(y, xf, Dv, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr):
+    """``y + D x`` (D per head, or per channel of the block of P) for a chunk's ``(Q, P)`` rows."""
+    if HAS_D:
+        if D_PER_CHANNEL:
+            y += xf * Dv[None, :]
+        else:
+            y += xf * Dv
+    return y
 
 
 @triton.jit
@@ -160,11 +184,7 @@ def _ssd_fwd(
         w = (tl.exp(c_last - cum) * dlt)[:, None] * x.to(CDT)
         h = h * tl.exp(c_last) + tl.dot(tl.trans(w.to(Bm.dtype)), Bm, input_precision=prec)
         xf = x.to(CDT)
-        if HAS_D:
-            if D_PER_CHANNEL:
-                y += xf * Dv[None, :]
-            else:
-                y += xf * Dv
+        y = _d_skip(y, xf, Dv, HAS_D, D_PER_CHANNEL)
         if HAS_Z:
             zz = tl.load(z_base + t[:, None] * stride_z_t + offs_p[None, :],
                          mask=t_mask[:, None] & p_mask[None, :], other=0.0).to(CDT)
@@ -241,12 +261,8 @@ def _ssd_fwd_chunk(
     """The output of one (sequence, head, chunk, block of P) from the state entering the chunk
     (``S``, from :func:`_ssd_states_fwd`): the forward's chunk body without the state update.
     Grid ``(sequences · H · nchunks_max, blocks of P)``."""
-    pid = tl.program_id(0)
-    k = pid % nchunks_max
-    seq = pid // (H * nchunks_max)
-    head = (pid // nchunks_max) % H
-    grp = head // heads_per_group
-    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
+    pid, seq, head, grp, k, row, start, length, chunk0 = _chunk_program(cu_ptr, choff_ptr, seqlen, H, heads_per_group,
+                                                                         nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
         offs_q = tl.arange(0, BLOCK_Q)
@@ -278,11 +294,7 @@ def _ssd_fwd_chunk(
         m = cb * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))) * dlt[None, :]
         y += tl.dot(m.to(x.dtype), x, input_precision=prec)
         xf = x.to(CDT)
-        if HAS_D:
-            if D_PER_CHANNEL:
-                y += xf * Dv[None, :]
-            else:
-                y += xf * Dv
+        y = _d_skip(y, xf, Dv, HAS_D, D_PER_CHANNEL)
         if HAS_Z:
             zz = tl.load(z_ptr + row * stride_z_b + head * stride_z_h + (start + t)[:, None] * stride_z_t
                          + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
@@ -364,14 +376,10 @@ def _ssd_bwd(
 ):
     """One (sequence, head, chunk), from the state entering the chunk (``S``) and the adjoint
     leaving it (``dS``): dx, dΔ (through softplus and the clamp), dz, the pre-gate dy for the B/C
-    pass, and the chunk's terms of dA, dD and d(dt_bias) (summed on the host). A one-dimensional
-    grid of ``sequences · H · nchunks_max`` (no 65,535 limit on the chunks)."""
-    pid = tl.program_id(0)
-    k = pid % nchunks_max
-    seq = pid // (H * nchunks_max)
-    head = (pid // nchunks_max) % H
-    grp = head // heads_per_group
-    row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
+    pass, and the chunk's terms of dA, dD and d(dt_bias) (summed on the host). Grid
+    ``(sequences · H · nchunks_max,)``."""
+    pid, seq, head, grp, k, row, start, length, chunk0 = _chunk_program(cu_ptr, choff_ptr, seqlen, H, heads_per_group,
+                                                                         nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
         offs_q = tl.arange(0, BLOCK_Q)
@@ -417,11 +425,7 @@ def _ssd_bwd(
         if HAS_Z:
             zz = tl.load(z_base + t[:, None] * stride_z_t + offs_p[None, :], mask=qp_mask, other=0.0).to(CDT)
             y = tl.dot((lcb * dlt[None, :]).to(x.dtype), x, input_precision=prec) + y_off * e_cum[:, None]
-            if HAS_D:
-                if D_PER_CHANNEL:
-                    y += xf * Dv[None, :]
-                else:
-                    y += xf * Dv
+            y = _d_skip(y, xf, Dv, HAS_D, D_PER_CHANNEL)
             sz = tl.sigmoid(zz)
             dz = dy * y * sz * (1.0 + zz * (1.0 - sz))
             tl.store(dz_base + t[:, None] * stride_dz_t + offs_p[None, :], dz.to(dz_ptr.dtype.element_ty),
