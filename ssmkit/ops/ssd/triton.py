@@ -221,8 +221,6 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     dA_p = torch.zeros(nseq, H, nch_max, device=x.device, dtype=cdt)
     dbias_p = torch.zeros(nseq, H, nch_max, device=x.device, dtype=cdt) if dt_bias is not None else None
     dD_p = torch.zeros(nseq, H, nch_max, BLOCK_P, device=x.device, dtype=cdt) if D is not None else None
-    dB = torch.empty(B.shape, device=x.device, dtype=B.dtype)
-    dC = torch.empty(C.shape, device=x.device, dtype=C.dtype)
     dummy = A
     lo, hi = _limits(dt_limit)
     common = dict(VARLEN=cu is not None, DT_SOFTPLUS=bool(dt_softplus),
@@ -262,6 +260,9 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     if splits > 1:
         dB = torch.empty(splits, *B.shape, device=x.device, dtype=cdt)
         dC = torch.empty_like(dB)
+    else:
+        dB = torch.empty(B.shape, device=x.device, dtype=B.dtype)
+        dC = torch.empty(C.shape, device=x.device, dtype=C.dtype)
     k._ssd_bwd_dbc[(nseq * nch_max, G * splits)](
         x, dt, A, B, C, bias_, cu_, choff, S, dS, dys, dB, dC,
         L, H, P, N, hpg, nch_max, lo, hi, per_prog, splits, *strides,
