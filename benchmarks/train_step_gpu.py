@@ -12,6 +12,8 @@ bfloat16 autocast, AdamW, batch 8 x 2048 tokens: median step time of ``--steps``
 * ``compiled``: the default under ``torch.compile(model, fullgraph=True)``;
 * ``mamba2``: the Mamba-2 130M shape (24 layers, d_model 768, N 128, headdim 64) with the
   defaults, for the Mamba-2 against Mamba-1 comparison on the same card;
+* ``mamba2-triton``: the same with the Triton SSD (``ssd(..., backend="triton")``) chosen for
+  "auto" in that process;
 * ``gated-deltanet``: the ``gated-deltanet-130m`` preset (24 Gated DeltaNet layers, d_model 768,
   6 heads, keys of 128, values of 192, no MLP) with the Triton delta rule (chosen for "auto" in
   that process) and the defaults otherwise. Its peer, ``fla``, is the same-shaped LM built from
@@ -23,8 +25,11 @@ bfloat16 autocast, AdamW, batch 8 x 2048 tokens: median step time of ``--steps``
   row says so.
 
 Each variant runs in a process of its own (``--variants`` picks them), so that one's memory and
-compiled code do not affect the next. Peers (``--no-peer`` leaves them out): mamba_ssm with any
-Mamba variant, fla with ``gated-deltanet``.
+compiled code do not affect the next. Peers (``--no-peer`` leaves them out): mamba_ssm's Mamba-1
+LM with the Mamba-1 variants, its Mamba-2 LM (``mamba_ssm-mamba2``: ``MambaLMHeadModel`` with
+``Mamba2`` layers, chunk 256; its fused training path where ``causal_conv1d`` is installed, else
+its unfused path with a PyTorch ``Conv1d``, as the row says) with the Mamba-2 variants, fla with
+``gated-deltanet``.
 
     pip install mamba-ssm --no-build-isolation      # the peers (optional)
     pip install flash-linear-attention
@@ -82,7 +87,13 @@ def ssmkit_variant(name, ids, args):
     from ssmkit.models.lm import LanguageModel
 
     torch.manual_seed(0)
-    preset = {"mamba2": "mamba2-130m", "gated-deltanet": "gated-deltanet-130m"}.get(name, "mamba-130m")
+    preset = {"mamba2": "mamba2-130m", "mamba2-triton": "mamba2-130m",
+              "gated-deltanet": "gated-deltanet-130m"}.get(name, "mamba-130m")
+    if name == "mamba2-triton":
+        from ssmkit.ops import dispatch
+        from ssmkit.ops.ssd import triton as _ssd_triton  # noqa: F401  (registers the Triton form)
+
+        dispatch.register("ssd", "triton")(dispatch.get("ssd", "triton"))
     if name == "gated-deltanet":  # "auto" picks the Triton delta rule (forward, backward, decode)
         from ssmkit.ops import dispatch
         from ssmkit.ops.delta_rule import delta_rule  # noqa: F401  (registers its forms)
@@ -104,12 +115,21 @@ def ssmkit_variant(name, ids, args):
     return _measure(_step_fn(run, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
 
 
-def mamba_ssm_variant(ids, args):
+def mamba_ssm_variant(ids, args, layer="Mamba1"):
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     torch.manual_seed(0)
-    cfg = MambaConfig(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={"layer": "Mamba1"},
+    ssm_cfg = {"layer": layer}
+    path = None
+    if layer == "Mamba2":  # the fused training path needs the causal_conv1d package
+        try:
+            import causal_conv1d  # noqa: F401
+            path = "fused path (causal_conv1d)"
+        except ImportError:
+            ssm_cfg["use_mem_eff_path"] = False
+            path = "unfused path, PyTorch Conv1d (no causal_conv1d)"
+    cfg = MambaConfig(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg=ssm_cfg,
                       rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
     model = MambaLMHeadModel(cfg, device="cuda")
 
@@ -118,7 +138,8 @@ def mamba_ssm_variant(ids, args):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    return _measure(_step_fn(model, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
+    res = _measure(_step_fn(model, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
+    return {**res, "path": path} if path else res
 
 
 class FlaGatedDeltaNetLM(torch.nn.Module):
@@ -162,7 +183,8 @@ def fla_variant(ids, args):
     return _measure(_step_fn(model, opt, ids, loss_fn), args.warmup, args.steps, ids.numel())
 
 
-VARIANTS = ("default", "per-call-logits", "compiled", "mamba2", "gated-deltanet")
+VARIANTS = ("default", "per-call-logits", "compiled", "mamba2", "mamba2-triton", "gated-deltanet")
+MAMBA1 = ("default", "per-call-logits", "compiled")
 
 
 def _one(name: str, a) -> dict:
@@ -177,6 +199,8 @@ def _one(name: str, a) -> dict:
     ids = torch.randint(0, 50277, (a.batch, a.seqlen), device="cuda")
     if name == "mamba_ssm":
         return mamba_ssm_variant(ids, a)
+    if name == "mamba_ssm-mamba2":
+        return mamba_ssm_variant(ids, a, "Mamba2")
     if name == "fla":
         try:
             return fla_variant(ids, a)
@@ -187,7 +211,7 @@ def _one(name: str, a) -> dict:
 
 
 def _row_name(name: str) -> str:
-    return name if name in ("mamba_ssm", "fla") else f"ssmkit {name}"
+    return name if name in ("mamba_ssm", "mamba_ssm-mamba2", "fla") else f"ssmkit {name}"
 
 
 def _run_child(name: str, a) -> dict | None:
@@ -240,7 +264,8 @@ def main(argv=None):
             "shape": f"mamba-130m (mamba2-130m, gated-deltanet-130m for those variants and fla), "
                      f"batch {a.batch} x {a.seqlen}, bf16 autocast, AdamW"}
     print(info, flush=True)
-    peers = [] if a.no_peer else (["mamba_ssm"] * any(v != "gated-deltanet" for v in variants)
+    peers = [] if a.no_peer else (["mamba_ssm"] * any(v in MAMBA1 for v in variants)
+                                  + ["mamba_ssm-mamba2"] * any(v.startswith("mamba2") for v in variants)
                                   + ["fla"] * ("gated-deltanet" in variants))
     rows = {}
     for name in peers + variants:
@@ -255,8 +280,12 @@ def main(argv=None):
         else:
             print(f"| {k} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} |")
     for k, r in rows.items():
-        if "refused" in r:
-            print(f"{k}: {r['refused']}")
+        if "refused" in r or "path" in r:
+            print(f"{k}: {r.get('refused', r.get('path'))}")
+    for v in ("mamba2", "mamba2-triton"):
+        if f"ssmkit {v}" in rows and "tokens_per_s" in rows.get("mamba_ssm-mamba2", {}):
+            ratio = rows[f"ssmkit {v}"].get("tokens_per_s", 0) / rows["mamba_ssm-mamba2"]["tokens_per_s"]
+            print(f"{v}: ssmkit / mamba_ssm Mamba-2 tokens/s = {ratio:.2f}")
     if "ssmkit gated-deltanet" in rows and "tokens_per_s" in rows.get("fla", {}):
         ratio = rows["ssmkit gated-deltanet"].get("tokens_per_s", 0) / rows["fla"]["tokens_per_s"]
         print(f"gated-deltanet: ssmkit / fla tokens/s = {ratio:.2f}")
