@@ -8,6 +8,9 @@ batch 1, ``--seqlen`` tokens (1024), with 1 and 2 torch threads:
 * the floor: every matmul that model must do, each timed alone with torch at its shape in the
   same run: its linear layers (``(seqlen, in) @ (in, out)``), the LM head at the last position,
   and for Mamba-2 the SSD's own chunk matmuls at the CPU block length the chunked form uses.
+  A linear layer's time is the faster of PyTorch's two float32 CPU products at its shape,
+  ``F.linear`` (MKL) and oneDNN's matmul (``ssmkit.ops.cpu_linear``, which the model's layers
+  use); the floor through ``F.linear`` alone is reported beside it (``floor_f_linear_ms``).
   The Mamba layers' scan, the convolutions, norms and gates are not matmuls and count as overhead.
 
 Both are medians of ``--repeats`` runs, interleaved (model, floor, model, floor, ...), so that
@@ -92,20 +95,32 @@ def _timed(fn) -> float:
 
 
 def floor_runner(shapes: Counter):
-    """A function timing each shape once (best of 2 after a warm-up) -> total seconds, summed
-    over the shapes weighted by their counts."""
+    """A function timing each shape (best of 2 after a warm-up) -> ``(floor, F.linear floor)`` in
+    seconds, summed over the shapes weighted by their counts: a linear layer's shape counts at the
+    faster of ``F.linear`` and oneDNN's product in the first, at ``F.linear``'s in the second."""
+    from ssmkit.ops import cpu_linear
+
     ops = []
     for (bt, m, k, n), count in shapes.items():
         a, w = torch.randn(bt, m, k), torch.randn(bt, k, n)
         if bt == 1:  # a linear layer: x @ Wᵀ with W (out, in)
-            fn = functools.partial(torch.nn.functional.linear, a[0], w[0].t().contiguous())
+            wt = w[0].t().contiguous()
+            fns = [functools.partial(torch.nn.functional.linear, a[0], wt)]
+            if cpu_linear.fast_form_available():
+                fns.append(functools.partial(cpu_linear._onednn, a[0], wt, None))
         else:
-            fn = functools.partial(torch.bmm, a, w)
-        fn()
-        ops.append((fn, count))
+            fns = [functools.partial(torch.bmm, a, w)]
+        for fn in fns:
+            fn()
+        ops.append((fns, count))
 
-    def run() -> float:
-        return sum(min(_timed(fn), _timed(fn)) * count for fn, count in ops)
+    def run() -> tuple[float, float]:
+        best = reference = 0.0
+        for fns, count in ops:
+            times = [min(_timed(fn), _timed(fn)) for fn in fns]
+            best += min(times) * count
+            reference += times[0] * count
+        return best, reference
 
     return run
 
@@ -135,21 +150,26 @@ def prefill_section(args) -> list[dict]:
                     model(ids[:, :64], logits_to_keep=1)  # warm-up: thread pool, allocator
                     first = _timed(prefill)  # with "compiled": compiles for this shape and thread count
                     floor()
-                    t_model, t_floor = [], []
+                    t_model, t_floor, t_ref = [], [], []
                     for _ in range(args.repeats):
                         t_model.append(_timed(prefill))
-                        t_floor.append(floor())
+                        best, ref = floor()
+                        t_floor.append(best)
+                        t_ref.append(ref)
                 ms, fs = statistics.median(t_model) * 1e3, statistics.median(t_floor) * 1e3
+                rs = statistics.median(t_ref) * 1e3
                 row = {"model": name, "params_M": round(params / 1e6, 1), "threads": threads, "mode": mode,
                        "seqlen": args.seqlen, "batch": 1, "ssmkit_ms": round(ms, 1), "floor_ms": round(fs, 1),
-                       "ratio": round(ms / fs, 3), "floor_gflop": round(flops / 1e9, 1),
+                       "ratio": round(ms / fs, 3), "floor_f_linear_ms": round(rs, 1),
+                       "ratio_f_linear": round(ms / rs, 3), "floor_gflop": round(flops / 1e9, 1),
                        "ssmkit_runs_ms": [round(t * 1e3, 1) for t in t_model],
                        "floor_runs_ms": [round(t * 1e3, 1) for t in t_floor]}
                 if mode == "compiled":
                     row["first_call_s"] = round(first, 2)  # compile time + one prefill
                 rows.append(row)
                 extra = f"  (first call {first:.1f} s)" if mode == "compiled" else ""
-                print(f"{name:15s} {threads:7d} {mode:9s} {ms:10.1f} {fs:9.1f} {ms / fs:6.2f}x{extra}", flush=True)
+                print(f"{name:15s} {threads:7d} {mode:9s} {ms:10.1f} {fs:9.1f} {ms / fs:6.2f}x "
+                      f"{rs:9.1f} {ms / rs:6.2f}x{extra}", flush=True)
     set_cpu_compile(None)
     torch.set_num_threads(threads0)
     return rows
@@ -172,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/cpu_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"CPU: {info['cpu']} ({info['cores']} cores), torch {torch.__version__}, load {info['load_avg_at_start']}")
     print(f"prefill, batch 1, {args.seqlen} tokens, logits of the last position; medians of {args.repeats}")
-    print(f"{'model':15s} {'threads':>7s} {'mode':9s} {'ssmkit ms':>10s} {'floor ms':>9s} {'ratio':>7s}")
+    print(f"{'model':15s} {'threads':>7s} {'mode':9s} {'ssmkit ms':>10s} {'floor ms':>9s} {'ratio':>7s} "
+          f"{'F.linear floor':>9s} {'ratio':>7s}")
     result = {"machine": info, "prefill": prefill_section(args)}
 
     if not args.no_decode:

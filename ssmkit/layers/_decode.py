@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.quantized import Int8Linear
 from ssmkit.ops.conv.causal_conv1d import conv_update_unchecked
 from ssmkit.ops.cpu_gemv import compiled_linear
@@ -120,7 +121,7 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     compiled CPU kernels are on and ``mod`` is an ``nn.Linear`` or ``Int8Linear``, else ``mod(x)``."""
     if x.shape[0] == 1:
         kind = type(mod)
-        if kind is nn.Linear:
+        if kind is Linear or kind is nn.Linear:
             y = compiled_linear(x, mod.weight, mod.bias)
         elif kind is Int8Linear:
             y = compiled_linear(x, mod.qweight, mod.bias, scale=mod.scale)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.layers._decode import conv_kernel, use_cpu_step
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.mamba import Mamba
 from ssmkit.layers.mamba2 import Mamba2
 from ssmkit.layers.norm import RMSNorm, RMSNormGated
@@ -90,7 +91,7 @@ def _weight_scale(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
     (Read from the modules' parameter and buffer dicts: this runs for every block of every decoded
     token, and ``nn.Module.__getattr__`` costs about 0.5 µs a lookup.)"""
     kind = type(lin)
-    if kind is nn.Linear:
+    if kind is Linear or kind is nn.Linear:
         p = lin._parameters
         return (p["weight"], None) if p["bias"] is None else None
     if kind is Int8Linear:

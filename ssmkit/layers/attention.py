@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_tensor
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.state import LayerState, context_parallel_group
 from ssmkit.ops import context_parallel as cp
 
@@ -139,7 +140,7 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm must be None, 'rms' or 'zero_centred_rms', got {qk_norm!r}")
         self.output_gate = bool(output_gate)
         n_q = 2 * n_heads if self.output_gate else n_heads
-        self.in_proj = nn.Linear(d_model, head_dim * (n_q + 2 * n_kv_heads), bias=qkv_bias,
+        self.in_proj = Linear(d_model, head_dim * (n_q + 2 * n_kv_heads), bias=qkv_bias,
                                  device=device, dtype=dtype)
         self.qk_norm = qk_norm
         if qk_norm:
@@ -148,7 +149,7 @@ class Attention(nn.Module):
             cls = ZeroCentredRMSNorm if qk_norm == "zero_centred_rms" else RMSNorm
             self.q_norm = cls(head_dim, eps=qk_norm_eps, device=device, dtype=dtype)
             self.k_norm = cls(head_dim, eps=qk_norm_eps, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias, device=device, dtype=dtype)
+        self.out_proj = Linear(n_heads * head_dim, d_model, bias=out_bias, device=device, dtype=dtype)
         if rope_dim:
             inv_freq = rope_theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim)
             self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ssmkit._checks import check_positive_int
 from ssmkit.layers import _decode
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.norm import RMSNormGated
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
@@ -107,15 +108,15 @@ class DeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.scale = head_dim ** -0.5
 
-        self.q_proj = nn.Linear(d_model, self.key_dim, bias=False, **fk)
-        self.k_proj = nn.Linear(d_model, self.key_dim, bias=False, **fk)
-        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False, **fk)
-        self.b_proj = nn.Linear(d_model, num_v_heads, bias=False, **fk)
+        self.q_proj = Linear(d_model, self.key_dim, bias=False, **fk)
+        self.k_proj = Linear(d_model, self.key_dim, bias=False, **fk)
+        self.v_proj = Linear(d_model, self.value_dim, bias=False, **fk)
+        self.b_proj = Linear(d_model, num_v_heads, bias=False, **fk)
         # one short convolution over [q | k | v] (three depthwise convs, computed in one call)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_size, groups=self.conv_dim,
                                 padding=conv_size - 1, bias=conv_bias, **fk)
         if gated:
-            self.a_proj = nn.Linear(d_model, num_v_heads, bias=False, **fk)
+            self.a_proj = Linear(d_model, num_v_heads, bias=False, **fk)
             A = torch.empty(num_v_heads).uniform_(*A_init_range)
             self.A_log = nn.Parameter(torch.log(A).to(device=device, dtype=dtype or torch.float32))
             self.A_log._no_weight_decay = True
@@ -123,9 +124,9 @@ class DeltaNet(nn.Module):
             self.dt_bias = nn.Parameter(inverse_softplus(dt).to(device=device, dtype=dtype or torch.float32))
             self.dt_bias._no_weight_decay = True
         if use_output_gate:
-            self.g_proj = nn.Linear(d_model, self.value_dim, bias=False, **fk)
+            self.g_proj = Linear(d_model, self.value_dim, bias=False, **fk)
         self.o_norm = RMSNormGated(head_v_dim, eps=norm_eps, norm_before_gate=True, **fk)
-        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False, **fk)
+        self.o_proj = Linear(self.value_dim, d_model, bias=False, **fk)
 
     def _ssm_dtype(self, dtype=None) -> torch.dtype:
         dtype = dtype or float_dtype(self.q_proj)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.long_conv import (
     DiagSSM,
     ImplicitFilter,
@@ -72,8 +73,8 @@ class H3(nn.Module):
         if inner_cfg is not None and not isinstance(inner_cfg, dict):
             raise TypeError(f"inner_cfg must be a dict, got {type(inner_cfg).__name__}")
         self.d_model, self.d_state, self.inner_name, self.layer_idx = d_model, d_state, inner, layer_idx
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.in_proj = Linear(d_model, 3 * d_model)
+        self.out_proj = Linear(d_model, d_model)
         self.shift = ShiftSSM(d_model, shift_state, backend=backend)
         kw = dict(inner_cfg or {})
         kw["backend"] = backend

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.long_conv import ImplicitFilter, check_backend, run_rows
 from ssmkit.layers.state import LayerState, check_mixer_inputs, check_step_inputs
 from ssmkit.ops.conv.fftconv import fftconv
@@ -59,13 +60,13 @@ class Hyena(nn.Module):
         self.d_model, self.order, self.l_max, self.layer_idx = d_model, order, l_max, layer_idx
         self.short_kernel, self.backend = short_kernel, backend
         C = (order + 1) * d_model
-        self.in_proj = nn.Linear(d_model, C)
+        self.in_proj = Linear(d_model, C)
         self.short_conv = nn.Parameter(torch.randn(short_kernel, C) / short_kernel ** 0.5)  # (taps, channels)
         self.short_bias = nn.Parameter(torch.zeros(C))
         kw = dict(filter_cfg or {})
         self.filters = nn.ModuleList(ImplicitFilter(d_model, l_max=l_max, backend=backend, **kw)
                                      for _ in range(order))
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 

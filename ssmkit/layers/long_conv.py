@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ssmkit._checks import check_positive_int
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.s4d import _complex, _complex_param, _power_sum
 from ssmkit.ops.conv.fftconv import fftconv
 from ssmkit.ops.conv.ssm_kernel import ssm_kernel_diag
@@ -152,8 +153,8 @@ class SelectiveSSM(nn.Module):
         check_backend(backend)
         self.channels, self.d_state, self.backend = channels, d_state, backend
         r = dt_rank or max(1, math.ceil(channels / 16))
-        self.x_proj = nn.Linear(channels, r + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(r, channels, bias=True)
+        self.x_proj = Linear(channels, r + 2 * d_state, bias=False)
+        self.dt_proj = Linear(r, channels, bias=True)
         with torch.no_grad():
             self.dt_proj.bias.copy_(inverse_softplus(log_uniform_dt(channels, dt_min, dt_max)))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(channels, 1))
@@ -208,8 +209,8 @@ class ImplicitFilter(nn.Module):
         self.channels, self.l_max, self.n_bands, self.omega = channels, l_max, n_bands, omega
         self.shift, self.backend = shift, backend
         dims = [1 + 2 * n_bands] + [d_hidden] * depth
-        self.ffn = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.ffn_out = nn.Linear(d_hidden, channels, bias=False)
+        self.ffn = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.ffn_out = Linear(d_hidden, channels, bias=False)
         fast, slow = math.log(target) / 0.3, math.log(target) / 1.5
         self.register_buffer("decay", torch.linspace(abs(slow), abs(fast), channels), persistent=False)
         self.D = nn.Parameter(torch.randn(channels))

@@ -32,12 +32,13 @@ from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
 from ssmkit.layers import _decode
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.long_conv import DiagSSM, ImplicitFilter, run_rows
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
 from ssmkit.ops import context_parallel as cp
-from ssmkit.ops import custom_ops
+from ssmkit.ops import cpu_linear, custom_ops
 from ssmkit.ops.conv.causal_conv1d import causal_conv1d
 from ssmkit.ops.conv.causal_conv1d_triton import causal_conv1d_triton
 from ssmkit.ops.dispatch import get
@@ -122,16 +123,16 @@ class Mamba(nn.Module):
         self.d_inner = d_inner = expand * d_model
         self.dt_rank, self.use_gate, self.layer_idx = dt_rank, use_gate, layer_idx
 
-        self.in_proj = nn.Linear(d_model, d_inner * (2 if use_gate else 1), bias=bias, **fk)
+        self.in_proj = Linear(d_model, d_inner * (2 if use_gate else 1), bias=bias, **fk)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1,
                                 bias=conv_bias, **fk)
         if inner != "s6":
             self.inner = _inner_layer(inner, d_inner, d_state, inner_cfg or {})
             self.inner.to(device=device, dtype=torch.float64 if dtype == torch.float64 else None)
-            self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+            self.out_proj = Linear(d_inner, d_model, bias=bias, **fk)
             return
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **fk)
+        self.x_proj = Linear(d_inner, dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = Linear(dt_rank, d_inner, bias=True, **fk)
         # dt_proj.weight keeps the variance of Δ's pre-activation independent of dt_rank.
         dt_init_std = dt_rank**-0.5 * dt_scale
         with torch.no_grad():
@@ -151,7 +152,7 @@ class Mamba(nn.Module):
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(d_inner, device=device, dtype=pdt))
         self.D._no_weight_decay = True
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+        self.out_proj = Linear(d_inner, d_model, bias=bias, **fk)
         # Jamba: RMSNorms on dt (before dt_proj), B and C, each over its own width
         self.inner_norms = bool(inner_norms)
         if self.inner_norms:
@@ -189,7 +190,7 @@ class Mamba(nn.Module):
         """[dt | B | C] = x_proj(x); dt -> dt_proj.weight @ dt (+ dt_proj.bias if ``with_bias``;
         otherwise the bias is added inside the scan)."""
         dt, B, C = self._dbc(x)
-        return F.linear(dt, self.dt_proj.weight, self.dt_proj.bias if with_bias else None), B, C
+        return cpu_linear.linear(dt, self.dt_proj.weight, self.dt_proj.bias if with_bias else None), B, C
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         """Zero state for ``batch_size`` sequences (conv part in ``dtype``, SSM part float32)."""
@@ -289,7 +290,7 @@ class Mamba(nn.Module):
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
                        self.dt_proj.bias, True, dt_proj_weight=self.dt_proj.weight)
         else:
-            dt = F.linear(dt, self.dt_proj.weight)
+            dt = cpu_linear.linear(dt, self.dt_proj.weight)
             y = update(state.ssm_state, xs, dt, self._A(), B.unsqueeze(2), C.unsqueeze(2), self.D, z,
                        self.dt_proj.bias, True)
         return self.out_proj(y.squeeze(1))

@@ -26,6 +26,7 @@ from torch import nn
 
 from ssmkit._checks import check_positive_int
 from ssmkit.layers import _decode
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.norm import RMSNormGated
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs, context_parallel_group
@@ -115,7 +116,7 @@ class Mamba2(nn.Module):
         self.conv_dim = d_inner + 2 * ngroups * d_state
 
         d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads  # [z, x, B, C, dt]
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **fk)
+        self.in_proj = Linear(d_model, d_in_proj, bias=bias, **fk)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
                                 padding=d_conv - 1, bias=conv_bias, **fk)
         # Δ initialised log-uniformly in [dt_min, dt_max] through its softplus inverse (Mamba, Sec. 3.6).
@@ -131,7 +132,7 @@ class Mamba2(nn.Module):
         if rmsnorm:
             self.norm = RMSNormGated(d_inner, eps=norm_eps, group_size=d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **fk)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+        self.out_proj = Linear(d_inner, d_model, bias=bias, **fk)
         # Falcon-H1's scalings: the input times ``in_multiplier``, the in_proj output's sections
         # [z, x, B, C, dt] times ``in_proj_multipliers`` (1.0 / None: none)
         self.in_multiplier = float(in_multiplier)

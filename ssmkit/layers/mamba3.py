@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.norm import RMSNorm, RMSNormGated
 from ssmkit.layers.quantized import float_dtype
 from ssmkit.layers.state import LayerState, check_mixer_inputs
@@ -115,7 +116,7 @@ class Mamba3(nn.Module):
         R = self.mimo_rank
         self.bc_width = d_state * ngroups * R
         d_in_proj = 2 * d_inner + 2 * self.bc_width + 3 * nheads + n_angles  # [z, x, B, C, dt, A, trap, angles]
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=False, **fk)
+        self.in_proj = Linear(d_model, d_in_proj, bias=False, **fk)
         dt = log_uniform_dt(nheads, dt_min, dt_max, floor=dt_init_floor)
         self.dt_bias = nn.Parameter(inverse_softplus(dt).to(device=device, dtype=torch.float32))
         self.dt_bias._no_weight_decay = True
@@ -131,7 +132,7 @@ class Mamba3(nn.Module):
         self.D._no_weight_decay = True
         if is_outproj_norm:
             self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=headdim, norm_before_gate=True, **fk)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False, **fk)
+        self.out_proj = Linear(d_inner, d_model, bias=False, **fk)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _ssm_dtype(self, dtype=None) -> torch.dtype:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.state import LayerState
 
 MLP_ACTIVATIONS = ("swiglu", "relu2", "geglu")
@@ -42,8 +43,8 @@ class MLP(nn.Module):
         # Falcon-H1's scalings: the gate before its activation, the output (1.0: none)
         self.gate_multiplier, self.down_multiplier = float(gate_multiplier), float(down_multiplier)
         width = hidden if activation == "relu2" else 2 * hidden
-        self.fc1 = nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
+        self.fc1 = Linear(d_model, width, bias=bias, device=device, dtype=dtype)
+        self.fc2 = Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, shape=(*([None] * (x.dim() - 1)), self.d_model) if isinstance(x, torch.Tensor) else None,

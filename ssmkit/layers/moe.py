@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_positive_int, check_tensor
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.mlp import MLP
 
 
@@ -49,7 +50,7 @@ class MoE(nn.Module):
         self.n_experts = n_experts
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
-        self.router = nn.Linear(d_model, n_experts, bias=False, device=device, dtype=dtype)
+        self.router = Linear(d_model, n_experts, bias=False, device=device, dtype=dtype)
         self.experts = nn.ModuleList(MLP(d_model, hidden, activation=activation, device=device, dtype=dtype)
                                      for _ in range(n_experts))
         if d_shared:
@@ -57,7 +58,7 @@ class MoE(nn.Module):
         if shared_gate:
             if not d_shared:
                 raise ValueError("shared_gate=True needs a shared expert (d_shared > 0)")
-            self.shared_gate = nn.Linear(d_model, 1, bias=False, device=device, dtype=dtype)
+            self.shared_gate = Linear(d_model, 1, bias=False, device=device, dtype=dtype)
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x2: (T, d_model)`` -> router probs ``(T, E)`` float32, top-k weights ``(T, k)``, indices ``(T, k)``."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit._checks import check_cu_seqlens, check_positive_int, check_tensor
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.state import LayerState
 from ssmkit.ops.conv.fftconv import fftconv
 from ssmkit.ops.conv.ssm_kernel import ssm_kernel_diag
@@ -115,7 +116,7 @@ class _LTIBlock(nn.Module):
         self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out = 2 * d_model if postact == "glu" else d_model
-        self.output_linear = nn.Linear(channels * H, out, device=device, dtype=dtype)
+        self.output_linear = Linear(channels * H, out, device=device, dtype=dtype)
 
     # SSM parameters whose bf16/fp16 rounding would change the model itself (an A_imag of ~100 has
     # a bf16 spacing of 0.5, i.e. a phase error of L·Δ·0.25 rad), so they stay float32.

@@ -20,6 +20,7 @@ from ssmkit._checks import check_cu_seqlens
 from ssmkit.layers import _decode
 from ssmkit.layers._decode_delta import delta_block_step
 from ssmkit.layers._decode_mamba import mamba_block_step
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
 from ssmkit.models import context_parallel as _cp
@@ -115,7 +116,7 @@ class LanguageModel(nn.Module):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.backbone = Backbone(config, device, dtype)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ssmkit.layers.attention import Attention, KVCacheState
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.mlp import MLP, gated
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.state import LayerState
@@ -121,8 +122,8 @@ class LoRA(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, rank: int, device=None, dtype=None):
         super().__init__()
-        self.down = nn.Linear(d_in, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, d_out, bias=False, device=device, dtype=dtype)
+        self.down = Linear(d_in, rank, bias=False, device=device, dtype=dtype)
+        self.up = Linear(rank, d_out, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
@@ -134,7 +135,7 @@ class SharedAttention(Attention):
 
     def __init__(self, d_model: int, d_in: int, device=None, dtype=None, **kw):
         super().__init__(d_in, device=device, dtype=dtype, **kw)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False, device=device, dtype=dtype)
+        self.out_proj = Linear(self.n_heads * self.head_dim, d_model, bias=False, device=device, dtype=dtype)
         self._adapters: tuple[nn.Module, nn.Module, nn.Module] | None = None
 
     def _qkv(self, x: torch.Tensor):
@@ -214,7 +215,7 @@ class SharedUse(nn.Module):
         rank = int(sc.get("adapter_rank", 0))
         a = attention_kwargs(config)
         hidden = int(sc.get("d_intermediate") or 4 * d)
-        self.proj = nn.Linear(d, d, bias=False, device=device, dtype=dtype)
+        self.proj = Linear(d, d, bias=False, device=device, dtype=dtype)
         self.mlp_lora = LoRA(d, 2 * hidden, rank, device, dtype) if rank else None
         if rank and sc.get("attn_adapters"):
             q, kv = a["n_heads"] * a["head_dim"], a["n_kv_heads"] * a["head_dim"]
