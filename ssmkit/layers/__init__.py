@@ -15,6 +15,7 @@ from ssmkit.layers.attention import Attention, KVCacheState
 from ssmkit.layers.delta_net import DeltaNet, DeltaNetState, GatedDeltaNet
 from ssmkit.layers.h3 import H3, H3State
 from ssmkit.layers.hyena import Hyena, HyenaState
+from ssmkit.layers.linear import Linear
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.mamba3 import Mamba3, Mamba3State
@@ -33,5 +34,6 @@ __all__ = [
     "Mamba2", "Mamba2State", "Mamba3", "Mamba3State", "DeltaNet", "GatedDeltaNet", "DeltaNetState",  # Mamba-2, -3, DeltaNet
     "H3", "H3State", "Hyena", "HyenaState",  # H3, Hyena
     "Attention", "KVCacheState", "MLP", "MoE", "RMSNorm", "RMSNormGated",  # attention, MLP, MoE, norms
+    "Linear",  # nn.Linear with float32 CPU inference through oneDNN
     "ParallelHybrid",  # Mamba-2 and attention side by side (Falcon-H1)
 ]
