@@ -29,6 +29,7 @@ from ssmkit.models.checkpoint import load_pretrained, save_pretrained
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.quantize import check_quantize
 from ssmkit.models.quantize import quantize as _quantize
+from ssmkit.ops import cpu_memory
 from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.cross_entropy import linear_cross_entropy
 from ssmkit.ops.dispatch import checkpoint_contexts, get
@@ -251,6 +252,8 @@ class LanguageModel(nn.Module):
                              "cu_seqlens), cache or logits_to_keep")
         if cu_seqlens is not None and group is None:  # (sharded: the ops check the whole sequence's)
             check_cu_seqlens(cu_seqlens, B, L)
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            cpu_memory.keep_freed_memory()  # no page faults for the forward's temporaries
         states = None
         if cache is not None:
             states = getattr(cache, "states", cache)
