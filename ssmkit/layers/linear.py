@@ -3,7 +3,7 @@
 Same parameters, state dict, initialisation and autograd as ``nn.Linear`` (it is one: a subclass
 with only ``forward`` replaced). Where autograd records, on the GPU and in other dtypes it calls
 ``F.linear`` as ``nn.Linear`` does; float32 inference on the CPU goes through oneDNN's matmul (1.1x
-faster prefill matmuls, 1.5x-2.5x faster few-row products at two threads on an AMD EPYC: see
+faster prefill matmuls, 1.5-2.2x faster few-row products at two threads on an AMD EPYC: see
 that module).
 """
 
