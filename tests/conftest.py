@@ -33,6 +33,22 @@ def _fixed_seed():
     yield
 
 
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """How often ``ssmkit.ops.cpu_linear`` runs oneDNN's product during the test (a one-item list)."""
+    from ssmkit.ops import cpu_linear
+
+    n = [0]
+    real = cpu_linear._onednn
+
+    def counted(*args):
+        n[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(cpu_linear, "_onednn", counted)
+    return n
+
+
 # Set by pytest per test, by torch on its first compile for its own cache, or by scikit-learn when
 # it is first imported (lm-eval imports it): not a test's doing.
 _IGNORED_ENV = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",

@@ -37,21 +37,13 @@ def test_training_matches_nn_linear_exactly():
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
-def test_inference_within_float32_rounding_of_nn_linear(monkeypatch):
-    calls = [0]
-    real = cpu_linear._onednn
-
-    def counted(*args):
-        calls[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(cpu_linear, "_onednn", counted)
+def test_inference_within_float32_rounding_of_nn_linear(onednn_calls):
     torch.manual_seed(2)
     lin = Linear(64, 24)
     x = torch.randn(3, 64)
     with torch.inference_mode():
         y = lin(x)
-    assert calls[0] == (1 if cpu_linear.fast_form_available() else 0)
+    assert onednn_calls[0] == (1 if cpu_linear.fast_form_available() else 0)
     exact = x.double() @ lin.weight.double().T + lin.bias.double()
     tol = matmul_error_bound(x, lin.weight, torch.float32) + 2 * torch.finfo(torch.float32).eps * exact.abs()
     assert ((y.double() - exact).abs() <= tol).all()

@@ -26,33 +26,19 @@ def _assert_within_rounding(y, x, w, b):
     assert ((y.double() - exact).abs() <= tol).all(), (y.double() - exact).abs().max()
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """How often the oneDNN product runs."""
-    n = [0]
-    real = cpu_linear._onednn
-
-    def counted(*args):
-        n[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(cpu_linear, "_onednn", counted)
-    return n
-
-
 @needs_onednn
 @pytest.mark.parametrize("shape", [(1,), (1, 1), (7,), (2, 5), (0,)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_onednn_form_within_float32_rounding(shape, bias, calls):
+def test_onednn_form_within_float32_rounding(shape, bias, onednn_calls):
     x, w, b = _inputs(shape, 96, 40, bias, torch.Generator().manual_seed(0))
     with torch.inference_mode():
         y = cpu_linear.linear(x, w, b)
-    assert calls[0] == 1
+    assert onednn_calls[0] == 1
     _assert_within_rounding(y, x, w, b)
 
 
 @needs_onednn
-def test_row_strided_input(calls):
+def test_row_strided_input(onednn_calls):
     """A column slice (as the layers' split projections give) is read through its row stride."""
     g = torch.Generator().manual_seed(1)
     wide = torch.randn(6, 200, generator=g)
@@ -60,24 +46,24 @@ def test_row_strided_input(calls):
     w = torch.randn(24, 96, generator=g)
     with torch.no_grad():
         y = cpu_linear.linear(x, w)
-    assert calls[0] == 1
+    assert onednn_calls[0] == 1
     _assert_within_rounding(y, x, w, None)
 
 
-def test_autograd_runs_f_linear(calls):
+def test_autograd_runs_f_linear(onednn_calls):
     g = torch.Generator().manual_seed(2)
     x, w, b = _inputs((3,), 16, 8, True, g)
     w.requires_grad_()
     y = cpu_linear.linear(x, w, b)
     y.square().sum().backward()
-    assert calls[0] == 0
+    assert onednn_calls[0] == 0
     w2 = w.detach().clone().requires_grad_()
     F.linear(x, w2, b).square().sum().backward()
     torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["float64", "bfloat16", "transposed weight"])
-def test_other_inputs_run_f_linear(case, calls):
+def test_other_inputs_run_f_linear(case, onednn_calls):
     g = torch.Generator().manual_seed(3)
     x, w, b = _inputs((4,), 32, 8, True, g)
     if case == "float64":
@@ -88,16 +74,16 @@ def test_other_inputs_run_f_linear(case, calls):
         w = w.T.contiguous().T
     with torch.inference_mode():
         y = cpu_linear.linear(x, w, b)
-    assert calls[0] == 0
+    assert onednn_calls[0] == 0
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)
 
 
-def test_without_onednn_runs_f_linear(monkeypatch, calls):
+def test_without_onednn_runs_f_linear(monkeypatch, onednn_calls):
     monkeypatch.setattr(cpu_linear, "_available", False)
     x, w, b = _inputs((4,), 32, 8, True, torch.Generator().manual_seed(4))
     with torch.inference_mode():
         y = cpu_linear.linear(x, w, b)
-    assert calls[0] == 0
+    assert onednn_calls[0] == 0
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)
 
 

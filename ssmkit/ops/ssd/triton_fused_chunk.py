@@ -121,6 +121,23 @@ def _load_state(ptr, sidx, state_offs, state_mask, PRESENT: tl.constexpr, CDT: t
 
 
 @triton.jit
+def _tile(p0, P, N, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's token, state-row (from ``p0``) and state-column offsets and their masks."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    return tl.arange(0, BLOCK_Q), offs_p, offs_n, offs_p < P, offs_n < N
+
+
+@triton.jit
+def _chunk_rows(c0, offs_q, length, p_mask, n_mask):
+    """A chunk's token indices from ``c0``, the mask of those inside the sequence, and that mask
+    crossed with the state-row and state-column masks."""
+    t = (c0 + offs_q).to(tl.int64)
+    t_mask = t < length
+    return t, t_mask, t_mask[:, None] & p_mask[None, :], t_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
 def _ssd_fwd(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr,
     y_ptr, hT_ptr,
@@ -140,11 +157,7 @@ def _ssd_fwd(
     head = pid_sh % H
     grp = head // heads_per_group
     row, start, length, first_chunk = _bounds(cu_ptr, cu_ptr, seq, seqlen, 0, VARLEN)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    p_mask = offs_p < P
-    n_mask = offs_n < N
+    offs_q, offs_p, offs_n, p_mask, n_mask = _tile(pid_p * BLOCK_P, P, N, BLOCK_Q, BLOCK_P, BLOCK_N)
 
     x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
     y_base = y_ptr + row * stride_y_b + head * stride_y_h + start * stride_y_t
@@ -213,11 +226,7 @@ def _ssd_states_fwd(
     head = pid_sh % H
     grp = head // heads_per_group
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    p_mask = offs_p < P
-    n_mask = offs_n < N
+    offs_q, offs_p, offs_n, p_mask, n_mask = _tile(tl.program_id(1) * BLOCK_P, P, N, BLOCK_Q, BLOCK_P, BLOCK_N)
     x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
     dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
     B_base = B_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
@@ -265,17 +274,10 @@ def _ssd_fwd_chunk(
                                                                          nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
-        offs_q = tl.arange(0, BLOCK_Q)
-        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_n = tl.arange(0, BLOCK_N)
-        p_mask = offs_p < P
-        n_mask = offs_n < N
+        offs_q, offs_p, offs_n, p_mask, n_mask = _tile(tl.program_id(1) * BLOCK_P, P, N, BLOCK_Q, BLOCK_P, BLOCK_N)
         A, bias, Dv = _head_params(A_ptr, bias_ptr, D_ptr, head, P, offs_p, p_mask, HAS_BIAS, HAS_D,
                                    D_PER_CHANNEL, CDT)
-        t = (c0 + offs_q).to(tl.int64)
-        t_mask = t < length
-        qp_mask = t_mask[:, None] & p_mask[None, :]
-        qn_mask = t_mask[:, None] & n_mask[None, :]
+        t, t_mask, qp_mask, qn_mask = _chunk_rows(c0, offs_q, length, p_mask, n_mask)
         prec: tl.constexpr = "ieee" if IEEE else "tf32"
         dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
         dlt, _, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
@@ -321,11 +323,7 @@ def _ssd_dstates_bwd(
     head = pid_sh % H
     grp = head // heads_per_group
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    p_mask = offs_p < P
-    n_mask = offs_n < N
+    offs_q, offs_p, offs_n, p_mask, n_mask = _tile(tl.program_id(1) * BLOCK_P, P, N, BLOCK_Q, BLOCK_P, BLOCK_N)
     dt_base = dt_ptr + row * stride_dt_b + head + start * stride_dt_t
     C_base = C_ptr + row * stride_B_b + grp * stride_B_g + start * stride_B_t
     dy_base = dy_ptr + row * stride_dy_b + head * stride_dy_h + start * stride_dy_t
@@ -382,11 +380,7 @@ def _ssd_bwd(
                                                                          nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
-        offs_q = tl.arange(0, BLOCK_Q)
-        offs_p = tl.arange(0, BLOCK_P)
-        offs_n = tl.arange(0, BLOCK_N)
-        p_mask = offs_p < P
-        n_mask = offs_n < N
+        offs_q, offs_p, offs_n, p_mask, n_mask = _tile(0, P, N, BLOCK_Q, BLOCK_P, BLOCK_N)
         x_base = x_ptr + row * stride_x_b + head * stride_x_h + start * stride_x_t
         dx_base = dx_ptr + row * stride_dx_b + head * stride_dx_h + start * stride_dx_t
         dys_base = dys_ptr + row * stride_ys_b + head * stride_ys_h + start * stride_ys_t
@@ -406,10 +400,7 @@ def _ssd_bwd(
         sk = ((chunk0 + k) * H + head) * P * N
         dh = tl.load(dS_ptr + sk + state_offs, mask=state_mask, other=0.0).to(CDT)
         hp = tl.load(S_ptr + sk + state_offs, mask=state_mask, other=0.0).to(CDT)
-        t = (c0 + offs_q).to(tl.int64)
-        t_mask = t < length
-        qp_mask = t_mask[:, None] & p_mask[None, :]
-        qn_mask = t_mask[:, None] & n_mask[None, :]
+        t, t_mask, qp_mask, qn_mask = _chunk_rows(c0, offs_q, length, p_mask, n_mask)
         dlt, deriv, cum, c_last = _chunk_decays(dt_base, bias, A, t, t_mask, stride_dt_t, DT_SOFTPLUS, dt_min, dt_max,
                                                 CDT, BLOCK_Q)
         x = tl.load(x_base + t[:, None] * stride_x_t + offs_p[None, :], mask=qp_mask, other=0.0)
@@ -486,15 +477,8 @@ def _ssd_bwd_dbc(
     row, start, length, chunk0 = _bounds(cu_ptr, choff_ptr, seq, seqlen, nchunks_max, VARLEN)
     c0 = k * BLOCK_Q
     if c0 < length:
-        offs_q = tl.arange(0, BLOCK_Q)
-        offs_p = tl.arange(0, BLOCK_P)
-        offs_n = tl.arange(0, BLOCK_N)
-        p_mask = offs_p < P
-        n_mask = offs_n < N
-        t = (c0 + offs_q).to(tl.int64)
-        t_mask = t < length
-        qp_mask = t_mask[:, None] & p_mask[None, :]
-        qn_mask = t_mask[:, None] & n_mask[None, :]
+        offs_q, offs_p, offs_n, p_mask, n_mask = _tile(0, P, N, BLOCK_Q, BLOCK_P, BLOCK_N)
+        t, t_mask, qp_mask, qn_mask = _chunk_rows(c0, offs_q, length, p_mask, n_mask)
         bc_off = row * stride_B_b + grp * stride_B_g + (start + t)[:, None] * stride_B_t + offs_n[None, :]
         Bm = tl.load(B_ptr + bc_off, mask=qn_mask, other=0.0)
         Cm = tl.load(C_ptr + bc_off, mask=qn_mask, other=0.0)
