@@ -37,6 +37,10 @@ FWD_SPLIT = False  # the forward as a walk over the states, then every chunk's o
 STATES_HALF = True  # the backward's chunk-boundary states and adjoints in half precision
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _next_pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
@@ -62,7 +66,7 @@ def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, cu, st
     BLOCK_P = min(_next_pow2(P), 64)
     BLOCK_N = _next_pow2(N)
     zz = z if z is not None else x
-    grid = (nseq * H, triton.cdiv(P, BLOCK_P))
+    grid = (nseq * H, _cdiv(P, BLOCK_P))
     k._ssd_fwd[grid](
         x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A,
         h0 if h0 is not None else hT, cu if cu is not None else A,
@@ -85,7 +89,7 @@ def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, cu, st
 def _chunk_layout(cu, nseq: int, L: int, dummy):
     """``(chunks per sequence at most, first chunk of each sequence in the state scratch, chunks
     in the scratch)``; without packed sequences the offsets are implicit (``dummy``)."""
-    nch_max = triton.cdiv(L, BLOCK_Q)
+    nch_max = _cdiv(L, BLOCK_Q)
     if cu is None:
         return nch_max, dummy, nseq * nch_max
     # prefix sums of ceil(len / Q); the scratch size is an upper bound that needs no read of cu_seqlens
@@ -103,7 +107,7 @@ def _walk_states(x, dt, A, B, dt_bias, h0, cu, choff, S, hT, nch_max, dt_softplu
     G, N = B.shape[2], B.shape[3]
     nseq = b if cu is None else cu.numel() - 1
     block_p = min(_next_pow2(P), STATE_ROWS)
-    k._ssd_states_fwd[(nseq * H, triton.cdiv(P, block_p))](
+    k._ssd_states_fwd[(nseq * H, _cdiv(P, block_p))](
         x, dt, A, B, A if dt_bias is None else dt_bias, A if h0 is None else h0, A if cu is None else cu, choff,
         S, S if hT is None else hT,
         L, H, P, N, H // G, nch_max, *_limits(dt_limit),
@@ -132,7 +136,7 @@ def _launch_fwd_split(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, h0, 
                  dt_limit, cdt)
     block_p = min(_next_pow2(P), 64)
     zz = z if z is not None else x
-    k._ssd_fwd_chunk[(nseq * H * nch_max, triton.cdiv(P, block_p))](
+    k._ssd_fwd_chunk[(nseq * H * nch_max, _cdiv(P, block_p))](
         x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A,
         cu if cu is not None else A, choff, S, y,
         L, H, P, N, H // G, nch_max, *_limits(dt_limit),
@@ -185,11 +189,6 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     entering each chunk are recomputed and the adjoints leaving each chunk computed (two walks over
     the chunks, light: one matmul a chunk), then every chunk's gradients at once, then dB/dC
     summed per group."""
-    global triton
-    if triton is None:
-        import triton as _triton
-
-        triton = _triton
     nseq_ = x.shape[0] if cu is None else cu.numel() - 1
     if dhT is not None and dhT.shape != (nseq_, x.shape[2], x.shape[3], B.shape[3]):
         raise ValueError(f"dhT must have the final state's shape {(nseq_, x.shape[2], x.shape[3], B.shape[3])}, "
@@ -232,7 +231,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     bias_ = dt_bias if dt_bias is not None else dummy
     zz = z if z is not None else x
     dzz = dz if dz is not None else dx
-    walk_grid = (nseq * H, triton.cdiv(P, BLOCK_PS))
+    walk_grid = (nseq * H, _cdiv(P, BLOCK_PS))
     # the two walks over the chunks: states forwards, their adjoints backwards
     _walk_states(x, dt, A, B, dt_bias, h0, cu, choff, S, None, nch_max, dt_softplus, dt_limit, cdt)
     k._ssd_dstates_bwd[walk_grid](
@@ -256,7 +255,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     # float32 partial sums on the host
     hpg = H // G
     per_prog = min(DBC_HEADS, hpg)
-    splits = triton.cdiv(hpg, per_prog)
+    splits = _cdiv(hpg, per_prog)
     if splits > 1:
         dB = torch.empty(splits, *B.shape, device=x.device, dtype=cdt)
         dC = torch.empty_like(dB)
@@ -281,16 +280,8 @@ def backward(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dt_limit, dy, d
     return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, dbias, dh0
 
 
-triton = None  # the triton module, imported on first call (keeps this module importable without it)
-
-
 def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
                dt_limit=(0.0, math.inf), initial_state=None, return_final_state=False, cu_seqlens=None):
-    global triton
-    if triton is None:
-        import triton as _triton
-
-        triton = _triton
     x, dt, B, C, z = (_row_major(t) for t in (x, dt, B, C, z))
     A = A.contiguous()
     D = None if D is None else D.contiguous()
