@@ -7,7 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.compat import causal_conv1d_update as compat_update
-from ssmkit.ops import causal_conv1d, causal_conv1d_step, causal_conv1d_update
+from ssmkit.ops import causal_conv1d, causal_conv1d_step, causal_conv1d_update, cpu_compile
+from ssmkit.ops.conv import compiled as conv_compiled
+from ssmkit.ops.cpu_compile import compiler_available, set_cpu_compile
 from ssmkit.testing import assert_close
 
 
@@ -149,3 +151,29 @@ def test_chunked_no_grad_path_matches_reference(bsz, L, D, W, act, init, bias):
         cy, cf = causal_conv1d(x, w, b, activation=act, initial_state=s, return_final_state=True, backend="chunked")
     assert_close("y", ry, cy, 1e-12)
     assert_close("final", rf, cf, 1e-12)
+
+
+@pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler for torch.compile")
+def test_compiled_rows_match_reference(monkeypatch):
+    """Inference in float32 through the compiled row blocks (ssmkit.ops.cpu_compile), blocks of 4
+    rows: the first width - 1 rows from the initial state, whole blocks and a tail, batch 2, x a
+    column slice of a wider projection (read in place), with and without bias and initial state."""
+    monkeypatch.setattr(conv_compiled, "ROWS", 4)
+    set_cpu_compile(True)
+    try:
+        torch.manual_seed(0)
+        for bias, init in ((True, True), (False, False)):
+            x, w, b, s = _inputs(2, 14, 5, 4, init=init)
+            b = b if bias else None
+            ref, fref = causal_conv1d(x, w, b, activation="silu", initial_state=s, return_final_state=True,
+                                      backend="reference")
+            xz = torch.cat([x, x], -1).float()
+            with torch.inference_mode():
+                y, f = causal_conv1d(xz[..., :5], w.float(), None if b is None else b.float(), activation="silu",
+                                     initial_state=None if s is None else s.float(), return_final_state=True,
+                                     backend="chunked")
+            assert_close("y", ref, y, 1e-5)
+            assert_close("final_state", fref, f, 1e-6)
+        assert any(k[0] == "causal_conv1d" for k in cpu_compile._graphs)  # the compiled blocks ran
+    finally:
+        set_cpu_compile(None)

@@ -18,7 +18,9 @@ sequence starts from its own initial state (row ``i`` of ``initial_state``, shap
 
 Forms: ``reference`` (explicit sum over taps) and ``chunked`` (the same sum as fused in-place
 multiply-adds in the (batch, seqlen, dim) layout when no gradient is needed), both differentiable
-through autograd and registered under the op name ``"causal_conv1d"``.
+through autograd and registered under the op name ``"causal_conv1d"``. With compiled CPU kernels
+on (:mod:`ssmkit.ops.cpu_compile`), ``chunked`` inference in float32 runs blocks of output rows
+through one compiled pass each (:mod:`ssmkit.ops.conv.compiled`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit._checks import check_cu_seqlens, check_same_device, check_tensor, read_values
+from ssmkit.ops.conv import compiled
+from ssmkit.ops.cpu_compile import cpu_compile_enabled
 from ssmkit.ops.dispatch import get, register
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_update"]
@@ -115,6 +119,10 @@ def _conv_segment_inplace(x, w, bias, activation, init):
     take their earlier inputs from ``init``. Needs seqlen >= W-1."""
     bsz, L, D = x.shape
     W = w.shape[0]
+    if W > 1 and x.dtype == torch.float32 and cpu_compile_enabled(x) and L >= W - 1 + compiled.ROWS:
+        y = _conv_compiled(x, w, bias, activation in ("silu", "swish"), init)
+        if y is not None:
+            return y, x[:, L - (W - 1) :].transpose(1, 2)
     y = x * w[W - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, w[W - 1])
     for s in range(1, W):
         k = W - 1 - s  # y_t += w[k] * x_{t-s}
@@ -127,6 +135,39 @@ def _conv_segment_inplace(x, w, bias, activation, init):
         y = F.silu(y, inplace=True)
     final = x[:, L - (W - 1) :].transpose(1, 2)
     return y, final
+
+
+def _rows_eager(xin, w, bias, silu):
+    """Output rows from input rows ``xin`` (b, n + W - 1, D) (the W - 1 rows before them first)."""
+    W = w.shape[0]
+    n = xin.shape[1] - (W - 1)
+    y = xin[:, W - 1 :] * w[W - 1] if bias is None else torch.addcmul(bias.to(xin.dtype), xin[:, W - 1 :], w[W - 1])
+    for k in range(W - 1):
+        y.addcmul_(xin[:, k : k + n], w[k])
+    return F.silu(y, inplace=True) if silu else y
+
+
+def _conv_compiled(x, w, bias, silu, init):
+    """:func:`_conv_segment_inplace`'s output through the compiled row blocks (:mod:`.compiled`),
+    one batch row per call; the first W - 1 rows and the tail eager. None if compiling failed."""
+    bsz, L, D = x.shape
+    W, R = w.shape[0], compiled.ROWS
+    y = x.new_empty(bsz, L, D)
+    head = x.new_zeros(bsz, W - 1, D) if init is None else init.transpose(1, 2).to(x.dtype)
+    y[:, : W - 1] = _rows_eager(torch.cat([head, x[:, : W - 1]], 1), w, bias, silu)
+    end = W - 1 + (L - (W - 1)) // R * R
+    b = None if bias is None else bias.to(x.dtype)
+    kern = None
+    for r in range(bsz):
+        for c in range(W - 1, end, R):
+            args = (y[r, c : c + R], x[r, c - (W - 1) : c + R], w, b)
+            if kern is None:  # every block has the same shapes and strides
+                kern = compiled.conv_rows_kernel(*args, silu)
+            if kern is None or kern(*(t for t in args if t is not None)) is None:
+                return None
+    if end < L:
+        y[:, end:] = _rows_eager(x[:, end - (W - 1) :], w, bias, silu)
+    return y
 
 
 @register("causal_conv1d", "chunked")

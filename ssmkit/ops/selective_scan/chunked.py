@@ -261,8 +261,9 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
 
 def _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu_seqlens):
     """Inference in float32 through the compiled chunk kernel (:mod:`.compiled`): whole chunks
-    of ``compiled.STEPS`` tokens there, a shorter tail through the eager chunked scan. Returns
-    ``(y, final state)``, or None when the kernel cannot be compiled."""
+    of ``compiled.STEPS`` tokens there, one sequence (batch row) per call, a shorter tail through
+    the eager chunked scan. Returns ``(y, final state)``, or None when the kernel cannot be
+    compiled or run."""
     bsz, L, dim = x.shape
     Bg, Cg = as_groups(B), as_groups(C)
     G, N = Bg.shape[2], Bg.shape[3]
@@ -281,16 +282,26 @@ def _scan_compiled(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, cu
             h = x.new_zeros(bsz, G, Dg, N, dtype=torch.float32)
         else:
             h0 = initial_state[i : i + 1] if cu_seqlens is not None else initial_state
-            h = h0.float().reshape(bsz, G, Dg, N)
+            h = h0.float().reshape(bsz, G, Dg, N).contiguous()
         full = a + (b - a) // T * T
-        for c in range(a, full, T):
-            xc, dtc, zc = (None if t is None else t[:, c : c + T].unflatten(2, (G, Dg)) for t in (xs, dts, zs))
-            args = (h, y[:, c : c + T].unflatten(2, (G, Dg)), xc, dtc, zc, Bg[:, c : c + T], Cg[:, c : c + T],
-                    A2, Dv, bias)
-            kern = compiled.scan_chunk_kernel(*args, dt_softplus)
-            h = None if kern is None else kern(*args)
-            if h is None:
-                return None
+        if full > a:
+            rows = []
+            for r in range(bsz):
+                # every chunk's (T, G, Dg) / (T, G, N) view of this row, made in one call per input
+                views = [None if t is None else t[r, a:full].unflatten(0, (-1, T)).unflatten(2, (G, -1)).unbind(0)
+                         for t in (y, xs, dts, zs)]
+                views += [t[r, a:full].unflatten(0, (-1, T)).unbind(0) for t in (Bg, Cg)]
+                hr, kern = h[r], None
+                for yc, xc, dtc, zc, bc, cc in zip(*(v or [None] * ((full - a) // T) for v in views)):
+                    args = [hr, yc, xc, dtc, bc, cc, A2, zc, Dv, bias]
+                    if kern is None:  # every chunk has the same shapes and strides
+                        kern = compiled.scan_chunk_kernel(args, dt_softplus)
+                    out = None if kern is None else kern(*(t for t in args if t is not None))
+                    if out is None:
+                        return None
+                    hr = out[0]
+                rows.append(hr)
+            h = torch.stack(rows)
         h = h.reshape(bsz, dim, N)
         if full < b:  # the tail: fewer than T tokens
             sl = slice(full, b)
