@@ -156,9 +156,11 @@ def test_chunked_no_grad_path_matches_reference(bsz, L, D, W, act, init, bias):
 @pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler for torch.compile")
 def test_compiled_rows_match_reference(monkeypatch):
     """Inference in float32 through the compiled row blocks (ssmkit.ops.cpu_compile), blocks of 4
-    rows: the first width - 1 rows from the initial state, whole blocks and a tail, batch 2, x a
-    column slice of a wider projection (read in place), with and without bias and initial state."""
+    rows. 14 rows: the first 3 from the initial state, blocks at rows 3 and 7, and a last block at
+    10 overlapping the one before. Batch 2, x a column slice of a wider projection (read in place),
+    with and without bias and initial state."""
     monkeypatch.setattr(conv_compiled, "ROWS", 4)
+    monkeypatch.setattr(cpu_compile, "_graphs", {})
     set_cpu_compile(True)
     try:
         torch.manual_seed(0)

@@ -289,6 +289,7 @@ needs_compiler = pytest.mark.skipif(not compiler_available(), reason="needs a C+
 def compiled_steps(monkeypatch):
     """Compiled path on, with chunks of 4 steps (short unrolled code: a few seconds to compile)."""
     monkeypatch.setattr(compiled_mod, "STEPS", 4)
+    monkeypatch.setattr(cpu_compile, "_graphs", {})
     set_cpu_compile(True)
     yield
     set_cpu_compile(None)
@@ -323,6 +324,8 @@ def test_compiled_matches_reference(compiled_steps):
         ref3 = run({k: None if v is None else v.double() for k, v in b3.items()}, "reference", softplus=False,
                    grads=False)
         compare(ref3, run(b3, "chunked", softplus=False, grads=False), 1e-5)
+    assert "selective_scan" not in cpu_compile._failed
+    assert sum(k[0] == "selective_scan" for k in cpu_compile._graphs) >= 2  # with and without softplus
     assert "selective_scan" not in cpu_compile._failed  # the compiled kernel ran, no eager fallback
 
 

@@ -120,7 +120,7 @@ def _conv_segment_inplace(x, w, bias, activation, init):
     bsz, L, D = x.shape
     W = w.shape[0]
     if W > 1 and x.dtype == torch.float32 and cpu_compile_enabled(x) and L >= W - 1 + compiled.ROWS:
-        y = _conv_compiled(x, w, bias, activation in ("silu", "swish"), init)
+        y = _conv_compiled(x, w, bias, activation, init)
         if y is not None:
             return y, x[:, L - (W - 1) :].transpose(1, 2)
     y = x * w[W - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, w[W - 1])
@@ -137,36 +137,27 @@ def _conv_segment_inplace(x, w, bias, activation, init):
     return y, final
 
 
-def _rows_eager(xin, w, bias, silu):
-    """Output rows from input rows ``xin`` (b, n + W - 1, D) (the W - 1 rows before them first)."""
-    W = w.shape[0]
-    n = xin.shape[1] - (W - 1)
-    y = xin[:, W - 1 :] * w[W - 1] if bias is None else torch.addcmul(bias.to(xin.dtype), xin[:, W - 1 :], w[W - 1])
-    for k in range(W - 1):
-        y.addcmul_(xin[:, k : k + n], w[k])
-    return F.silu(y, inplace=True) if silu else y
-
-
-def _conv_compiled(x, w, bias, silu, init):
+def _conv_compiled(x, w, bias, activation, init):
     """:func:`_conv_segment_inplace`'s output through the compiled row blocks (:mod:`.compiled`),
-    one batch row per call; the first W - 1 rows and the tail eager. None if compiling failed."""
+    one batch row per call; the first W - 1 rows (which read ``init``) eager. Where L - (W - 1)
+    is not a multiple of the block, the last block ends at L and overlaps the one before (its
+    rows are computed twice, identically). None if compiling failed."""
     bsz, L, D = x.shape
     W, R = w.shape[0], compiled.ROWS
     y = x.new_empty(bsz, L, D)
-    head = x.new_zeros(bsz, W - 1, D) if init is None else init.transpose(1, 2).to(x.dtype)
-    y[:, : W - 1] = _rows_eager(torch.cat([head, x[:, : W - 1]], 1), w, bias, silu)
-    end = W - 1 + (L - (W - 1)) // R * R
+    y[:, : W - 1] = _conv_segment_inplace(x[:, : W - 1], w, bias, activation, init)[0]
+    starts = list(range(W - 1, L - R + 1, R))
+    if starts[-1] != L - R:
+        starts.append(L - R)
     b = None if bias is None else bias.to(x.dtype)
-    kern = None
+    silu, kern = activation in ("silu", "swish"), None
     for r in range(bsz):
-        for c in range(W - 1, end, R):
+        for c in starts:
             args = (y[r, c : c + R], x[r, c - (W - 1) : c + R], w, b)
             if kern is None:  # every block has the same shapes and strides
                 kern = compiled.conv_rows_kernel(*args, silu)
             if kern is None or kern(*(t for t in args if t is not None)) is None:
                 return None
-    if end < L:
-        y[:, end:] = _rows_eager(x[:, end - (W - 1) :], w, bias, silu)
     return y
 
 

@@ -3,8 +3,9 @@
 One call computes ``ROWS`` output rows of one sequence from the ``ROWS + width - 1`` input rows
 they read: the ``width`` taps, the bias and the SiLU in one pass over the rows (the eager in-place
 form makes ``width + 1`` passes over the whole output), written into the caller's output. Blocks
-of a fixed number of rows keep one kernel for every prompt length; the first ``width - 1`` rows
-(which read the initial state) and the last ``seqlen mod ROWS`` rows run eager.
+of a fixed number of rows keep one kernel for every prompt length (the last block ends at the last
+row, overlapping the one before); the first ``width - 1`` rows, which read the initial state, run
+eager.
 """
 
 from __future__ import annotations
